@@ -1,0 +1,133 @@
+"""`llmlab <stage> --flag=value ...`: one subcommand per stage, flags generated from the stage's Config.
+
+Every stage module in `STAGES` exposes `Config` (a dataclass) and `main(cfg) -> dict`. A preset
+(`llmlab.presets`) gives the starting values; each flag overrides one field, nested configs with dots
+(`llmlab speedrun --pretrain.max_steps=100`). The text under a field in its dataclass is its `--help`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import json
+import sys
+from typing import Any, get_type_hints
+
+from llmlab import presets
+from llmlab.config import field_docs, to_dict
+from llmlab.errors import LLMLabError
+
+# stage name -> (module, one-line description)
+STAGES: dict[str, tuple[str, str]] = {
+    "world": ("llmlab.stages.world", "generate the embedded default world (corpus, entities, questions)"),
+    "tokenizer": ("llmlab.stages.tokenizer", "train a byte-level BPE tokenizer on a corpus"),
+    "pretrain": ("llmlab.stages.pretrain", "pretrain a GPT by next-token prediction"),
+    "sample": ("llmlab.stages.sample", "sample text from a checkpoint with the KV-cache engine"),
+    "speedrun": ("llmlab.stages.speedrun", "run every stage of a preset in order and write report.md"),
+}
+
+
+def _parse_bool(text: str) -> bool:
+    low = text.lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def _flags(cls: type, prefix: str = "") -> list[tuple[str, str, type, str]]:
+    """(flag, dotted field path, type, help) for every leaf field of a (nested) config dataclass."""
+    out = []
+    hints = get_type_hints(cls)
+    docs = field_docs(cls)
+    for f in dataclasses.fields(cls):
+        typ = hints[f.name]
+        path = prefix + f.name
+        if dataclasses.is_dataclass(typ):
+            out.extend(_flags(typ, path + "."))
+        else:
+            out.append(("--" + path, path, typ, docs.get(f.name, "")))
+    return out
+
+
+def _set_path(cfg: Any, path: str, value: Any) -> Any:
+    """A copy of cfg with the dotted field replaced (dataclasses are rebuilt so __post_init__ re-validates)."""
+    head, _, rest = path.partition(".")
+    new = _set_path(getattr(cfg, head), rest, value) if rest else value
+    return dataclasses.replace(cfg, **{head: new})
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, not a usage dump
+        sys.stderr.write(f"error: {message} (see `{self.prog} --help`)\n")
+        sys.exit(2)
+
+
+def build_parser(stage: str, base_cfg: Any) -> argparse.ArgumentParser:
+    module, description = STAGES[stage]
+    parser = _Parser(
+        prog=f"llmlab {stage}",
+        description=description,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--preset", default="cpu", help=f"starting values: one of {', '.join(presets.PRESETS)}")
+    parser.add_argument("--run", default=None, help="run directory (default: runs/<preset>)")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
+    for flag, path, typ, doc in _flags(type(base_cfg)):
+        default = _get_path(base_cfg, path)
+        kind = _parse_bool if typ is bool else typ
+        parser.add_argument(flag, dest=path, type=kind, default=default, help=doc or " ", metavar=typ.__name__.upper())
+    return parser
+
+
+def _get_path(cfg: Any, path: str) -> Any:
+    for part in path.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def stage_config(stage: str, argv: list[str]) -> Any:
+    """Resolve a stage's Config from `--preset`, `--run` and the field flags in argv."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--preset", default="cpu")
+    pre.add_argument("--run", default=None)
+    known, _ = pre.parse_known_args(argv)
+    pipeline = presets.get(known.preset, run=known.run)
+    base = pipeline if stage == "speedrun" else getattr(pipeline, stage)
+    parser = build_parser(stage, base)
+    args = parser.parse_args(argv)
+    cfg = base
+    for _, path, _, _ in _flags(type(base)):
+        value = getattr(args, path)
+        if value != _get_path(cfg, path):
+            cfg = _set_path(cfg, path, value)
+    if args.print_config:
+        print(json.dumps(to_dict(cfg), indent=2))
+        sys.exit(0)
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        width = max(map(len, STAGES))
+        lines = [f"  {name:<{width}}  {desc}" for name, (_, desc) in STAGES.items()]
+        print("usage: llmlab <stage> [--preset NAME] [--flag=value ...]\n\nstages:\n" + "\n".join(lines))
+        print("\n`llmlab <stage> --help` lists a stage's flags with their defaults.")
+        return
+    stage, rest = argv[0], argv[1:]
+    if stage not in STAGES:
+        sys.stderr.write(f"error: unknown stage {stage!r}; choose one of {', '.join(STAGES)}\n")
+        sys.exit(2)
+    try:
+        cfg = stage_config(stage, rest)
+        module = importlib.import_module(STAGES[stage][0])
+        module.main(cfg)
+    except LLMLabError as e:
+        sys.stderr.write(f"error: {e}\n")
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted\n")
+        sys.exit(130)

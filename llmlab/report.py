@@ -1,0 +1,80 @@
+"""report.md and its plots, written from a run directory's results."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from llmlab.training import read_metrics
+
+
+def plot_loss(metrics_path: Path, out_png: Path) -> Path | None:
+    """Training loss and validation bits-per-byte against tokens seen."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(metrics_path)
+    train = [r for r in rows if "loss" in r]
+    val = [r for r in rows if "val_bpb" in r]
+    if not train:
+        return None
+    tokens_per_step = train[-1]["tokens"] / train[-1]["step"]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    ax.plot([r["tokens"] / 1e6 for r in train], [r["loss"] for r in train], lw=0.8, alpha=0.7, label="train loss (nats/token)")
+    ax.set_xlabel("tokens seen (millions)")
+    ax.set_ylabel("train loss (nats/token)")
+    ax.grid(alpha=0.3)
+    if val:
+        ax2 = ax.twinx()
+        ax2.plot([r["step"] * tokens_per_step / 1e6 for r in val], [r["val_bpb"] for r in val], "o-", color="C3", label="val bits/byte")
+        ax2.set_ylabel("val bits per byte", color="C3")
+    fig.legend(loc="upper right", bbox_to_anchor=(0.88, 0.88))
+    ax.set_title("pretraining")
+    fig.tight_layout()
+    fig.savefig(out_png)
+    plt.close(fig)
+    return out_png
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_report(run_dir: Path, results: dict, cfg) -> Path:
+    run_dir = Path(run_dir)
+    pre = results["pretrain"]
+    plot = plot_loss(Path(cfg.pretrain.out_dir) / "metrics.jsonl", run_dir / "loss.png")
+    m = cfg.pretrain.model
+    sections = [f"# llmlab run: `{run_dir}`", ""]
+    sections += [
+        "## Pretraining", "",
+        _table(["metric", "value"], [
+            ["model", f"{pre['params'] / 1e6:.2f}M parameters; {m.n_layer} layers, d_model {m.d_model}, {m.n_head} heads, context {m.context_len}"],
+            ["tokens seen", f"{pre['tokens_seen'] / 1e6:.2f}M"],
+            ["val bits per byte", f"{pre['val_bpb']:.4f}"],
+            ["val loss (nats/token)", f"{pre['val_loss']:.4f}"],
+            ["training throughput (median)", f"{pre['tok_per_s']:,.0f} tokens/s"],
+            ["MFU (median; vs measured fp32 matmul peak)", f"{100 * pre['mfu']:.1f}% of {pre['peak_flops'] / 1e9:.0f} GFLOP/s"],
+        ]), "",
+    ]
+    if plot:
+        sections += [f"![loss curve]({plot.name})", ""]
+    ev = results["eval"]
+    rows = [[g, f"{100 * a:.1f}%"] for g, a in ev["world_qa"]["groups"].items()]
+    rows += [[f"arithmetic, {g}", f"{100 * a:.1f}%"] for g, a in ev["arithmetic"]["groups"].items()]
+    sections += ["## Base model on world questions (`Q: ...` / `A:`, greedy, exact match)", "", _table(["group", "accuracy"], rows), ""]
+    sections += ["Examples:", ""]
+    for s in ev["world_qa"]["samples"][:5]:
+        mark = "ok" if s["score"] else "wrong"
+        sections.append(f"- `{s['prompt'].replace(chr(10), ' ')}` -> `{s['completion'].strip()}` (answer `{s['answer']}`, {mark})")
+    sections += ["", "## Samples (temperature sampling)", ""]
+    for s in ev["samples"]:
+        sections += ["```", s["prompt"] + s["completion"], "```"]
+    secs = results["seconds"]
+    sections += ["", "## Time", "", _table(["stage", "seconds"], [[k, f"{v:.1f}"] for k, v in secs.items()]), ""]
+    path = run_dir / "report.md"
+    path.write_text("\n".join(sections))
+    return path

@@ -1,0 +1,108 @@
+"""`llmlab speedrun`: every stage of a preset in order, then `report.md` in the run directory.
+
+world -> tokenizer -> pretrain -> evaluation of the base model -> samples -> report. Each stage that already
+finished (its output complete on disk) is skipped, and pretraining resumes from its last checkpoint, so an
+interrupted speedrun continues where it stopped when started again.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from llmlab import checkpoint
+from llmlab.config import to_dict
+from llmlab.engine import Engine, SamplingParams
+from llmlab.errors import LLMLabError
+from llmlab.stages import pretrain, sample, tokenizer, world
+
+
+@dataclass
+class Config:
+    run_dir: str = "runs/cpu"
+    """directory of the whole run: world/, tokenizer/, base/, report.md"""
+    world: world.Config = field(default_factory=world.Config)
+    """the world stage"""
+    tokenizer: tokenizer.Config = field(default_factory=tokenizer.Config)
+    """the tokenizer stage"""
+    pretrain: pretrain.Config = field(default_factory=pretrain.Config)
+    """the pretraining stage"""
+    sample: sample.Config = field(default_factory=sample.Config)
+    """sampling settings for `llmlab sample` and the report's samples"""
+    eval_questions: int = 200
+    """world questions per group in the base model's evaluation"""
+
+    def __post_init__(self) -> None:
+        if self.eval_questions < 1:
+            raise LLMLabError(f"speedrun: eval_questions must be positive (got {self.eval_questions})")
+
+
+def _world_done(cfg: world.Config) -> bool:
+    path = Path(cfg.out_dir) / "world.json"
+    if not path.is_file():
+        return False
+    try:
+        return json.loads(path.read_text()).get("config") == to_dict(cfg)
+    except json.JSONDecodeError:
+        return False
+
+
+def _pretrain_done(cfg: pretrain.Config) -> bool:
+    return checkpoint.has_checkpoint(cfg.out_dir) and checkpoint.read_info(cfg.out_dir)["step"] >= cfg.max_steps
+
+
+def main(cfg: Config) -> dict:
+    from llmlab.report import write_report
+    from llmlab.tasks import run_task
+    from llmlab.tasks.world_qa import WorldArithmetic, WorldQA
+    from llmlab.tokenizer import Tokenizer
+
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    results: dict = {"preset_config": to_dict(cfg), "seconds": {}}
+    t_run = time.perf_counter()
+
+    def stage(name: str, done: bool, fn):
+        t0 = time.perf_counter()
+        if done:
+            print(f"== {name}: already complete, skipped")
+            out = None
+        else:
+            print(f"== {name}")
+            out = fn()
+        results["seconds"][name] = time.perf_counter() - t0
+        return out
+
+    results["world"] = stage("world", _world_done(cfg.world), lambda: world.main(cfg.world))
+    tok_done = (Path(cfg.tokenizer.out_dir) / "tokenizer.json").is_file()
+    results["tokenizer"] = stage("tokenizer", tok_done, lambda: tokenizer.main(cfg.tokenizer))
+    stage("pretrain", _pretrain_done(cfg.pretrain), lambda: pretrain.main(cfg.pretrain))
+    results["pretrain"] = checkpoint.read_info(cfg.pretrain.out_dir)["metrics"]
+
+    def evaluate() -> dict:
+        model = checkpoint.load_model(cfg.pretrain.out_dir)
+        tok = Tokenizer.load(checkpoint.resolve(cfg.pretrain.out_dir))
+        engine = Engine(model)
+        newline = [i for i in range(tok.vocab_size) if "\n" in tok.decode([i])]
+        stops = [tok.bos_id] + newline
+        out = {
+            "world_qa": run_task(WorldQA(cfg.world.out_dir, per_group=cfg.eval_questions), engine, tok, stop_ids=stops),
+            "arithmetic": run_task(WorldArithmetic(cfg.world.out_dir, per_group=cfg.eval_questions // 2), engine, tok,
+                                   stop_ids=stops),
+        }
+        prompts = ["Q: " + ex.prompt[3:] for ex in WorldQA(cfg.world.out_dir, per_group=2, seed=1).examples()[:3]]
+        params = SamplingParams(max_new_tokens=48, temperature=cfg.sample.temperature, top_k=cfg.sample.top_k, seed=0)
+        free = engine.generate([[tok.bos_id] + tok.encode(p) for p in prompts], params, [tok.bos_id])
+        out["samples"] = [{"prompt": p, "completion": tok.decode(c)} for p, c in zip(prompts, free)]
+        return out
+
+    results["eval"] = stage("eval", False, evaluate)
+    results["seconds"]["total"] = time.perf_counter() - t_run
+    (run_dir / "speedrun.json").write_text(json.dumps(results, indent=2) + "\n")
+    report = write_report(run_dir, results, cfg)
+    qa = results["eval"]["world_qa"]["groups"]
+    print("world QA (base, Q:/A:): " + ", ".join(f"{g} {100 * a:.0f}%" for g, a in qa.items()))
+    print(f"report: {report}  ({results['seconds']['total']:.0f} s)")
+    return results

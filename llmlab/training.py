@@ -1,0 +1,127 @@
+"""What every training stage shares: the loss, a training step with accumulation and clipping, bits per
+byte, throughput and MFU, the metrics log, and the progress bar."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+import torch.nn.functional as F
+
+from llmlab.model import GPT
+
+IGNORE_INDEX = -100
+
+
+def token_losses(model: GPT, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-token cross-entropy in nats (B, T); targets equal to IGNORE_INDEX give 0."""
+    logits = model(inputs)
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
+                           reduction="none").view_as(targets)
+
+
+def train_step(model: GPT, optimizers: list[torch.optim.Optimizer], batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+               grad_clip: float, autocast) -> tuple[float, float]:
+    """One optimizer step over the micro-batches (gradient accumulation): mean loss over all trained tokens.
+
+    Each micro-batch's summed loss is divided by the total number of trained tokens in the step, so the
+    gradient is that of the mean over the whole (global) batch whatever the split into micro-batches.
+    Returns (mean loss, gradient norm before clipping; nan when clipping is off).
+    """
+    batches = list(batches)
+    n_tokens = sum(int((t != IGNORE_INDEX).sum()) for _, t in batches)
+    total = 0.0
+    for inputs, targets in batches:
+        with autocast:
+            loss = token_losses(model, inputs, targets).sum() / max(n_tokens, 1)
+        loss.backward()
+        total += loss.item()
+    grad_norm = float("nan")
+    if grad_clip > 0:
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip))
+    for opt in optimizers:
+        opt.step()
+    model.zero_grad(set_to_none=True)
+    return total, grad_norm
+
+
+@torch.no_grad()
+def evaluate_bpb(model: GPT, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], token_bytes: torch.Tensor,
+                 autocast) -> tuple[float, float]:
+    """(bits per byte, mean loss in nats per token) over the batches.
+
+    Bits per byte = total nats / (ln 2 x total UTF-8 bytes of the target tokens): unlike the loss per token
+    it does not depend on the tokenizer, so runs with different vocabularies compare. Targets with zero
+    bytes (special tokens such as <|bos|>) are left out of both sums.
+    """
+    was_training = model.training
+    model.eval()
+    nats, n_bytes, n_tokens = 0.0, 0, 0
+    token_bytes = token_bytes.to(torch.int64)
+    for inputs, targets in batches:
+        with autocast:
+            losses = token_losses(model, inputs, targets)
+        nbytes = token_bytes[targets.clamp(min=0)] * (targets != IGNORE_INDEX)
+        counted = nbytes > 0
+        nats += float(losses[counted].sum())
+        n_bytes += int(nbytes.sum())
+        n_tokens += int(counted.sum())
+    model.train(was_training)
+    if n_bytes == 0:
+        return float("nan"), float("nan")
+    return nats / (math.log(2) * n_bytes), nats / n_tokens
+
+
+def measure_peak_flops(device: torch.device, size: int = 2048, reps: int = 5) -> float:
+    """Measured fp32 matmul FLOP/s of this machine (float32 `mm` of size x size, the best of `reps`):
+    the denominator of MFU, as BENCHMARKS.md prescribes for CPUs that have no datasheet peak."""
+    a = torch.randn(size, size, device=device)
+    b = torch.randn(size, size, device=device)
+    a @ b
+    best = float("inf")
+    for _ in range(reps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * size**3 / best
+
+
+class MetricsLog:
+    """Append-only JSONL of a run's metrics; on resume, lines past the resumed step are dropped."""
+
+    def __init__(self, path: str | Path, resume_step: int | None = None, enabled: bool = True):
+        self.path = Path(path)
+        self.enabled = enabled
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        kept = []
+        if resume_step is not None and self.path.exists():
+            for line in self.path.read_text().splitlines():
+                try:
+                    if json.loads(line).get("step", 0) <= resume_step:
+                        kept.append(line)
+                except json.JSONDecodeError:
+                    break  # a line cut by a kill: everything after it is gone too
+        self.path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, **row) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
