@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from llmlab.model import GPT, GPTConfig
 from llmlab.optim import OptimConfig, build_optimizers, lr_multiplier, muon_momentum, set_schedule
-from llmlab.training import measure_peak_flops, train_step
+from llmlab.training import configure_torch, measure_peak_flops, train_step
 
 REFERENCE_LOSS, REFERENCE_SECONDS = 1.886, 123.0
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tinyshakespeare.txt"
@@ -80,10 +80,12 @@ def main() -> None:
     p.add_argument("--eval_every", type=int, default=50, help="steps between val evaluations")
     p.add_argument("--eval_from", type=int, default=0,
                    help="first step evaluated: a whole-split evaluation costs seconds, so skip the early ones")
-    p.add_argument("--max_seconds", type=float, default=REFERENCE_SECONDS, help="stop at this process age")
+    p.add_argument("--budget_s", type=float, default=0.0,
+                   help="if > 0: train until this process age (final evaluation included), the schedule by wall time")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=str, default="", help="also write the results to this file")
     args = p.parse_args()
+    configure_torch()
 
     torch.manual_seed(args.seed)
     text = DATA.read_text(encoding="utf-8")
@@ -102,25 +104,39 @@ def main() -> None:
                                                      head_lr=args.head_lr, scalar_lr=0.02))
     gen = torch.Generator().manual_seed(args.seed)
     print(f"B1 tiny shakespeare: {len(chars)} chars, {len(train):,} train / {len(val):,} val; "
-          f"model {model.num_params() / 1e6:.2f}M params; {args.steps} steps x {args.batch} x {T}")
+          f"model {model.num_params() / 1e6:.2f}M params; "
+          + (f"{args.budget_s:.0f} s budget" if args.budget_s > 0 else f"{args.steps} steps") + f" x {args.batch} x {T}")
 
     history, reached_at, loss_at_ref = [], None, None
-    for step in range(args.steps + 1):
-        if (step >= args.eval_from and step % args.eval_every == 0) or step == args.steps:
+    t_train = process_age()
+    eval_cost = 0.0
+    if args.budget_s > 0:  # the final evaluation must fit in the budget too: time one on 1/8 of the split
+        t0 = time.perf_counter()
+        val_loss(model, val[: len(val) // 8], T)
+        eval_cost = 8 * (time.perf_counter() - t0)
+    step = 0
+    while True:
+        if args.budget_s > 0:  # schedule by wall time: progress is the fraction of the budget used
+            progress = (process_age() - t_train) / (args.budget_s - eval_cost - t_train)
+        else:
+            progress = step / args.steps
+        done = progress >= 1.0
+        if done or (step >= args.eval_from and step % args.eval_every == 0):
             loss = val_loss(model, val, T)
             age = process_age()
             history.append({"step": step, "seconds": round(age, 2), "val_loss": round(loss, 4)})
             print(f"step {step:5d}  {age:6.1f} s  val loss {loss:.4f}", flush=True)
             if age <= REFERENCE_SECONDS:
-                loss_at_ref = min(loss, loss_at_ref or loss)
+                loss_at_ref = loss if loss_at_ref is None else min(loss, loss_at_ref)
             if reached_at is None and loss <= REFERENCE_LOSS:
                 reached_at = age
-            if step == args.steps or age > args.max_seconds:
-                break
-        set_schedule(optimizers, lr_multiplier(step, args.steps, 0, args.warmdown, 0.0), muon_momentum(step))
+        if done:
+            break
+        set_schedule(optimizers, lr_multiplier(int(progress * 10_000), 10_000, 0, args.warmdown, 0.0), muon_momentum(step))
         starts = torch.randint(0, len(train) - T - 1, (args.batch,), generator=gen)
         rows = torch.stack([train[s:s + T + 1] for s in starts.tolist()])
         train_step(model, optimizers, [(rows[:, :-1], rows[:, 1:])], grad_clip=0.0, autocast=nullcontext())
+        step += 1
 
     peak = measure_peak_flops(torch.device("cpu"))
     result = {
@@ -136,7 +152,8 @@ def main() -> None:
     }
     print(f"\nreached val loss {REFERENCE_LOSS} at: "
           + (f"{reached_at:.1f} s (nanoGPT: {REFERENCE_SECONDS:.0f} s -> {REFERENCE_SECONDS / reached_at:.2f}x)" if reached_at else "never")
-          + f"\nbest val loss within {REFERENCE_SECONDS:.0f} s: {loss_at_ref:.4f} (target <= 1.70)"
+          + f"\nbest val loss within {REFERENCE_SECONDS:.0f} s: "
+          + (f"{loss_at_ref:.4f} (target <= 1.70)" if loss_at_ref is not None else "none evaluated")
           + f"\nfp32 matmul peak measured now: {peak / 1e9:.0f} GFLOP/s (reference machine: 150)")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")

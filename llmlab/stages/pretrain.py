@@ -23,7 +23,7 @@ from llmlab.errors import LLMLabError
 from llmlab.model import GPT, GPTConfig
 from llmlab.optim import OptimConfig, build_optimizers, lr_multiplier, muon_momentum, set_schedule
 from llmlab.tokenizer import Tokenizer
-from llmlab.training import MetricsLog, evaluate_bpb, measure_peak_flops, read_metrics, train_step
+from llmlab.training import MetricsLog, configure_torch, evaluate_bpb, measure_peak_flops, read_metrics, train_step
 
 
 @dataclass
@@ -80,8 +80,7 @@ class Config:
 def main(cfg: Config) -> dict:
     # ---- setup ----------------------------------------------------------------------------------------
     info = dist.init(cfg.device)
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
+    configure_torch(cfg.threads)
     torch.manual_seed(cfg.seed)
     out_dir = Path(cfg.out_dir)
     autocast = dist.autocast(info)

@@ -44,7 +44,7 @@ def _world_done(cfg: world.Config) -> bool:
     if not path.is_file():
         return False
     try:
-        return json.loads(path.read_text()).get("config") == to_dict(cfg)
+        return json.loads(path.read_text()).get("config") == cfg.content()
     except json.JSONDecodeError:
         return False
 

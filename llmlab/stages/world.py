@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import asdict, dataclass
 
 from llmlab.errors import LLMLabError
 
@@ -46,6 +47,20 @@ class Config:
         if self.n_cities < self.n_countries:
             raise LLMLabError(f"world: n_cities ({self.n_cities}) must be >= n_countries ({self.n_countries}): each country needs a capital")
 
+    def content(self) -> dict:
+        """The fields that decide the world's contents (all but where it is written)."""
+        return {k: v for k, v in asdict(self).items() if k != "out_dir"}
+
 
 def main(cfg: Config) -> dict:
-    raise NotImplementedError
+    from llmlab import world
+
+    t0 = time.perf_counter()
+    w = world.generate(cfg)
+    counts = w.write(cfg.out_dir)
+    seconds = time.perf_counter() - t0
+    summary = ", ".join(f"{n} {kind}" for kind, n in sorted(counts.items()))
+    print(f"world: {len(w.group('train'))} train + {len(w.group('heldout'))} held-out people, "
+          f"{len(w.unknown_people)} unknown names, {len(w.cities)} cities, {len(w.companies)} companies; "
+          f"documents: {summary}; {seconds:.1f} s -> {cfg.out_dir}")
+    return {"documents": counts, "people": len(w.people), "seconds": seconds}
