@@ -1,0 +1,153 @@
+"""Corpus sources (text, JSONL/parquet through `datasets`, the world), mixing, and the packing loader."""
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from llmlab.data import Mixture, PackedLoader, open_source, parse_corpus
+from llmlab.errors import LLMLabError
+from llmlab.tokenizer import train_tokenizer
+
+WORDS = "the quick brown fox jumps over a lazy dog while seven wizards quietly hex bad jugglers".split()
+
+
+def _doc(i: int) -> str:
+    return f"document {i}: " + " ".join(WORDS[(i + k) % len(WORDS)] for k in range(5 + i % 7))
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return train_tokenizer([_doc(i) for i in range(300)], vocab_size=320)
+
+
+def _jsonl(path, docs, key="text"):
+    path.write_text("".join(json.dumps({key: d, "id": i}) + "\n" for i, d in enumerate(docs)))
+    return path
+
+
+def test_text_file_splits_90_10_and_folders_recurse(tmp_path):
+    f = tmp_path / "a.txt"
+    f.write_text("x" * 900 + "y" * 100)
+    src = open_source(str(f))
+    assert list(src.documents("train")) == ["x" * 900] and list(src.documents("val")) == ["y" * 100]
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.md").write_text("z" * 10)
+    assert len(list(open_source(str(tmp_path)).documents("train"))) == 2
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
+def test_records_through_datasets_every_100th_is_val(tmp_path, fmt):
+    docs = [_doc(i) for i in range(250)]
+    if fmt == "jsonl":
+        path = _jsonl(tmp_path / "c.jsonl", docs)
+    else:
+        path = tmp_path / "c.parquet"
+        pq.write_table(pa.table({"text": docs, "n": list(range(250))}), path)
+    src = open_source(str(path))
+    val = list(src.documents("val"))
+    assert val == [docs[99], docs[199]]
+    assert list(src.documents("train")) == [d for i, d in enumerate(docs) if i % 100 != 99]
+
+
+def test_hf_specs_take_the_same_path(monkeypatch):
+    calls = []
+    import datasets
+
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: calls.append((a, k)) or iter([{"text": "hi"}]))
+    src = open_source("hf:someone/corpus:sample-10BT")
+    assert list(src.documents("train")) == ["hi"]
+    assert calls == [(("someone/corpus", "sample-10BT"), {"split": "train", "streaming": True})]
+
+
+def test_bad_corpora_give_clear_errors(tmp_path):
+    with pytest.raises(LLMLabError, match="does not exist"):
+        open_source(str(tmp_path / "missing.txt"))
+    with pytest.raises(LLMLabError, match="has no 'text' column \\(columns: content, id\\)"):
+        list(open_source(str(_jsonl(tmp_path / "d.jsonl", ["a"], key="content"))).documents("train"))
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("caf\xe9".encode("latin-1"))
+    with pytest.raises(LLMLabError, match="not UTF-8 \\(bad byte at offset 3\\)"):
+        list(open_source(str(bad)).documents("train"))
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    with pytest.raises(LLMLabError, match="has no documents in split train"):
+        next(Mixture(parse_corpus(str(empty))).documents("train"))
+    (tmp_path / "broken.jsonl").write_text('{"text": "ok"}\n{not json\n')
+    with pytest.raises(LLMLabError, match="cannot"):
+        list(open_source(str(tmp_path / "broken.jsonl")).documents("train"))
+    with pytest.raises(LLMLabError, match="weight must be positive"):
+        parse_corpus(f"{tmp_path / 'latin1.txt'}*0")
+    with pytest.raises(LLMLabError, match="no world at"):
+        open_source(f"world:{tmp_path}")
+
+
+def test_mixture_follows_weights_and_seed(tmp_path):
+    a = _jsonl(tmp_path / "a.jsonl", [f"a{i}" for i in range(50)])
+    b = _jsonl(tmp_path / "b.jsonl", [f"b{i}" for i in range(50)])
+    mix = Mixture(parse_corpus(f"{a}*3,{b}*1"), seed=0)
+    it = mix.documents("train")
+    first = [next(it) for _ in range(400)]
+    share = sum(d.startswith("a") for d in first) / len(first)
+    assert 0.68 < share < 0.82
+    assert first == [d for d, _ in zip(Mixture(parse_corpus(f"{a}*3,{b}*1"), seed=0).documents("train"), range(400))]
+    assert first != [d for d, _ in zip(Mixture(parse_corpus(f"{a}*3,{b}*1"), seed=1).documents("train"), range(400))]
+
+
+def _loader(tmp_path, tok, **kw):
+    path = tmp_path / "docs.jsonl"
+    if not path.exists():
+        _jsonl(path, [_doc(i) for i in range(120)])
+    return PackedLoader(Mixture(parse_corpus(str(path)), seed=0), tok, **kw)
+
+
+def test_rows_are_the_bos_joined_stream(tmp_path, tok):
+    loader = _loader(tmp_path, tok, batch_size=3, seq_len=16)
+    stream = []
+    for i in range(120):
+        if i % 100 != 99:
+            stream += [tok.bos_id] + tok.encode(_doc(i))
+    x, y = loader.next_batch()
+    x2, _ = loader.next_batch()
+    assert x.shape == y.shape == (3, 16) and x.dtype == torch.int64
+    assert torch.equal(x[:, 1:], y[:, :-1])
+    flat = torch.cat([x, x2]).flatten().tolist()
+    assert flat == stream[: 6 * 16]  # stride T: every token is a target exactly once
+
+
+def test_resume_gives_exactly_the_next_batches_across_epochs(tmp_path, tok):
+    loader = _loader(tmp_path, tok, batch_size=4, seq_len=32)
+    for _ in range(25):  # past the end of the corpus: the second epoch has begun
+        loader.next_batch()
+    state = json.loads(json.dumps(loader.state_dict()))  # it must survive JSON
+    expected = [loader.next_batch() for _ in range(10)]
+    restored = _loader(tmp_path, tok, batch_size=4, seq_len=32)
+    restored.load_state_dict(state)
+    for (x, y), (rx, ry) in zip(expected, (restored.next_batch() for _ in range(10))):
+        assert torch.equal(x, rx) and torch.equal(y, ry)
+    with pytest.raises(LLMLabError, match="rows of 32 tokens"):
+        _loader(tmp_path, tok, batch_size=4, seq_len=16).load_state_dict(state)
+
+
+def test_two_ranks_together_are_the_single_process_batch(tmp_path, tok):
+    single = _loader(tmp_path, tok, batch_size=6, seq_len=16)
+    ranks = [_loader(tmp_path, tok, batch_size=3, seq_len=16, rank=r, world_size=2) for r in (0, 1)]
+    for _ in range(5):
+        x, _ = single.next_batch()
+        r0, _ = ranks[0].next_batch()
+        r1, _ = ranks[1].next_batch()
+        interleaved = torch.stack([r0, r1], dim=1).reshape(6, 16)
+        assert torch.equal(x, interleaved)
+
+
+def test_val_batches_are_fixed(tmp_path, tok):
+    loader = _loader(tmp_path, tok, batch_size=2, seq_len=4)  # one val document (record 99): a few short rows
+    first = loader.val_batches(3)
+    assert sum(x.size(0) for x, _ in first) == 3
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(first, loader.val_batches(3)))
+    short = tmp_path / "short.txt"
+    short.write_text("tiny")
+    with pytest.raises(LLMLabError, match="val split has fewer than"):
+        PackedLoader(Mixture(parse_corpus(str(short))), tok, 2, 64, split="val").val_batches(4)

@@ -1,0 +1,97 @@
+"""The world: deterministic, consistent with itself, and with held-out parts really held out."""
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+from llmlab import presets, world
+from llmlab.errors import LLMLabError
+from llmlab.stages import world as world_stage
+
+
+def _files(root: str) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(Path(root).rglob("*")) if p.is_file()}
+
+
+def _pretrain_text(root: str) -> str:
+    return "\n".join(json.loads(line)["text"] for split in ("train", "val")
+                     for line in (Path(root) / "pretrain" / f"{split}.jsonl").read_text().splitlines())
+
+
+def test_same_seed_same_bytes_other_seed_other_world(tiny_world_dir, tmp_path):
+    cfg = dataclasses.replace(presets.tiny().world, out_dir=str(tmp_path / "again"))
+    world_stage.main(cfg)
+    assert _files(tiny_world_dir) == _files(cfg.out_dir)
+    other = dataclasses.replace(cfg, out_dir=str(tmp_path / "other"), seed=1)
+    world_stage.main(other)
+    assert _files(other.out_dir)["world.json"] != _files(cfg.out_dir)["world.json"]
+
+
+def test_held_out_material_never_in_pretraining(tiny_world_dir):
+    w = world.load(tiny_world_dir)
+    text = _pretrain_text(tiny_world_dir)
+    assert w.unknown_people and not any(name in text for name in w.unknown_people)
+    rows = [json.loads(line) for line in (Path(tiny_world_dir) / "eval" / "qa.jsonl").read_text().splitlines()]
+    heldout_questions = {r["question"] for r in rows if r["phrasing"] == "heldout"}
+    assert heldout_questions and not any(q in text for q in heldout_questions)
+    qa_pages = [json.loads(line)["text"] for line in (Path(tiny_world_dir) / "pretrain" / "train.jsonl").read_text().splitlines()
+                if json.loads(line)["kind"] == "qa"]
+    for p in w.group("heldout"):
+        assert not any(p.name in page for page in qa_pages)
+        assert p.name in text  # but their biographies are there
+
+
+def test_questions_agree_with_the_entities(tiny_world_dir):
+    w = world.load(tiny_world_dir)
+    rows = [json.loads(line) for line in (Path(tiny_world_dir) / "eval" / "qa.jsonl").read_text().splitlines()]
+    country_of = {c.name: c.country for c in w.cities}
+    for r in rows:
+        a = w.person(r["person"]).attributes
+        expected = country_of[a["birth_city"]] if r["attribute"] == "birth_country" else str(a[r["attribute"]])
+        assert r["answer"] == expected
+        assert r["group"] == w.person(r["person"]).split
+    groups = {(r["group"], r["phrasing"]) for r in rows}
+    assert groups == {("train", "seen"), ("train", "heldout"), ("heldout", "seen")}
+
+
+def test_biographies_state_every_fact_in_varied_forms(tiny_world_dir):
+    w = world.load(tiny_world_dir)
+    docs = [json.loads(line) for line in (Path(tiny_world_dir) / "pretrain" / "train.jsonl").read_text().splitlines()]
+    for p in w.people:
+        bios = [d["text"] for d in docs if d["kind"] == "bio" and p.name in d["text"].split(". ")[0]]
+        assert len(bios) == presets.tiny().world.bios_per_person
+        assert len(set(bios)) == len(bios)  # paraphrased and shuffled, never copied
+        for bio in bios:
+            for key in ("birth_city", "home_city", "university", "occupation", "employer", "pet", "favourite_food", "birth_year"):
+                assert str(p.attributes[key]) in bio, (key, bio)
+
+
+def test_arithmetic_answers_are_right(tiny_world_dir):
+    rows = [json.loads(line) for line in (Path(tiny_world_dir) / "eval" / "arithmetic.jsonl").read_text().splitlines()]
+    assert {r["digits"] <= 3 for r in rows} == {True, False}
+    for r in rows:
+        a, op, b = r["question"][len("What is "):-1].split(" ")
+        assert int(r["answer"]) == {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op]
+
+
+def test_a_failed_write_leaves_the_old_world(tiny_world_dir, tmp_path, monkeypatch):
+    cfg = dataclasses.replace(presets.tiny().world, out_dir=str(tmp_path / "w"))
+    world_stage.main(cfg)
+    before = _files(cfg.out_dir)
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(world, "_write_lines", crash)
+    with pytest.raises(KeyboardInterrupt):
+        world_stage.main(dataclasses.replace(cfg, seed=5))
+    assert _files(cfg.out_dir) == before
+
+
+def test_bad_config_and_missing_world(tmp_path):
+    with pytest.raises(LLMLabError, match="n_people must be at least 1"):
+        world_stage.Config(n_people=0)
+    with pytest.raises(LLMLabError, match="no world at"):
+        world.load(tmp_path)
