@@ -53,7 +53,7 @@ def write_report(run_dir: Path, results: dict, cfg) -> Path:
         "## Pretraining", "",
         _table(["metric", "value"], [
             ["model", f"{pre['params'] / 1e6:.2f}M parameters; {m.n_layer} layers, d_model {m.d_model}, {m.n_head} heads, context {m.context_len}"],
-            ["tokens seen", f"{pre['tokens_seen'] / 1e6:.2f}M"],
+            ["tokens seen", f"{pre['tokens_seen']:,}"],
             ["val bits per byte", f"{pre['val_bpb']:.4f}"],
             ["val loss (nats/token)", f"{pre['val_loss']:.4f}"],
             ["training throughput (median)", f"{pre['tok_per_s']:,.0f} tokens/s"],

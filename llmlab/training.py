@@ -70,8 +70,10 @@ def evaluate_bpb(model: GPT, batches: Iterator[tuple[torch.Tensor, torch.Tensor]
     was_training = model.training
     model.eval()
     nats, n_bytes, n_tokens = 0.0, 0, 0
-    token_bytes = token_bytes.to(torch.int64)
+    device = next(model.parameters()).device
+    token_bytes = token_bytes.to(device=device, dtype=torch.int64)
     for inputs, targets in batches:
+        inputs, targets = inputs.to(device), targets.to(device)
         with autocast:
             losses = token_losses(model, inputs, targets)
         nbytes = token_bytes[targets.clamp(min=0)] * (targets != IGNORE_INDEX)
@@ -86,10 +88,14 @@ def evaluate_bpb(model: GPT, batches: Iterator[tuple[torch.Tensor, torch.Tensor]
 
 
 def measure_peak_flops(device: torch.device, size: int = 2048, reps: int = 5) -> float:
-    """Measured fp32 matmul FLOP/s of this machine (float32 `mm` of size x size, the best of `reps`):
-    the denominator of MFU, as BENCHMARKS.md prescribes for CPUs that have no datasheet peak."""
-    a = torch.randn(size, size, device=device)
-    b = torch.randn(size, size, device=device)
+    """Measured matmul FLOP/s of this machine in the training dtype (fp32 on CPU, bf16 on CUDA; an `mm` of
+    size x size, the best of `reps`): the denominator of MFU, as BENCHMARKS.md prescribes for CPUs, which
+    have no datasheet peak. On GPUs it lands near the datasheet's dense bf16 figure."""
+    if device.type == "cuda":
+        size = max(size, 8192)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
     a @ b
     best = float("inf")
     for _ in range(reps):

@@ -92,7 +92,7 @@ def main(cfg: Config) -> dict:
             "arithmetic": run_task(WorldArithmetic(cfg.world.out_dir, per_group=cfg.eval_questions // 2), engine, tok,
                                    stop_ids=stops),
         }
-        prompts = ["Q: " + ex.prompt[3:] for ex in WorldQA(cfg.world.out_dir, per_group=2, seed=1).examples()[:3]]
+        prompts = [ex.prompt for ex in WorldQA(cfg.world.out_dir, per_group=2, seed=1).examples()[:3]]
         params = SamplingParams(max_new_tokens=48, temperature=cfg.sample.temperature, top_k=cfg.sample.top_k, seed=0)
         free = engine.generate([[tok.bos_id] + tok.encode(p) for p in prompts], params, [tok.bos_id])
         out["samples"] = [{"prompt": p, "completion": tok.decode(c)} for p, c in zip(prompts, free)]
