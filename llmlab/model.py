@@ -120,6 +120,8 @@ class KVCache:
     Rows may start with left padding (`pad_lens`): padded keys are masked out and each row's positions count
     from its first real token, so a padded row computes exactly what it would alone. `length` is the number of
     filled positions (the same for all rows); the model writes at `length` and the caller calls `advance(T)`.
+    The engine's compiled decode step (llmlab.engine) writes with `write_at` instead, which takes the position
+    as a tensor.
     """
 
     def __init__(self, cfg: GPTConfig, batch_size: int, max_len: int, pad_lens: torch.Tensor | None = None,
@@ -139,7 +141,10 @@ class KVCache:
 
     def positions(self, T: int) -> torch.Tensor:
         """RoPE positions of the next T tokens: (T,) or (B, T) when rows are padded."""
-        pos = torch.arange(self.length, self.length + T, device=self.k.device)
+        return self.row_positions(torch.arange(self.length, self.length + T, device=self.k.device))
+
+    def row_positions(self, pos: torch.Tensor) -> torch.Tensor:
+        """Cache indices (T,) -> RoPE positions: (T,), or (B, T) counted from each row's first real token."""
         if self.pad_lens is None:
             return pos
         return (pos[None, :] - self.pad_lens[:, None]).clamp(min=0)
@@ -165,6 +170,19 @@ class KVCache:
         self.k[layer, :, :, self.length:end] = k
         self.v[layer, :, :, self.length:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def write_at(self, layer: int, key_pos: torch.Tensor, k: torch.Tensor,
+                 v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store one position k, v (B, Hkv, D) at index key_pos[-1]; return the keys and values up to it,
+        (B, Hkv, len(key_pos), D). For a compiled step: key_pos = arange(length + 1) carries the step number
+        as a tensor (its length a dynamic dimension) rather than an int the step would be specialised on, and
+        the write indexes the whole tensor (a write into a view of a graph input is compiled as a copy of the
+        whole cache). The caller calls `advance(1)`."""
+        index = [key_pos.new_full((1,), layer), None, None, key_pos[-1:]]
+        torch.ops.aten.index_put_(self.k, index, k[None])  # the Python method takes no None (= whole dim)
+        torch.ops.aten.index_put_(self.v, index, v[None])
+        n = key_pos.size(0)
+        return self.k[layer, :, :, :n], self.v[layer, :, :, :n]
 
     def advance(self, T: int) -> None:
         self.length += T

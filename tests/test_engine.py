@@ -1,5 +1,7 @@
 """The engine against the naive full-recompute reference, and the sampling rules."""
 
+import shutil
+
 import pytest
 import torch
 
@@ -82,8 +84,51 @@ def test_top_k_and_top_p_filter():
     assert int(sample_next(logits, SamplingParams(temperature=0.0), None)) == 0
 
 
+@pytest.mark.parametrize("top_k, top_p, temperature", [(0, 1.0, 1.0), (3, 1.0, 0.7), (0, 0.9, 1.3), (4, 0.8, 1.0)])
+def test_sampling_frequencies_match_the_filtered_distribution(top_k, top_p, temperature):
+    logits = torch.tensor([2.0, -1.0, 0.5, 1.5, 0.0, 1.0])
+    # the distribution by definition: temperature, keep the top k, then the smallest prefix reaching top_p
+    probs = (logits / temperature).softmax(-1)
+    order = probs.argsort(descending=True)
+    keep = torch.zeros_like(probs, dtype=torch.bool)
+    kept = probs[order][: top_k or len(logits)]
+    kept = kept / kept.sum()
+    for rank, token in enumerate(order[: len(kept)]):
+        keep[token] = kept[:rank].sum() < top_p
+    expected = torch.where(keep, probs, 0.0)
+    expected = expected / expected.sum()
+    n = 40_000
+    gen = torch.Generator().manual_seed(0)
+    tokens = sample_next(logits.expand(n, -1), SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p), gen)
+    freq = torch.bincount(tokens, minlength=len(logits)).float() / n
+    assert torch.all(freq[~keep] == 0)
+    assert torch.allclose(freq, expected, atol=0.01)
+
+
 def test_bad_sampling_params():
     with pytest.raises(LLMLabError):
         SamplingParams(temperature=-1)
     with pytest.raises(LLMLabError):
         SamplingParams(top_p=0)
+
+
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="torch.compile needs a C++ compiler on CPU")
+def test_compiled_decode_matches_eager(model):
+    """The compiled decode step (packed weights, tensor positions) against the eager engine: batch 1, a padded
+    batch, and a refresh of the packed weights after the model changes."""
+    params = SamplingParams(max_new_tokens=40, temperature=0.0)
+    eager, compiled = Engine(model), Engine(model, compile=True)
+    prompts = [[3, 17, 99, 250, 4], [7, 7, 1], [300, 2, 5, 9, 11, 13, 60]]
+    for batch in ([prompts[0]], prompts):
+        ref = list(eager.steps(batch, params))
+        out = list(compiled.steps(batch, params))
+        assert [t.tolist() for t, _ in out] == [t.tolist() for t, _ in ref]
+        for (_, logits), (_, ref_logits) in zip(out, ref):
+            torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=0)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(-1.0)  # in place: the packed copy is stale and must be rebuilt
+    try:
+        assert compiled.generate([prompts[0]], params) == eager.generate([prompts[0]], params)
+    finally:
+        with torch.no_grad():
+            model.lm_head.weight.mul_(-1.0)
