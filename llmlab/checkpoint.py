@@ -27,9 +27,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from llmlab import dist
 from llmlab.errors import LLMLabError
 from llmlab.model import GPT, GPTConfig
 
@@ -60,14 +62,18 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def _model_tensors(model: GPT) -> dict[str, torch.Tensor]:
+def _model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The weights as whole CPU tensors, FSDP2 shards gathered (then a collective: every rank calls it)."""
+    model = dist.unwrap(model)
     sd = model.state_dict()
     if model.config.tie_embeddings:
         sd.pop("lm_head.weight")
-    return {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
+    return {k: dist.full_tensor(v).detach().to("cpu").contiguous() for k, v in sd.items()}
 
 
 def _optimizer_state(optimizers: list[torch.optim.Optimizer]) -> tuple[dict[str, torch.Tensor], list]:
+    """Optimizer state as whole CPU tensors named "{optimizer}.{parameter index}.{key}" (a collective under
+    FSDP2), and the param groups."""
     tensors, groups = {}, []
     for i, opt in enumerate(optimizers):
         sd = opt.state_dict()
@@ -75,30 +81,39 @@ def _optimizer_state(optimizers: list[torch.optim.Optimizer]) -> tuple[dict[str,
             for key, value in state.items():
                 if not torch.is_tensor(value):
                     value = torch.tensor(value)
-                tensors[f"{i}.{pid}.{key}"] = value.detach().to("cpu").contiguous()
+                tensors[f"{i}.{pid}.{key}"] = dist.full_tensor(value).detach().to("cpu").contiguous()
         groups.append(sd["param_groups"])
     return tensors, groups
 
 
-def save_checkpoint(out_dir: str | Path, step: int, model: GPT, *, tokenizer_path: str | Path | None,
+def save_checkpoint(out_dir: str | Path, step: int, model: nn.Module, *, tokenizer_path: str | Path | None,
                     meta: dict, optimizers: list[torch.optim.Optimizer] | None = None,
-                    trainer_state: dict | None = None, keep: int = 2) -> Path:
-    """Write checkpoint `out_dir/step-{step}` atomically, point `latest` at it, keep the newest `keep`."""
+                    trainer_state: dict | None = None, keep: int = 2, write: bool = True) -> Path:
+    """Write checkpoint `out_dir/step-{step}` atomically, point `latest` at it, keep the newest `keep`.
+
+    With several processes every rank calls this (FSDP2 shards are gathered into whole tensors, the same
+    files as a single process would write) and only the one given write=True (rank 0) writes.
+    """
     out_dir = Path(out_dir)
+    name = f"step-{step:06d}"
+    weights = _model_tensors(model)
+    opt_state = _optimizer_state(optimizers) if optimizers is not None else None
+    if not write:
+        return out_dir / name
+    model = dist.unwrap(model)
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in out_dir.glob(".tmp-step-*"):  # left by a process killed mid-save
         shutil.rmtree(stale, ignore_errors=True)
-    name = f"step-{step:06d}"
     tmp = out_dir / f".tmp-{name}-{os.getpid()}"
     tmp.mkdir()
-    save_file(_model_tensors(model), str(tmp / "model.safetensors"))
+    save_file(weights, str(tmp / "model.safetensors"))
     _write_bytes(tmp / "config.json", (json.dumps({"model_type": "llmlab", **model.config.to_dict()}, indent=2) + "\n").encode())
     if tokenizer_path is not None:
         shutil.copyfile(resolve_tokenizer(tokenizer_path), tmp / "tokenizer.json")
     info = {"format_version": FORMAT_VERSION, "step": step, **meta}
     _write_bytes(tmp / "llmlab.json", (json.dumps(info, indent=2, sort_keys=True) + "\n").encode())
-    if optimizers is not None:
-        tensors, groups = _optimizer_state(optimizers)
+    if opt_state is not None:
+        tensors, groups = opt_state
         save_file(tensors, str(tmp / "optimizer.safetensors"))
         state = dict(trainer_state or {})
         state["optimizer_param_groups"] = groups
@@ -205,6 +220,14 @@ def load_training_state(ckpt: str | Path, model: GPT, optimizers: list[torch.opt
     ckpt = resolve(ckpt)
     check_same_shape(ckpt, model.config)
     load_weights(model, ckpt)
+    return load_optimizer_state(ckpt, optimizers)
+
+
+def load_optimizer_state(ckpt: str | Path, optimizers: list[torch.optim.Optimizer]) -> dict:
+    """Restore optimizer state and the torch RNG; return the trainer state. Under FSDP2 (optimizers built on
+    sharded parameters) each rank keeps its rows of the whole tensors saved, so a checkpoint resumes on any
+    number of processes."""
+    ckpt = resolve(ckpt)
     try:
         state = json.loads((ckpt / "trainer_state.json").read_text())
         tensors = load_file(str(ckpt / "optimizer.safetensors"))
@@ -214,11 +237,15 @@ def load_training_state(ckpt: str | Path, model: GPT, optimizers: list[torch.opt
     if len(groups) != len(optimizers):
         raise LLMLabError(f"{ckpt} holds {len(groups)} optimizers, this run has {len(optimizers)}")
     for i, opt in enumerate(optimizers):
+        params = [p for group in opt.param_groups for p in group["params"]]  # state_dict's numbering
         per_param: dict[int, dict] = {}
         for name, t in tensors.items():
             oi, pid, key = name.split(".", 2)
             if int(oi) == i:
-                per_param.setdefault(int(pid), {})[key] = t
+                if int(pid) >= len(params):
+                    raise LLMLabError(f"{ckpt} holds optimizer state for more parameters than this model has")
+                ref = params[int(pid)]
+                per_param.setdefault(int(pid), {})[key] = dist.shard_like(t, ref) if t.shape == ref.shape else t
         opt.load_state_dict({"state": per_param, "param_groups": groups[i]})
     rng = torch.frombuffer(bytearray(base64.b64decode(state.pop("rng")["torch"])), dtype=torch.uint8)
     torch.set_rng_state(rng)

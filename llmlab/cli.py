@@ -14,7 +14,7 @@ import json
 import sys
 from typing import Any, get_type_hints
 
-from llmlab import presets
+from llmlab import dist, presets
 from llmlab.config import field_docs, to_dict
 from llmlab.errors import LLMLabError
 
@@ -125,6 +125,7 @@ def main(argv: list[str] | None = None) -> None:
         cfg = stage_config(stage, rest)
         module = importlib.import_module(STAGES[stage][0])
         module.main(cfg)
+        dist.shutdown()
     except LLMLabError as e:
         sys.stderr.write(f"error: {e}\n")
         sys.exit(2)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -245,9 +245,11 @@ class Engine:
             torch._dynamo.mark_dynamic(cache.pad_lens, 0)
 
     @torch.inference_mode()
-    def steps(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def steps(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
+              choose: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yield (tokens (B,), logits (B, V)) for every new position: each row's sampled token and the fp32
-        logits it was sampled from, until max_new_tokens or the context is full. No stop handling here."""
+        logits it was sampled from, until max_new_tokens or the context is full. No stop handling here.
+        `choose`, when given, maps the sampled tokens to the tokens actually appended (forced tool output)."""
         cfg = self.model.config
         _check_prompts(prompts, cfg.context_len)
         longest = max(len(p) for p in prompts)
@@ -271,6 +273,8 @@ class Engine:
             self._prepare_compiled(cache)
         for i in range(max_new):
             token = sample_next(logits, params, gen)  # (B,)
+            if choose is not None:
+                token = choose(token)
             yield token, logits
             if i < max_new - 1:
                 logits = self._decode(token, cache)
@@ -306,6 +310,68 @@ class Engine:
                 else:
                     out[row].append(token)
         return out
+
+
+class ToolCalls:
+    """The tool-call state machine of one batch, for `Engine.steps(choose=...)`.
+
+    A row that writes `<|tool_start|>` is collecting a call; at `<|tool_end|>` the call's text ("name args")
+    goes to `run_tool`, and the row's next tokens are forced: `<|output_start|>`, the result's tokens,
+    `<|output_end|>`; then the row samples again. `forced[row]` marks which of the row's tokens were forced
+    (masked from losses later, e.g. in RL). Special tokens are ids, so text in a tool's output that looks like
+    a special token stays text.
+    """
+
+    def __init__(self, tokenizer, batch_size: int, run_tool: Callable[[str], str]):
+        self.tok, self.run_tool = tokenizer, run_tool
+        self.start, self.end = tokenizer.special_id("<|tool_start|>"), tokenizer.special_id("<|tool_end|>")
+        self.out_start, self.out_end = tokenizer.special_id("<|output_start|>"), tokenizer.special_id("<|output_end|>")
+        self.call: list[list[int] | None] = [None] * batch_size  # tokens of the call being written
+        self.queue: list[list[int]] = [[] for _ in range(batch_size)]  # forced tokens still to come
+        self.forced: list[list[bool]] = [[] for _ in range(batch_size)]
+        self.calls: list[list[tuple[str, str]]] = [[] for _ in range(batch_size)]  # (call, result) per row
+
+    def __call__(self, sampled: torch.Tensor) -> torch.Tensor:
+        out = sampled.tolist()
+        for row, token in enumerate(out):
+            if self.queue[row]:
+                out[row] = self.queue[row].pop(0)
+                self.forced[row].append(True)
+                continue
+            self.forced[row].append(False)
+            if token == self.start:
+                self.call[row] = []
+            elif token == self.end and self.call[row] is not None:
+                text = self.tok.decode(self.call[row]).strip()
+                result = self.run_tool(text)
+                self.calls[row].append((text, result))
+                self.queue[row] = [self.out_start] + self.tok.encode(result) + [self.out_end]
+                self.call[row] = None
+            elif self.call[row] is not None:
+                self.call[row].append(token)
+        return torch.tensor(out, dtype=sampled.dtype, device=sampled.device)
+
+
+def generate_with_tools(engine: Engine, tokenizer, prompts: Sequence[Sequence[int]], params: SamplingParams,
+                        stop_ids: Sequence[int], run_tool: Callable[[str], str] | None) -> tuple[list[list[int]], ToolCalls | None]:
+    """Generate with tool calls run by `run_tool` (None: no tools; a call is then written but never answered).
+    Returns each row's new tokens (tool outputs included, the stop token excluded) and the state machine
+    (its `forced` masks and `calls`)."""
+    tools = ToolCalls(tokenizer, len(prompts), run_tool) if run_tool is not None else None
+    out: list[list[int]] = [[] for _ in prompts]
+    done = [False] * len(prompts)
+    stops = set(stop_ids)
+    for tokens, _ in engine.steps(prompts, params, choose=tools):
+        for row, t in enumerate(tokens.tolist()):
+            if done[row]:
+                continue
+            if t in stops:
+                done[row] = True
+            else:
+                out[row].append(t)
+        if all(done):
+            break
+    return out, tools
 
 
 @torch.inference_mode()

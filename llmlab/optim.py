@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from llmlab import dist
+
 
 def newton_schulz(G: torch.Tensor, steps: int = 5) -> torch.Tensor:
     """Approximately U V^T for G = U S V^T: a quintic Newton-Schulz iteration tuned to push singular values
@@ -33,7 +35,9 @@ class Muon(torch.optim.Optimizer):
     """SGD with Nesterov momentum whose update for each 2-D weight is orthogonalised (see newton_schulz).
 
     The update is scaled by sqrt(max(1, rows / cols)) so that tall and wide matrices move their outputs by
-    comparable amounts. Only for 2-D parameters.
+    comparable amounts. Only for 2-D parameters. Under FSDP2 each rank gathers the whole momentum-corrected
+    gradient and orthogonalises it (the same work on every rank: simple, exact, and small next to the
+    forward and backward at the sizes llmlab trains; nanochat's DistMuon shares it out instead).
     """
 
     def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True, ns_steps: int = 5):
@@ -51,7 +55,10 @@ class Muon(torch.optim.Optimizer):
                 buf = state["momentum_buffer"]
                 buf.lerp_(p.grad, 1 - group["momentum"])
                 g = p.grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf
-                update = newton_schulz(g, group["ns_steps"])
+                if dist.is_sharded(g):  # FSDP2: orthogonalise the whole matrix, apply this rank's rows
+                    update = dist.shard_like(newton_schulz(dist.full_tensor(g), group["ns_steps"]), p)
+                else:
+                    update = newton_schulz(g, group["ns_steps"])
                 scale = max(1.0, p.size(0) / p.size(1)) ** 0.5
                 p.add_(update, alpha=-group["lr"] * scale)
 

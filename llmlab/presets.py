@@ -1,6 +1,7 @@
 """Presets: Python functions that return a whole pipeline's config (`llmlab.stages.speedrun.Config`).
 
-`tiny` runs every stage in seconds (the tests use it); `cpu` is the main job on a 2-core laptop. Each stage
+`tiny` runs every stage in seconds (the tests use it); `cpu` is the main job on a 2-core laptop; `gpu-small`
+is a GPT-2-small-class run on real web text for one or more GPUs. Each stage
 command starts from its part of the preset (`llmlab pretrain --preset cpu` uses `cpu().pretrain`) and
 flags override single fields.
 """
@@ -13,7 +14,7 @@ from typing import Callable
 from llmlab.errors import LLMLabError
 from llmlab.model import GPTConfig
 from llmlab.optim import OptimConfig
-from llmlab.stages import pretrain, sample, speedrun, tokenizer, world
+from llmlab.stages import chat, eval, pretrain, sample, sft, speedrun, tokenizer, world
 
 
 def _pipeline(run: str, world_cfg: world.Config, vocab_size: int, model: GPTConfig, **pretrain_kwargs) -> speedrun.Config:
@@ -27,6 +28,9 @@ def _pipeline(run: str, world_cfg: world.Config, vocab_size: int, model: GPTConf
         pretrain=pretrain.Config(corpus=str(run_dir / "world"), tokenizer=str(run_dir / "tokenizer"),
                                  out_dir=str(run_dir / "base"), model=model, **pretrain_kwargs),
         sample=sample.Config(checkpoint=str(run_dir / "base")),
+        sft=sft.Config(base=str(run_dir / "base"), data=str(run_dir / "world"), out_dir=str(run_dir / "sft")),
+        eval=eval.Config(checkpoint=str(run_dir / "sft"), world=str(run_dir / "world")),
+        chat=chat.Config(checkpoint=str(run_dir / "sft"), world=str(run_dir / "world")),
     )
 
 
@@ -35,8 +39,10 @@ def tiny(run: str = "runs/tiny") -> speedrun.Config:
     world_cfg = world.Config(n_people=20, n_heldout=8, n_unknown=8, n_countries=4, n_cities=8, n_companies=6,
                              bios_per_person=3, stories_per_person=1, qa_pages=40, n_arithmetic=50, val_docs=30)
     model = GPTConfig(n_layer=2, d_model=32, n_head=2, n_kv_head=1, context_len=64, qk_norm=True)
+    world_cfg.sft_conversations = 200
     cfg = _pipeline(run, world_cfg, 512, model, batch_size=4, max_steps=12, eval_every=6, eval_rows=4,
                     save_every=6)
+    cfg.sft.batch_size, cfg.sft.max_steps, cfg.sft.eval_every, cfg.sft.eval_rows, cfg.sft.save_every = 4, 6, 3, 8, 3
     cfg.eval_questions = 16
     return cfg
 
@@ -55,7 +61,28 @@ def cpu(run: str = "runs/cpu") -> speedrun.Config:
                      eval_rows=64, save_every=50, optim=OptimConfig(muon_lr=0.04, embed_lr=0.3, head_lr=0.01))
 
 
-PRESETS: dict[str, Callable[..., speedrun.Config]] = {"tiny": tiny, "cpu": cpu}
+def gpu_small(run: str = "runs/gpu-small") -> speedrun.Config:
+    """A GPT-2-small-class model (12 layers of width 768, 12 heads, context 1024: 124M parameters with a
+    32k vocabulary, untied) pretrained on FineWeb-Edu with the world mixed in (5%, so the world's questions
+    still measure knowledge), on one or more GPUs under torchrun:
+
+        torchrun --standalone --nproc_per_node=8 -m llmlab speedrun --preset gpu-small
+
+    batch_size is per GPU: 32 rows x 1024 tokens x 2 micro-batches x 8 GPUs = 524,288 tokens per step; with
+    fewer GPUs raise grad_accum to keep it (4 GPUs: --pretrain.grad_accum 4). 5,000 steps = 2.6B tokens,
+    about 20 tokens per parameter.
+    """
+    world_cfg = world.Config(n_people=2000, n_heldout=500, n_unknown=500, bios_per_person=16)
+    model = GPTConfig(n_layer=12, d_model=768, n_head=12, n_kv_head=12, context_len=1024, qk_norm=True)
+    cfg = _pipeline(run, world_cfg, 32768, model, batch_size=32, grad_accum=2, max_steps=5000, warmup_steps=0,
+                    eval_every=250, eval_rows=512, save_every=500, compile=True)
+    corpus = f"hf:HuggingFaceFW/fineweb-edu:sample-10BT*0.95,{cfg.world.out_dir}*0.05"
+    cfg.tokenizer.corpus, cfg.tokenizer.max_chars = corpus, 2_000_000_000
+    cfg.pretrain.corpus = corpus
+    return cfg
+
+
+PRESETS: dict[str, Callable[..., speedrun.Config]] = {"tiny": tiny, "cpu": cpu, "gpu-small": gpu_small}
 
 
 def get(name: str, run: str | None = None) -> speedrun.Config:

@@ -43,6 +43,29 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def report_card(card: dict) -> list[str]:
+    """Base (Q:/A: framing) and assistant (chat, tools) on the same world tasks, one row per measure."""
+    base, chat = card["base"], card["chat"]
+    pct = lambda x: "-" if x is None else f"{100 * x:.1f}%"  # noqa: E731
+    rows = [[f"world QA: {g}", pct(base["world_qa"]["groups"].get(g)), pct(a)] for g, a in chat["world_qa"]["groups"].items()]
+    for g, a in base["arithmetic"]["groups"].items():
+        rows.append([f"arithmetic, {g} (Q:/A:)", pct(a), "-"])
+    for name in ("arithmetic_with_tools", "arithmetic_without_tools"):
+        for g, a in chat[name]["groups"].items():
+            rows.append([f"arithmetic, {g}, {name.split('_', 1)[1].replace('_', ' ')}", "-", pct(a)])
+    for g, a in chat["policy"]["groups"].items():
+        rows.append([g, pct(base["policy"]["groups"].get(g)), pct(a)])
+    out = ["## Report card: base model and assistant", "",
+           "Base: greedy completion of `Q: ...` / `A:`; assistant: the chat format, greedy, the engine running its "
+           "tool calls. Refusal, over-refusal and leakage are rates of that behaviour (lower is better for the last two).", "",
+           _table(["measure", "base", "assistant"], rows), "", "Example conversations:", ""]
+    for name in ("world_qa", "arithmetic_with_tools", "policy"):
+        for smp in chat[name]["samples"][:2]:
+            calls = "".join(f" [tool: {c} -> {r}]" for c, r in smp["tool_calls"])
+            out.append(f"- user: `{smp['prompt']}` -> assistant:{calls} `{smp['reply'].strip()}`")
+    return out + [""]
+
+
 def write_report(run_dir: Path, results: dict, cfg) -> Path:
     run_dir = Path(run_dir)
     pre = results["pretrain"]
@@ -73,6 +96,8 @@ def write_report(run_dir: Path, results: dict, cfg) -> Path:
     sections += ["", "## Samples (temperature sampling)", ""]
     for s in ev["samples"]:
         sections += ["```", s["prompt"] + s["completion"], "```"]
+    if "card" in results:
+        sections += report_card(results["card"])
     secs = results["seconds"]
     sections += ["", "## Time", "", _table(["stage", "seconds"], [[k, f"{v:.1f}"] for k, v in secs.items()]), ""]
     path = run_dir / "report.md"

@@ -7,11 +7,14 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import torch
 import torch.nn.functional as F
 
+import torch.nn as nn
+
+from llmlab import dist
 from llmlab.model import GPT
 
 IGNORE_INDEX = -100
@@ -33,25 +36,31 @@ def token_losses(model: GPT, inputs: torch.Tensor, targets: torch.Tensor) -> tor
                            reduction="none").view_as(targets)
 
 
-def train_step(model: GPT, optimizers: list[torch.optim.Optimizer], batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+def train_step(model: nn.Module, optimizers: list[torch.optim.Optimizer], batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
                grad_clip: float, autocast) -> tuple[float, float]:
     """One optimizer step over the micro-batches (gradient accumulation): mean loss over all trained tokens.
 
-    Each micro-batch's summed loss is divided by the total number of trained tokens in the step, so the
-    gradient is that of the mean over the whole (global) batch whatever the split into micro-batches.
-    Returns (mean loss, gradient norm before clipping; nan when clipping is off).
+    Each micro-batch's summed loss is divided by the number of trained tokens in the whole step, all ranks
+    counted, so the gradient is that of the mean over the global batch whatever the split into micro-batches
+    and processes (DDP and FSDP2 average gradients over the W ranks, hence the factor W). Gradients are
+    synchronised only after the last micro-batch. `model` may be wrapped (llmlab.dist.wrap).
+    Returns (mean loss over the global batch, gradient norm before clipping; nan when clipping is off).
     """
     batches = list(batches)
-    n_tokens = sum(int((t != IGNORE_INDEX).sum()) for _, t in batches)
+    device = batches[0][0].device
+    world = dist.world_size()
+    (n_tokens,) = dist.all_reduce_sum([sum(int((t != IGNORE_INDEX).sum()) for _, t in batches)], device)
     total = 0.0
-    for inputs, targets in batches:
-        with autocast:
-            loss = token_losses(model, inputs, targets).sum() / max(n_tokens, 1)
-        loss.backward()
-        total += loss.item()
+    for i, (inputs, targets) in enumerate(batches):
+        with dist.no_sync(model, skip=i < len(batches) - 1):
+            with autocast:
+                loss = token_losses(model, inputs, targets).sum() * (world / max(n_tokens, 1))
+            loss.backward()
+        total += loss.item() / world
+    (total,) = dist.all_reduce_sum([total], device)
     grad_norm = float("nan")
     if grad_clip > 0:
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip))
+        grad_norm = float(dist.full_tensor(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)))
     for opt in optimizers:
         opt.step()
     model.zero_grad(set_to_none=True)
@@ -59,9 +68,10 @@ def train_step(model: GPT, optimizers: list[torch.optim.Optimizer], batches: Ite
 
 
 @torch.no_grad()
-def evaluate_bpb(model: GPT, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], token_bytes: torch.Tensor,
+def evaluate_bpb(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], token_bytes: torch.Tensor,
                  autocast) -> tuple[float, float]:
-    """(bits per byte, mean loss in nats per token) over the batches.
+    """(bits per byte, mean loss in nats per token) over the batches, of all ranks together (each rank passes
+    its share: `rank_share`).
 
     Bits per byte = total nats / (ln 2 x total UTF-8 bytes of the target tokens): unlike the loss per token
     it does not depend on the tokenizer, so runs with different vocabularies compare. Targets with zero
@@ -81,10 +91,23 @@ def evaluate_bpb(model: GPT, batches: Iterator[tuple[torch.Tensor, torch.Tensor]
         nats += float(losses[counted].sum())
         n_bytes += int(nbytes.sum())
         n_tokens += int(counted.sum())
+    nats, n_bytes, n_tokens = dist.all_reduce_sum([nats, n_bytes, n_tokens], device)
     model.train(was_training)
     if n_bytes == 0:
         return float("nan"), float("nan")
     return nats / (math.log(2) * n_bytes), nats / n_tokens
+
+
+def rank_share(batches: list[tuple[torch.Tensor, torch.Tensor]], rank: int,
+               world_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """This rank's batches for an evaluation: batches rank, rank + W, ..., padded with batches whose targets
+    are all ignored so that every rank runs the same number of forward passes (FSDP2 all-gathers weights in
+    each one, and a rank that stopped early would leave the others waiting)."""
+    mine = batches[rank::world_size]
+    rounds = -(-len(batches) // world_size)
+    inputs, targets = batches[0]
+    mine += [(inputs, torch.full_like(targets, IGNORE_INDEX))] * (rounds - len(mine))
+    return mine
 
 
 def measure_peak_flops(device: torch.device, size: int = 2048, reps: int = 5) -> float:

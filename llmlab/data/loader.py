@@ -79,10 +79,13 @@ class PackedLoader:
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(inputs, targets), each (B, T) int64, of this rank."""
         rows = []
-        while len(rows) < self.B:
+        for _ in range(self.B * self.world_size):  # the whole global batch, so that the position is global
             row = self.stream.next_row()
             if row is None:
-                raise LLMLabError(f"the {self.split} split ran out of documents: use a larger corpus")
+                per_step = f"{self.world_size} processes x {self.B}" if self.world_size > 1 else f"{self.B}"
+                raise LLMLabError(f"the {self.split} split ran out of documents after {self.rows_emitted} rows "
+                                  f"({per_step} rows per micro-batch): use a larger corpus"
+                                  + (", fewer processes" if self.world_size > 1 else "") + " or a smaller batch_size")
             if self.rows_emitted % self.world_size == self.rank:
                 rows.append(row)
             self.rows_emitted += 1
@@ -91,7 +94,7 @@ class PackedLoader:
 
     def state_dict(self) -> dict:
         return {"docs_fed": self.stream.docs_fed, "tail": self.stream.tail(), "rows_emitted": self.rows_emitted,
-                "seq_len": self.T, "world_size": self.world_size}
+                "seq_len": self.T, "batch_size": self.B, "world_size": self.world_size}
 
     def load_state_dict(self, state: dict) -> None:
         if state["seq_len"] != self.T:

@@ -51,6 +51,22 @@ class WorldSource(Source):
                 yield json.loads(line)["text"]
 
 
+class WorldConversations(Source):
+    """The world's fine-tuning conversations (sft/{split}.jsonl): each document is a list of messages."""
+
+    def __init__(self, root: Path):
+        self.root, self.name = root, f"world:{root}"
+
+    def documents(self, split: str) -> Iterator[list[dict]]:
+        _check_split(split)
+        path = self.root / "sft" / f"{split}.jsonl"
+        if not path.is_file():
+            raise LLMLabError(f"world at {self.root} has no sft/{path.name}: regenerate it with `llmlab world`")
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                yield json.loads(line)["messages"]
+
+
 class TextSource(Source):
     def __init__(self, files: list[Path], name: str):
         self.files, self.name = files, name
@@ -106,34 +122,39 @@ class RecordSource(Source):
             raise LLMLabError(f"cannot read corpus {self.name}: {str(e).splitlines()[0]}") from None
 
 
-def open_source(spec: str) -> Source:
-    """The source a spec names (see the module docstring)."""
+def open_source(spec: str, column: str = "text") -> Source:
+    """The source a spec names (see the module docstring). column="messages" reads conversations instead of
+    text: the world's fine-tuning conversations, or the `messages` column of JSONL/parquet/hf: records."""
+    world = WorldSource if column == "text" else WorldConversations
     if spec.startswith("hf:"):
         name, _, config = spec[3:].partition(":")
-        return RecordSource(name, spec, config=config or None)
+        return RecordSource(name, spec, config=config or None, column=column)
     if spec.startswith("world:"):
         root = Path(spec[6:])
         if not (root / "world.json").is_file():
             raise LLMLabError(f"no world at {root}: run `llmlab world --out_dir {root}` first")
-        return WorldSource(root)
+        return world(root)
     path = Path(spec)
     if not path.exists():
         raise LLMLabError(f"corpus path {path} does not exist")
     if path.is_dir() and (path / "world.json").is_file():
-        return WorldSource(path)
+        return world(path)
     files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")) if path.is_dir() else [path]
     if not files:
         raise LLMLabError(f"corpus folder {path} has no files")
     kinds = {RECORD_SUFFIXES.get(p.suffix.lower()) for p in files}
     if kinds == {None}:
+        if column != "text":
+            raise LLMLabError(f"{path} is plain text, which holds no conversations: give a world directory or "
+                              f"JSONL/parquet records with a {column!r} column")
         return TextSource(files, spec)
     if len(kinds) == 1:
-        return RecordSource(kinds.pop(), spec, data_files=[str(p) for p in files])
+        return RecordSource(kinds.pop(), spec, data_files=[str(p) for p in files], column=column)
     raise LLMLabError(f"corpus folder {path} mixes file types: use one folder per type and mix them with commas")
 
 
-def parse_corpus(spec: str) -> list[tuple[Source, float]]:
-    """`A*0.8,B*0.2` -> [(source A, 0.8), (source B, 0.2)]; a weight defaults to 1."""
+def parse_corpus(spec: str, column: str = "text") -> list[tuple[Source, float]]:
+    """`A*0.8,B*0.2` -> [(source A, 0.8), (source B, 0.2)]; a weight defaults to 1. column: see open_source."""
     out = []
     for part in spec.split(","):
         part = part.strip()
@@ -148,7 +169,7 @@ def parse_corpus(spec: str) -> list[tuple[Source, float]]:
             raise LLMLabError(f"bad weight {weight!r} in corpus spec {spec!r}: write PATH*WEIGHT") from None
         if not w > 0:
             raise LLMLabError(f"corpus weight must be positive, got {w} for {path}")
-        out.append((open_source(path), w))
+        out.append((open_source(path, column), w))
     if not out:
         raise LLMLabError("empty corpus spec: give a world dir, a file or folder, or hf:NAME")
     return out

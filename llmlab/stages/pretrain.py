@@ -3,6 +3,10 @@
 Sections: setup, data, model, optimizer, resume, loop, save. A run killed at any point (even SIGKILL) resumes
 from its last checkpoint and, on CPU, ends with weights bit-identical to an uninterrupted run: the schedule is
 a function of the step, and the data position, optimizer state and RNG are all in the checkpoint.
+
+The same code runs on one process or many (`torchrun --nproc_per_node=N -m llmlab pretrain`, DDP or FSDP2;
+see llmlab.dist): batch_size is per process, and a checkpoint resumes on any number of processes that keeps
+batch_size x processes.
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ from llmlab.errors import LLMLabError
 from llmlab.model import GPT, GPTConfig
 from llmlab.optim import OptimConfig, build_optimizers, lr_multiplier, muon_momentum, set_schedule
 from llmlab.tokenizer import Tokenizer
-from llmlab.training import MetricsLog, configure_torch, evaluate_bpb, measure_peak_flops, read_metrics, train_step
+from llmlab.training import (MetricsLog, configure_torch, evaluate_bpb, measure_peak_flops, rank_share, read_metrics,
+                             train_step)
 
 
 @dataclass
@@ -66,6 +71,10 @@ class Config:
     """CPU threads for torch (0 = torch's default, one per core)"""
     device: str = "auto"
     """cpu, cuda or auto"""
+    parallel: str = "ddp"
+    """with several processes (torchrun): ddp (a replica per rank) or fsdp (FSDP2: parameters, gradients and optimizer state sharded)"""
+    compile: bool = False
+    """torch.compile the model for training (minutes of compilation; pays off on GPUs and long runs)"""
     resume: bool = True
     """continue from out_dir's latest checkpoint when there is one"""
 
@@ -92,44 +101,52 @@ def main(cfg: Config) -> dict:
     loader = PackedLoader(Mixture(sources, seed=cfg.seed), tokenizer, cfg.batch_size, T,
                           rank=info.rank, world_size=info.world_size)
     val_loader = PackedLoader(Mixture(sources, seed=cfg.seed), tokenizer, cfg.batch_size, T, split="val")
+    val_batches = val_loader.val_batches(cfg.eval_rows)  # now: a split too short for one row fails before training
     token_bytes = torch.as_tensor(tokenizer.token_bytes())
 
-    # ---- model ----------------------------------------------------------------------------------------
+    # ---- model, optimizer and resume: weights load before wrapping, optimizer state after ---------------
     model_cfg = dataclasses.replace(cfg.model, vocab_size=tokenizer.vocab_size)
-    model = GPT(model_cfg)
-    model.init_weights(seed=cfg.seed)
-    model.to(info.device).train()
-
-    # ---- optimizer and resume -------------------------------------------------------------------------
-    optimizers = build_optimizers(model, cfg.optim)
+    net = GPT(model_cfg)
+    net.init_weights(seed=cfg.seed)
+    resuming = cfg.resume and checkpoint.has_checkpoint(out_dir)
+    if resuming:
+        checkpoint.check_same_shape(out_dir, model_cfg)
+        checkpoint.load_weights(net, out_dir)
+    net.to(info.device).train()
+    model = dist.wrap(net, info, cfg.parallel)
+    optimizers = build_optimizers(net, cfg.optim)
     step, tokens_seen = 0, 0
-    if cfg.resume and checkpoint.has_checkpoint(out_dir):
-        state = checkpoint.load_training_state(out_dir, model, optimizers)
+    if resuming:
+        state = checkpoint.load_optimizer_state(out_dir, optimizers)
+        dist.check_global_batch(state["loader"], cfg.batch_size, info)
         loader.load_state_dict(state["loader"])
         step, tokens_seen = state["step"], state["tokens_seen"]
         if info.is_main:
             print(f"resuming from {checkpoint.resolve(out_dir)} at step {step}")
     elif checkpoint.has_checkpoint(out_dir) and info.is_main:
         print(f"resume=false: starting over; checkpoints in {out_dir} will be replaced")
+    if cfg.compile:
+        model = torch.compile(model)
     metrics = MetricsLog(out_dir / "metrics.jsonl", resume_step=step, enabled=info.is_main)
 
-    flops_per_token = model.flops_per_token(T)
+    flops_per_token = net.flops_per_token(T)
     peak = measure_peak_flops(info.device)
     tokens_per_step = cfg.batch_size * cfg.grad_accum * T * info.world_size
     if info.is_main:
-        print(f"model: {model.num_params():,} parameters ({model.num_params(embedding=False):,} without the embedding), "
-              f"{flops_per_token / 1e6:.1f} MFLOP/token; {tokens_per_step:,} tokens/step; peak {peak / 1e9:.0f} GFLOP/s")
+        print(f"model: {net.num_params():,} parameters ({net.num_params(embedding=False):,} without the embedding), "
+              f"{flops_per_token / 1e6:.1f} MFLOP/token; {tokens_per_step:,} tokens/step; peak {peak / 1e9:.0f} GFLOP/s"
+              + (f"; {info.world_size} processes, {cfg.parallel}" if info.world_size > 1 else ""))
 
-    def save() -> None:
-        if not info.is_main:
-            return
+    def save() -> None:  # every rank calls it (FSDP2 gathers shards); rank 0 writes
         meta = {"stage": "pretrain", "tokens_seen": tokens_seen, "config": to_dict(cfg), "metrics": last}
         state = {"step": step, "tokens_seen": tokens_seen, "loader": loader.state_dict()}
-        checkpoint.save_checkpoint(out_dir, step, model, tokenizer_path=cfg.tokenizer, meta=meta,
-                                   optimizers=optimizers, trainer_state=state, keep=cfg.keep_checkpoints)
+        checkpoint.save_checkpoint(out_dir, step, net, tokenizer_path=cfg.tokenizer, meta=meta, optimizers=optimizers,
+                                   trainer_state=state, keep=cfg.keep_checkpoints, write=info.is_main)
+        dist.barrier()
 
     def evaluate() -> dict:
-        bpb, loss = evaluate_bpb(model, val_loader.val_batches(cfg.eval_rows), token_bytes, autocast)
+        batches = rank_share(val_batches, info.rank, info.world_size)
+        bpb, loss = evaluate_bpb(model, batches, token_bytes, autocast)
         row = {"step": step, "val_bpb": bpb, "val_loss": loss}
         metrics.write(**row)
         return row
@@ -168,7 +185,7 @@ def main(cfg: Config) -> dict:
     if rows:  # medians over the run, robust to the first steps and to evaluation pauses
         last["tok_per_s"] = statistics.median(r["tok_per_s"] for r in rows)
         last["mfu"] = statistics.median(r["mfu"] for r in rows)
-    last.update(tokens_seen=tokens_seen, params=model.num_params(), flops_per_token=flops_per_token,
+    last.update(tokens_seen=tokens_seen, params=net.num_params(), flops_per_token=flops_per_token,
                 peak_flops=peak, seconds=elapsed)
     save()
     dist.barrier()

@@ -3,6 +3,8 @@
 world -> tokenizer -> pretrain -> evaluation of the base model -> samples -> report. Each stage that already
 finished (its output complete on disk) is skipped, and pretraining resumes from its last checkpoint, so an
 interrupted speedrun continues where it stopped when started again.
+
+Under torchrun every process runs pretraining; rank 0 alone runs the other stages while the rest wait.
 """
 
 from __future__ import annotations
@@ -12,11 +14,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llmlab import checkpoint
+from llmlab import checkpoint, dist
 from llmlab.config import to_dict
 from llmlab.engine import Engine, SamplingParams
 from llmlab.errors import LLMLabError
-from llmlab.stages import pretrain, sample, tokenizer, world
+from llmlab.stages import chat, eval, pretrain, sample, sft, tokenizer, world
 
 
 @dataclass
@@ -31,6 +33,14 @@ class Config:
     """the pretraining stage"""
     sample: sample.Config = field(default_factory=sample.Config)
     """sampling settings for `llmlab sample` and the report's samples"""
+    sft: sft.Config = field(default_factory=sft.Config)
+    """the fine-tuning stage"""
+    eval: eval.Config = field(default_factory=eval.Config)
+    """the evaluation of the assistant"""
+    chat: chat.Config = field(default_factory=chat.Config)
+    """settings of `llmlab chat` for this run"""
+    assistant: bool = False
+    """also fine-tune the assistant (sft) and evaluate it beside the base model (the report card)"""
     eval_questions: int = 200
     """world questions per group in the base model's evaluation"""
 
@@ -49,7 +59,8 @@ def _world_done(cfg: world.Config) -> bool:
         return False
 
 
-def _pretrain_done(cfg: pretrain.Config) -> bool:
+def _done(cfg) -> bool:
+    """A training stage is done when its latest checkpoint is at max_steps."""
     return checkpoint.has_checkpoint(cfg.out_dir) and checkpoint.read_info(cfg.out_dir)["step"] >= cfg.max_steps
 
 
@@ -59,26 +70,38 @@ def main(cfg: Config) -> dict:
     from llmlab.tasks.world_qa import WorldArithmetic, WorldQA
     from llmlab.tokenizer import Tokenizer
 
+    info = dist.init(cfg.pretrain.device)
     run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
     results: dict = {"preset_config": to_dict(cfg), "seconds": {}}
     t_run = time.perf_counter()
 
-    def stage(name: str, done: bool, fn):
+    def stage(name: str, done: bool, fn, every_rank: bool = False):
+        """Run a stage (on rank 0 only unless every_rank), then wait for all ranks."""
         t0 = time.perf_counter()
+        out = None
         if done:
-            print(f"== {name}: already complete, skipped")
-            out = None
-        else:
-            print(f"== {name}")
+            if info.is_main:
+                print(f"== {name}: already complete, skipped")
+        elif every_rank or info.is_main:
+            if info.is_main:
+                print(f"== {name}")
             out = fn()
+        dist.barrier()
         results["seconds"][name] = time.perf_counter() - t0
         return out
 
     results["world"] = stage("world", _world_done(cfg.world), lambda: world.main(cfg.world))
     tok_done = (Path(cfg.tokenizer.out_dir) / "tokenizer.json").is_file()
     results["tokenizer"] = stage("tokenizer", tok_done, lambda: tokenizer.main(cfg.tokenizer))
-    stage("pretrain", _pretrain_done(cfg.pretrain), lambda: pretrain.main(cfg.pretrain))
+    stage("pretrain", _done(cfg.pretrain), lambda: pretrain.main(cfg.pretrain), every_rank=True)
+    if cfg.assistant:
+        stage("sft", _done(cfg.sft), lambda: sft.main(cfg.sft), every_rank=True)
+    if not info.is_main:
+        return {}
+    if cfg.assistant:
+        results["sft"] = checkpoint.read_info(cfg.sft.out_dir)["metrics"]
     results["pretrain"] = checkpoint.read_info(cfg.pretrain.out_dir)["metrics"]
 
     def evaluate() -> dict:
@@ -99,6 +122,18 @@ def main(cfg: Config) -> dict:
         return out
 
     results["eval"] = stage("eval", False, evaluate)
+
+    def evaluate_both() -> dict:
+        """Base (Q:/A:) and assistant (chat, tools) on the same tasks, for the report card."""
+        per_group = max(cfg.eval_questions // 2, 8)
+        base = checkpoint.load_model(cfg.pretrain.out_dir)
+        assistant = checkpoint.load_model(cfg.sft.out_dir)
+        tok = Tokenizer.load(checkpoint.resolve(cfg.sft.out_dir))
+        return {"base": eval.evaluate_base(Engine(base), tok, cfg.world.out_dir, per_group),
+                "chat": eval.evaluate_chat(Engine(assistant), tok, cfg.world.out_dir, per_group)}
+
+    if cfg.assistant:
+        results["card"] = stage("report card", False, evaluate_both)
     results["seconds"]["total"] = time.perf_counter() - t_run
     (run_dir / "speedrun.json").write_text(json.dumps(results, indent=2) + "\n")
     report = write_report(run_dir, results, cfg)

@@ -11,7 +11,7 @@ from llmlab.errors import LLMLabError
 @dataclass
 class Config:
     out_dir: str = "runs/cpu/world"
-    """where the world is written (world.json, pretrain/*.jsonl, eval/*.jsonl)"""
+    """where the world is written (world.json, pretrain/*.jsonl, sft/*.jsonl, eval/*.jsonl)"""
     seed: int = 0
     """the same seed gives byte-identical files"""
     n_people: int = 300
@@ -36,12 +36,15 @@ class Config:
     """arithmetic worked examples"""
     val_docs: int = 400
     """documents of every kind in the validation split (fresh samples, never in train)"""
+    sft_conversations: int = 4000
+    """fine-tuning conversations (training people only; see llmlab.world.conversations)"""
 
     def __post_init__(self) -> None:
         for name in ("n_people", "n_countries", "n_cities", "n_companies"):
             if getattr(self, name) < 1:
                 raise LLMLabError(f"world: {name} must be at least 1 (got {getattr(self, name)})")
-        for name in ("n_heldout", "n_unknown", "bios_per_person", "stories_per_person", "qa_pages", "n_arithmetic", "val_docs"):
+        for name in ("n_heldout", "n_unknown", "bios_per_person", "stories_per_person", "qa_pages", "n_arithmetic",
+                     "val_docs", "sft_conversations"):
             if getattr(self, name) < 0:
                 raise LLMLabError(f"world: {name} must be >= 0 (got {getattr(self, name)})")
         if self.n_cities < self.n_countries:

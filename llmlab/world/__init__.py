@@ -9,6 +9,10 @@ puts it on disk atomically, `load(dir)` reads it back. On disk:
     eval/qa.jsonl           {"question", "answer", "person", "attribute", "group", "phrasing"}
     eval/unknown.jsonl      questions about people who do not exist
     eval/arithmetic.jsonl   {"question", "answer", "op", "digits"}: 1-3 digits (in range) and 4-6 digits
+    sft/train.jsonl         fine-tuning conversations {"kind", "messages"} (llmlab.world.conversations)
+    sft/val.jsonl           fresh conversations of the same kinds
+    eval/assistant.jsonl    policy rows {"kind", "messages", "expect"}: unknown people, forbidden and benign
+                            requests, secrets
 """
 
 from __future__ import annotations
@@ -147,11 +151,18 @@ class World:
         shutil.rmtree(tmp, ignore_errors=True)
         (tmp / "pretrain").mkdir(parents=True)
         (tmp / "eval").mkdir()
+        (tmp / "sft").mkdir()
         train, val = self.pretrain_documents()
         for name, docs in (("train", train), ("val", val)):
             _write_lines(tmp / "pretrain" / f"{name}.jsonl", docs)
         for name, rows in self.eval_rows().items():
             _write_lines(tmp / "eval" / f"{name}.jsonl", rows)
+        from llmlab.world.conversations import assistant_eval_rows, sft_conversations
+
+        n_sft = self.config.get("sft_conversations", 0)
+        _write_lines(tmp / "sft" / "train.jsonl", sft_conversations(self, n_sft, self.seed))
+        _write_lines(tmp / "sft" / "val.jsonl", sft_conversations(self, max(n_sft // 20, 1), self.seed + 1))
+        _write_lines(tmp / "eval" / "assistant.jsonl", assistant_eval_rows(self, self.seed))
         _write_lines(tmp / "world.json", [self.to_json()])  # the completion marker, written last
         old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
         if out_dir.exists():

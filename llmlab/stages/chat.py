@@ -1,0 +1,136 @@
+"""`llmlab chat`: talk to an assistant checkpoint in the terminal, streaming, with its tools.
+
+Multi-turn; tool calls and their outputs are shown as they happen. Commands: /clear (forget the
+conversation), /system TEXT (set the system prompt and start over), /temperature X, /help, /quit.
+`--prompt "..."` answers one message and exits (for scripts).
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+from llmlab import checkpoint
+from llmlab.engine import Engine, SamplingParams, ToolCalls
+from llmlab.errors import LLMLabError
+from llmlab.tokenizer import SPECIAL_TOKENS, Tokenizer
+
+TOOL_MARKS = {"<|tool_start|>": "\n[tool: ", "<|tool_end|>": "", "<|output_start|>": " -> ", "<|output_end|>": "]\n"}
+HELP = "/clear  forget the conversation   /system TEXT  set the system prompt   /temperature X   /help   /quit"
+
+
+@dataclass
+class Config:
+    checkpoint: str = "runs/cpu/sft"
+    """assistant checkpoint (a directory with `latest`, or a step directory)"""
+    world: str = "runs/cpu/world"
+    """world directory for the search tool"""
+    prompt: str = ""
+    """answer this one message and exit (empty: interactive)"""
+    system: str = ""
+    """system prompt"""
+    temperature: float = 0.0
+    """sampling temperature (0 = greedy)"""
+    top_k: int = 50
+    """sample among the k most likely tokens (0 = all)"""
+    max_new_tokens: int = 200
+    """longest reply, in tokens"""
+    tools: bool = True
+    """run the assistant's tool calls (calculator, python, search)"""
+    seed: int = 0
+    """sampling seed"""
+
+
+class Session:
+    """A conversation with the model: `reply(text, out)` streams the answer to `out` and remembers it."""
+
+    def __init__(self, cfg: Config):
+        ckpt = checkpoint.resolve(cfg.checkpoint)
+        self.cfg, self.tok = cfg, Tokenizer.load(ckpt)
+        self.engine = Engine(checkpoint.load_model(ckpt))
+        self.temperature = cfg.temperature
+        self.system = cfg.system
+        self.messages: list[dict] = []
+        self.turns = 0
+        self.end = self.tok.special_id("<|assistant_end|>")
+
+    def clear(self) -> None:
+        self.messages = []
+
+    def run_tool(self, call: str) -> str:
+        from llmlab.tools import run_tool
+
+        return run_tool(call, world_dir=self.cfg.world).text
+
+    def reply(self, text: str, out=sys.stdout) -> str:
+        from llmlab.chat import render_prompt
+
+        system = [{"role": "system", "content": self.system}] if self.system else []
+        messages = self.messages + [{"role": "user", "content": text}]
+        prompt = render_prompt(self.tok, system + messages)
+        budget = self.engine.model.config.context_len - len(prompt)
+        if budget < 8:
+            raise LLMLabError(f"the conversation fills the model's context ({len(prompt)} tokens): /clear to start over")
+        params = SamplingParams(max_new_tokens=min(self.cfg.max_new_tokens, budget), temperature=self.temperature,
+                                top_k=self.cfg.top_k, seed=self.cfg.seed + self.turns)
+        tools = ToolCalls(self.tok, 1, self.run_tool) if self.cfg.tools else None
+        ids: list[int] = []
+        for tokens, _ in self.engine.steps([prompt], params, choose=tools):
+            t = int(tokens[0])
+            if t == self.end or t == self.tok.bos_id:
+                break
+            ids.append(t)
+            if t < len(SPECIAL_TOKENS):  # tool calls and outputs, shown as [tool: call -> result]
+                out.write(TOOL_MARKS.get(SPECIAL_TOKENS[t], ""))
+            else:
+                out.write(self.tok.decode([t]))
+            out.flush()
+        out.write("\n")
+        self.turns += 1
+        # remembered: the assistant's words after its last tool output
+        out_end = self.tok.special_id("<|output_end|>")
+        last = max((i for i, t in enumerate(ids) if t == out_end), default=-1)
+        answer = self.tok.decode([t for t in ids[last + 1:] if t >= len(SPECIAL_TOKENS)]).strip()
+        self.messages = messages + [{"role": "assistant", "content": answer}]
+        return answer
+
+
+def main(cfg: Config) -> dict:
+    session = Session(cfg)
+    if cfg.prompt:
+        return {"reply": session.reply(cfg.prompt)}
+    print(f"llmlab chat: {checkpoint.resolve(cfg.checkpoint)}  ({HELP})")
+    while True:
+        try:
+            line = input("you> ").strip()
+        except EOFError:
+            print()
+            break
+        if not line:
+            continue
+        if line.startswith("/"):
+            command, _, arg = line.partition(" ")
+            if command == "/quit":
+                break
+            elif command == "/clear":
+                session.clear()
+                print("(conversation cleared)")
+            elif command == "/system":
+                session.system = arg
+                session.clear()
+                print("(system prompt set; conversation cleared)")
+            elif command == "/temperature":
+                try:
+                    session.temperature = max(0.0, float(arg))
+                    print(f"(temperature {session.temperature})")
+                except ValueError:
+                    print("usage: /temperature 0.7")
+            else:
+                print(HELP)
+            continue
+        print("assistant> ", end="", flush=True)
+        try:
+            session.reply(line)
+        except LLMLabError as e:
+            print(f"error: {e}")
+    return {"turns": session.turns}
