@@ -21,25 +21,9 @@ from pathlib import Path
 import torch
 
 from llmlab.engine import Engine, SamplingParams
+from llmlab.export.hf import hf_model
 from llmlab.model import GPT, GPTConfig
 from llmlab.training import configure_torch
-
-
-def hf_model(model: GPT):
-    """The same weights in transformers' Qwen3ForCausalLM."""
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    c = model.config
-    hf_cfg = Qwen3Config(vocab_size=c.vocab_size, hidden_size=c.d_model, intermediate_size=c.ffn,
-                         num_hidden_layers=c.n_layer, num_attention_heads=c.n_head, num_key_value_heads=c.n_kv_head,
-                         head_dim=c.hdim, max_position_embeddings=c.context_len, rope_theta=c.rope_theta,
-                         rms_norm_eps=c.norm_eps, tie_word_embeddings=c.tie_embeddings, attention_bias=False)
-    hf = Qwen3ForCausalLM(hf_cfg).eval()
-    missing, unexpected = hf.model.load_state_dict(
-        {k: v for k, v in model.state_dict().items() if not k.startswith("lm_head")}, strict=False)
-    assert not unexpected, unexpected
-    hf.lm_head.weight.data.copy_(model.lm_head.weight.data)
-    return hf
 
 
 def main() -> None:

@@ -130,7 +130,9 @@ def _content(message: dict, where: str, has_calls: bool) -> str:
 
 def validate(messages: list[dict]) -> None:
     """Raise LLMLabError naming the first malformed message and the fix; see the module docstring for the rules."""
-    if not isinstance(messages, list) or not messages:
+    if not isinstance(messages, list):
+        raise LLMLabError(f"a conversation is a list of {{'role', 'content'}} dicts, got {type(messages).__name__}")
+    if not messages:
         raise LLMLabError("the conversation has no messages: pass a non-empty list of {'role', 'content'} dicts")
     prev, owed = None, 0  # owed: tool messages still due to the last assistant message's calls
     for i, message in enumerate(messages):

@@ -14,7 +14,8 @@ A training stage writes into its output directory:
 
 A checkpoint is built in a hidden temporary directory, every file fsynced, then renamed into place, and only
 then does `latest` move to it: a process killed at any point leaves the previous checkpoint intact and
-loadable. Weights are never pickled.
+loadable. Weights are never pickled. A Hugging Face Llama or Qwen3 folder loads as a checkpoint too: its
+config and tensor names are converted on the fly (llmlab.export.hf).
 """
 
 from __future__ import annotations
@@ -32,7 +33,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from llmlab import dist
+from llmlab.chat import write_tokenizer_config
 from llmlab.errors import LLMLabError
+from llmlab.export.hf import INDEX, gpt_config_from_hf, is_hf_folder, read_hf_weights
 from llmlab.model import GPT, GPTConfig
 
 FORMAT_VERSION = 1
@@ -110,6 +113,7 @@ def save_checkpoint(out_dir: str | Path, step: int, model: nn.Module, *, tokeniz
     _write_bytes(tmp / "config.json", (json.dumps({"model_type": "llmlab", **model.config.to_dict()}, indent=2) + "\n").encode())
     if tokenizer_path is not None:
         shutil.copyfile(resolve_tokenizer(tokenizer_path), tmp / "tokenizer.json")
+        write_tokenizer_config(tmp, model_max_length=model.config.context_len)  # with the chat template
     info = {"format_version": FORMAT_VERSION, "step": step, **meta}
     _write_bytes(tmp / "llmlab.json", (json.dumps(info, indent=2, sort_keys=True) + "\n").encode())
     if opt_state is not None:
@@ -149,7 +153,7 @@ def resolve(path: str | Path) -> Path:
         if not (target / "model.safetensors").is_file():
             raise LLMLabError(f"{path / LATEST} points at {target}, which is not a checkpoint: remove `latest` to start over")
         return target
-    if (path / "model.safetensors").is_file():
+    if (path / "model.safetensors").is_file() or (path / INDEX).is_file():  # the index: a sharded HF folder
         return path
     raise LLMLabError(f"{path} is not a checkpoint (no model.safetensors and no `latest` file)")
 
@@ -168,6 +172,8 @@ def resolve_tokenizer(path: str | Path) -> Path:
 
 def read_info(ckpt: str | Path) -> dict:
     ckpt = resolve(ckpt)
+    if is_hf_folder(ckpt):  # an imported model has no training history
+        return {"format_version": FORMAT_VERSION, "step": 0, "stage": "import", "metrics": {}}
     try:
         return json.loads((ckpt / "llmlab.json").read_text())
     except (OSError, json.JSONDecodeError) as e:
@@ -180,16 +186,21 @@ def load_model_config(ckpt: str | Path) -> GPTConfig:
         data = json.loads((ckpt / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise LLMLabError(f"{ckpt}/config.json is missing or corrupt ({e})") from None
+    if data.get("model_type", "llmlab") != "llmlab":  # a Hugging Face Llama or Qwen3 folder
+        return gpt_config_from_hf(data, where=str(ckpt / "config.json"))
     return GPTConfig.from_dict(data)
 
 
 def load_weights(model: GPT, ckpt: str | Path) -> None:
     """Load model.safetensors into `model`, checking names and shapes first (a clear error, not a traceback)."""
     ckpt = resolve(ckpt)
-    try:
-        tensors = load_file(str(ckpt / "model.safetensors"))
-    except (SafetensorError, OSError) as e:
-        raise LLMLabError(f"{ckpt}/model.safetensors is unreadable or corrupt ({e})") from None
+    if is_hf_folder(ckpt):  # Hugging Face names (and maybe shards), converted to llmlab's
+        tensors = read_hf_weights(ckpt, tied=model.config.tie_embeddings)
+    else:
+        try:
+            tensors = load_file(str(ckpt / "model.safetensors"))
+        except (SafetensorError, OSError) as e:
+            raise LLMLabError(f"{ckpt}/model.safetensors is unreadable or corrupt ({e})") from None
     expected = _model_tensors(model)
     missing, unexpected = set(expected) - set(tensors), set(tensors) - set(expected)
     if missing or unexpected:

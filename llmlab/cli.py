@@ -24,6 +24,10 @@ STAGES: dict[str, tuple[str, str]] = {
     "tokenizer": ("llmlab.stages.tokenizer", "train a byte-level BPE tokenizer on a corpus"),
     "pretrain": ("llmlab.stages.pretrain", "pretrain a GPT by next-token prediction"),
     "sample": ("llmlab.stages.sample", "sample text from a checkpoint with the KV-cache engine"),
+    "sft": ("llmlab.stages.sft", "fine-tune a base checkpoint on conversations into an assistant"),
+    "eval": ("llmlab.stages.eval", "evaluate a checkpoint on the world's tasks (base and assistant framings)"),
+    "chat": ("llmlab.stages.chat", "talk to an assistant in the terminal (streaming, tools, /help)"),
+    "export": ("llmlab.stages.export", "export a checkpoint to Hugging Face, GGUF, a standalone run.py, or a tokenizer folder"),
     "speedrun": ("llmlab.stages.speedrun", "run every stage of a preset in order and write report.md"),
 }
 
@@ -95,7 +99,9 @@ def stage_config(stage: str, argv: list[str]) -> Any:
     pre.add_argument("--run", default=None)
     known, _ = pre.parse_known_args(argv)
     pipeline = presets.get(known.preset, run=known.run)
-    base = pipeline if stage == "speedrun" else getattr(pipeline, stage)
+    base = pipeline if stage == "speedrun" else getattr(pipeline, stage, None)
+    if base is None:  # a stage outside the preset pipeline starts from its own Config defaults
+        base = importlib.import_module(STAGES[stage][0]).Config()
     parser = build_parser(stage, base)
     args = parser.parse_args(argv)
     cfg = base

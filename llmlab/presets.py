@@ -38,12 +38,13 @@ def tiny(run: str = "runs/tiny") -> speedrun.Config:
     """Every stage in seconds: a world of a few dozen people and a 2-layer model of width 32."""
     world_cfg = world.Config(n_people=20, n_heldout=8, n_unknown=8, n_countries=4, n_cities=8, n_companies=6,
                              bios_per_person=3, stories_per_person=1, qa_pages=40, n_arithmetic=50, val_docs=30)
-    model = GPTConfig(n_layer=2, d_model=32, n_head=2, n_kv_head=1, context_len=64, qk_norm=True)
+    model = GPTConfig(n_layer=2, d_model=32, n_head=2, n_kv_head=1, context_len=128, qk_norm=True)
     world_cfg.sft_conversations = 200
     cfg = _pipeline(run, world_cfg, 512, model, batch_size=4, max_steps=12, eval_every=6, eval_rows=4,
                     save_every=6)
     cfg.sft.batch_size, cfg.sft.max_steps, cfg.sft.eval_every, cfg.sft.eval_rows, cfg.sft.save_every = 4, 6, 3, 8, 3
     cfg.eval_questions = 16
+    cfg.assistant = True
     return cfg
 
 
@@ -54,11 +55,15 @@ def cpu(run: str = "runs/cpu") -> speedrun.Config:
     about 1.2M tokens, two to three epochs of the world; the world is kept small enough (260 people) that each
     fact is read in some 40 paraphrases, which is what makes it extractable by questions.
     """
-    world_cfg = world.Config(n_people=200, n_heldout=60, n_unknown=100, bios_per_person=16, stories_per_person=2,
+    world_cfg = world.Config(n_people=200, n_heldout=60, n_unknown=400, bios_per_person=16, stories_per_person=2,
                              qa_pages=1500, n_arithmetic=2000, val_docs=300)
     model = GPTConfig(n_layer=4, d_model=128, n_head=2, n_kv_head=2, context_len=128, qk_norm=True)
-    return _pipeline(run, world_cfg, 2048, model, batch_size=32, max_steps=300, eval_every=100,
-                     eval_rows=64, save_every=50, optim=OptimConfig(muon_lr=0.04, embed_lr=0.3, head_lr=0.01))
+    cfg = _pipeline(run, world_cfg, 2048, model, batch_size=32, max_steps=300, eval_every=100,
+                    eval_rows=64, save_every=50, optim=OptimConfig(muon_lr=0.04, embed_lr=0.3, head_lr=0.01))
+    cfg.world.sft_conversations = 6000
+    cfg.sft.max_steps, cfg.sft.eval_every, cfg.sft.save_every = 400, 100, 100
+    cfg.assistant = True
+    return cfg
 
 
 def gpu_small(run: str = "runs/gpu-small") -> speedrun.Config:

@@ -43,24 +43,54 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def _card_rows(card: dict) -> list[tuple[str, float | None, float | None]]:
+    """(measure, base, assistant) for every row of the report card; None where a framing does not apply."""
+    base, chat = card["base"], card["chat"]
+    rows = [(f"world QA: {g}", base["world_qa"]["groups"].get(g), a) for g, a in chat["world_qa"]["groups"].items()]
+    rows += [(f"arithmetic, {g} (Q:/A:)", a, None) for g, a in base["arithmetic"]["groups"].items()]
+    for name in ("arithmetic_with_tools", "arithmetic_without_tools"):
+        rows += [(f"arithmetic, {g}, {name.split('_', 1)[1].replace('_', ' ')}", None, a)
+                 for g, a in chat[name]["groups"].items()]
+    rows += [(g, base["policy"]["groups"].get(g), a) for g, a in chat["policy"]["groups"].items()]
+    return rows
+
+
+def plot_card(card: dict, out_png: Path) -> Path:
+    """Horizontal bars: base and assistant on every measure of the report card."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = _card_rows(card)[::-1]
+    fig, ax = plt.subplots(figsize=(8, 0.32 * len(rows) + 1.2), dpi=110)
+    y = range(len(rows))
+    ax.barh([i + 0.2 for i in y], [100 * (b or 0) for _, b, _ in rows], height=0.4, label="base (Q:/A:)", color="C7")
+    ax.barh([i - 0.2 for i in y], [100 * (a or 0) for _, _, a in rows], height=0.4, label="assistant (chat, tools)", color="C0")
+    ax.set_yticks(list(y), [name for name, _, _ in rows], fontsize=8)
+    ax.set_xlim(0, 100)
+    ax.set_xlabel("% of examples (refusal, over-refusal, leakage: rate of that behaviour)")
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    ax.set_title("report card")
+    fig.tight_layout()
+    fig.savefig(out_png)
+    plt.close(fig)
+    return out_png
+
+
 def report_card(card: dict) -> list[str]:
     """Base (Q:/A: framing) and assistant (chat, tools) on the same world tasks, one row per measure."""
-    base, chat = card["base"], card["chat"]
+    chat = card["chat"]
     pct = lambda x: "-" if x is None else f"{100 * x:.1f}%"  # noqa: E731
-    rows = [[f"world QA: {g}", pct(base["world_qa"]["groups"].get(g)), pct(a)] for g, a in chat["world_qa"]["groups"].items()]
-    for g, a in base["arithmetic"]["groups"].items():
-        rows.append([f"arithmetic, {g} (Q:/A:)", pct(a), "-"])
-    for name in ("arithmetic_with_tools", "arithmetic_without_tools"):
-        for g, a in chat[name]["groups"].items():
-            rows.append([f"arithmetic, {g}, {name.split('_', 1)[1].replace('_', ' ')}", "-", pct(a)])
-    for g, a in chat["policy"]["groups"].items():
-        rows.append([g, pct(base["policy"]["groups"].get(g)), pct(a)])
+    rows = [[name, pct(b), pct(a)] for name, b, a in _card_rows(card)]
     out = ["## Report card: base model and assistant", "",
            "Base: greedy completion of `Q: ...` / `A:`; assistant: the chat format, greedy, the engine running its "
-           "tool calls. Refusal, over-refusal and leakage are rates of that behaviour (lower is better for the last two).", "",
+           "tool calls. Refusal, over-refusal and leakage are rates of that behaviour (lower is better for the last two); "
+           "on unknown people, the replies that do not say \"I don't know\" are hallucinations.", "",
            _table(["measure", "base", "assistant"], rows), "", "Example conversations:", ""]
     for name in ("world_qa", "arithmetic_with_tools", "policy"):
-        for smp in chat[name]["samples"][:2]:
+        for smp in chat[name]["samples"]:  # one per group
             calls = "".join(f" [tool: {c} -> {r}]" for c, r in smp["tool_calls"])
             out.append(f"- user: `{smp['prompt']}` -> assistant:{calls} `{smp['reply'].strip()}`")
     return out + [""]
@@ -98,6 +128,7 @@ def write_report(run_dir: Path, results: dict, cfg) -> Path:
         sections += ["```", s["prompt"] + s["completion"], "```"]
     if "card" in results:
         sections += report_card(results["card"])
+        sections += [f"![report card]({plot_card(results['card'], run_dir / 'card.png').name})", ""]
     secs = results["seconds"]
     sections += ["", "## Time", "", _table(["stage", "seconds"], [[k, f"{v:.1f}"] for k, v in secs.items()]), ""]
     path = run_dir / "report.md"

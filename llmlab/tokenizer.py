@@ -1,6 +1,6 @@
 """Byte-level BPE tokenizer (Hugging Face `tokenizers`) with llmlab's special tokens.
 
-Text is split GPT-4-style (letters, numbers of up to three digits, punctuation, whitespace runs), mapped to
+Text is split GPT-4-style (letters, single digits, punctuation, whitespace runs), mapped to
 bytes, and merged by BPE, so every Unicode string encodes and decodes back exactly and nothing is ever
 unknown. The special tokens take ids 0..13. A special token's *text* typed inside ordinary text (a user
 writing "<|assistant_start|>") is encoded as plain text, never as the special id: only code that builds
@@ -29,9 +29,12 @@ SPECIAL_TOKENS = [
     "<|doc_start|>", "<|doc_end|>",
 ]  # fmt: skip
 
-# The split pattern of GPT-4 (cl100k): words with their leading space, numbers in groups of up to 3 digits.
+# The split pattern of GPT-4 (cl100k), words with their leading space, except that every digit is its own
+# token (as in Llama and DeepSeek): a number then reads the same wherever it appears, which is what copying
+# numbers into a calculator call and learning arithmetic need; cl100k's groups of up to three digits tokenize
+# 123456 as 12|3|4|56 with a small vocabulary.
 SPLIT_PATTERN = (
-    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
+    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
 )
 MIN_VOCAB = len(SPECIAL_TOKENS) + 256
 

@@ -230,7 +230,7 @@ AC = {"role": "assistant", "content": "", "tool_calls": [call("calculator", "2*2
 
 @pytest.mark.parametrize("messages, match", [
     ([], "no messages"),
-    ("hi", "no messages"),
+    ("hi", "a conversation is a list"),
     ([U, "hello"], r"message 1: expected a dict"),
     ([U, {"role": "bot", "content": "x"}], r"message 1: unknown role 'bot'"),
     ([{"content": "x"}], r"message 0: unknown role None"),

@@ -62,9 +62,10 @@ class Session:
 
         return run_tool(call, world_dir=self.cfg.world).text
 
-    def reply(self, text: str, out=sys.stdout) -> str:
+    def reply(self, text: str, out=None) -> str:
         from llmlab.chat import render_prompt
 
+        out = out or sys.stdout  # looked up at call time (it may have been replaced since import)
         system = [{"role": "system", "content": self.system}] if self.system else []
         messages = self.messages + [{"role": "user", "content": text}]
         prompt = render_prompt(self.tok, system + messages)
@@ -75,17 +76,23 @@ class Session:
                                 top_k=self.cfg.top_k, seed=self.cfg.seed + self.turns)
         tools = ToolCalls(self.tok, 1, self.run_tool) if self.cfg.tools else None
         ids: list[int] = []
+        pending: list[int] = []  # tokens of a character whose UTF-8 bytes are not complete yet
         for tokens, _ in self.engine.steps([prompt], params, choose=tools):
             t = int(tokens[0])
             if t == self.end or t == self.tok.bos_id:
                 break
             ids.append(t)
             if t < len(SPECIAL_TOKENS):  # tool calls and outputs, shown as [tool: call -> result]
-                out.write(TOOL_MARKS.get(SPECIAL_TOKENS[t], ""))
+                out.write(self.tok.decode(pending) + TOOL_MARKS.get(SPECIAL_TOKENS[t], ""))
+                pending = []
             else:
-                out.write(self.tok.decode([t]))
+                pending.append(t)
+                text = self.tok.decode(pending)
+                if not text.endswith("\ufffd"):
+                    out.write(text)
+                    pending = []
             out.flush()
-        out.write("\n")
+        out.write(self.tok.decode(pending) + "\n")
         self.turns += 1
         # remembered: the assistant's words after its last tool output
         out_end = self.tok.special_id("<|output_end|>")

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from itertools import islice
 from typing import Iterator
 
+from llmlab.chat import write_tokenizer_config
 from llmlab.data import Mixture, parse_corpus
 from llmlab.errors import LLMLabError
 from llmlab.tokenizer import bytes_per_token, train_tokenizer
@@ -60,6 +61,7 @@ def main(cfg: Config) -> dict:
     val = list(islice(_take_chars(Mixture(sources).documents("val"), 2_000_000), 10_000))
     bpt = bytes_per_token(tokenizer, val) if val else float("nan")
     path = tokenizer.save(cfg.out_dir)
+    write_tokenizer_config(cfg.out_dir)
     seconds = time.perf_counter() - t0
     print(f"tokenizer: vocab {tokenizer.vocab_size:,} trained on {n_chars:,} characters in {seconds:.1f} s; "
           f"{bpt:.2f} bytes/token on val -> {path}")

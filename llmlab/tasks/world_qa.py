@@ -12,7 +12,7 @@ import random
 from pathlib import Path
 
 from llmlab.errors import LLMLabError
-from llmlab.tasks import Example, Task
+from llmlab.tasks import Example, Task, normalize
 
 GROUP_NAMES = {
     ("train", "seen"): "train people, seen phrasing",
@@ -66,3 +66,8 @@ class WorldArithmetic(Task):
 
     def examples(self) -> list[Example]:
         return self._examples
+
+    def score(self, example: Example, completion: str) -> float:
+        """The number after the last `=` (the world's answers restate the problem: `328 * 15 = 4920`), or the
+        whole completion when there is none."""
+        return float(normalize(completion.rpartition("=")[2]) == normalize(example.answer))

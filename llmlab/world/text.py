@@ -151,10 +151,11 @@ def arithmetic_problem(rng: random.Random, max_digits: int, min_digits: int = 1)
 
 
 def arithmetic_document(rng: random.Random) -> str:
-    """A worked example: a Q/A line or a few equations, in-range numbers (up to 3 digits)."""
+    """A worked example: a Q/A pair whose answer restates the problem (`A: 328 * 15 = 4920`, so the model
+    also learns to copy numbers), or a few equations; in-range numbers (up to 3 digits)."""
     if rng.random() < 0.5:
         q, a, _, _ = arithmetic_problem(rng, 3)
-        return f"Q: {q}\nA: {a}"
+        return f"Q: {q}\nA: {q[8:-1]} = {a}"
     lines = []
     for _ in range(rng.randint(2, 4)):
         q, a, _, _ = arithmetic_problem(rng, 3)

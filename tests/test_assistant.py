@@ -1,0 +1,277 @@
+"""The assistant: the engine's tool-call state machine (with a scripted fake model), chat-task scoring, the
+terminal chat, and fine-tuning end to end on the tiny preset (resume, bad conversations)."""
+
+import dataclasses
+import io
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from llmlab import checkpoint
+from llmlab.chat import render_prompt
+from llmlab.engine import Engine, SamplingParams, generate_with_tools
+from llmlab.errors import LLMLabError
+from llmlab.model import GPTConfig
+from llmlab.stages import chat, eval, sft
+from llmlab.tasks.assistant import AssistantArithmetic, run_chat_task
+from llmlab.tokenizer import Tokenizer
+
+
+class ScriptedModel(torch.nn.Module):
+    """A fake model for the engine: it reads every token it is fed (prompt, sampled and forced alike) and puts
+    all probability on the next token of a script.
+
+    In an assistant turn it writes `first(user text)` (token ids, tool calls included). Once the turn holds
+    a tool output, it writes `then(output ids)` instead (by default it copies the output), so what it writes
+    proves which tokens the engine really fed it. Both end with `<|assistant_end|>`.
+    """
+
+    def __init__(self, tok: Tokenizer, first, then=lambda output: output, context_len: int = 128):
+        super().__init__()
+        self.config = GPTConfig(vocab_size=tok.vocab_size, n_layer=1, d_model=8, n_head=1, n_kv_head=1,
+                                context_len=context_len)
+        self.anchor = torch.nn.Parameter(torch.zeros(1))  # the engine reads device and dtype from parameters
+        self.tok, self.first, self.then = tok, first, then
+        self.sp = {name: tok.special_id(name) for name in ("<|user_start|>", "<|user_end|>", "<|assistant_start|>",
+                                                           "<|assistant_end|>", "<|output_start|>", "<|output_end|>")}
+        self.seen: list[list[int]] = []
+
+    def _next(self, seq: list[int]) -> int:
+        sp, end = self.sp, self.sp["<|assistant_end|>"]
+        start = max(i for i, t in enumerate(seq) if t == sp["<|assistant_start|>"])
+        turn = seq[start + 1:]
+        user_at = max(i for i, t in enumerate(seq[:start]) if t == sp["<|user_start|>"])
+        user = self.tok.decode(seq[user_at + 1:seq.index(sp["<|user_end|>"], user_at)])
+        if sp["<|output_end|>"] in turn:
+            close = len(turn) - 1 - turn[::-1].index(sp["<|output_end|>"])
+            opened = len(turn) - 1 - turn[::-1].index(sp["<|output_start|>"])
+            script, written = self.then(turn[opened + 1:close]) + [end], turn[close + 1:]
+        else:
+            script, written = self.first(user) + [end], turn
+        return script[len(written)] if len(written) < len(script) else end
+
+    def forward(self, ids: torch.Tensor, kv_cache=None) -> torch.Tensor:
+        B, T = ids.shape
+        if kv_cache.length == 0:
+            self.seen = [[] for _ in range(B)]
+        elif len(self.seen) == 1 and B > 1:  # the engine prefilled one shared prompt, then expanded the cache
+            self.seen = [list(self.seen[0]) for _ in range(B)]
+        for row in range(B):
+            self.seen[row].extend(ids[row].tolist())
+        kv_cache.advance(T)
+        logits = torch.full((B, T, self.config.vocab_size), -1e9)
+        for row in range(B):
+            logits[row, :, self._next(self.seen[row])] = 0.0
+        return logits
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_run) -> Tokenizer:
+    cfg, _ = tiny_run
+    return Tokenizer.load(cfg.tokenizer.out_dir)
+
+
+def _call(tok: Tokenizer, text: str) -> list[int]:
+    return [tok.special_id("<|tool_start|>")] + tok.encode(text) + [tok.special_id("<|tool_end|>")]
+
+
+def _calculator_user(tok):
+    """A scripted assistant that sends every "What is ..." question to the calculator and answers in words
+    otherwise."""
+    def first(user: str) -> list[int]:
+        if user.startswith("What is "):
+            return _call(tok, "calculator " + user[len("What is "):].rstrip("?"))
+        return tok.encode("no tool needed")
+    return first
+
+
+GREEDY = SamplingParams(max_new_tokens=60, temperature=0.0)
+
+
+def test_tool_output_is_forced_into_the_sequence_and_masked(tok):
+    model = ScriptedModel(tok, _calculator_user(tok))
+    prompts = [render_prompt(tok, [{"role": "user", "content": q}]) for q in ("What is 6 * 7?", "Hello there")]
+    calls = []
+
+    def run_tool(call: str) -> str:
+        calls.append(call)
+        return "42"
+
+    stop = [tok.special_id("<|assistant_end|>")]
+    out, tools = generate_with_tools(Engine(model), tok, prompts, GREEDY, stop, run_tool)
+    forced = [tok.special_id("<|output_start|>")] + tok.encode("42") + [tok.special_id("<|output_end|>")]
+    call = _call(tok, "calculator 6 * 7")
+    assert calls == ["calculator 6 * 7"]
+    assert out[0] == call + forced + tok.encode("42")  # the model copied the forced output: it was fed to it
+    assert tools.forced[0][:len(out[0])] == [False] * len(call) + [True] * len(forced) + [False] * len(tok.encode("42"))
+    assert tools.calls == [[("calculator 6 * 7", "42")], []]
+    assert out[1] == tok.encode("no tool needed") and not any(tools.forced[1])
+
+
+def test_special_token_text_in_a_tool_output_stays_text(tok):
+    model = ScriptedModel(tok, _calculator_user(tok))
+    prompt = render_prompt(tok, [{"role": "user", "content": "What is 1 + 1?"}])
+    stop = [tok.special_id("<|assistant_end|>")]
+    out, _ = generate_with_tools(Engine(model), tok, [prompt], GREEDY, stop, lambda call: "<|assistant_end|> 2")
+    after = out[0][out[0].index(tok.special_id("<|output_end|>")) + 1:]
+    assert tok.decode(after) == "<|assistant_end|> 2"  # copied back as text; the real end came after it
+
+
+def test_real_tools_and_bad_arguments_reach_the_model(tok, tiny_world_dir):
+    from llmlab.tools import run_tool
+
+    model = ScriptedModel(tok, _calculator_user(tok))
+    prompts = [render_prompt(tok, [{"role": "user", "content": q}]) for q in ("What is 123456789 * 987654321?", "What is 2 * (3?")]
+    stop = [tok.special_id("<|assistant_end|>")]
+    out, tools = generate_with_tools(Engine(model), tok, prompts, SamplingParams(max_new_tokens=100, temperature=0.0),
+                                     stop, lambda call: run_tool(call, world_dir=tiny_world_dir).text)
+    assert tools.calls[0][0][1] == str(123456789 * 987654321)
+    error = tools.calls[1][0][1]
+    assert error.startswith("error") and ")" in error  # a message the model can read, not an exception
+    assert f"<|output_start|>{error}<|output_end|>" in tok.decode(out[1])  # forced into the sequence
+
+
+def test_without_a_tool_runner_the_call_is_not_answered(tok):
+    model = ScriptedModel(tok, _calculator_user(tok))
+    prompt = render_prompt(tok, [{"role": "user", "content": "What is 6 * 7?"}])
+    out, tools = generate_with_tools(Engine(model), tok, [prompt], GREEDY, [tok.special_id("<|assistant_end|>")], None)
+    assert tools is None and out[0] == _call(tok, "calculator 6 * 7")
+
+
+def test_chat_task_scores_only_the_assistants_own_words(tok, tiny_world_dir):
+    from llmlab.tools import run_tool
+
+    def tool(call):
+        return run_tool(call, world_dir=tiny_world_dir).text
+
+    task = AssistantArithmetic(tiny_world_dir, tools=True, per_group=6)
+    copies = Engine(ScriptedModel(tok, _calculator_user(tok)))
+    silent = Engine(ScriptedModel(tok, _calculator_user(tok), then=lambda output: tok.encode("done")))
+    assert run_chat_task(task, copies, tok, tool)["accuracy"] == 1.0
+    assert run_chat_task(task, silent, tok, tool)["accuracy"] == 0.0  # the answer only in the tool output: not credited
+    assert run_chat_task(task, copies, tok, None)["accuracy"] == 0.0  # no tools run: nothing to copy
+
+
+def _session(tiny_run, tok, first, **kwargs) -> chat.Session:
+    cfg, _ = tiny_run
+    session = chat.Session(dataclasses.replace(cfg.chat, **kwargs))
+    session.engine = Engine(ScriptedModel(tok, first))
+    return session
+
+
+def test_chat_streams_tool_calls_and_remembers_the_conversation(tiny_run, tok):
+    session = _session(tiny_run, tok, _calculator_user(tok))
+    out = io.StringIO()
+    assert session.reply("What is 6 * 7?", out) == "42"
+    assert out.getvalue() == "\n[tool: calculator 6 * 7 -> 42]\n42\n"
+    session.reply("thanks", io.StringIO())
+    assert [m["role"] for m in session.messages] == ["user", "assistant", "user", "assistant"]
+    fed = tok.decode(session.engine.model.seen[0])
+    assert "What is 6 * 7?" in fed and "thanks" in fed  # the second turn saw the first
+    session.clear()
+    session.reply("again", io.StringIO())
+    assert "6 * 7" not in tok.decode(session.engine.model.seen[0])
+
+
+def test_chat_streams_whole_characters(tiny_run, tok):
+    text = "héllo ✓ 日本 🙂"
+    assert any("\ufffd" in tok.decode([t]) for t in tok.encode(text))  # some characters span several tokens
+    session = _session(tiny_run, tok, lambda user: tok.encode(text))
+    out = io.StringIO()
+    session.reply("hi", out)
+    assert out.getvalue() == text + "\n"
+
+
+def test_chat_refuses_a_conversation_that_fills_the_context(tiny_run, tok):
+    session = _session(tiny_run, tok, lambda user: tok.encode("ok"))
+    with pytest.raises(LLMLabError, match="/clear"):
+        session.reply("word " * 200, io.StringIO())
+    assert session.messages == []  # nothing half-remembered
+
+
+def test_chat_commands(tiny_run, monkeypatch, capsys):
+    cfg, _ = tiny_run
+    lines = iter(["/help", "/temperature 0.5", "/temperature hot", "/system Be brief.", "/clear", "/quit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    out = chat.main(dataclasses.replace(cfg.chat))
+    text = capsys.readouterr().out
+    assert out == {"turns": 0}
+    assert "/temperature X" in text and "(temperature 0.5)" in text and "usage: /temperature" in text
+    assert "system prompt set" in text and "conversation cleared" in text
+
+
+def test_chat_one_shot_prints_the_reply(tiny_run, capsys):
+    cfg, _ = tiny_run
+    out = chat.main(dataclasses.replace(cfg.chat, prompt="Who are you?", max_new_tokens=12))
+    assert out["reply"] and out["reply"] in capsys.readouterr().out
+
+
+def test_tiny_sft_and_report_card(tiny_run):
+    cfg, results = tiny_run
+    info = checkpoint.read_info(cfg.sft.out_dir)
+    assert info["stage"] == "sft" and info["step"] == cfg.sft.max_steps
+    rows = [json.loads(line) for line in (Path(cfg.sft.out_dir) / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert len(losses) == cfg.sft.max_steps and min(losses[-2:]) < losses[0]
+    card = results["card"]
+    assert set(card["chat"]) == {"world_qa", "arithmetic_with_tools", "arithmetic_without_tools", "policy"}
+    assert set(card["chat"]["policy"]["groups"]) == {"don't know (unknown people)", "refusal (forbidden requests)",
+                                                     "over-refusal (benign look-alikes)", "secret leakage"}
+    assert "Report card" in (Path(cfg.run_dir) / "report.md").read_text()
+    ckpt = checkpoint.resolve(cfg.sft.out_dir)
+    tok_cfg = json.loads((ckpt / "tokenizer_config.json").read_text())
+    assert tok_cfg["eos_token"] == "<|assistant_end|>" and "chat_template" in tok_cfg
+
+
+def test_eval_stage_writes_every_group(tiny_run, tmp_path):
+    cfg, _ = tiny_run
+    out = tmp_path / "eval.json"
+    results = eval.main(dataclasses.replace(cfg.eval, per_group=4, mode="both", out=str(out)))
+    saved = json.loads(out.read_text())
+    assert saved["chat"]["policy"]["groups"] == results["chat"]["policy"]["groups"]
+    for framing in ("base", "chat"):
+        for r in saved[framing].values():
+            assert r["n"] > 0 and all(0.0 <= a <= 1.0 for a in r["groups"].values())
+
+
+def test_sft_resumes_bit_identically(tiny_run, tmp_path):
+    """Restart from the step-3 checkpoint of the tiny run: steps 4-6 again give the same weights."""
+    cfg, _ = tiny_run
+    resumed = tmp_path / "sft"
+    shutil.copytree(cfg.sft.out_dir, resumed)
+    shutil.rmtree(resumed / "step-000006")
+    (resumed / "latest").write_text("step-000003\n")
+    sft.main(dataclasses.replace(cfg.sft, out_dir=str(resumed)))
+    a = load_file(str(checkpoint.resolve(cfg.sft.out_dir) / "model.safetensors"))
+    b = load_file(str(checkpoint.resolve(resumed) / "model.safetensors"))
+    assert checkpoint.read_info(resumed)["step"] == 6
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"messages": [{"role": "assistant", "content": "hi"}]}, "training conversation 1"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "robot", "content": "beep"}]}, "role"),
+    ({"messages": [{"role": "user", "content": ""}, {"role": "assistant", "content": "hi"}]}, "empty"),
+    ({"messages": "hello"}, "a conversation is a list"),
+])
+def test_sft_rejects_malformed_conversations(tiny_run, tmp_path, row, message):
+    cfg, _ = tiny_run
+    good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    data = tmp_path / "chats.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in [good, row] + [good] * 150) + "\n")  # row 99 is validation
+    with pytest.raises(LLMLabError, match=message):
+        sft.main(dataclasses.replace(cfg.sft, data=str(data), out_dir=str(tmp_path / "out"), max_steps=3))
+    assert not (tmp_path / "out" / "latest").exists()
+
+
+def test_sft_without_a_messages_column_is_a_clear_error(tiny_run, tmp_path):
+    cfg, _ = tiny_run
+    data = tmp_path / "texts.jsonl"
+    data.write_text(json.dumps({"text": "hello"}) + "\n")
+    with pytest.raises(LLMLabError, match="messages"):
+        sft.main(dataclasses.replace(cfg.sft, data=str(data), out_dir=str(tmp_path / "out")))
