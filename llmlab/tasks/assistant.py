@@ -141,7 +141,7 @@ def run_chat_task(task: ChatTask, engine: Engine, tokenizer: Tokenizer, run_tool
             scores[example.group].append(s)
             if sum(smp["group"] == example.group for smp in samples) < 1:  # one example per group
                 calls = tools.calls[row] if tools is not None else []
-                samples.append({"group": example.group, "prompt": example.prompt, "reply": tokenizer.decode([t for t in ids if t >= len(SPECIAL_TOKENS)]),
+                samples.append({"group": example.group, "prompt": example.prompt, "reply": own,
                                 "tool_calls": calls, "answer": example.answer, "score": s})
     everything = [s for group in scores.values() for s in group]
     return {"task": task.name, "accuracy": sum(everything) / max(len(everything), 1), "n": len(everything),
