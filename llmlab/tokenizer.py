@@ -93,6 +93,9 @@ class Tokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=False)
 
+    def stream_decoder(self) -> "StreamDecoder":
+        return StreamDecoder(self)
+
     def token_bytes(self) -> np.ndarray:
         """UTF-8 length in bytes of every token's text (0 for special tokens), indexed by id."""
         out = np.zeros(self.vocab_size, dtype=np.int64)
@@ -141,3 +144,25 @@ def bytes_per_token(tokenizer: Tokenizer, texts: Iterable[str]) -> float:
     n_tokens = sum(len(ids) for ids in tokenizer.encode_batch(texts))
     n_bytes = sum(len(t.encode("utf-8")) for t in texts)
     return n_bytes / max(n_tokens, 1)
+
+
+class StreamDecoder:
+    """Text of tokens as they arrive, in whole characters: a character whose UTF-8 bytes span several tokens is
+    held back until its last byte arrives (decoding token by token would print replacement characters)."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer, self.pending = tokenizer, []
+
+    def push(self, token: int) -> str:
+        """The text that `token` completes ("" while a character is still incomplete)."""
+        self.pending.append(token)
+        text = self.tokenizer.decode(self.pending)
+        if text.endswith("\ufffd"):
+            return ""
+        self.pending = []
+        return text
+
+    def flush(self) -> str:
+        """Whatever is held back (an incomplete character decodes to replacement characters)."""
+        text, self.pending = self.tokenizer.decode(self.pending), []
+        return text

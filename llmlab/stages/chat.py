@@ -76,23 +76,18 @@ class Session:
                                 top_k=self.cfg.top_k, seed=self.cfg.seed + self.turns)
         tools = ToolCalls(self.tok, 1, self.run_tool) if self.cfg.tools else None
         ids: list[int] = []
-        pending: list[int] = []  # tokens of a character whose UTF-8 bytes are not complete yet
+        text_out = self.tok.stream_decoder()
         for tokens, _ in self.engine.steps([prompt], params, choose=tools):
             t = int(tokens[0])
             if t == self.end or t == self.tok.bos_id:
                 break
             ids.append(t)
             if t < len(SPECIAL_TOKENS):  # tool calls and outputs, shown as [tool: call -> result]
-                out.write(self.tok.decode(pending) + TOOL_MARKS.get(SPECIAL_TOKENS[t], ""))
-                pending = []
+                out.write(text_out.flush() + TOOL_MARKS.get(SPECIAL_TOKENS[t], ""))
             else:
-                pending.append(t)
-                text = self.tok.decode(pending)
-                if not text.endswith("\ufffd"):
-                    out.write(text)
-                    pending = []
+                out.write(text_out.push(t))
             out.flush()
-        out.write(self.tok.decode(pending) + "\n")
+        out.write(text_out.flush() + "\n")
         self.turns += 1
         # remembered: the assistant's words after its last tool output
         out_end = self.tok.special_id("<|output_end|>")

@@ -50,15 +50,15 @@ def main(cfg: Config) -> dict:
     completions: list[list[int]] = [[] for _ in range(cfg.num_samples)]
     if cfg.num_samples == 1:  # stream to the terminal as tokens arrive
         sys.stdout.write(prompt)
+        text_out = tokenizer.stream_decoder()
         for column in engine.stream([ids], params, stop_ids):
             token = column[0]
             if token is None or token in stop_ids:
                 break
             completions[0].append(token)
-            # decode the whole completion so multi-byte characters split over tokens print correctly
-            sys.stdout.write(tokenizer.decode(completions[0])[len(tokenizer.decode(completions[0][:-1])):])
+            sys.stdout.write(text_out.push(token))
             sys.stdout.flush()
-        sys.stdout.write("\n")
+        sys.stdout.write(text_out.flush() + "\n")
     else:
         completions = engine.generate([ids] * cfg.num_samples, params, stop_ids)
         for i, c in enumerate(completions):

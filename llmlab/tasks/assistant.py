@@ -139,7 +139,7 @@ def run_chat_task(task: ChatTask, engine: Engine, tokenizer: Tokenizer, run_tool
             own = tokenizer.decode([t for t in ids[last_output + 1:] if t >= len(SPECIAL_TOKENS)])  # the assistant's final words
             s = task.score(example, own)
             scores[example.group].append(s)
-            if sum(smp["group"] == example.group for smp in samples) < 1:  # one example per group
+            if all(smp["group"] != example.group for smp in samples):  # one example per group
                 calls = tools.calls[row] if tools is not None else []
                 samples.append({"group": example.group, "prompt": example.prompt, "reply": own,
                                 "tool_calls": calls, "answer": example.answer, "score": s})

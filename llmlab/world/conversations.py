@@ -92,9 +92,8 @@ def _values(world: World, person) -> dict:
 
 def _arithmetic(rng: random.Random, large: bool) -> tuple[str, str, str]:
     """(question, answer, calculator expression) with 1-3 or 4-6 digit operands."""
-    q, a, op, _ = arithmetic_problem(rng, 6 if large else 3, 4 if large else 1)
-    x, _, y = q[len("What is "):-1].partition(f" {op} ")
-    return q, a, f"{x} {op} {y}"
+    q, a, _, _ = arithmetic_problem(rng, 6 if large else 3, 4 if large else 1)
+    return q, a, q[len("What is "):-1]
 
 
 def conversation(world: World, kind: str, rng: random.Random, people: list, unknown: list[str]) -> list[dict]:
