@@ -28,6 +28,8 @@ STAGES: dict[str, tuple[str, str]] = {
     "eval": ("llmlab.stages.eval", "evaluate a checkpoint on the world's tasks (base and assistant framings)"),
     "chat": ("llmlab.stages.chat", "talk to an assistant in the terminal (streaming, tools, /help)"),
     "export": ("llmlab.stages.export", "export a checkpoint to Hugging Face, GGUF, a standalone run.py, or a tokenizer folder"),
+    "serve": ("llmlab.stages.serve", "serve a checkpoint: OpenAI-compatible API, web chat UI, feedback store"),
+    "feedback": ("llmlab.stages.feedback", "`llmlab feedback export`: the web UI's ratings, flags and comparisons as training data"),
     "speedrun": ("llmlab.stages.speedrun", "run every stage of a preset in order and write report.md"),
 }
 
@@ -124,6 +126,8 @@ def main(argv: list[str] | None = None) -> None:
         print("\n`llmlab <stage> --help` lists a stage's flags with their defaults.")
         return
     stage, rest = argv[0], argv[1:]
+    if rest and not rest[0].startswith("-"):  # `llmlab feedback export`: a leading word is the stage's action
+        rest = ["--action", rest[0], *rest[1:]]
     if stage not in STAGES:
         sys.stderr.write(f"error: unknown stage {stage!r}; choose one of {', '.join(STAGES)}\n")
         sys.exit(2)

@@ -53,6 +53,12 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.G
     """
     if params.temperature == 0.0:
         return logits.argmax(dim=-1)
+    return sample_with_uniform(logits, params, torch.rand(logits.size(0), 1, generator=generator, device=logits.device))
+
+
+def sample_with_uniform(logits: torch.Tensor, params: SamplingParams, u: torch.Tensor) -> torch.Tensor:
+    """`sample_next` at temperature > 0 with its uniform numbers given, u (B, 1) in [0, 1): rows that draw
+    from their own generators (the scheduler's requests) are then sampled in one batch."""
     logits = logits.float() / params.temperature
     if 0 < params.top_k < logits.size(-1):
         logits, candidates = torch.topk(logits, params.top_k, dim=-1)  # sorted, descending
@@ -64,7 +70,7 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.G
     if params.top_p < 1.0:  # candidates are sorted: drop a token once the tokens before it reach top_p
         probs = probs.masked_fill(probs.cumsum(dim=-1) - probs >= params.top_p, 0.0)
     cdf = probs.cumsum(dim=-1)
-    u = torch.rand(cdf.size(0), 1, generator=generator, device=cdf.device) * cdf[:, -1:]
+    u = u * cdf[:, -1:]
     choice = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.size(-1) - 1)
     while True:  # never land on a zero-probability token (u at a plateau's edge, or rounding at the top)
         bad = probs.gather(-1, choice) == 0

@@ -14,7 +14,7 @@ from typing import Callable
 from llmlab.errors import LLMLabError
 from llmlab.model import GPTConfig
 from llmlab.optim import OptimConfig
-from llmlab.stages import chat, eval, pretrain, sample, sft, speedrun, tokenizer, world
+from llmlab.stages import chat, eval, feedback, pretrain, sample, serve, sft, speedrun, tokenizer, world
 
 
 def _pipeline(run: str, world_cfg: world.Config, vocab_size: int, model: GPTConfig, **pretrain_kwargs) -> speedrun.Config:
@@ -31,6 +31,9 @@ def _pipeline(run: str, world_cfg: world.Config, vocab_size: int, model: GPTConf
         sft=sft.Config(base=str(run_dir / "base"), data=str(run_dir / "world"), out_dir=str(run_dir / "sft")),
         eval=eval.Config(checkpoint=str(run_dir / "sft"), world=str(run_dir / "world")),
         chat=chat.Config(checkpoint=str(run_dir / "sft"), world=str(run_dir / "world")),
+        serve=serve.Config(checkpoint=str(run_dir / "sft"), world=str(run_dir / "world"),
+                           db=str(run_dir / "feedback.db")),
+        feedback=feedback.Config(db=str(run_dir / "feedback.db"), out_dir=str(run_dir / "feedback")),
     )
 
 

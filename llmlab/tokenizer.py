@@ -96,6 +96,16 @@ class Tokenizer:
     def stream_decoder(self) -> "StreamDecoder":
         return StreamDecoder(self)
 
+    def token_text(self, token: int) -> str:
+        """One token as text, as OpenAI's logprobs show it: its text, or "bytes:\\xNN..." when it holds part of a
+        multi-byte character (so that distinct tokens never share a key)."""
+        text = self.decode([token])
+        if "\ufffd" not in text or token < len(SPECIAL_TOKENS):
+            return text
+        byte_of = {ch: b for b, ch in _bytes_to_unicode().items()}
+        raw = bytes(byte_of[ch] for ch in self.hf.id_to_token(token))
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+
     def token_bytes(self) -> np.ndarray:
         """UTF-8 length in bytes of every token's text (0 for special tokens), indexed by id."""
         out = np.zeros(self.vocab_size, dtype=np.int64)

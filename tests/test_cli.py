@@ -52,3 +52,15 @@ def test_bad_invocations_fail_with_one_line(args, message):
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], out.stderr
+
+
+def test_serve_and_feedback_follow_the_run_directory_and_take_an_action_word():
+    cfg = cli.stage_config("serve", ["--preset", "tiny", "--run", "/tmp/r", "--port", "9999"])
+    assert (cfg.checkpoint, cfg.db, cfg.world, cfg.port) == ("/tmp/r/sft", "/tmp/r/feedback.db", "/tmp/r/world", 9999)
+    out = run_cli("feedback", "export", "--preset", "tiny", "--run", "/tmp/llmlab-no-such-run", "--print-config")
+    assert out.returncode == 0 and json.loads(out.stdout)["action"] == "export"
+    assert json.loads(out.stdout)["db"] == "/tmp/llmlab-no-such-run/feedback.db"
+    out = run_cli("feedback", "export", "--db", "/tmp/llmlab-no-such.db")
+    assert out.returncode == 2 and "no feedback store" in out.stderr and "Traceback" not in out.stderr
+    out = run_cli("serve", "--host", "0.0.0.0", "--checkpoint", "/nonexistent")
+    assert out.returncode == 2 and "api_key" in out.stderr

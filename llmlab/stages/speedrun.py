@@ -18,7 +18,7 @@ from llmlab import checkpoint, dist
 from llmlab.config import to_dict
 from llmlab.engine import Engine, SamplingParams
 from llmlab.errors import LLMLabError
-from llmlab.stages import chat, eval, pretrain, sample, sft, tokenizer, world
+from llmlab.stages import chat, eval, feedback, pretrain, sample, serve, sft, tokenizer, world
 
 
 @dataclass
@@ -39,6 +39,10 @@ class Config:
     """the evaluation of the assistant"""
     chat: chat.Config = field(default_factory=chat.Config)
     """settings of `llmlab chat` for this run"""
+    serve: serve.Config = field(default_factory=serve.Config)
+    """settings of `llmlab serve` for this run (not run by the speedrun)"""
+    feedback: feedback.Config = field(default_factory=feedback.Config)
+    """settings of `llmlab feedback` for this run (not run by the speedrun)"""
     assistant: bool = False
     """also fine-tune the assistant (sft) and evaluate it beside the base model (the report card)"""
     eval_questions: int = 200

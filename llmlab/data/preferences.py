@@ -1,0 +1,98 @@
+"""Preference pairs: a prompt and two answers to it, one preferred, read from JSONL (TRL's conversational format).
+
+One JSON object per line (other keys, such as "source" or "model", are ignored):
+
+    {"prompt":   [{"role": "user", "content": "What is 2*3?"}],
+     "chosen":   [{"role": "assistant", "content": "6"}],
+     "rejected": [{"role": "assistant", "content": "5"}]}
+
+The prompt is a valid conversation (llmlab.chat.validate) that ends with a user message; chosen and rejected
+are the assistant's continuations of it. `llmlab feedback export` writes such files from the web chat's
+ratings, corrections and comparisons (llmlab.server.store).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from llmlab.chat import validate
+from llmlab.checkpoint import _write_bytes
+from llmlab.errors import LLMLabError
+
+KEYS = ("prompt", "chosen", "rejected")
+
+
+@dataclass
+class PreferencePair:
+    prompt: list[dict]
+    """the conversation so far, ending with the user message being answered"""
+    chosen: list[dict]
+    """the preferred assistant message(s)"""
+    rejected: list[dict]
+    """the dispreferred assistant message(s)"""
+
+
+def _pair(row: object, where: str) -> PreferencePair:
+    """A checked PreferencePair from one parsed line; LLMLabError prefixed with `where` otherwise."""
+    if not isinstance(row, dict):
+        raise LLMLabError(f"{where}: expected a JSON object with {', '.join(KEYS)}, got {type(row).__name__}")
+    missing = [k for k in KEYS if k not in row]
+    if missing:
+        raise LLMLabError(f"{where}: missing key(s) {', '.join(missing)}: each line needs prompt, chosen and rejected")
+    prompt = row["prompt"]
+    try:
+        validate(prompt)
+    except LLMLabError as e:
+        raise LLMLabError(f"{where}, prompt: {e}") from None
+    if prompt[-1]["role"] != "user":
+        raise LLMLabError(f"{where}: the prompt ends with a {prompt[-1]['role']} message: it must end with the user "
+                          f"message that chosen and rejected answer")
+    for key in ("chosen", "rejected"):
+        answer = row[key]
+        if not isinstance(answer, list) or not answer:
+            raise LLMLabError(f"{where}: {key} must be a non-empty list of assistant messages, got {answer!r}")
+        if any(not isinstance(m, dict) or m.get("role") != "assistant" for m in answer):
+            raise LLMLabError(f"{where}: {key} must hold assistant messages only, e.g. "
+                              f"[{{'role': 'assistant', 'content': '...'}}]")
+        try:
+            validate(prompt + answer)
+        except LLMLabError as e:
+            raise LLMLabError(f"{where}, {key}: {e}") from None
+    return PreferencePair(prompt=prompt, chosen=row["chosen"], rejected=row["rejected"])
+
+
+def load_preference_pairs(path: str | Path) -> list[PreferencePair]:
+    """Every pair of a JSONL file (blank lines skipped); an LLMLabError naming the file and line otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise LLMLabError(f"no preference pairs at {path}: export them with `llmlab feedback export` or give the "
+                          f"path of a JSONL file")
+    pairs = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}, line {n}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise LLMLabError(f"{where}: not valid JSON ({e.msg} at column {e.colno}): write one JSON object "
+                                  f"per line") from None
+            pairs.append(_pair(row, where))
+    if not pairs:
+        raise LLMLabError(f"{path} holds no preference pairs: rate, flag or compare answers in `llmlab serve` "
+                          f"and export again")
+    return pairs
+
+
+def write_jsonl(path: str | Path, rows: list[dict]) -> Path:
+    """Write one JSON object per line atomically (temporary sibling, fsync, rename): a reader never sees half a
+    file, and a killed writer leaves the previous file in place."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    _write_bytes(tmp, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode())
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,124 @@
+"""Helpers for tests that need a live server: a small random-weight assistant checkpoint and a uvicorn server
+on a free loopback port in a background thread."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from llmlab import checkpoint
+from llmlab.model import GPT, GPTConfig, KVCache
+from llmlab.tokenizer import Tokenizer, train_tokenizer
+
+TEXT = ("Ada Lovelace was born in London. The capital of France is Paris. What is 12 * 34? It is 408. "
+        "I don't know who that is. Hello! How can I help you today? ") * 20
+
+
+def make_tokenizer(out_dir: str | Path, vocab_size: int = 400) -> Path:
+    """A small byte-level BPE trained on a paragraph, saved to out_dir/tokenizer.json."""
+    return train_tokenizer([TEXT], vocab_size).save(out_dir)
+
+
+def make_checkpoint(tokenizer_dir: str | Path, out_dir: str | Path, context_len: int = 128, seed: int = 0) -> Path:
+    """A random-weight model with the tokenizer of `tokenizer_dir`, saved as a checkpoint (fast: no training)."""
+    tok = Tokenizer.load(tokenizer_dir)
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, n_layer=2, d_model=32, n_head=2, n_kv_head=1,
+                          context_len=context_len, qk_norm=True))
+    model.init_weights()
+    return checkpoint.save_checkpoint(out_dir, 0, model, tokenizer_path=tokenizer_dir, meta={"stage": "test"})
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LiveServer:
+    """uvicorn serving `app` on 127.0.0.1 in a daemon thread: `url`, `stop()`."""
+
+    def __init__(self, app, port: int | None = None):
+        import uvicorn
+
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the test server did not start")
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+class ScriptModel(torch.nn.Module):
+    """A fake model for the scheduler: all probability on `script(sequence)`, the next token of the row's whole
+    sequence so far. It keeps each row's tokens in the KV cache itself (the token id as the key), so it sees
+    exactly what the scheduler's cache holds for that row: prefill copies, row moves and per-row lengths."""
+
+    def __init__(self, vocab_size: int, script, context_len: int = 128):
+        super().__init__()
+        self.config = GPTConfig(vocab_size=vocab_size, n_layer=1, d_model=8, n_head=1, n_kv_head=1,
+                                context_len=context_len)
+        self.anchor = torch.nn.Parameter(torch.zeros(1))  # the scheduler reads device and dtype from parameters
+        self.script = script
+
+    def forward(self, ids: torch.Tensor, kv_cache=None) -> torch.Tensor:
+        B, T = ids.shape
+        logits = torch.full((B, T, self.config.vocab_size), -1e9)
+        if kv_cache is None:
+            seqs = ids.tolist()
+            for row in range(B):
+                for t in range(T):
+                    logits[row, t, self.script(seqs[row][: t + 1])] = 0.0
+            return logits
+        if isinstance(kv_cache, KVCache):  # a (left-padded) prefill: row r's tokens start at its pad length
+            pads = kv_cache.pad_lens.tolist() if kv_cache.pad_lens is not None else [0] * B
+            spans = [(pad, kv_cache.length + T) for pad in pads]
+        else:  # the scheduler's SlotKVCache: row r's tokens are 0..lengths[r] + T
+            spans = [(0, int(n) + T) for n in kv_cache.lengths[:B]]
+        keys = ids.float()[:, None, :, None].expand(B, 1, T, 8)
+        keys, _ = kv_cache.update(0, keys, keys)
+        kv_cache.advance(T)
+        for row, (start, end) in enumerate(spans):
+            seq = keys[row, 0, start:end, 0].long().tolist()
+            logits[row, -1, self.script(seq)] = 0.0
+        return logits
+
+
+def calculator_script(tok: Tokenizer):
+    """An assistant that sends "What is EXPR?" to the calculator, then says "It is RESULT." and stops; any other
+    question gets "Hello there. Fine." (token by token, so stop sequences can cut it)."""
+    sp = tok.special_id
+    start, end = sp("<|assistant_start|>"), sp("<|assistant_end|>")
+    out_start, out_end = sp("<|output_start|>"), sp("<|output_end|>")
+
+    def script(seq: list[int]) -> int:
+        if start not in seq:
+            return tok.bos_id
+        at = len(seq) - 1 - seq[::-1].index(start)
+        turn = seq[at + 1:]
+        user = tok.decode(seq[seq.index(sp("<|user_start|>")) + 1: seq.index(sp("<|user_end|>"))])
+        if out_end in turn:
+            result = tok.decode(turn[turn.index(out_start) + 1: turn.index(out_end)])
+            plan = tok.encode(f" It is {result}.") + [end]
+            written = turn[turn.index(out_end) + 1:]
+        elif user.startswith("What is "):
+            plan = [sp("<|tool_start|>")] + tok.encode("calculator " + user[len("What is "):].rstrip("?")) + \
+                [sp("<|tool_end|>")]
+            written = turn
+        else:
+            plan, written = tok.encode(" Hello there. Fine.") + [end], turn
+        return plan[len(written)] if len(written) < len(plan) else end
+
+    return script

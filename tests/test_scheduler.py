@@ -1,0 +1,173 @@
+"""Continuous batching: requests that join and leave a running batch compute what they would alone."""
+
+import queue
+import threading
+import time
+
+import pytest
+import torch
+
+from llmlab.engine import Engine, SamplingParams, generate_naive
+from llmlab.errors import LLMLabError
+from llmlab.model import GPT, GPTConfig, KVCache
+from llmlab.scheduler import Event, Scheduler, SlotKVCache
+
+CFG = GPTConfig(vocab_size=97, n_layer=2, d_model=32, n_head=4, n_kv_head=2, context_len=64, qk_norm=True)
+
+
+def _model(seed=0) -> GPT:
+    torch.manual_seed(seed)
+    model = GPT(CFG)
+    model.init_weights(seed=seed)
+    with torch.no_grad():  # o_proj/down_proj start at zero: give every layer a say
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.add_(torch.randn_like(p) * 0.3)
+    return model.eval()
+
+
+class Collector:
+    """on_event callback that gathers a request's tokens, logprobs and finish reason."""
+
+    def __init__(self):
+        self.tokens, self.forced, self.logprobs, self.finish = [], [], [], None
+        self.done = threading.Event()
+
+    def __call__(self, event: Event) -> None:
+        if event.token is None:
+            self.finish = event.finish
+            self.done.set()
+        else:
+            self.tokens.append(event.token)
+            self.forced.append(event.forced)
+            if event.logprobs is not None:
+                self.logprobs.append(event.logprobs)
+
+    def wait(self, timeout=60):
+        assert self.done.wait(timeout), "request did not finish"
+        return self
+
+
+def test_slot_cache_rows_compute_what_they_would_alone():
+    """Three rows of different lengths decoded together through GPT.forward = each row alone."""
+    model = _model()
+    prompts = [[1, 2, 3], [5, 6, 7, 8, 9, 10, 11], [4]]
+    slots = SlotKVCache(CFG, 4)
+    for row, p in enumerate(prompts):
+        single = KVCache(CFG, 1, len(p))
+        model(torch.tensor([p]), single)
+        slots.insert(row, single)
+    slots.n = 3
+    nxt = torch.tensor([[20], [21], [22]])
+    batched = model(nxt, slots)[:, -1]
+    assert slots.lengths[:3].tolist() == [4, 8, 2]
+    for row, p in enumerate(prompts):
+        alone = model(torch.tensor([p + [20 + row]]))[0, -1]
+        torch.testing.assert_close(batched[row], alone, atol=1e-5, rtol=1e-5)
+
+
+def test_staggered_greedy_requests_match_the_engine():
+    """Requests arriving while others decode give the engine's greedy tokens, row by row."""
+    model = _model()
+    engine = Engine(model)
+    prompts = [[1, 2, 3, 4], [9, 8], [30, 31, 32, 33, 34, 35, 36], [50], [7, 7, 7]]
+    budgets = [20, 7, 15, 30, 3]
+    scheduler = Scheduler(model, tokenizer=None, max_batch=3)  # fewer rows than requests: some wait
+    try:
+        collectors = []
+        for p, n in zip(prompts, budgets):
+            c = Collector()
+            scheduler.submit(p, SamplingParams(max_new_tokens=n, temperature=0.0), c, logprobs=True)
+            collectors.append(c)
+            time.sleep(0.01)
+        for p, n, c in zip(prompts, budgets, collectors):
+            c.wait()
+            expected, logits = generate_naive(model, p, SamplingParams(max_new_tokens=n, temperature=0.0))
+            assert c.tokens == expected and c.finish == "length"
+            for lp, ref in zip(c.logprobs, logits):
+                torch.testing.assert_close(lp, torch.log_softmax(ref, -1), atol=1e-4, rtol=1e-4)
+        assert scheduler.active == 0
+        assert scheduler.batch_sizes_total > scheduler.steps  # rows really were batched
+    finally:
+        scheduler.shutdown()
+
+
+def test_stop_tokens_context_limit_and_seeded_sampling():
+    model = _model()
+    engine = Engine(model)
+    scheduler = Scheduler(model, tokenizer=None, max_batch=4)
+    try:
+        greedy = engine.generate([[1, 2, 3]], SamplingParams(max_new_tokens=10, temperature=0.0))[0]
+        stop = greedy[4]
+        c = Collector()
+        scheduler.submit([1, 2, 3], SamplingParams(max_new_tokens=10, temperature=0.0), c, stop_ids=[stop])
+        assert c.wait().finish == "stop" and c.tokens == greedy[: greedy.index(stop) + 1]
+
+        long_prompt = list(range(1, 60))  # 59 tokens of a 64-token context: 5 new tokens at most
+        c = Collector()
+        scheduler.submit(long_prompt, SamplingParams(max_new_tokens=50, temperature=0.0), c)
+        assert c.wait().finish == "length" and len(c.tokens) == 5
+
+        params = SamplingParams(max_new_tokens=12, temperature=1.0, top_k=20, seed=123)
+        a, b = Collector(), Collector()
+        scheduler.submit([4, 5], params, a)
+        scheduler.submit([4, 5], params, b)
+        assert a.wait().tokens == b.wait().tokens  # same seed, same tokens, whatever shares the batch
+        assert a.tokens == engine.generate([[4, 5]], params)[0]
+    finally:
+        scheduler.shutdown()
+
+
+def test_cancel_frees_the_row_and_others_continue():
+    model = _model()
+    scheduler = Scheduler(model, tokenizer=None, max_batch=1)
+    try:
+        events = queue.Queue()
+        handle = scheduler.submit([1, 2], SamplingParams(max_new_tokens=60, temperature=0.0), events.put)
+        events.get(timeout=30)  # it is running
+        waiting = Collector()
+        scheduler.submit([3, 4], SamplingParams(max_new_tokens=4, temperature=0.0), waiting)
+        handle.cancel()
+        while (event := events.get(timeout=30)).token is not None:
+            pass
+        assert event.finish == "cancelled"
+        assert waiting.wait().finish == "length" and len(waiting.tokens) == 4  # the freed row served it
+    finally:
+        scheduler.shutdown()
+
+
+def test_bad_prompts_fail_at_submit_and_a_failing_consumer_does_not_stop_the_loop():
+    model = _model()
+    scheduler = Scheduler(model, tokenizer=None, max_batch=2)
+    try:
+        with pytest.raises(LLMLabError, match="context"):
+            scheduler.submit(list(range(64)), SamplingParams(), lambda e: None)
+        with pytest.raises(LLMLabError, match="empty prompt"):
+            scheduler.submit([], SamplingParams(), lambda e: None)
+
+        def broken(event):
+            raise RuntimeError("client went away")
+
+        scheduler.submit([1, 2], SamplingParams(max_new_tokens=30, temperature=0.0), broken)
+        c = Collector()
+        scheduler.submit([5, 6], SamplingParams(max_new_tokens=5, temperature=0.0), c)
+        assert c.wait().finish == "length" and len(c.tokens) == 5
+        assert scheduler.call(lambda m: m.config.vocab_size).result(timeout=30) == 97
+    finally:
+        scheduler.shutdown()
+
+
+def test_min_new_tokens_masks_the_stop_tokens_until_reached():
+    model = _model()
+    engine = Engine(model)
+    greedy = engine.generate([[1, 2, 3]], SamplingParams(max_new_tokens=10, temperature=0.0))[0]
+    stop = greedy[1]
+    scheduler = Scheduler(model, tokenizer=None, max_batch=2)
+    try:
+        c = Collector()
+        scheduler.submit([1, 2, 3], SamplingParams(max_new_tokens=10, temperature=0.0), c, stop_ids=[stop],
+                         min_new_tokens=6)
+        c.wait()
+        assert stop not in c.tokens[:6] and c.tokens[0] == greedy[0]
+    finally:
+        scheduler.shutdown()

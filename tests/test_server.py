@@ -1,0 +1,367 @@
+"""`llmlab serve` with real clients: the official `openai` package, raw HTTP for the bad-input suite, streaming
+disconnects, API keys, concurrency through the continuous-batching scheduler, and the web UI's reply API."""
+
+import json
+import threading
+
+import httpx
+import openai
+import pytest
+import torch
+
+from llmlab.engine import Engine, SamplingParams
+from llmlab.errors import LLMLabError
+from llmlab.scheduler import Scheduler
+from llmlab.server.app import ServerConfig, create_app
+from llmlab.tokenizer import Tokenizer
+from serving import LiveServer, ScriptModel, calculator_script, make_checkpoint, make_tokenizer
+
+CONTEXT = 96
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    make_tokenizer(root / "tok")
+    ckpt = make_checkpoint(root / "tok", root / "ckpt", context_len=CONTEXT)
+    return root, ckpt
+
+
+def _start(files, name: str, **overrides):
+    root, ckpt = files
+    app = create_app(ServerConfig(checkpoint=str(ckpt), db=str(root / f"{name}.db"), model_name="test-model",
+                                  world=str(root / "no-world"), **overrides))
+    return app, LiveServer(app)
+
+
+@pytest.fixture(scope="module")
+def server(files):
+    app, live = _start(files, "main")
+    yield app.state.service, live
+    live.stop()
+
+
+@pytest.fixture(scope="module")
+def scripted(files):
+    """A server whose model is the calculator script (tool calls, known text)."""
+    app, live = _start(files, "scripted")
+    service = app.state.service
+    service.scheduler.shutdown()
+    service.scheduler = Scheduler(ScriptModel(service.tokenizer.vocab_size, calculator_script(service.tokenizer),
+                                              context_len=CONTEXT), service.tokenizer, max_batch=8)
+    yield service, live
+    live.stop()
+
+
+def _client(live, key="unused") -> openai.OpenAI:
+    return openai.OpenAI(base_url=live.url + "/v1", api_key=key, max_retries=0, timeout=60)
+
+
+def _chat_prompt(service, text):
+    from llmlab.chat import render_prompt
+
+    return render_prompt(service.tokenizer, [{"role": "user", "content": text}])
+
+
+# ---- the OpenAI API -------------------------------------------------------------------------------------------
+
+
+def test_chat_streaming_and_not_agree_with_the_engine(server):
+    service, live = server
+    client = _client(live)
+    assert [m.id for m in client.models.list().data] == ["test-model"]
+    messages = [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": [{"type": "text", "text": "Hello!"}]}]
+    full = client.chat.completions.create(model="test-model", messages=messages, temperature=0, max_tokens=12)
+    chunks = list(client.chat.completions.create(model="test-model", messages=messages, temperature=0,
+                                                 max_tokens=12, stream=True, stream_options={"include_usage": True}))
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == full.choices[0].message.content
+    assert full.choices[0].finish_reason == chunks[-2].choices[0].finish_reason == "length"  # random weights
+    assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens == 12
+    # the same tokens as the engine's greedy decode of the same prompt
+    prompt = service.chat_prompt([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello!"}])
+    assert full.usage.prompt_tokens == len(prompt)
+    ids = Engine(service.model).generate([prompt], SamplingParams(max_new_tokens=12, temperature=0.0))[0]
+    from llmlab.server.generation import ChoiceText
+    from llmlab.scheduler import Event
+
+    text = ChoiceText(service.tokenizer)
+    for t in ids:
+        text.push(Event(t))
+    text.push(Event(None, finish="length"))
+    assert text.content.strip() == full.choices[0].message.content
+
+
+def test_seeded_choices_are_reproducible(server):
+    _, live = server
+    client = _client(live)
+    kw = dict(model="test-model", messages=[{"role": "user", "content": "Tell me"}], temperature=1.0, max_tokens=10)
+    both = client.chat.completions.create(n=2, seed=7, **kw)
+    first = client.chat.completions.create(seed=7, **kw)
+    second = client.chat.completions.create(seed=8, **kw)
+    assert [c.message.content for c in both.choices] == [first.choices[0].message.content,
+                                                         second.choices[0].message.content]
+
+
+def test_completions_logprobs_and_echo_match_the_model(server):
+    service, live = server
+    client = _client(live)
+    tok = service.tokenizer
+    text = "Ada Lovelace was born in London."
+    scored = client.completions.create(model="test-model", prompt=text, max_tokens=0, echo=True, logprobs=3)
+    lp = scored.choices[0].logprobs
+    ids = [tok.bos_id] + tok.encode(text)
+    assert scored.choices[0].text == text and len(lp.tokens) == len(ids) and lp.token_logprobs[0] is None
+    with torch.no_grad():
+        ref = torch.log_softmax(service.model(torch.tensor([ids]))[0], -1)
+    expected = [float(ref[i - 1, ids[i]]) for i in range(1, len(ids))]
+    assert lp.token_logprobs[1:] == pytest.approx(expected, abs=1e-4)
+    assert all(len(top) == 3 and max(top.values()) >= v - 1e-6 for top, v in zip(lp.top_logprobs[1:], lp.token_logprobs[1:]))
+    # token-id prompts (what log-likelihood harnesses send) score the same
+    by_ids = client.completions.create(model="test-model", prompt=ids, max_tokens=0, echo=True, logprobs=0)
+    assert by_ids.choices[0].logprobs.token_logprobs[1:] == pytest.approx(expected, abs=1e-4)
+    # greedy generation with logprobs: each generated token is the argmax and carries its logprob
+    gen = client.completions.create(model="test-model", prompt=text, max_tokens=5, temperature=0, logprobs=1)
+    lps = gen.choices[0].logprobs
+    assert len(lps.tokens) == 5 and all(max(top.values()) == pytest.approx(v) for top, v in zip(lps.top_logprobs, lps.token_logprobs))
+    streamed = list(client.completions.create(model="test-model", prompt=text, max_tokens=5, temperature=0, stream=True))
+    assert "".join(c.choices[0].text for c in streamed) == gen.choices[0].text
+
+
+def test_tool_calls_run_in_the_engine_and_stop_sequences_cut(scripted):
+    _, live = scripted
+    client = _client(live)
+    a, b = 48213, 907
+    r = client.chat.completions.create(model="test-model", messages=[{"role": "user", "content": f"What is {a} * {b}?"}],
+                                       temperature=0)
+    message = r.choices[0].message
+    call = message.executed_tool_calls[0]
+    assert call["function"] == {"name": "calculator", "arguments": f"{a} * {b}"} and call["output"] == str(a * b)
+    assert message.content == f"It is {a * b}." and r.choices[0].finish_reason == "stop"
+    chunks = list(client.chat.completions.create(model="test-model", temperature=0, stream=True,
+                                                 messages=[{"role": "user", "content": f"What is {a} * {b}?"}]))
+    tools = [c.choices[0].delta.executed_tool_calls for c in chunks if c.choices and getattr(c.choices[0].delta, "executed_tool_calls", None)]
+    assert tools == [[{**call, "id": "call_0"}]]
+    # a stop sequence ends the answer before it, streaming or not
+    kw = dict(model="test-model", messages=[{"role": "user", "content": "Hi"}], temperature=0, stop=["re. F"])
+    assert client.chat.completions.create(**kw).choices[0].message.content == "Hello the"
+    chunks = list(client.chat.completions.create(stream=True, **kw))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Hello the"
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_concurrent_requests_share_decode_steps(scripted):
+    service, live = scripted
+    client = _client(live)
+    results, errors = [None] * 8, []
+
+    def ask(i):
+        try:
+            r = client.chat.completions.create(model="test-model", temperature=0,
+                                               messages=[{"role": "user", "content": f"What is {i} + {1000 * i}?"}])
+            results[i] = r.choices[0].message.content
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    before = (service.scheduler.steps, service.scheduler.batch_sizes_total)
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors and results == [f"It is {1001 * i}." for i in range(8)]
+    steps = service.scheduler.steps - before[0]
+    rows = service.scheduler.batch_sizes_total - before[1]
+    assert rows / steps > 1.5  # rows decoded per step: requests were batched, not served one at a time
+
+
+def test_client_disconnect_frees_its_row(server):
+    service, live = server
+    body = {"model": "test-model", "messages": [{"role": "user", "content": "Go"}], "stream": True,
+            "max_tokens": 80, "temperature": 1.0}
+    with httpx.Client(timeout=30) as http:
+        with http.stream("POST", live.url + "/v1/chat/completions", json=body) as response:
+            assert response.status_code == 200
+            next(response.iter_lines())
+    import time
+
+    deadline = time.monotonic() + 20
+    while service.scheduler.active and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert service.scheduler.active == 0
+    assert httpx.get(live.url + "/health").json()["status"] == "ok"
+
+
+def test_api_key(files):
+    with pytest.raises(LLMLabError, match="api_key"):
+        ServerConfig(host="0.0.0.0", api_key="")
+    app, live = _start(files, "keyed", api_key="s3cret")
+    try:
+        assert httpx.get(live.url + "/health").status_code == 200  # liveness stays public
+        assert httpx.get(live.url + "/").status_code in (200, 404)  # the page itself carries no data
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+            r = httpx.get(live.url + "/v1/models", headers=headers)
+            assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+        assert httpx.get(live.url + "/api/conversations").status_code == 401
+        with pytest.raises(openai.AuthenticationError):
+            _client(live, key="wrong").models.list()
+        assert _client(live, key="s3cret").models.list().data[0].id == "test-model"
+    finally:
+        live.stop()
+
+
+# ---- bad input: every case a 4xx with a message, never a 5xx, the server healthy after ----------------------
+
+LONG = "word " * 400  # far beyond a 96-token context
+CHAT = "/v1/chat/completions"
+
+
+def _chat(**kw):
+    return {"model": "test-model", "messages": [{"role": "user", "content": "Hi"}], **kw}
+
+
+BAD_REQUESTS = [
+    ("malformed JSON", "POST", CHAT, b'{"model": "test-model", "messages": [', 400),
+    ("not an object", "POST", CHAT, b'[1, 2, 3]', 422),
+    ("missing messages", "POST", CHAT, {"model": "test-model"}, 422),
+    ("empty messages", "POST", CHAT, _chat(messages=[]), 422),
+    ("messages not a list", "POST", CHAT, _chat(messages="Hi"), 422),
+    ("unknown role", "POST", CHAT, _chat(messages=[{"role": "wizard", "content": "Hi"}]), 422),
+    ("content of a wrong type", "POST", CHAT, _chat(messages=[{"role": "user", "content": 42}]), 422),
+    ("roles out of order", "POST", CHAT, _chat(messages=[{"role": "tool", "content": "5"}, {"role": "user", "content": "Hi"}]), 400),
+    ("ends with the assistant", "POST", CHAT, _chat(messages=[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]), 400),
+    ("unknown model", "POST", CHAT, _chat(model="gpt-9"), 404),
+    ("temperature a string", "POST", CHAT, _chat(temperature="hot"), 422),
+    ("temperature too high", "POST", CHAT, _chat(temperature=9), 422),
+    ("top_p zero", "POST", CHAT, _chat(top_p=0), 422),
+    ("negative max_tokens", "POST", CHAT, _chat(max_tokens=-5), 422),
+    ("huge max_tokens", "POST", CHAT, _chat(max_tokens=10**9), 400),
+    ("n zero", "POST", CHAT, _chat(n=0), 422),
+    ("huge n", "POST", CHAT, _chat(n=10**6), 400),
+    ("five stop sequences", "POST", CHAT, _chat(stop=["a", "b", "c", "d", "e"]), 422),
+    ("prompt beyond the context", "POST", CHAT, _chat(messages=[{"role": "user", "content": LONG}]), 400),
+    ("too many messages", "POST", CHAT, _chat(messages=[{"role": "user", "content": "Hi"}] * 300), 413),
+    ("too many characters", "POST", CHAT, _chat(messages=[{"role": "user", "content": "x" * 40_000}]), 413),
+    ("huge body", "POST", CHAT, b"{" + b" " * 2_000_000 + b"}", 413),
+    ("completion prompt beyond the context", "POST", "/v1/completions", {"model": "test-model", "prompt": LONG}, 400),
+    ("completion token ids out of range", "POST", "/v1/completions", {"model": "test-model", "prompt": [1, 10**7]}, 400),
+    ("completion empty prompt list", "POST", "/v1/completions", {"model": "test-model", "prompt": []}, 400),
+    ("too many logprobs", "POST", "/v1/completions", {"model": "test-model", "prompt": "a", "logprobs": 50}, 422),
+    ("unknown path", "POST", "/v1/engines", {}, 404),
+    ("wrong method", "GET", CHAT, None, 405),
+    ("unknown model card", "GET", "/v1/models/gpt-9", None, 404),
+    ("unknown conversation", "GET", "/api/conversations/999999", None, 404),
+    ("rating out of range", "POST", "/api/messages/1/rating", {"rating": 5}, 422),
+    ("flag without reason", "POST", "/api/messages/1/flag", {"reason": ""}, 422),
+]
+
+
+@pytest.mark.parametrize("name,method,path,body,status", BAD_REQUESTS, ids=[b[0] for b in BAD_REQUESTS])
+def test_bad_requests_get_a_clear_4xx(server, name, method, path, body, status):
+    _, live = server
+    kwargs = {"content": body, "headers": {"Content-Type": "application/json"}} if isinstance(body, bytes) else (
+        {"json": body} if body is not None else {})
+    r = httpx.request(method, live.url + path, timeout=30, **kwargs)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert error["message"] and error["type"]
+    assert httpx.get(live.url + "/health").json()["status"] == "ok"
+
+
+def test_busy_server_answers_429(files):
+    app, live = _start(files, "busy", max_waiting=1)
+    try:
+        r = httpx.post(live.url + CHAT, json=_chat(n=2, max_tokens=2))
+        assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limit_error"
+        assert httpx.post(live.url + CHAT, json=_chat(max_tokens=2)).status_code == 200
+    finally:
+        live.stop()
+
+
+# ---- the web UI's API ------------------------------------------------------------------------------------------
+
+
+def _events(live, cid, body) -> list[dict]:
+    with httpx.Client(timeout=60) as http:
+        r = http.post(f"{live.url}/api/conversations/{cid}/reply", json=body)
+        assert r.status_code == 200, r.text
+        lines = [line[len("data: "):] for line in r.text.splitlines() if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    return [json.loads(line) for line in lines[:-1]]
+
+
+def test_ui_reply_edit_regenerate_compare_and_feedback(scripted):
+    service, live = scripted
+    http = httpx.Client(base_url=live.url, timeout=60)
+    cid = http.post("/api/conversations", json={"title": "math"}).json()["id"]
+    events = _events(live, cid, {"content": "What is 12 * 12?", "temperature": 0})
+    assert events[0]["type"] == "user" and events[0]["message"]["content"] == "What is 12 * 12?"
+    assert {"type": "tool", "choice": 0, "call": "calculator 12 * 12", "result": "144"} in events
+    done = events[-1]
+    assert done["type"] == "done" and done["comparison_id"] is None
+    answer = done["messages"][0]
+    assert answer["content"] == "It is 144." and answer["settings"]["temperature"] == 0
+    assert answer["model"] == "test-model" and answer["tool_calls"] == [{"call": "calculator 12 * 12", "result": "144"}]
+    assert "".join(e["text"] for e in events if e["type"] == "delta") == "It is 144."
+
+    assert http.post(f"/api/messages/{answer['id']}/rating", json={"rating": -1}).json()["rating"] == -1
+    flagged = http.post(f"/api/messages/{answer['id']}/flag", json={"reason": "wrong", "correction": "144."}).json()
+    assert flagged["flags"][0]["correction"] == "144."
+    # edit the question: the old answer is dropped, a new one is stored
+    user_id = events[0]["message"]["id"]
+    events = _events(live, cid, {"content": "What is 2 * 3?", "edit_message_id": user_id, "temperature": 0})
+    assert events[-1]["messages"][0]["content"] == "It is 6."
+    messages = http.get(f"/api/conversations/{cid}").json()["messages"]
+    assert [m["content"] for m in messages] == ["What is 2 * 3?", "It is 6."]
+    # regenerate, then compare two answers and choose one
+    events = _events(live, cid, {"regenerate": True, "temperature": 0})
+    assert events[-1]["messages"][0]["content"] == "It is 6."
+    assert len(http.get(f"/api/conversations/{cid}").json()["messages"]) == 2
+    events = _events(live, cid, {"content": "How are you?", "compare": True, "temperature": 0})
+    a, b = events[-1]["messages"]
+    comparison = events[-1]["comparison_id"]
+    assert {e["choice"] for e in events if e["type"] == "delta"} == {0, 1}
+    chosen = http.post(f"/api/comparisons/{comparison}/choose", json={"message_id": b["id"]}).json()
+    assert chosen["chosen"] == b["id"]
+    messages = http.get(f"/api/conversations/{cid}").json()["messages"]
+    assert [m["id"] for m in messages][-1] == b["id"] and a["id"] not in [m["id"] for m in messages]
+    pairs = service.store.preference_pairs()
+    assert not any(p["source"] == "comparison" for p in pairs)  # the script answers alike: no preference in it
+    assert any(p["source"] == "correction" and p["chosen"][0]["content"] == "144." for p in pairs)
+    # bad UI requests
+    assert http.post(f"/api/conversations/{cid}/reply", json={"content": ""}).status_code == 400
+    assert http.post(f"/api/comparisons/{comparison}/choose", json={"message_id": 10**6}).status_code == 400
+    assert http.post(f"/api/messages/{user_id}/rating", json={"rating": 1}).status_code in (400, 404)
+    assert http.delete(f"/api/conversations/{cid}").json() == {"deleted": True}
+    assert http.get(f"/api/conversations/{cid}").status_code == 404
+
+
+def test_completions_end_at_the_end_token_and_keep_tool_text(scripted):
+    service, live = scripted
+    client = _client(live)
+    prompt = _chat_prompt(service, "Hi")  # token ids of a chat prompt: the script answers and ends its turn
+    r = client.completions.create(model="test-model", prompt=prompt, max_tokens=40, temperature=0, logprobs=0)
+    choice = r.choices[0]
+    assert choice.text == " Hello there. Fine." and choice.finish_reason == "stop"
+    assert "".join(choice.logprobs.tokens) == choice.text  # the end token is not part of the answer
+    # raw completions show everything the model wrote, tool calls included (they are not run here)
+    r = client.completions.create(model="test-model", prompt=_chat_prompt(service, "What is 2 * 3?"), max_tokens=40,
+                                  temperature=0)
+    assert r.choices[0].text == "calculator 2 * 3" and r.choices[0].finish_reason == "stop"
+
+
+def test_ui_refused_replies_change_nothing_and_undecided_comparisons_are_marked(scripted):
+    _, live = scripted
+    http = httpx.Client(base_url=live.url, timeout=60)
+    cid = http.post("/api/conversations", json={}).json()["id"]
+    _events(live, cid, {"content": "Hi", "temperature": 0})
+    before = http.get(f"/api/conversations/{cid}").json()["messages"]
+    for body in ({"content": "Hi again", "max_tokens": 10**6}, {"regenerate": True, "max_tokens": 10**6},
+                 {"content": LONG}, {"content": "Hi", "edit_message_id": before[0]["id"], "max_tokens": 10**6}):
+        r = http.post(f"/api/conversations/{cid}/reply", json=body)
+        assert r.status_code == 400, r.text
+        assert http.get(f"/api/conversations/{cid}").json()["messages"] == before
+    events = _events(live, cid, {"content": "Again?", "compare": True, "temperature": 0})
+    messages = http.get(f"/api/conversations/{cid}").json()["messages"]
+    assert [m["comparison_id"] for m in messages[-2:]] == [events[-1]["comparison_id"]] * 2
+    assert all(m["comparison_id"] is None for m in messages[:-2])
