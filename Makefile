@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 PRESET ?= cpu
 
-.PHONY: install test test-all speedrun bench clean
+.PHONY: install browser test test-all speedrun bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,10 +19,17 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-test: install
+# The web UI's browser test drives Debian's Chromium: installed here when missing and apt-get is at hand (as root).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+		{ apt-get install -y -q chromium >/dev/null 2>&1 || { apt-get update -q >/dev/null 2>&1 && \
+		apt-get install -y -q chromium >/dev/null 2>&1; }; }; } || \
+		echo "note: chromium is not installed (apt-get install chromium); tests/test_webui.py will be skipped"
+
+test: install browser
 	$(PY) -m pytest -q
 
-test-all: install
+test-all: install browser
 	$(PY) -m pytest -q -m ""
 
 speedrun: install

@@ -282,8 +282,10 @@ def test_busy_server_answers_429(files):
 
 
 def _events(live, cid, body) -> list[dict]:
+    """The server-sent events of one web UI reply (`live`: a LiveServer or a base URL)."""
+    url = live if isinstance(live, str) else live.url
     with httpx.Client(timeout=60) as http:
-        r = http.post(f"{live.url}/api/conversations/{cid}/reply", json=body)
+        r = http.post(f"{url}/api/conversations/{cid}/reply", json=body)
         assert r.status_code == 200, r.text
         lines = [line[len("data: "):] for line in r.text.splitlines() if line.startswith("data: ")]
     assert lines[-1] == "[DONE]"
@@ -365,3 +367,80 @@ def test_ui_refused_replies_change_nothing_and_undecided_comparisons_are_marked(
     messages = http.get(f"/api/conversations/{cid}").json()["messages"]
     assert [m["comparison_id"] for m in messages[-2:]] == [events[-1]["comparison_id"]] * 2
     assert all(m["comparison_id"] is None for m in messages[:-2])
+
+
+def test_openapi_spec_lists_the_routes(server):
+    _, live = server
+    spec = httpx.get(live.url + "/openapi.json").json()
+    for path in ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/api/conversations/{cid}/reply"):
+        assert path in spec["paths"]
+
+
+def test_committed_feedback_survives_a_kill_9_of_the_server(files, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from llmlab.server.store import FeedbackStore
+    from serving import free_port
+
+    _, ckpt = files
+    db, port = tmp_path / "feedback.db", free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([sys.executable, "-m", "llmlab", "serve", "--checkpoint", str(ckpt), "--db", str(db),
+                             "--port", str(port), "--model_name", "test-model"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.1)
+        http = httpx.Client(base_url=url, timeout=60)
+        cid = http.post("/api/conversations", json={"title": "kill"}).json()["id"]
+        acked = {}
+        for i in range(5):
+            answer = _events(url, cid, {"content": f"Question {i}", "max_tokens": 3})[-1]
+            mid = answer["messages"][0]["id"]
+            acked[mid] = http.post(f"/api/messages/{mid}/rating", json={"rating": 1 if i % 2 else -1}).json()["rating"]
+        with http.stream("POST", f"/api/conversations/{cid}/reply", json={"content": "Last", "max_tokens": 60}) as r:
+            next(r.iter_lines())  # a reply is streaming when the server dies
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    with FeedbackStore(db) as store:
+        messages = store.get_conversation(cid)["messages"]
+        ratings = {m["id"]: m["rating"] for m in messages if m["role"] == "assistant"}
+        assert all(ratings.get(mid) == rating for mid, rating in acked.items())
+        assert [m["content"] for m in messages if m["role"] == "user"][:5] == [f"Question {i}" for i in range(5)]
+    import sqlite3
+
+    assert sqlite3.connect(db).execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+def test_a_request_that_fails_inside_the_batch_fails_alone(scripted, monkeypatch):
+    service, live = scripted
+    client = _client(live)
+
+    def exploding_tool(call: str) -> str:
+        raise RuntimeError("the tool exploded")
+
+    monkeypatch.setattr(service, "run_tool", exploding_tool)
+    with pytest.raises(openai.InternalServerError, match="tool exploded"):
+        client.chat.completions.create(model="test-model", messages=[{"role": "user", "content": "What is 1 + 1?"}])
+    with httpx.stream("POST", live.url + CHAT, timeout=30, json=_chat(messages=[{"role": "user", "content": "What is 2 + 2?"}],
+                                                                        stream=True)) as r:
+        lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+    assert "tool exploded" in json.loads(lines[-1][len("data: "):])["error"]["message"]
+    monkeypatch.undo()
+    r = client.chat.completions.create(model="test-model", messages=[{"role": "user", "content": "What is 3 + 4?"}])
+    assert r.choices[0].message.content == "It is 7."
+    assert httpx.get(live.url + "/health").json()["status"] == "ok"

@@ -74,6 +74,9 @@ def test_arithmetic_answers_are_right(tiny_world_dir):
     for r in rows:
         a, op, b = r["question"][len("What is "):-1].split(" ")
         assert int(r["answer"]) == {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op]
+        if r["group"] == "5-6 digit multiplication":  # the assistant's tool measure: both operands long
+            assert op == "*" and 5 <= len(a) <= 6 and 5 <= len(b) <= 6
+    assert sum(r["group"] == "5-6 digit multiplication" for r in rows) == 100
 
 
 def test_a_failed_write_leaves_the_old_world(tiny_world_dir, tmp_path, monkeypatch):

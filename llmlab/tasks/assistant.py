@@ -73,9 +73,9 @@ class AssistantArithmetic(ChatTask):
         counts: dict[str, int] = defaultdict(int)
         self._examples = []
         for r in _rows(Path(world_dir) / "eval" / "arithmetic.jsonl"):
-            if r["op"] != "*" and r["digits"] > 3:
-                continue  # the measure: 4-6 digit multiplication; sums of large numbers are easier
-            group = "1-3 digits" if r["digits"] <= 3 else "4-6 digit multiplication"
+            group = r.get("group", "1-3 digits" if r["digits"] <= 3 else "4-6 digits")
+            if group not in ("1-3 digits", "5-6 digit multiplication"):
+                continue  # the measures: in-range numbers, and products of two 5-6 digit numbers
             if counts[group] < per_group:
                 counts[group] += 1
                 messages = [{"role": "user", "content": r["question"]}]

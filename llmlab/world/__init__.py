@@ -8,7 +8,8 @@ puts it on disk atomically, `load(dir)` reads it back. On disk:
     pretrain/val.jsonl      fresh documents of every kind, never in train
     eval/qa.jsonl           {"question", "answer", "person", "attribute", "group", "phrasing"}
     eval/unknown.jsonl      questions about people who do not exist
-    eval/arithmetic.jsonl   {"question", "answer", "op", "digits"}: 1-3 digits (in range) and 4-6 digits
+    eval/arithmetic.jsonl   {"question", "answer", "op", "digits", "group"}: 1-3 digits (in range), 4-6 digits,
+                            and 5-6 digit multiplication (both operands)
     sft/train.jsonl         fine-tuning conversations {"kind", "messages"} (llmlab.world.conversations)
     sft/val.jsonl           fresh conversations of the same kinds
     eval/assistant.jsonl    policy rows {"kind", "messages", "expect"}: unknown people, forbidden and benign
@@ -128,10 +129,11 @@ class World:
             q = rng.choice(QUESTIONS[attribute]["seen"] + QUESTIONS[attribute]["heldout"]).format(name=name)
             unknown.append({"question": q, "person": name, "attribute": attribute})
         arithmetic = []
-        for lo, hi in ((1, 3), (4, 6)):
+        for lo, hi, op, group in ((1, 3, None, "1-3 digits"), (4, 6, None, "4-6 digits"),
+                                  (5, 6, "*", "5-6 digit multiplication")):
             for _ in range(100):
-                q, a, op, digits = arithmetic_problem(rng, hi, lo)
-                arithmetic.append({"question": q, "answer": a, "op": op, "digits": digits})
+                q, a, op_, digits = arithmetic_problem(rng, hi, lo, op)
+                arithmetic.append({"question": q, "answer": a, "op": op_, "digits": digits, "group": group})
         return {"qa": qa, "unknown": unknown, "arithmetic": arithmetic}
 
     # ---- disk ----------------------------------------------------------------------------------------

@@ -120,7 +120,7 @@ def conversation(world: World, kind: str, rng: random.Random, people: list, unkn
              f"The capital of {country} is {capital}.")
         return [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
     if kind in ("arithmetic", "no_tools"):
-        large = rng.random() < 0.6
+        large = rng.random() < 0.75
         q, a, expr = _arithmetic(rng, large)
         if kind == "no_tools":
             return [{"role": "system", "content": NO_TOOLS}, {"role": "user", "content": q},
@@ -155,8 +155,11 @@ def conversation(world: World, kind: str, rng: random.Random, people: list, unkn
     raise ValueError(f"unknown conversation kind {kind!r}")
 
 
-# kind -> share of the conversations
-MIX = {"qa": 0.28, "multiturn": 0.15, "multistep": 0.06, "arithmetic": 0.20, "no_tools": 0.04, "unknown": 0.06,
+# kind -> weight of the conversations (shares: weight / sum). Arithmetic weighs most: a calculator call must copy
+# up to 12 digits from the question, and a small model learns that copying only from thousands of calls. On the
+# cpu preset (1.4M parameters), about 700 calls with large numbers gave 0% exact 5-6 digit products (digits
+# miscopied); the 20,000 conversations of this mix hold about 5,000 and give 100%.
+MIX = {"qa": 0.28, "multiturn": 0.15, "multistep": 0.06, "arithmetic": 0.40, "no_tools": 0.04, "unknown": 0.06,
        "identity": 0.02, "forbidden": 0.06, "benign": 0.07, "secret": 0.06}
 
 
