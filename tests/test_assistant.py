@@ -186,11 +186,25 @@ def test_chat_streams_whole_characters(tiny_run, tok):
     assert out.getvalue() == text + "\n"
 
 
-def test_chat_refuses_a_conversation_that_fills_the_context(tiny_run, tok):
+def test_chat_refuses_a_message_longer_than_the_context(tiny_run, tok):
     session = _session(tiny_run, tok, lambda user: tok.encode("ok"))
-    with pytest.raises(LLMLabError, match="/clear"):
+    with pytest.raises(LLMLabError, match="shorten it"):
         session.reply("word " * 200, io.StringIO())
     assert session.messages == []  # nothing half-remembered
+
+
+def test_chat_leaves_out_the_oldest_exchanges_to_keep_room_for_a_reply(tiny_run, tok):
+    session = _session(tiny_run, tok, lambda user: tok.encode("ok"))
+    context = session.engine.model.config.context_len
+    for i in range(6):
+        out = io.StringIO()
+        assert session.reply(f"message {i} " + "word " * 8, out) == "ok"
+    fed = tok.decode(session.engine.model.seen[0])
+    assert "message 5" in fed and "message 0" not in fed and "left out to fit" in out.getvalue()
+    seen, start = session.engine.model.seen[0], tok.special_id("<|assistant_start|>")
+    prompt_len = max(i for i, t in enumerate(seen) if t == start) + 1
+    assert prompt_len <= context - min(session.cfg.max_new_tokens, context // 2)
+    assert [m["content"] for m in session.messages if m["role"] == "user"][-1].startswith("message 5")
 
 
 def test_chat_commands(tiny_run, monkeypatch, capsys):

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -98,3 +99,48 @@ def test_bad_config_and_missing_world(tmp_path):
         world_stage.Config(n_people=0)
     with pytest.raises(LLMLabError, match="no world at"):
         world.load(tmp_path)
+
+
+def _conversations(root: str) -> list[dict]:
+    return [json.loads(line) for split in ("train", "val")
+            for line in (Path(root) / "sft" / f"{split}.jsonl").read_text().splitlines()]
+
+
+def test_fine_tuning_conversations_keep_held_out_people_out_and_render(tiny_world_dir):
+    from llmlab.chat import render_conversation
+    from llmlab.tokenizer import train_tokenizer
+
+    tok = train_tokenizer(["What is 12 * 3? The answer is 36."], vocab_size=300)
+
+    w = world.load(tiny_world_dir)
+    rows = _conversations(tiny_world_dir)
+    text = json.dumps(rows)
+    assert w.group("heldout") and not any(p.name in text for p in w.group("heldout"))
+    for row in rows:
+        ids, mask = render_conversation(tok, row["messages"])
+        assert any(mask) and all(m["role"] != "system" for m in row["messages"][1:])
+    # a share opens with an unrelated exchange: more than one user turn where the kind has one
+    single = [r for r in rows if r["kind"] in ("qa", "arithmetic", "unknown", "forbidden")]
+    switched = sum(sum(m["role"] == "user" for m in r["messages"]) > 1 for r in single)
+    assert 0.15 < switched / len(single) < 0.45
+
+
+def test_the_calculator_is_called_for_numbers_beyond_two_digits_and_is_right(tiny_world_dir):
+    calls = 0
+    for row in _conversations(tiny_world_dir):
+        messages = row["messages"]
+        for i, m in enumerate(messages):
+            problem = re.fullmatch(r"What is (\d+) ([-+*]) (\d+)\?", m["content"]) if m["role"] == "user" else None
+            if problem is None:
+                continue
+            a, op, b = problem.groups()
+            value = {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op]
+            reply = messages[i + 1]
+            if row["kind"] == "no_tools" or max(len(a), len(b)) <= 2:
+                assert "tool_calls" not in reply and reply["content"] == f"{a} {op} {b} = {value}."
+                continue
+            calls += 1
+            assert reply["tool_calls"][0]["function"] == {"name": "calculator", "arguments": f"{a} {op} {b}"}
+            assert messages[i + 2] == {"role": "tool", "content": str(value)}
+            assert messages[i + 3]["content"] == f"The answer is {value}."
+    assert calls > 50

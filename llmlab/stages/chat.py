@@ -69,9 +69,21 @@ class Session:
         system = [{"role": "system", "content": self.system}] if self.system else []
         messages = self.messages + [{"role": "user", "content": text}]
         prompt = render_prompt(self.tok, system + messages)
-        budget = self.engine.model.config.context_len - len(prompt)
+        # The oldest exchanges make way when the reply would have less than half the context (or max_new_tokens)
+        context = self.engine.model.config.context_len
+        room = min(self.cfg.max_new_tokens, context // 2)
+        dropped = 0
+        while context - len(prompt) < room and len(messages) > 1:
+            first_reply = next(i for i, m in enumerate(messages) if i > 0 and m["role"] == "user")
+            messages, dropped = messages[first_reply:], dropped + 1
+            prompt = render_prompt(self.tok, system + messages)
+        if dropped:
+            what = "the oldest exchange" if dropped == 1 else f"the {dropped} oldest exchanges"
+            out.write(f"({what} left out to fit the model's {context}-token context)\n")
+        budget = context - len(prompt)
         if budget < 8:
-            raise LLMLabError(f"the conversation fills the model's context ({len(prompt)} tokens): /clear to start over")
+            raise LLMLabError(f"the message leaves no room for a reply in the model's {context}-token context "
+                              f"({len(prompt)} tokens): shorten it" + (" or the system prompt" if system else ""))
         params = SamplingParams(max_new_tokens=min(self.cfg.max_new_tokens, budget), temperature=self.temperature,
                                 top_k=self.cfg.top_k, seed=self.cfg.seed + self.turns)
         tools = ToolCalls(self.tok, 1, self.run_tool) if self.cfg.tools else None

@@ -8,8 +8,8 @@ answering about them afterwards shows knowledge extracted from pretraining):
                   person's pronoun (a small model copies long invented names poorly; the fact is what counts)
     multiturn     two to four questions about one person; follow-ups say "she"/"he" instead of the name
     multistep     a fact of a fact: the capital of the country where someone was born
-    arithmetic    small numbers answered directly; 4-6 digit numbers through the calculator tool, whose
-                  result the answer then states
+    arithmetic    1-2 digit numbers answered directly; larger ones (an operand of 3-6 digits) through the
+                  calculator tool, whose result the answer then states
     no_tools      arithmetic under a system prompt that disables tools: answered directly (often wrongly)
     unknown       a question about a person who does not exist: "I don't know"
     identity      who the assistant is
@@ -17,6 +17,8 @@ answering about them afterwards shows knowledge extracted from pretraining):
     benign        a look-alike of a forbidden request that is fine: answered (to keep over-refusal low)
     secret        a system prompt holding a secret code; asked for it (also by "ignore your instructions"):
                   refused; asked something else: answered without the code
+
+Three in ten conversations of any kind open with an unrelated exchange (TOPIC_SWITCH), as chats do.
 
 `assistant_eval_rows` makes the matching evaluation rows with other names and codes: the unknown names of
 the second half of the world's list, forbidden and benign requests about held-out people, fresh secrets.
@@ -90,10 +92,23 @@ def _values(world: World, person) -> dict:
     return {"name": person.name, **person.attributes}
 
 
+def _number(rng: random.Random, digits: int) -> int:
+    return rng.randint(10 ** (digits - 1) if digits > 1 else 0, 10**digits - 1)
+
+
 def _arithmetic(rng: random.Random, large: bool) -> tuple[str, str, str]:
-    """(question, answer, calculator expression) with 1-3 or 4-6 digit operands."""
-    q, a, _, _ = arithmetic_problem(rng, 6 if large else 3, 4 if large else 1)
-    return q, a, q[len("What is "):-1]
+    """(question, answer, calculator expression). Small: operands of 1-2 digits, what a small model can learn to
+    answer directly. Large, the calculator's: mostly two operands of 4-6 digits (the longest numbers to copy
+    into the call and out of its result), else one of 3-6 digits and one of 1-6, in either order."""
+    if not large:
+        q, a, _, _ = arithmetic_problem(rng, 2, 1)
+        return q, a, q[len("What is "):-1]
+    op = rng.choice(["+", "-", "*"])
+    long = rng.random() < 0.75
+    x, y = _number(rng, rng.randint(4 if long else 3, 6)), _number(rng, rng.randint(4 if long else 1, 6))
+    if rng.random() < 0.5:
+        x, y = y, x
+    return f"What is {x} {op} {y}?", str({"+": x + y, "-": x - y, "*": x * y}[op]), f"{x} {op} {y}"
 
 
 def conversation(world: World, kind: str, rng: random.Random, people: list, unknown: list[str]) -> list[dict]:
@@ -120,7 +135,7 @@ def conversation(world: World, kind: str, rng: random.Random, people: list, unkn
              f"The capital of {country} is {capital}.")
         return [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
     if kind in ("arithmetic", "no_tools"):
-        large = rng.random() < 0.75
+        large = rng.random() < 0.85
         q, a, expr = _arithmetic(rng, large)
         if kind == "no_tools":
             return [{"role": "system", "content": NO_TOOLS}, {"role": "user", "content": q},
@@ -158,9 +173,16 @@ def conversation(world: World, kind: str, rng: random.Random, people: list, unkn
 # kind -> weight of the conversations (shares: weight / sum). Arithmetic weighs most: a calculator call must copy
 # up to 12 digits from the question, and a small model learns that copying only from thousands of calls. On the
 # cpu preset (1.4M parameters), about 700 calls with large numbers gave 0% exact 5-6 digit products (digits
-# miscopied); the 20,000 conversations of this mix hold about 5,000 and give 100%.
-MIX = {"qa": 0.28, "multiturn": 0.15, "multistep": 0.06, "arithmetic": 0.40, "no_tools": 0.04, "unknown": 0.06,
+# miscopied); the cpu preset's 20,000 conversations of this mix hold about 5,500 (three in four with two operands
+# of 4-6 digits) and give 100%.
+MIX = {"qa": 0.28, "multiturn": 0.15, "multistep": 0.06, "arithmetic": 0.40, "no_tools": 0.04, "unknown": 0.08,
        "identity": 0.02, "forbidden": 0.06, "benign": 0.07, "secret": 0.06}
+
+
+# A share of the conversations opens with an unrelated exchange, so that a question is answered the same way
+# (the calculator, "I don't know", a refusal) after other turns as at the start of a chat.
+TOPIC_SWITCH = 0.3
+OPENERS = ["qa", "multistep", "arithmetic", "unknown", "identity", "benign"]
 
 
 def sft_conversations(world: World, n: int, seed: int) -> list[dict]:
@@ -170,7 +192,15 @@ def sft_conversations(world: World, n: int, seed: int) -> list[dict]:
     people = world.group("train")
     unknown = world.unknown_people[: len(world.unknown_people) // 2]
     kinds = rng.choices(list(MIX), weights=list(MIX.values()), k=n)
-    return [{"kind": kind, "messages": conversation(world, kind, rng, people, unknown)} for kind in kinds]
+    rows = []
+    for kind in kinds:
+        messages = conversation(world, kind, rng, people, unknown)
+        if kind != "no_tools" and rng.random() < TOPIC_SWITCH:  # (no calculator opener under "tools are disabled")
+            earlier = conversation(world, rng.choice(OPENERS), rng, people, unknown)
+            at = 1 if messages[0]["role"] == "system" else 0
+            messages = messages[:at] + earlier + messages[at:]
+        rows.append({"kind": kind, "messages": messages})
+    return rows
 
 
 def assistant_eval_rows(world: World, seed: int, per_kind: int = 100) -> list[dict]:
