@@ -5,6 +5,7 @@ llmlab: `pip install llama-cpp-python`, which compiles llama.cpp), and decodes g
 prompt ids in both engines, for a fixed number of tokens (no stop token). Also checks that llama.cpp tokenizes
 the prompt text as llmlab does (the "qwen2" pre-tokenizer named in the file). Timed: the whole generate call
 (prefill of the short prompt included); tokens/s = new tokens / seconds, median over rounds, runs alternating.
+llmlab runs eager and compiled (`Engine(compile=True)`, as in B2).
 
     python bench/b5_llamacpp.py                                   # runs/cpu/sft
     python bench/b5_llamacpp.py --checkpoint runs/cpu/base --prompt "Q: Where was" --new_tokens 64
@@ -59,10 +60,13 @@ def main() -> None:
     same_tokenization = llm.tokenize(args.prompt.encode(), add_bos=False, special=False) == prompt[1:]
     print(f"  llama.cpp tokenizes the prompt as llmlab: {same_tokenization}")
 
-    engine = Engine(model)
+    engine, compiled = Engine(model), Engine(model, compile=True)
 
     def run_llmlab() -> list[int]:
         return engine.generate([prompt], params)[0]
+
+    def run_llmlab_compiled() -> list[int]:
+        return compiled.generate([prompt], params)[0]
 
     def run_llama_cpp() -> list[int]:
         llm.reset()  # no reuse of the previous round's KV cache
@@ -73,11 +77,12 @@ def main() -> None:
                 break
         return out
 
-    contenders = {"llmlab": run_llmlab, "llama.cpp": run_llama_cpp}
-    outputs = {name: fn() for name, fn in contenders.items()}  # warm-up
+    contenders = {"llmlab": run_llmlab, "llmlab_compiled": run_llmlab_compiled, "llama.cpp": run_llama_cpp}
+    outputs = {name: fn() for name, fn in contenders.items()}  # warm-up (and torch.compile's one-off compile)
     ours, theirs = outputs["llmlab"], outputs["llama.cpp"]
     equal = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
-    print(f"  greedy tokens equal for the first {equal}/{new_tokens}")
+    print(f"  greedy tokens equal for the first {equal}/{new_tokens} "
+          f"(llmlab compiled: {'the same tokens' if outputs['llmlab_compiled'] == ours else 'OTHER TOKENS'})")
     print(f"  llmlab:    {tok.decode(outputs['llmlab'])!r}")
     print(f"  llama.cpp: {tok.decode(outputs['llama.cpp'])!r}")
 
@@ -88,9 +93,9 @@ def main() -> None:
             fn()
             times[name].append(time.perf_counter() - t0)
     tok_s = {name: new_tokens / statistics.median(t) for name, t in times.items()}
-    print(f"\n{'':12}{'tokens/s (median)':>18}")
+    print(f"\n{'':16}{'tokens/s (median)':>18}{'llama.cpp / this':>18}")
     for name, rate in tok_s.items():
-        print(f"{name:12}{rate:18.0f}")
+        print(f"{name:16}{rate:18.0f}{tok_s['llama.cpp'] / rate:17.1f}x")
     if args.json:
         result = {"tokens_equal": equal, "new_tokens": new_tokens, "same_tokenization": same_tokenization,
                   **{f"{name}_tok_s": rate for name, rate in tok_s.items()}, "seconds": times, "args": vars(args)}
