@@ -326,10 +326,15 @@ class ToolCalls:
     `<|output_end|>`; then the row samples again. `forced[row]` marks which of the row's tokens were forced
     (masked from losses later, e.g. in RL). Special tokens are ids, so text in a tool's output that looks like
     a special token stays text.
+
+    With `defer=True` a finished call is not run here: its text waits in `ready[row]` until the caller runs the
+    tool elsewhere and hands the result to `deliver(row, result)` (the serving scheduler does this, so that a
+    slow tool does not hold up the other rows of its batch).
     """
 
-    def __init__(self, tokenizer, batch_size: int, run_tool: Callable[[str], str]):
-        self.tok, self.run_tool = tokenizer, run_tool
+    def __init__(self, tokenizer, batch_size: int, run_tool: Callable[[str], str] | None, defer: bool = False):
+        self.tok, self.run_tool, self.defer = tokenizer, run_tool, defer
+        self.ready: list[str | None] = [None] * batch_size  # deferred calls awaiting their result
         self.start, self.end = tokenizer.special_id("<|tool_start|>"), tokenizer.special_id("<|tool_end|>")
         self.out_start, self.out_end = tokenizer.special_id("<|output_start|>"), tokenizer.special_id("<|output_end|>")
         self.call: list[list[int] | None] = [None] * batch_size  # tokens of the call being written
@@ -349,13 +354,20 @@ class ToolCalls:
                 self.call[row] = []
             elif token == self.end and self.call[row] is not None:
                 text = self.tok.decode(self.call[row]).strip()
-                result = self.run_tool(text)
-                self.calls[row].append((text, result))
-                self.queue[row] = [self.out_start] + self.tok.encode(result) + [self.out_end]
-                self.call[row] = None
+                self.call[row], self.ready[row] = None, text
+                if not self.defer:
+                    self.deliver(row, self.run_tool(text))
             elif self.call[row] is not None:
                 self.call[row].append(token)
         return torch.tensor(out, dtype=sampled.dtype, device=sampled.device)
+
+    def deliver(self, row: int, result: str) -> None:
+        """The result of the row's finished call (`ready[row]`): its tokens are forced next."""
+        text, self.ready[row] = self.ready[row], None
+        if text is None:
+            raise LLMLabError(f"deliver: row {row} has no finished tool call")
+        self.calls[row].append((text, result))
+        self.queue[row] = [self.out_start] + self.tok.encode(result) + [self.out_end]
 
 
 def generate_with_tools(engine: Engine, tokenizer, prompts: Sequence[Sequence[int]], params: SamplingParams,

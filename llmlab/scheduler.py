@@ -4,10 +4,15 @@ A server cannot wait for a batch to finish before it starts the next request, an
 at a time leaves most of the machine idle (a decode step of 32 rows costs a few times one row's, not 32
 times). `Scheduler` runs one background thread that owns the model. Each step it admits waiting requests
 (prefilled one at a time into a free row of a `SlotKVCache`), decodes one token for every active row at once,
-samples each row with its own settings and generator, runs tool calls (llmlab.engine.ToolCalls, one per row),
-and hands each row's token to its request's callback. A row leaves the batch when it stops (a stop token,
-its token budget, a full context, or `cancel()`); the last row moves into the freed one, so the active rows
-are always rows 0..n-1 and every step works on views, never copies, of the cache.
+samples each row with its own settings and generator, and hands each row's token to its request's callback.
+A row leaves the batch when it stops (a stop token, its token budget, a full context, or `cancel()`); the
+last row moves into the freed one, so the active rows are always rows 0..n-1 and every step works on views,
+never copies, of the cache.
+
+Tool calls (llmlab.engine.ToolCalls, one per row) run in a thread pool, not in the scheduler's thread: a row
+whose call is complete is parked (its keys and values copied out, its row freed) while the tool runs, and
+rejoins the batch with its cache restored when the result is in, ahead of new requests. A sandboxed `python`
+call may take seconds; the other rows keep decoding meanwhile.
 
 Rows have different lengths, so `SlotKVCache` keeps a length per row and masks each row's keys beyond it;
 every row computes what it would alone (tests/test_scheduler.py checks greedy tokens and logits against
@@ -18,7 +23,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -84,6 +89,17 @@ class SlotKVCache:
         self.v[:, row, :, :L] = cache.v[:, source_row, :, pad:pad + L]
         self.lengths[row] = L
 
+    def take(self, row: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A copy of the row's keys and values, (n_layer, Hkv, length, D) each, for `put` later."""
+        L = int(self.lengths[row])
+        return self.k[:, row, :, :L].clone(), self.v[:, row, :, :L].clone()
+
+    def put(self, row: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Restore keys and values taken from a row (`take`) into `row`."""
+        L = k.size(2)
+        self.k[:, row, :, :L], self.v[:, row, :, :L] = k, v
+        self.lengths[row] = L
+
     def move(self, src: int, dst: int) -> None:
         """Copy row src into row dst (to fill a hole left by a finished row)."""
         L = int(self.lengths[src])
@@ -121,6 +137,7 @@ class _Request:
     produced: int = 0
     next_token: int = 0  # the token to feed at the next step
     cancelled: threading.Event = field(default_factory=threading.Event)
+    parked: tuple | None = None  # (keys, values, tool Future) while its tool call runs outside the batch
 
 
 class Handle:
@@ -142,7 +159,7 @@ class Scheduler:
     prompts) and returns a Future.
     """
 
-    def __init__(self, model: GPT, tokenizer, max_batch: int = 32):
+    def __init__(self, model: GPT, tokenizer, max_batch: int = 32, tool_workers: int = 4):
         if max_batch < 1:
             raise LLMLabError(f"max_batch must be >= 1 (got {max_batch})")
         self.model = model.eval()
@@ -153,6 +170,9 @@ class Scheduler:
         self.cache = SlotKVCache(model.config, max_batch, dtype=dtype, device=device)
         self.rows: list[_Request] = []  # active requests, row i = rows[i]
         self._waiting: queue.Queue = queue.Queue()
+        self._tools = ThreadPoolExecutor(max_workers=tool_workers, thread_name_prefix="llmlab-tool")
+        self._parked: dict[int, _Request] = {}  # id -> request whose tool call is running (scheduler thread only)
+        self._resumed: queue.Queue = queue.Queue()  # parked requests whose tool call is done
         self._wake = threading.Event()
         self._stop = threading.Event()
         self.steps = 0  # decode steps run (for monitoring)
@@ -190,10 +210,16 @@ class Scheduler:
     def waiting(self) -> int:
         return self._waiting.qsize()
 
+    @property
+    def parked(self) -> int:
+        """Requests waiting for a tool call, out of the batch."""
+        return len(self._parked)
+
     def shutdown(self) -> None:
         self._stop.set()
         self._wake.set()
         self._thread.join(timeout=30)
+        self._tools.shutdown(wait=False, cancel_futures=True)
 
     # ---- the loop --------------------------------------------------------------------------------------
 
@@ -201,7 +227,7 @@ class Scheduler:
         with torch.inference_mode():
             while not self._stop.is_set():
                 self._admit()
-                if not self.rows:
+                if not self.rows:  # idle, or every request waits for its tool
                     self._wake.wait(timeout=0.5)
                     self._wake.clear()
                     continue
@@ -211,7 +237,7 @@ class Scheduler:
                     for request in self.rows:
                         self._emit(request, Event(None, finish=f"error: {e}"))
                     self.rows, self.cache.n = [], 0
-            for request in self.rows:
+            for request in self.rows + list(self._parked.values()):
                 self._emit(request, Event(None, finish="cancelled"))
             while not self._waiting.empty():  # requests that never started
                 item = self._waiting.get_nowait()
@@ -221,7 +247,10 @@ class Scheduler:
                     self._emit(item, Event(None, finish="cancelled"))
 
     def _admit(self) -> None:
-        """Run queued calls; start waiting requests while rows are free, prefilled together in one forward."""
+        """Run queued calls; bring back requests whose tool call is done, then start waiting requests while rows
+        are free, prefilled together in one forward."""
+        while len(self.rows) < self.max_batch and not self._resumed.empty():
+            self._resume(self._resumed.get_nowait())
         starting: list[_Request] = []
         while len(self.rows) + len(starting) < self.max_batch:
             try:
@@ -256,7 +285,7 @@ class Scheduler:
             return False
         request.generator = _generator(request.params, self.device)
         if request.run_tool is not None:
-            request.tools = ToolCalls(self.tokenizer, 1, request.run_tool)
+            request.tools = ToolCalls(self.tokenizer, 1, request.run_tool, defer=True)
         return True
 
     def _start(self, requests: list[_Request]) -> None:
@@ -314,14 +343,14 @@ class Scheduler:
         want_logprobs = [i for i, r in enumerate(requests) if r.logprobs]
         logprobs = dict(zip(want_logprobs, torch.log_softmax(logits[want_logprobs].float(), dim=-1))) \
             if want_logprobs else {}
-        finished = []
+        finished = []  # (row, finish reason; None: parked for its tool call)
         for i, (row, request, t) in enumerate(zip(rows, requests, tokens.tolist())):
             if request.cancelled.is_set():
                 finished.append((row, "cancelled"))
                 continue
             forced = False
             if request.tools is not None:
-                try:  # a tool that raised ends this request alone
+                try:  # a broken call (the state machine raised) ends this request alone
                     t = int(request.tools(torch.tensor([t]))[0])
                     forced = request.tools.forced[0][-1]
                 except Exception as e:
@@ -335,10 +364,16 @@ class Scheduler:
                 finished.append((row, "stop"))
             elif request.budget <= 0:
                 finished.append((row, "length"))
+            elif request.tools is not None and request.tools.ready[0] is not None:
+                finished.append((row, None))
         for row, reason in sorted(finished, reverse=True):  # highest row first: moves never touch a retired row
-            self._retire(row, reason)
+            if reason is None:
+                self._park(row)
+            else:
+                self._retire(row, reason)
 
-    def _retire(self, row: int, reason: str) -> None:
+    def _remove(self, row: int) -> _Request:
+        """Take a request out of the batch; the last row moves into its place."""
         request = self.rows[row]
         last = len(self.rows) - 1
         if row != last:
@@ -346,7 +381,42 @@ class Scheduler:
             self.rows[row] = self.rows[last]
         self.rows.pop()
         self.cache.n = len(self.rows)
-        self._emit(request, Event(None, finish=reason))
+        return request
+
+    def _retire(self, row: int, reason: str) -> None:
+        self._emit(self._remove(row), Event(None, finish=reason))
+
+    def _park(self, row: int) -> None:
+        """Out of the batch while its tool call runs in the pool; `_resume` brings it back."""
+        k, v = self.cache.take(row)
+        request = self._remove(row)
+        future = self._tools.submit(request.run_tool, request.tools.ready[0])
+        request.parked = (k, v, future)
+        self._parked[id(request)] = request
+
+        def done(_):
+            self._resumed.put(request)
+            self._wake.set()
+
+        future.add_done_callback(done)
+
+    def _resume(self, request: _Request) -> None:
+        """Back into a free row with its cache restored, the tool's output to be forced next."""
+        self._parked.pop(id(request), None)
+        k, v, future = request.parked
+        request.parked = None
+        if request.cancelled.is_set():
+            self._emit(request, Event(None, finish="cancelled"))
+            return
+        try:
+            request.tools.deliver(0, future.result())
+        except Exception as e:  # a tool that raised ends this request alone
+            self._emit(request, Event(None, finish=f"error: {type(e).__name__}: {e}"))
+            return
+        row = len(self.rows)
+        self.cache.put(row, k, v)
+        self.rows.append(request)
+        self.cache.n = len(self.rows)
 
     @staticmethod
     def _emit(request: _Request, event: Event) -> None:

@@ -171,3 +171,52 @@ def test_min_new_tokens_masks_the_stop_tokens_until_reached():
         assert stop not in c.tokens[:6] and c.tokens[0] == greedy[0]
     finally:
         scheduler.shutdown()
+
+
+def test_a_slow_tool_call_waits_outside_the_batch(tmp_path):
+    """While one request's tool runs (blocked here until released), the others keep decoding; the parked
+    request then rejoins with its cache restored and ends as it would have alone."""
+    from serving import ScriptModel, calculator_script, make_tokenizer
+
+    from llmlab.chat import render_prompt
+    from llmlab.engine import generate_with_tools
+    from llmlab.tokenizer import Tokenizer
+    from llmlab.tools import run_tool
+
+    tok = Tokenizer.load(make_tokenizer(tmp_path))
+    model = ScriptModel(tok.vocab_size, calculator_script(tok))
+    end = tok.special_id("<|assistant_end|>")
+    calculate = lambda call: run_tool(call).text  # noqa: E731
+    release, calls = threading.Event(), []
+
+    def slow_calculator(call: str) -> str:
+        calls.append(call)
+        assert release.wait(30), "never released"
+        return calculate(call)
+
+    params = SamplingParams(max_new_tokens=40, temperature=0.0)
+    asks = {q: render_prompt(tok, [{"role": "user", "content": q}]) for q in ("What is 6 * 7?", "Hi", "What is 2 + 3?")}
+    scheduler = Scheduler(model, tok, max_batch=2)
+    try:
+        slow = Collector()
+        scheduler.submit(asks["What is 6 * 7?"], params, slow, stop_ids=[end], run_tool=slow_calculator)
+        deadline = time.monotonic() + 30
+        while scheduler.parked == 0:
+            assert time.monotonic() < deadline and not slow.done.is_set()
+            time.sleep(0.01)
+        others = [Collector(), Collector()]  # both rows free for them: the parked request holds none
+        scheduler.submit(asks["Hi"], params, others[0], stop_ids=[end])
+        scheduler.submit(asks["What is 2 + 3?"], params, others[1], stop_ids=[end], run_tool=calculate)
+        assert others[0].wait().finish == "stop" and others[1].wait().finish == "stop"
+        assert not slow.done.is_set() and calls == ["calculator 6 * 7"]
+        release.set()
+        assert slow.wait().finish == "stop"
+    finally:
+        release.set()
+        scheduler.shutdown()
+    engine = Engine(model)
+    for question, got in zip(asks, [slow, *others]):
+        expected, tools = generate_with_tools(engine, tok, [asks[question]], params, [end], calculate)
+        assert got.tokens[:-1] == expected[0] and got.tokens[-1] == end
+        assert got.forced[:-1] == tools.forced[0][: len(expected[0])]
+    assert "It is 42." in tok.decode(slow.tokens) and "It is 5." in tok.decode(others[1].tokens)

@@ -1,6 +1,6 @@
 """The FastAPI app of `llmlab serve`: an OpenAI-compatible API, the web chat UI and its feedback store.
 
-    GET  /health                    liveness and load (active rows, waiting requests, mean batch)
+    GET  /health                    liveness and load (active rows, waiting requests, tool calls running, mean batch)
     GET  /v1/models                 the one model served
     POST /v1/chat/completions       chat, streaming (SSE) or not; the engine runs the assistant's tool calls
     POST /v1/completions            raw text completion with logprobs and echo (log-likelihood evaluators)
@@ -280,7 +280,7 @@ def create_app(cfg: ServerConfig) -> FastAPI:
     def health() -> dict:
         s = service.scheduler
         return {"status": "ok", "model": service.name, "active": s.active, "waiting": s.waiting,
-                "steps": s.steps, "mean_batch": round(s.batch_sizes_total / s.steps, 2) if s.steps else 0.0}
+                "in_tools": s.parked, "steps": s.steps, "mean_batch": round(s.batch_sizes_total / s.steps, 2) if s.steps else 0.0}
 
     @app.get("/v1/models")
     def models() -> dict:
