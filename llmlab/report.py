@@ -47,6 +47,8 @@ def _card_rows(card: dict) -> list[tuple[str, float | None, float | None]]:
     """(measure, base, assistant) for every row of the report card; None where a framing does not apply."""
     base, chat = card["base"], card["chat"]
     rows = [(f"world QA: {g}", base["world_qa"]["groups"].get(g), a) for g, a in chat["world_qa"]["groups"].items()]
+    rows += [(f"world QA: {g}: {trait}", None, rate) for g, ts in chat["world_qa"].get("traits", {}).items()
+             for trait, rate in ts.items()]
     rows += [(f"arithmetic, {g} (Q:/A:)", a, None) for g, a in base["arithmetic"]["groups"].items()]
     for name in ("arithmetic_with_tools", "arithmetic_without_tools"):
         rows += [(f"arithmetic, {g}, {name.split('_', 1)[1].replace('_', ' ')}", None, a)
@@ -130,7 +132,9 @@ def write_report(run_dir: Path, results: dict, cfg) -> Path:
         sections += report_card(results["card"])
         sections += [f"![report card]({plot_card(results['card'], run_dir / 'card.png').name})", ""]
     secs = results["seconds"]
-    sections += ["", "## Time", "", _table(["stage", "seconds"], [[k, f"{v:.1f}"] for k, v in secs.items()]), ""]
+    earlier = set(results.get("earlier", []))
+    rows = [[k, f"{v:.1f}" + (" (an earlier invocation)" if k in earlier else "")] for k, v in secs.items()]
+    sections += ["", "## Time", "", _table(["stage", "seconds"], rows), ""]
     path = run_dir / "report.md"
     path.write_text("\n".join(sections))
     return path

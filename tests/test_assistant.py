@@ -163,6 +163,25 @@ def _session(tiny_run, tok, first, **kwargs) -> chat.Session:
     return session
 
 
+def test_qa_task_counts_dont_know_apart_from_wrong_answers(tok, tiny_world_dir):
+    from llmlab import world
+    from llmlab.tasks.assistant import AssistantQA
+
+    w = world.load(tiny_world_dir)
+    heldout = [p.name for p in w.group("heldout")]
+    task = AssistantQA(tiny_world_dir, per_group=8)
+    answers = {e.prompt: e.answer for e in task.examples()}
+
+    def reply(user: str) -> list[int]:  # "I don't know" about held-out people, the right answer about the rest
+        return tok.encode("I don't know who that is." if any(n in user for n in heldout) else f"It is {answers[user]}.")
+
+    result = run_chat_task(task, Engine(ScriptedModel(tok, reply)), tok, None)
+    held = "held-out people (bios only)"
+    assert result["groups"][held] == 0.0 and result["traits"][held] == {"says I don't know": 1.0}
+    others = [g for g in result["groups"] if g != held]
+    assert others and all(result["groups"][g] == 1.0 and result["traits"][g]["says I don't know"] == 0.0 for g in others)
+
+
 def test_chat_streams_tool_calls_and_remembers_the_conversation(tiny_run, tok):
     session = _session(tiny_run, tok, _calculator_user(tok))
     out = io.StringIO()

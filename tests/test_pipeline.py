@@ -47,12 +47,15 @@ def test_sample_stage_streams_a_completion(tiny_run, capsys):
 def test_speedrun_again_skips_finished_stages(tiny_run, capsys):
     from llmlab.stages import speedrun
 
-    cfg, _ = tiny_run
+    cfg, first = tiny_run
     before = checkpoint.resolve(cfg.pretrain.out_dir)
-    speedrun.main(cfg)
+    again = speedrun.main(cfg)
     out = capsys.readouterr().out
     assert "== world: already complete" in out and "== pretrain: already complete" in out
     assert checkpoint.resolve(cfg.pretrain.out_dir) == before
+    # the report keeps the times the earlier invocation measured for the stages it skipped
+    assert again["seconds"]["pretrain"] == first["seconds"]["pretrain"] > 0 and "pretrain" in again["earlier"]
+    assert "(an earlier invocation)" in (Path(cfg.run_dir) / "report.md").read_text()
 
 
 def _pretrain_cmd(cfg: pretrain.Config) -> list[str]:

@@ -114,5 +114,9 @@ def main(cfg: Config) -> dict:
         for name, r in results.get(framing, {}).items():
             groups = ", ".join(f"{g} {100 * a:.0f}%" for g, a in r["groups"].items())
             print(f"{framing:4} {name}: {groups}")
+            traits = "; ".join(f"{g}: " + ", ".join(f"{t} {100 * v:.0f}%" for t, v in ts.items())
+                               for g, ts in r.get("traits", {}).items())
+            if traits:
+                print(f"{'':4} {name}: {traits}")
     print(f"eval: {results['seconds']:.0f} s -> {out}")
     return results

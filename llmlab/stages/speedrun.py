@@ -78,7 +78,11 @@ def main(cfg: Config) -> dict:
     run_dir = Path(cfg.run_dir)
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-    results: dict = {"preset_config": to_dict(cfg), "seconds": {}}
+    results: dict = {"preset_config": to_dict(cfg), "seconds": {}, "earlier": []}
+    try:  # the times of stages an earlier, interrupted invocation completed
+        earlier = json.loads((run_dir / "speedrun.json").read_text())["seconds"]
+    except (OSError, ValueError, KeyError, TypeError):
+        earlier = {}
     t_run = time.perf_counter()
 
     def stage(name: str, done: bool, fn, every_rank: bool = False):
@@ -94,6 +98,9 @@ def main(cfg: Config) -> dict:
             out = fn()
         dist.barrier()
         results["seconds"][name] = time.perf_counter() - t0
+        if done and isinstance(earlier.get(name), (int, float)):
+            results["seconds"][name] = earlier[name]
+            results["earlier"].append(name)
         return out
 
     results["world"] = stage("world", _world_done(cfg.world), lambda: world.main(cfg.world))
@@ -138,7 +145,7 @@ def main(cfg: Config) -> dict:
 
     if cfg.assistant:
         results["card"] = stage("report card", False, evaluate_both)
-    results["seconds"]["total"] = time.perf_counter() - t_run
+    results["seconds"]["total"] = time.perf_counter() - t_run + sum(results["seconds"][n] for n in results["earlier"])
     (run_dir / "speedrun.json").write_text(json.dumps(results, indent=2) + "\n")
     report = write_report(run_dir, results, cfg)
     qa = results["eval"]["world_qa"]["groups"]

@@ -44,6 +44,10 @@ class ChatTask(Task):
     def score(self, example: Example, completion: str) -> float:
         raise NotImplementedError
 
+    def traits(self, example: Example, completion: str) -> dict[str, float]:
+        """Other behaviours of a reply worth counting beside its score (rates per group in `run_chat_task`)."""
+        return {}
+
 
 class AssistantQA(ChatTask):
     name = "assistant_qa"
@@ -63,6 +67,10 @@ class AssistantQA(ChatTask):
 
     def score(self, example: Example, completion: str) -> float:
         return float(example.answer.lower() in completion.lower())
+
+    def traits(self, example: Example, completion: str) -> dict[str, float]:
+        """Whether it said "I don't know": for people it read of only in pretraining, the cost of teaching it."""
+        return {"says I don't know": float(any(m in completion.lower() for m in DONT_KNOW_MARKERS))}
 
 
 class AssistantArithmetic(ChatTask):
@@ -128,6 +136,7 @@ def run_chat_task(task: ChatTask, engine: Engine, tokenizer: Tokenizer, run_tool
     stop = [tokenizer.special_id("<|assistant_end|>"), tokenizer.bos_id]
     out_end = tokenizer.special_id("<|output_end|>")
     scores: dict[str, list[float]] = defaultdict(list)
+    traits: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     samples = []
     examples = list(task.examples())
     for start in range(0, len(examples), batch_size):
@@ -139,10 +148,13 @@ def run_chat_task(task: ChatTask, engine: Engine, tokenizer: Tokenizer, run_tool
             own = tokenizer.decode([t for t in ids[last_output + 1:] if t >= len(SPECIAL_TOKENS)])  # the assistant's final words
             s = task.score(example, own)
             scores[example.group].append(s)
+            for trait, value in task.traits(example, own).items():
+                traits[example.group][trait].append(value)
             if all(smp["group"] != example.group for smp in samples):  # one example per group
                 calls = tools.calls[row] if tools is not None else []
                 samples.append({"group": example.group, "prompt": example.prompt, "reply": own,
                                 "tool_calls": calls, "answer": example.answer, "score": s})
     everything = [s for group in scores.values() for s in group]
     return {"task": task.name, "accuracy": sum(everything) / max(len(everything), 1), "n": len(everything),
-            "groups": {g: sum(v) / len(v) for g, v in sorted(scores.items())}, "samples": samples}
+            "groups": {g: sum(v) / len(v) for g, v in sorted(scores.items())}, "samples": samples,
+            "traits": {g: {t: sum(v) / len(v) for t, v in ts.items()} for g, ts in sorted(traits.items())}}

@@ -1,4 +1,5 @@
-"""B5: llama.cpp running llmlab's GGUF export: the same greedy tokens as llmlab's engine, and decode speed of both.
+"""B2 against llama.cpp: llama.cpp running llmlab's GGUF export gives the same greedy tokens as llmlab's engine;
+decode speed of both at batch 1 (BENCHMARKS.md B2: "within 2x of llama.cpp on the GGUF export").
 
 Exports a checkpoint to GGUF (fp32) in a temporary folder, loads it with llama-cpp-python (not a dependency of
 llmlab: `pip install llama-cpp-python`, which compiles llama.cpp), and decodes greedily at batch 1 from the same
@@ -7,8 +8,8 @@ the prompt text as llmlab does (the "qwen2" pre-tokenizer named in the file). Ti
 (prefill of the short prompt included); tokens/s = new tokens / seconds, median over rounds, runs alternating.
 llmlab runs eager and compiled (`Engine(compile=True)`, as in B2).
 
-    python bench/b5_llamacpp.py                                   # runs/cpu/sft
-    python bench/b5_llamacpp.py --checkpoint runs/cpu/base --prompt "Q: Where was" --new_tokens 64
+    python bench/b2_llamacpp.py                                   # runs/cpu/sft
+    python bench/b2_llamacpp.py --checkpoint runs/cpu/base --prompt "Q: Where was" --new_tokens 64
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def main() -> None:
     try:
         import llama_cpp
     except ImportError:
-        raise SystemExit("B5 needs llama-cpp-python: pip install llama-cpp-python") from None
+        raise SystemExit("this benchmark needs llama-cpp-python: pip install llama-cpp-python") from None
     configure_torch()
 
     ckpt = checkpoint.resolve(args.checkpoint)
@@ -55,7 +56,7 @@ def main() -> None:
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=model.config.context_len, n_threads=threads,
                           n_threads_batch=threads, verbose=False)
     arch = "qwen3" if model.config.qk_norm else "llama"
-    print(f"B5: {ckpt} ({model.num_params() / 1e6:.1f}M parameters, arch {arch}), "
+    print(f"B2 vs llama.cpp: {ckpt} ({model.num_params() / 1e6:.1f}M parameters, arch {arch}), "
           f"{len(prompt)}-token prompt, {new_tokens} new tokens greedy, {threads} threads")
     same_tokenization = llm.tokenize(args.prompt.encode(), add_bos=False, special=False) == prompt[1:]
     print(f"  llama.cpp tokenizes the prompt as llmlab: {same_tokenization}")
