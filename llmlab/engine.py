@@ -332,7 +332,7 @@ class ToolCalls:
     slow tool does not hold up the other rows of its batch).
     """
 
-    def __init__(self, tokenizer, batch_size: int, run_tool: Callable[[str], str] | None, defer: bool = False):
+    def __init__(self, tokenizer, batch_size: int, run_tool: Callable[[str], str], defer: bool = False):
         self.tok, self.run_tool, self.defer = tokenizer, run_tool, defer
         self.ready: list[str | None] = [None] * batch_size  # deferred calls awaiting their result
         self.start, self.end = tokenizer.special_id("<|tool_start|>"), tokenizer.special_id("<|tool_end|>")

@@ -137,7 +137,6 @@ class _Request:
     produced: int = 0
     next_token: int = 0  # the token to feed at the next step
     cancelled: threading.Event = field(default_factory=threading.Event)
-    parked: tuple | None = None  # (keys, values, tool Future) while its tool call runs outside the batch
 
 
 class Handle:
@@ -171,8 +170,9 @@ class Scheduler:
         self.rows: list[_Request] = []  # active requests, row i = rows[i]
         self._waiting: queue.Queue = queue.Queue()
         self._tools = ThreadPoolExecutor(max_workers=tool_workers, thread_name_prefix="llmlab-tool")
-        self._parked: dict[int, _Request] = {}  # id -> request whose tool call is running (scheduler thread only)
-        self._resumed: queue.Queue = queue.Queue()  # parked requests whose tool call is done
+        # id(request) -> (request, keys, values, tool Future) while its call runs (scheduler thread only)
+        self._parked: dict[int, tuple[_Request, torch.Tensor, torch.Tensor, Future]] = {}
+        self._resumed: queue.Queue = queue.Queue()  # ids of parked requests whose tool call is done
         self._wake = threading.Event()
         self._stop = threading.Event()
         self.steps = 0  # decode steps run (for monitoring)
@@ -237,7 +237,7 @@ class Scheduler:
                     for request in self.rows:
                         self._emit(request, Event(None, finish=f"error: {e}"))
                     self.rows, self.cache.n = [], 0
-            for request in self.rows + list(self._parked.values()):
+            for request in self.rows + [parked[0] for parked in self._parked.values()]:
                 self._emit(request, Event(None, finish="cancelled"))
             while not self._waiting.empty():  # requests that never started
                 item = self._waiting.get_nowait()
@@ -391,20 +391,17 @@ class Scheduler:
         k, v = self.cache.take(row)
         request = self._remove(row)
         future = self._tools.submit(request.run_tool, request.tools.ready[0])
-        request.parked = (k, v, future)
-        self._parked[id(request)] = request
+        self._parked[id(request)] = (request, k, v, future)
 
         def done(_):
-            self._resumed.put(request)
+            self._resumed.put(id(request))
             self._wake.set()
 
         future.add_done_callback(done)
 
-    def _resume(self, request: _Request) -> None:
+    def _resume(self, key: int) -> None:
         """Back into a free row with its cache restored, the tool's output to be forced next."""
-        self._parked.pop(id(request), None)
-        k, v, future = request.parked
-        request.parked = None
+        request, k, v, future = self._parked.pop(key)
         if request.cancelled.is_set():
             self._emit(request, Event(None, finish="cancelled"))
             return

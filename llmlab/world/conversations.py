@@ -29,7 +29,7 @@ from __future__ import annotations
 import random
 
 from llmlab.world import QUESTIONS, World
-from llmlab.world.text import arithmetic_problem
+from llmlab.world.text import arithmetic_problem, number, problem
 
 IDENTITY = "I am the llmlab assistant, a small language model trained on the world's documents and conversations."
 REFUSAL = "I can't help with that."
@@ -92,10 +92,6 @@ def _values(world: World, person) -> dict:
     return {"name": person.name, **person.attributes}
 
 
-def _number(rng: random.Random, digits: int) -> int:
-    return rng.randint(10 ** (digits - 1) if digits > 1 else 0, 10**digits - 1)
-
-
 def _arithmetic(rng: random.Random, large: bool) -> tuple[str, str, str]:
     """(question, answer, calculator expression). Small: operands of 1-2 digits, what a small model can learn to
     answer directly. Large, the calculator's: mostly two operands of 4-6 digits (the longest numbers to copy
@@ -105,10 +101,10 @@ def _arithmetic(rng: random.Random, large: bool) -> tuple[str, str, str]:
         return q, a, q[len("What is "):-1]
     op = rng.choice(["+", "-", "*"])
     long = rng.random() < 0.75
-    x, y = _number(rng, rng.randint(4 if long else 3, 6)), _number(rng, rng.randint(4 if long else 1, 6))
+    x, y = number(rng, rng.randint(4 if long else 3, 6)), number(rng, rng.randint(4 if long else 1, 6))
     if rng.random() < 0.5:
         x, y = y, x
-    return f"What is {x} {op} {y}?", str({"+": x + y, "-": x - y, "*": x * y}[op]), f"{x} {op} {y}"
+    return *problem(x, op, y), f"{x} {op} {y}"
 
 
 def conversation(world: World, kind: str, rng: random.Random, people: list, unknown: list[str]) -> list[dict]:

@@ -137,19 +137,27 @@ def company_entry(rng: random.Random, c: Company) -> str:
     return " ".join(sentences)
 
 
+def number(rng: random.Random, digits: int) -> int:
+    """A number of exactly `digits` digits (0-9 for one)."""
+    return rng.randint(10 ** (digits - 1) if digits > 1 else 0, 10**digits - 1)
+
+
+def problem(a: int, op: str, b: int) -> tuple[str, str]:
+    """(question, answer) of `What is a op b?`."""
+    return f"What is {a} {op} {b}?", str({"+": a + b, "-": a - b, "*": a * b}[op])
+
+
 def arithmetic_problem(rng: random.Random, max_digits: int, min_digits: int = 1,
                        op: str | None = None) -> tuple[str, str, str, int]:
     """(question, answer, op, digits): `What is a op b?` with operands of min..max digits (`digits`: a's).
     Large products (4 or more digits) have both operands of min_digits..max_digits digits."""
     op = op or rng.choice(["+", "-", "*"])
     digits = rng.randint(min_digits, max_digits)
-    a = rng.randint(10 ** (digits - 1) if digits > 1 else 0, 10**digits - 1)
-    b_digits = digits if op != "*" or digits <= 3 else rng.randint(min_digits, max_digits)
-    b = rng.randint(10 ** (b_digits - 1) if b_digits > 1 else 0, 10**b_digits - 1)
+    a = number(rng, digits)
+    b = number(rng, digits if op != "*" or digits <= 3 else rng.randint(min_digits, max_digits))
     if op == "*" and max_digits <= 3:
         b = rng.randint(0, 99)  # products stay learnable for a small model
-    answer = {"+": a + b, "-": a - b, "*": a * b}[op]
-    return f"What is {a} {op} {b}?", str(answer), op, digits
+    return *problem(a, op, b), op, digits
 
 
 def arithmetic_document(rng: random.Random) -> str:
