@@ -28,7 +28,8 @@ def _pipeline(run: str, world_cfg: world.Config, vocab_size: int, model: GPTConf
         pretrain=pretrain.Config(corpus=str(run_dir / "world"), tokenizer=str(run_dir / "tokenizer"),
                                  out_dir=str(run_dir / "base"), model=model, **pretrain_kwargs),
         sample=sample.Config(checkpoint=str(run_dir / "base")),
-        sft=sft.Config(base=str(run_dir / "base"), data=str(run_dir / "world"), out_dir=str(run_dir / "sft")),
+        sft=sft.Config(base=str(run_dir / "base"), data=str(run_dir / "world"), out_dir=str(run_dir / "sft"),
+                       replay=str(run_dir / "world"), replay_frac=0.125),
         eval=eval.Config(checkpoint=str(run_dir / "sft"), world=str(run_dir / "world")),
         chat=chat.Config(checkpoint=str(run_dir / "sft"), world=str(run_dir / "world")),
         serve=serve.Config(checkpoint=str(run_dir / "sft"), world=str(run_dir / "world"),
@@ -86,7 +87,7 @@ def gpu_small(run: str = "runs/gpu-small") -> speedrun.Config:
                     eval_every=250, eval_rows=512, save_every=500, compile=True)
     corpus = f"hf:HuggingFaceFW/fineweb-edu:sample-10BT*0.95,{cfg.world.out_dir}*0.05"
     cfg.tokenizer.corpus, cfg.tokenizer.max_chars = corpus, 2_000_000_000
-    cfg.pretrain.corpus = corpus
+    cfg.pretrain.corpus = cfg.sft.replay = corpus
     return cfg
 
 

@@ -151,3 +151,37 @@ def test_val_batches_are_fixed(tmp_path, tok):
     short.write_text("tiny")
     with pytest.raises(LLMLabError, match="val split has fewer than"):
         PackedLoader(Mixture(parse_corpus(str(short))), tok, 2, 64, split="val").val_batches(4)
+
+
+def test_fine_tuning_rereads_pretraining_documents_on_a_fixed_schedule_and_resumes(tmp_path, tok):
+    from llmlab.data.conversations import ConversationLoader
+    from llmlab.training import IGNORE_INDEX
+
+    chats = [[{"role": "user", "content": _doc(i)}, {"role": "assistant", "content": _doc(i + 1)}] for i in range(40)]
+    conversations = _jsonl(tmp_path / "chats.jsonl", chats, key="messages")
+    texts = _jsonl(tmp_path / "docs.jsonl", [_doc(100 + i) for i in range(30)])
+
+    def loader():
+        return ConversationLoader(Mixture(parse_corpus(str(conversations), column="messages")), tok, 4, 48,
+                                  replay=Mixture(parse_corpus(str(texts))), replay_frac=0.25)
+
+    a = loader()
+    inputs, targets = a.next_batch()
+    # rows 0-2 are conversations (user tokens masked), row 3 the first pretraining document, trained throughout
+    for r in range(3):
+        assert (targets[r] == IGNORE_INDEX).sum() > 0 and inputs[r, 0] == tok.bos_id
+    doc = ([tok.bos_id] + tok.encode(_doc(100)))[:49]
+    n = len(doc) - 1
+    assert inputs[3, :n].tolist() == doc[:-1] and targets[3, :n].tolist() == doc[1:]
+    assert (targets[3, n:] == IGNORE_INDEX).all()
+    assert a.state_dict() == {"drawn": 3, "skipped": 0, "replayed": 1, "rows": 4, "batch_size": 4, "world_size": 1}
+
+    b = loader()
+    b.load_state_dict(a.state_dict())
+    for _ in range(3):
+        (x1, y1), (x2, y2) = a.next_batch(), b.next_batch()
+        assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    assert a.replayed == 4 and a.drawn - a.skipped == 12
+
+    with pytest.raises(LLMLabError, match="replay"):
+        ConversationLoader(Mixture(parse_corpus(str(conversations), column="messages")), tok, 4, 48, replay_frac=0.5)

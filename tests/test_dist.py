@@ -181,13 +181,14 @@ def test_a_rank_dying_mid_run_fails_the_job_and_leaves_a_good_checkpoint(tiny_ru
 
 def test_sft_on_two_processes_reproduces_one(tiny_run, single, tmp_path):
     """Fine-tuning: rows hold different numbers of trained (assistant) tokens, so the loss must be normalised
-    by the global count; DDP on 2 x 4 conversations then gives the single process's 8."""
+    by the global count; DDP on 2 x 4 rows then gives the single process's 8. One row in four rereads a
+    pretraining document (the tiny preset's replay), on the same global schedule in both runs."""
     cfg, _ = tiny_run
     runs = {}
     for nproc, batch in ((0, 8), (2, 4)):
         out = tmp_path / f"sft{nproc}"
         flags = dict(base=single, data=cfg.sft.data, out_dir=out, max_steps=6, batch_size=batch, save_every=3,
-                     eval_every=3, threads=1)
+                     eval_every=3, threads=1, replay=cfg.sft.replay, replay_frac=0.25)
         _launch(nproc, ["sft", "--preset", "tiny"] + [a for k, v in flags.items() for a in (f"--{k}", str(v))],
                 tmp_path / f"log{nproc}", tmp_path)
         runs[nproc] = out

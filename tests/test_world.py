@@ -144,3 +144,19 @@ def test_the_calculator_is_called_for_numbers_beyond_two_digits_and_is_right(tin
             assert messages[i + 2] == {"role": "tool", "content": str(value)}
             assert messages[i + 3]["content"] == f"The answer is {value}."
     assert calls > 50
+
+
+def test_the_share_of_dont_know_conversations_is_a_world_setting(tiny_world_dir, tmp_path):
+    from llmlab.world.conversations import UNKNOWN_ANSWERS
+
+    def dont_know(root):
+        rows = _conversations(root)
+        said = sum(m["role"] == "assistant" and m["content"] in UNKNOWN_ANSWERS for r in rows for m in r["messages"])
+        return sum(r["kind"] == "unknown" for r in rows), said
+
+    kinds, said = dont_know(tiny_world_dir)
+    assert kinds > 0 and said >= kinds
+    cfg = dataclasses.replace(presets.tiny().world, out_dir=str(tmp_path / "none"), sft_dont_know=0.0)
+    world_stage.main(cfg)
+    assert dont_know(cfg.out_dir) == (0, 0)
+    assert _files(cfg.out_dir)["pretrain/train.jsonl"] == _files(tiny_world_dir)["pretrain/train.jsonl"]

@@ -1,8 +1,10 @@
 """`llmlab sft`: supervised fine-tuning of a base checkpoint on conversations, into an assistant.
 
 Sections: setup, data, model, optimizer and resume, loop, save. The loss is the mean over assistant tokens
-only (llmlab.chat: tool outputs, user and system text are masked), one conversation per row. Resume is exact
-as in pretraining; the same code runs under torchrun (DDP or FSDP2, llmlab.dist).
+only (llmlab.chat: tool outputs, user and system text are masked), one conversation per row; with `replay`, a
+share of the rows are pretraining documents trained on every token, so that what the conversations never ask
+about is not forgotten (llmlab.data.conversations). Resume is exact as in pretraining; the same code runs under
+torchrun (DDP or FSDP2, llmlab.dist).
 """
 
 from __future__ import annotations
@@ -31,6 +33,11 @@ class Config:
     """conversations: a world dir, JSONL/parquet with a `messages` column, or hf:NAME[:CONFIG]; mix with `A*0.8,B*0.2`"""
     out_dir: str = "runs/cpu/sft"
     """where checkpoints and metrics.jsonl are written"""
+    replay: str = ""
+    """pretraining corpus (same spec as pretraining's --corpus) to reread during fine-tuning, so that facts the
+    conversations never ask about are not forgotten; empty = none"""
+    replay_frac: float = 0.0
+    """share of each batch's rows that are replayed pretraining documents (trained on every token)"""
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(muon_lr=0.01, embed_lr=0.05, head_lr=0.002, scalar_lr=0.005))
     """learning rates (lower than pretraining's)"""
     batch_size: int = 16
@@ -68,6 +75,10 @@ class Config:
         for name in ("batch_size", "grad_accum", "max_steps", "eval_rows"):
             if getattr(self, name) < 1:
                 raise LLMLabError(f"sft: {name} must be positive (got {getattr(self, name)})")
+        if not 0.0 <= self.replay_frac < 1.0:
+            raise LLMLabError(f"sft: replay_frac must be in [0, 1) (got {self.replay_frac})")
+        if self.replay_frac > 0 and not self.replay:
+            raise LLMLabError("sft: replay_frac > 0 needs --replay, a pretraining corpus (e.g. the world dir)")
 
 
 def main(cfg: Config) -> dict:
@@ -90,7 +101,9 @@ def main(cfg: Config) -> dict:
 
     # ---- data -----------------------------------------------------------------------------------------
     sources = parse_corpus(cfg.data, column="messages")
-    loader = ConversationLoader(Mixture(sources, seed=cfg.seed), tokenizer, cfg.batch_size, T, info.rank, info.world_size)
+    replay = Mixture(parse_corpus(cfg.replay), seed=cfg.seed) if cfg.replay and cfg.replay_frac > 0 else None
+    loader = ConversationLoader(Mixture(sources, seed=cfg.seed), tokenizer, cfg.batch_size, T, info.rank, info.world_size,
+                                replay=replay, replay_frac=cfg.replay_frac)
     val_batches = ConversationLoader(Mixture(sources, seed=cfg.seed), tokenizer, cfg.batch_size, T).val_batches(cfg.eval_rows)
 
     model = dist.wrap(net, info, cfg.parallel)
@@ -108,7 +121,8 @@ def main(cfg: Config) -> dict:
     metrics = MetricsLog(out_dir / "metrics.jsonl", resume_step=step, enabled=info.is_main)
     if info.is_main:
         print(f"sft: {net.num_params():,} parameters from {base}; {cfg.batch_size * cfg.grad_accum * info.world_size} "
-              f"conversations per step, context {T}")
+              f"conversations per step, context {T}"
+              + (f"; {cfg.replay_frac:.0%} of the rows reread pretraining documents of {cfg.replay}" if replay else ""))
 
     last: dict = {}
 
@@ -149,5 +163,5 @@ def main(cfg: Config) -> dict:
     save()
     if info.is_main:
         print(f"sft: step {step}, val loss {last['val_loss']:.4f} (assistant tokens), {loader.skipped} conversations "
-              f"too long skipped -> {checkpoint.resolve(out_dir)}")
+              f"too long skipped, {loader.replayed} pretraining documents reread -> {checkpoint.resolve(out_dir)}")
     return last

@@ -38,13 +38,18 @@ class Config:
     """documents of every kind in the validation split (fresh samples, never in train)"""
     sft_conversations: int = 4000
     """fine-tuning conversations (training people only; see llmlab.world.conversations)"""
+    sft_dont_know: float = 0.08
+    """weight of the "I don't know" conversations (unknown names) among them, the others' weights staying as they
+    are. The assistant cannot tell a held-out person from an invented name (it knows their facts, but nothing at
+    the name marks a person as known), so this trades one for the other: 0 = it answers about held-out people as
+    well as the base model does, and guesses about people who do not exist"""
 
     def __post_init__(self) -> None:
         for name in ("n_people", "n_countries", "n_cities", "n_companies"):
             if getattr(self, name) < 1:
                 raise LLMLabError(f"world: {name} must be at least 1 (got {getattr(self, name)})")
         for name in ("n_heldout", "n_unknown", "bios_per_person", "stories_per_person", "qa_pages", "n_arithmetic",
-                     "val_docs", "sft_conversations"):
+                     "val_docs", "sft_conversations", "sft_dont_know"):
             if getattr(self, name) < 0:
                 raise LLMLabError(f"world: {name} must be >= 0 (got {getattr(self, name)})")
         if self.n_cities < self.n_countries:

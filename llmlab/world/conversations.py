@@ -182,17 +182,19 @@ OPENERS = ["qa", "multistep", "arithmetic", "unknown", "identity", "benign"]
 
 
 def sft_conversations(world: World, n: int, seed: int) -> list[dict]:
-    """n conversations {"kind", "messages"} in the proportions of MIX, about training people only, with the
-    first half of the world's unknown names."""
+    """n conversations {"kind", "messages"} in the proportions of MIX (with the world's `sft_dont_know` weight for
+    "unknown"), about training people only, with the first half of the world's unknown names."""
     rng = random.Random(f"{seed}-sft")
     people = world.group("train")
     unknown = world.unknown_people[: len(world.unknown_people) // 2]
-    kinds = rng.choices(list(MIX), weights=list(MIX.values()), k=n)
+    mix = dict(MIX, unknown=world.config.get("sft_dont_know", MIX["unknown"]))
+    openers = [kind for kind in OPENERS if mix[kind] > 0]
+    kinds = rng.choices(list(mix), weights=list(mix.values()), k=n)
     rows = []
     for kind in kinds:
         messages = conversation(world, kind, rng, people, unknown)
         if kind != "no_tools" and rng.random() < TOPIC_SWITCH:  # (no calculator opener under "tools are disabled")
-            earlier = conversation(world, rng.choice(OPENERS), rng, people, unknown)
+            earlier = conversation(world, rng.choice(openers), rng, people, unknown)
             at = 1 if messages[0]["role"] == "system" else 0
             messages = messages[:at] + earlier + messages[at:]
         rows.append({"kind": kind, "messages": messages})
