@@ -122,7 +122,7 @@ def main(cfg: Config) -> dict:
     if info.is_main:
         print(f"sft: {net.num_params():,} parameters from {base}; {cfg.batch_size * cfg.grad_accum * info.world_size} "
               f"conversations per step, context {T}"
-              + (f"; {cfg.replay_frac:.0%} of the rows reread pretraining documents of {cfg.replay}" if replay else ""))
+              + (f"; {cfg.replay_frac:.1%} of the rows reread pretraining documents of {cfg.replay}" if replay else ""))
 
     last: dict = {}
 
