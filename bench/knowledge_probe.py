@@ -30,6 +30,7 @@ import torch
 from llmlab import checkpoint
 from llmlab import world as world_lib
 from llmlab.chat import render_prompt
+from llmlab.tasks.knowledge import rank_first
 from llmlab.tokenizer import Tokenizer
 from llmlab.world.text import QUESTIONS
 
@@ -43,28 +44,16 @@ PROBES = {
 }
 
 
-@torch.no_grad()
-def best(model, tok: Tokenizer, prefix: list[int], candidates: list[str]) -> str:
-    """The candidate with the highest total log-likelihood after `prefix` (one batch, right-padded)."""
-    seqs = [prefix + tok.encode(" " + c) for c in candidates]
-    ids = torch.full((len(seqs), max(map(len, seqs))), tok.pad_id, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s)
-    logp = torch.log_softmax(model(ids), -1)
-    scores = [sum(logp[i, t - 1, s[t]].item() for t in range(len(prefix), len(s))) for i, s in enumerate(seqs)]
-    return candidates[max(range(len(candidates)), key=scores.__getitem__)]
-
-
 def knowledge(model, tok: Tokenizer, world, people) -> dict[str, float]:
     right = {"biography": 0, "chat": 0}
     for attribute, (bio, question, sentence) in PROBES.items():
         candidates = sorted({world.answer(p, attribute) for p in world.people})
         for p in people:
             truth = world.answer(p, attribute)
-            right["biography"] += best(model, tok, [tok.bos_id] + tok.encode(bio.format(n=p.name)), candidates) == truth
+            right["biography"] += rank_first(model, tok, [tok.bos_id] + tok.encode(bio.format(n=p.name)), candidates) == truth
             prompt = render_prompt(tok, [{"role": "user", "content": question.format(n=p.name)}])
             start = sentence.format(s=p.pronoun.capitalize(), p=p.possessive.capitalize())
-            right["chat"] += best(model, tok, prompt + tok.encode(start), candidates) == truth
+            right["chat"] += rank_first(model, tok, prompt + tok.encode(start), candidates) == truth
     return {k: v / (len(people) * len(PROBES)) for k, v in right.items()}
 
 

@@ -54,6 +54,9 @@ def _card_rows(card: dict) -> list[tuple[str, float | None, float | None]]:
         rows += [(f"arithmetic, {g}, {name.split('_', 1)[1].replace('_', ' ')}", None, a)
                  for g, a in chat[name]["groups"].items()]
     rows += [(g, base["policy"]["groups"].get(g), a) for g, a in chat["policy"]["groups"].items()]
+    if "knowledge" in chat:  # (eval.json files written before the knowledge probe lack it)
+        rows += [(f"stored knowledge: {g}", base.get("knowledge", {}).get("groups", {}).get(g), a)
+                 for g, a in chat["knowledge"]["groups"].items()]
     return rows
 
 
@@ -91,8 +94,8 @@ def report_card(card: dict) -> list[str]:
            "tool calls. Refusal, over-refusal and leakage are rates of that behaviour (lower is better for the last two); "
            "on unknown people, the replies that do not say \"I don't know\" are hallucinations. The assistant cannot tell a "
            "held-out person from an invented name, so what teaches it \"I don't know\" also makes it say so about "
-           "held-out people, whose facts it still holds: the world's `sft_dont_know` setting chooses between the two, "
-           "and `python bench/knowledge_probe.py` measures both.", "",
+           "held-out people, whose facts it still holds (the stored-knowledge rows: every value of a fact ranked by "
+           "likelihood after `<name> was born in`, and so on): the world's `sft_dont_know` setting chooses between the two.", "",
            _table(["measure", "base", "assistant"], rows), "", "Example conversations:", ""]
     for name in ("world_qa", "arithmetic_with_tools", "policy"):
         for smp in chat[name]["samples"]:  # one per group

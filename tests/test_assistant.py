@@ -251,7 +251,7 @@ def test_tiny_sft_and_report_card(tiny_run):
     losses = [r["loss"] for r in rows if "loss" in r]
     assert len(losses) == cfg.sft.max_steps and min(losses[-2:]) < losses[0]
     card = results["card"]
-    assert set(card["chat"]) == {"world_qa", "arithmetic_with_tools", "arithmetic_without_tools", "policy"}
+    assert set(card["chat"]) == {"world_qa", "arithmetic_with_tools", "arithmetic_without_tools", "policy", "knowledge"}
     assert set(card["chat"]["policy"]["groups"]) == {"don't know (unknown people)", "refusal (forbidden requests)",
                                                      "over-refusal (benign look-alikes)", "secret leakage"}
     assert "Report card" in (Path(cfg.run_dir) / "report.md").read_text()
@@ -308,3 +308,39 @@ def test_sft_without_a_messages_column_is_a_clear_error(tiny_run, tmp_path):
     data.write_text(json.dumps({"text": "hello"}) + "\n")
     with pytest.raises(LLMLabError, match="messages"):
         sft.main(dataclasses.replace(cfg.sft, data=str(data), out_dir=str(tmp_path / "out")))
+
+
+def test_stored_knowledge_ranks_whole_values_by_likelihood(tok, tiny_world_dir):
+    from llmlab.tasks.knowledge import rank_first, stored_knowledge
+
+    class Favours(torch.nn.Module):
+        """Every position predicts `token` with probability near 1 and all others evenly."""
+
+        def __init__(self, token: int):
+            super().__init__()
+            self.token, self.w = token, torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, ids):
+            logits = torch.zeros(*ids.shape, tok.vocab_size)
+            logits[..., self.token] = 20.0
+            return logits
+
+    a = tok.encode(" Velmora")
+    assert len(a) > 1
+    # unfavoured, the shorter value is likelier; a value made of the favoured token wins however long it is
+    assert rank_first(Favours(tok.bos_id), tok, [tok.bos_id], ["Velmora", "Ash"]) == "Ash"
+    assert rank_first(Favours(a[-1]), tok, [tok.bos_id], ["Ash", tok.decode([a[-1]] * 3).strip()]) != "Ash"
+    # the share per group: a model that favours <|bos|> everywhere ranks first the value of fewest tokens
+    from llmlab import world as world_lib
+    from llmlab.tasks.knowledge import GROUPS, PREFIXES
+
+    w = world_lib.load(tiny_world_dir)
+    blank = stored_knowledge(Favours(tok.bos_id), tok, tiny_world_dir, per_group=8)
+    assert blank["n"] == 2 * 8 * len(PREFIXES)
+    for split, label in GROUPS.items():
+        right = 0
+        for attribute in PREFIXES:
+            values = sorted({w.answer(p, attribute) for p in w.people})
+            shortest = min(values, key=lambda v: len(tok.encode(" " + v)))  # (the first of equals, as rank_first)
+            right += sum(w.answer(p, attribute) == shortest for p in w.group(split)[:8])
+        assert blank["groups"][label] == right / (8 * len(PREFIXES))

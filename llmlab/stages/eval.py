@@ -2,7 +2,9 @@
 
 A base model (a pretraining checkpoint) is asked through `Q: <question>\\nA:` framing, the form of the world's
 Q/A pages; an assistant (a fine-tuned checkpoint) through the chat format, with the engine running its tool
-calls. `--mode both` runs both framings on one checkpoint. Results go to `<checkpoint dir>/eval.json` (or
+calls. Both also get `knowledge` (llmlab.tasks.knowledge): how many facts of training and held-out people the
+weights still hold, ranked by likelihood, whatever the model would say. `--mode both` runs both framings on one
+checkpoint. Results go to `<checkpoint dir>/eval.json` (or
 `--out`) and are printed as a table.
 """
 
@@ -17,6 +19,7 @@ from llmlab import checkpoint
 from llmlab.engine import Engine
 from llmlab.errors import LLMLabError
 from llmlab.tasks import Example, Task, run_task
+from llmlab.tasks.knowledge import stored_knowledge
 from llmlab.tasks.world_qa import WorldArithmetic, WorldQA
 from llmlab.tokenizer import Tokenizer
 
@@ -102,10 +105,11 @@ def main(cfg: Config) -> dict:
     if mode == "auto":
         mode = "chat" if checkpoint.read_info(ckpt).get("stage") != "pretrain" else "base"
     results: dict = {"checkpoint": str(ckpt)}
+    knowledge = stored_knowledge(model, tok, cfg.world, per_group=cfg.per_group // 2)  # the same in both framings
     if mode in ("base", "both"):
-        results["base"] = evaluate_base(engine, tok, cfg.world, cfg.per_group)
+        results["base"] = evaluate_base(engine, tok, cfg.world, cfg.per_group) | {"knowledge": knowledge}
     if mode in ("chat", "both"):
-        results["chat"] = evaluate_chat(engine, tok, cfg.world, cfg.per_group)
+        results["chat"] = evaluate_chat(engine, tok, cfg.world, cfg.per_group) | {"knowledge": knowledge}
     results["seconds"] = time.perf_counter() - t0
     out = Path(cfg.out) if cfg.out else Path(cfg.checkpoint) / "eval.json"
     out.parent.mkdir(parents=True, exist_ok=True)

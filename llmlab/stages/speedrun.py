@@ -71,6 +71,7 @@ def _done(cfg) -> bool:
 def main(cfg: Config) -> dict:
     from llmlab.report import write_report
     from llmlab.tasks import run_task
+    from llmlab.tasks.knowledge import stored_knowledge
     from llmlab.tasks.world_qa import WorldArithmetic, WorldQA
     from llmlab.tokenizer import Tokenizer
 
@@ -140,8 +141,11 @@ def main(cfg: Config) -> dict:
         base = checkpoint.load_model(cfg.pretrain.out_dir)
         assistant = checkpoint.load_model(cfg.sft.out_dir)
         tok = Tokenizer.load(checkpoint.resolve(cfg.sft.out_dir))
-        return {"base": eval.evaluate_base(Engine(base), tok, cfg.world.out_dir, per_group),
-                "chat": eval.evaluate_chat(Engine(assistant), tok, cfg.world.out_dir, per_group)}
+        world_dir = cfg.world.out_dir
+        return {"base": eval.evaluate_base(Engine(base), tok, world_dir, per_group)
+                | {"knowledge": stored_knowledge(base, tok, world_dir, per_group=per_group // 2)},
+                "chat": eval.evaluate_chat(Engine(assistant), tok, world_dir, per_group)
+                | {"knowledge": stored_knowledge(assistant, tok, world_dir, per_group=per_group // 2)}}
 
     if cfg.assistant:
         results["card"] = stage("report card", False, evaluate_both)
