@@ -30,31 +30,31 @@ import torch
 from llmlab import checkpoint
 from llmlab import world as world_lib
 from llmlab.chat import render_prompt
-from llmlab.tasks.knowledge import rank_first
+from llmlab.tasks.knowledge import GROUPS, rank_first, stored_knowledge
 from llmlab.tokenizer import Tokenizer
 from llmlab.world.text import QUESTIONS
 
-# attribute -> (biography prefix, question, assistant's sentence prefix); {n} name, {s} pronoun, {p} possessive
-PROBES = {
-    "birth_city": ("{n} was born in", "Where was {n} born?", "{s} was born in"),
-    "home_city": ("{n} lives in", "Where does {n} live?", "{s} lives in"),
-    "employer": ("{n} works for", "Which company does {n} work for?", "{s} works for"),
-    "pet": ("{n} has a pet", "What pet does {n} have?", "{s} has a pet"),
-    "favourite_food": ("{n}'s favourite food is", "What is the favourite food of {n}?", "{p} favourite food is"),
+# attribute -> (question, start of the assistant's sentence); {n} name, {s} pronoun, {p} possessive. The biography
+# framing is llmlab.tasks.knowledge's, the one the report card uses.
+CHAT_PROBES = {
+    "birth_city": ("Where was {n} born?", "{s} was born in"),
+    "home_city": ("Where does {n} live?", "{s} lives in"),
+    "employer": ("Which company does {n} work for?", "{s} works for"),
+    "pet": ("What pet does {n} have?", "{s} has a pet"),
+    "favourite_food": ("What is the favourite food of {n}?", "{p} favourite food is"),
 }
 
 
-def knowledge(model, tok: Tokenizer, world, people) -> dict[str, float]:
-    right = {"biography": 0, "chat": 0}
-    for attribute, (bio, question, sentence) in PROBES.items():
+def chat_knowledge(model, tok: Tokenizer, world, people) -> float:
+    """Share of facts whose true value ranks first after the question and the start of the assistant's answer."""
+    right = 0
+    for attribute, (question, sentence) in CHAT_PROBES.items():
         candidates = sorted({world.answer(p, attribute) for p in world.people})
         for p in people:
-            truth = world.answer(p, attribute)
-            right["biography"] += rank_first(model, tok, [tok.bos_id] + tok.encode(bio.format(n=p.name)), candidates) == truth
             prompt = render_prompt(tok, [{"role": "user", "content": question.format(n=p.name)}])
             start = sentence.format(s=p.pronoun.capitalize(), p=p.possessive.capitalize())
-            right["chat"] += rank_first(model, tok, prompt + tok.encode(start), candidates) == truth
-    return {k: v / (len(people) * len(PROBES)) for k, v in right.items()}
+            right += rank_first(model, tok, prompt + tok.encode(start), candidates) == world.answer(p, attribute)
+    return right / (len(people) * len(CHAT_PROBES))
 
 
 @torch.no_grad()
@@ -130,13 +130,15 @@ def main() -> None:
     for path in args.checkpoints:
         ckpt = checkpoint.resolve(path)
         tok, model = Tokenizer.load(ckpt), checkpoint.load_model(ckpt).eval()
-        k_train, k_held = knowledge(model, tok, world, train), knowledge(model, tok, world, heldout)
+        biography = stored_knowledge(model, tok, args.world, per_group=args.people)["groups"]
+        k_train = {"biography": biography[GROUPS["train"]], "chat": chat_knowledge(model, tok, world, train)}
+        k_held = {"biography": biography[GROUPS["heldout"]], "chat": chat_knowledge(model, tok, world, heldout)}
         idk = {g: p_dont_know(model, tok, [p.name for p in ppl] if g != "unknown" else ppl, args.seed)
                for g, ppl in (("train", train), ("held-out", heldout), ("unknown", unknown))}
         direction = known_direction_auc(model, tok, [p.name for p in world.group("heldout")],
                                         world.unknown_people[half: half + 2 * args.people])
         rows.append((path, k_train, k_held, idk, direction))
-    print(f"knowledge: the true value ranked first among the world's values ({len(PROBES)} attributes, "
+    print(f"knowledge: the true value ranked first among the world's values ({len(CHAT_PROBES)} attributes, "
           f"{args.people} people per group)\n")
     print("| checkpoint | training people, biography / chat | held-out people, biography / chat |")
     print("|---|---|---|")

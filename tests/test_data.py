@@ -75,6 +75,10 @@ def test_bad_corpora_give_clear_errors(tmp_path):
     empty.write_text("")
     with pytest.raises(LLMLabError, match="has no documents in split train"):
         next(Mixture(parse_corpus(str(empty))).documents("train"))
+    records = tmp_path / "empty.jsonl"
+    records.write_text("")
+    with pytest.raises(LLMLabError, match="is empty"):
+        parse_corpus(str(records))
     (tmp_path / "broken.jsonl").write_text('{"text": "ok"}\n{not json\n')
     with pytest.raises(LLMLabError, match="cannot"):
         list(open_source(str(tmp_path / "broken.jsonl")).documents("train"))

@@ -20,9 +20,9 @@ processes.
 
 from __future__ import annotations
 
-import torch
-
 import math
+
+import torch
 
 from llmlab.chat import render_conversation
 from llmlab.data.sources import Mixture
@@ -40,7 +40,7 @@ class ConversationLoader:
             raise LLMLabError("replay_frac > 0 needs a replay corpus of pretraining documents")
         self.mixture, self.tokenizer = mixture, tokenizer
         self.B, self.T, self.rank, self.world_size = batch_size, seq_len, rank, world_size
-        self.replay, self.replay_frac = replay, replay_frac if replay is not None else 0.0
+        self.replay, self.replay_frac = replay, replay_frac
         self.drawn = 0  # conversations taken from the mixture, all ranks counted
         self.skipped = 0  # too long for the context
         self.replayed = 0  # pretraining documents taken from the replay mixture

@@ -149,6 +149,8 @@ def open_source(spec: str, column: str = "text") -> Source:
                               f"JSONL/parquet records with a {column!r} column")
         return TextSource(files, spec)
     if len(kinds) == 1:
+        if all(p.stat().st_size == 0 for p in files):  # (`datasets` fails on these with an IndexError)
+            raise LLMLabError(f"corpus {path} is empty: its {kinds.pop()} files hold no records")
         return RecordSource(kinds.pop(), spec, data_files=[str(p) for p in files], column=column)
     raise LLMLabError(f"corpus folder {path} mixes file types: use one folder per type and mix them with commas")
 

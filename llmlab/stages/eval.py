@@ -4,8 +4,7 @@ A base model (a pretraining checkpoint) is asked through `Q: <question>\\nA:` fr
 Q/A pages; an assistant (a fine-tuned checkpoint) through the chat format, with the engine running its tool
 calls. Both also get `knowledge` (llmlab.tasks.knowledge): how many facts of training and held-out people the
 weights still hold, ranked by likelihood, whatever the model would say. `--mode both` runs both framings on one
-checkpoint. Results go to `<checkpoint dir>/eval.json` (or
-`--out`) and are printed as a table.
+checkpoint. Results go to `<checkpoint dir>/eval.json` (or `--out`) and are printed as a table.
 """
 
 from __future__ import annotations
