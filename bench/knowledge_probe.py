@@ -11,10 +11,16 @@ for several checkpoints (typically the base model and the assistants fine-tuned 
 - "I don't know": the probability that the assistant's first token is the "I" of "I don't know", for
   training people, held-out people and unknown names, with the AUC of unknown names over held-out people (1.0:
   the model tells them apart perfectly; 0.5: not at all).
+- recall confidence: for the same five biography prefixes, the softmax over the world's values of the
+  log-likelihoods above, and its top probability. Per fact, and summed (in logs) over a person's five facts,
+  the AUC of held-out people over unknown names: how well the model's own outputs tell a person it knows from
+  a stranger.
 - a "known person" direction: a logistic-regression probe on each block's output, at the name's last token and
-  at the end of the chat prompt, fitted on held-out people against unknown names (the first halves of both) and
-  scored (AUC) on the second halves. If no block separates them, nothing at the name marks a person as known, and
-  no amount of fine-tuning data can teach "I don't know" for strangers without teaching it for held-out people.
+  at the end of the chat prompt, scored (AUC) on held-out people against unknown names. Fitted two ways: on the
+  other held-out people and unknown names (is a direction there at all?), and on training people against the
+  unknown names fine-tuning uses (what fine-tuning's labels can teach; held-out people must then land on the
+  known side). If no block separates them, nothing at the name marks a person as known, and no amount of
+  fine-tuning data can teach "I don't know" for strangers without teaching it for held-out people.
 
     python bench/knowledge_probe.py runs/cpu/base runs/cpu/sft
 """
@@ -22,6 +28,7 @@ for several checkpoints (typically the base model and the assistants fine-tuned 
 from __future__ import annotations
 
 import argparse
+import math
 import random
 import statistics
 
@@ -30,7 +37,7 @@ import torch
 from llmlab import checkpoint
 from llmlab import world as world_lib
 from llmlab.chat import render_prompt
-from llmlab.tasks.knowledge import GROUPS, rank_first, stored_knowledge
+from llmlab.tasks.knowledge import GROUPS, PREFIXES, candidate_logprobs, rank_first, stored_knowledge
 from llmlab.tokenizer import Tokenizer
 from llmlab.world.text import QUESTIONS
 
@@ -84,14 +91,28 @@ def name_features(model, tok: Tokenizer, name: str) -> list[torch.Tensor]:
     return [torch.cat([outputs[k][0, at], outputs[k][0, -1]]) for k in range(len(model.layers))]
 
 
-def known_direction_auc(model, tok: Tokenizer, known: list[str], unknown: list[str]) -> list[float]:
-    """Per block: test AUC of a logistic probe known-vs-unknown fitted on the first half of each list."""
-    fk, fu = [name_features(model, tok, n) for n in known], [name_features(model, tok, n) for n in unknown]
-    hk, hu = len(fk) // 2, len(fu) // 2
+def recall_confidence(model, tok: Tokenizer, world, names: list[str]) -> list[dict[str, float]]:
+    """Per name: attribute -> top probability of the softmax over the world's values after its biography prefix."""
+    candidates = {a: sorted({world.answer(p, a) for p in world.people}) for a in PREFIXES}
+    return [{a: torch.softmax(candidate_logprobs(model, tok, [tok.bos_id] + tok.encode(prefix.format(name=n)),
+                                                 candidates[a]), 0).max().item() for a, prefix in PREFIXES.items()}
+            for n in names]
+
+
+def recall_auc(known: list[dict[str, float]], unknown: list[dict[str, float]]) -> tuple[float, float]:
+    """(mean over attributes of the per-fact AUC, AUC of the summed log top probability): known over unknown."""
+    per_fact = statistics.mean(auc([c[a] for c in known], [c[a] for c in unknown]) for a in PREFIXES)
+    person = lambda c: sum(math.log(v) for v in c.values())  # noqa: E731
+    return per_fact, auc([person(c) for c in known], [person(c) for c in unknown])
+
+
+def probe_auc(model, tok: Tokenizer, fit: tuple[list[str], list[str]], test: tuple[list[str], list[str]]) -> list[float]:
+    """Per block: AUC on `test` (known names, unknown names) of a logistic probe fitted on `fit` (the same)."""
+    feats = {n: name_features(model, tok, n) for names in (*fit, *test) for n in names}
     out = []
     for k in range(len(model.layers)):
-        x = torch.stack([f[k] for f in fk[:hk] + fu[:hu]])
-        y = torch.tensor([1.0] * hk + [0.0] * hu)
+        x = torch.stack([feats[n][k] for n in fit[0] + fit[1]])
+        y = torch.tensor([1.0] * len(fit[0]) + [0.0] * len(fit[1]))
         mu, sd = x.mean(0), x.std(0) + 1e-6
         x = (x - mu) / sd
         with torch.enable_grad():
@@ -105,8 +126,8 @@ def known_direction_auc(model, tok: Tokenizer, known: list[str], unknown: list[s
                 return loss
 
             opt.step(closure)
-        score = lambda fs: (((torch.stack([f[k] for f in fs]) - mu) / sd) @ w + b).tolist()  # noqa: E731
-        out.append(auc(score(fk[hk:]), score(fu[hu:])))
+        score = lambda names: (((torch.stack([feats[n][k] for n in names]) - mu) / sd) @ w + b).tolist()  # noqa: E731
+        out.append(auc(score(test[0]), score(test[1])))
     return out
 
 
@@ -135,27 +156,41 @@ def main() -> None:
         k_held = {"biography": biography[GROUPS["heldout"]], "chat": chat_knowledge(model, tok, world, heldout)}
         idk = {g: p_dont_know(model, tok, [p.name for p in ppl] if g != "unknown" else ppl, args.seed)
                for g, ppl in (("train", train), ("held-out", heldout), ("unknown", unknown))}
-        direction = known_direction_auc(model, tok, [p.name for p in world.group("heldout")],
-                                        world.unknown_people[half: half + 2 * args.people])
-        rows.append((path, k_train, k_held, idk, direction))
+        recall = recall_auc(recall_confidence(model, tok, world, [p.name for p in heldout]),
+                            recall_confidence(model, tok, world, unknown))
+        # known-vs-unknown probes, always scored on the second halves of the held-out people and of `unknown_b`
+        held_names = [p.name for p in world.group("heldout")]
+        unknown_b = world.unknown_people[half: half + 2 * args.people]
+        test = (held_names[len(held_names) // 2:], unknown_b[len(unknown_b) // 2:])
+        direction = {
+            "held-out": probe_auc(model, tok, (held_names[: len(held_names) // 2], unknown_b[: len(unknown_b) // 2]), test),
+            "training": probe_auc(model, tok, ([p.name for p in world.group("train")], world.unknown_people[:half]), test)}
+        rows.append((path, k_train, k_held, idk, recall, direction))
     print(f"knowledge: the true value ranked first among the world's values ({len(CHAT_PROBES)} attributes, "
           f"{args.people} people per group)\n")
     print("| checkpoint | training people, biography / chat | held-out people, biography / chat |")
     print("|---|---|---|")
-    for path, k_train, k_held, _, _ in rows:
+    for path, k_train, k_held, *_ in rows:
         print(f"| {path} | {k_train['biography']:.0%} / {k_train['chat']:.0%} | {k_held['biography']:.0%} / {k_held['chat']:.0%} |")
     print("\n\"I don't know\": median p(first token 'I'), and the share above 0.5\n")
     print("| checkpoint | training people | held-out people | unknown names | AUC unknown over held-out |")
     print("|---|---|---|---|---|")
-    for path, _, _, idk, _ in rows:
+    for path, _, _, idk, *_ in rows:
         cells = [f"{statistics.median(v):.2f} ({sum(x > 0.5 for x in v) / len(v):.0%})" for v in idk.values()]
         print(f"| {path} | {' | '.join(cells)} | {auc(idk['unknown'], idk['held-out']):.2f} |")
+    print("\nrecall confidence: AUC of held-out people over unknown names, by the top probability among the world's values\n")
+    print("| checkpoint | one fact (mean over the five) | a person's five facts together |")
+    print("|---|---|---|")
+    for path, _, _, _, (fact, person), _ in rows:
+        print(f"| {path} | {fact:.3f} | {person:.3f} |")
+    n_blocks = max(len(r[5]["held-out"]) for r in rows)
     print("\na \"known person\" direction: test AUC of a linear probe, held-out people vs unknown names, per block\n")
-    print("| checkpoint | " + " | ".join(f"block {k}" for k in range(len(rows[0][4]))) + " |")
-    print("|---|" + "---|" * len(rows[0][4]))
-    for path, _, _, _, direction in rows:
-        print(f"| {path} | " + " | ".join(f"{a:.2f}" for a in direction) + " |")
-
+    print("| checkpoint | probe fitted on | " + " | ".join(f"block {k}" for k in range(n_blocks)) + " |")
+    print("|---|---|" + "---|" * n_blocks)
+    for path, *_, direction in rows:
+        for fitted, label in (("held-out", "other held-out people"), ("training", "training people (fine-tuning's labels)")):
+            cells = [f"{a:.2f}" for a in direction[fitted]] + [""] * (n_blocks - len(direction[fitted]))
+            print(f"| {path} | {label} | " + " | ".join(cells) + " |")
 
 if __name__ == "__main__":
     main()

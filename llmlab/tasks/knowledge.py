@@ -22,16 +22,20 @@ GROUPS = {"train": "train people, facts ranked by likelihood", "heldout": "held-
 
 
 @torch.no_grad()
-def rank_first(model: nn.Module, tok: Tokenizer, prefix: list[int], candidates: list[str]) -> str:
-    """The candidate whose tokens (after a space) have the highest total log-likelihood after `prefix`."""
+def candidate_logprobs(model: nn.Module, tok: Tokenizer, prefix: list[int], candidates: list[str]) -> torch.Tensor:
+    """Total log-likelihood of each candidate's tokens (after a space) following `prefix`, one batched forward."""
     device = next(model.parameters()).device
     seqs = [prefix + tok.encode(" " + c) for c in candidates]
     ids = torch.full((len(seqs), max(map(len, seqs))), tok.pad_id, dtype=torch.long)
     for i, s in enumerate(seqs):
         ids[i, : len(s)] = torch.tensor(s)
     logp = torch.log_softmax(model(ids.to(device)).float(), -1).cpu()
-    scores = [sum(logp[i, t - 1, s[t]].item() for t in range(len(prefix), len(s))) for i, s in enumerate(seqs)]
-    return candidates[max(range(len(candidates)), key=scores.__getitem__)]
+    return torch.tensor([sum(logp[i, t - 1, s[t]].item() for t in range(len(prefix), len(s))) for i, s in enumerate(seqs)])
+
+
+def rank_first(model: nn.Module, tok: Tokenizer, prefix: list[int], candidates: list[str]) -> str:
+    """The candidate whose tokens (after a space) have the highest total log-likelihood after `prefix`."""
+    return candidates[int(candidate_logprobs(model, tok, prefix, candidates).argmax())]
 
 
 def stored_knowledge(model: nn.Module, tok: Tokenizer, world_dir: str, per_group: int = 40) -> dict:
