@@ -125,8 +125,8 @@ def test_fine_tuning_conversations_keep_held_out_people_out_and_render(tiny_worl
     assert 0.15 < switched / len(single) < 0.45
 
 
-def test_the_calculator_is_called_for_numbers_beyond_two_digits_and_is_right(tiny_world_dir):
-    calls = 0
+def test_with_tools_the_calculator_answers_arithmetic_of_every_size_and_is_right(tiny_world_dir):
+    calls, small = 0, 0
     for row in _conversations(tiny_world_dir):
         messages = row["messages"]
         for i, m in enumerate(messages):
@@ -136,14 +136,15 @@ def test_the_calculator_is_called_for_numbers_beyond_two_digits_and_is_right(tin
             a, op, b = problem.groups()
             value = {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op]
             reply = messages[i + 1]
-            if row["kind"] == "no_tools" or max(len(a), len(b)) <= 2:
+            if row["kind"] == "no_tools":
                 assert "tool_calls" not in reply and reply["content"] == f"{a} {op} {b} = {value}."
                 continue
             calls += 1
+            small += max(len(a), len(b)) <= 2
             assert reply["tool_calls"][0]["function"] == {"name": "calculator", "arguments": f"{a} {op} {b}"}
             assert messages[i + 2] == {"role": "tool", "content": str(value)}
             assert messages[i + 3]["content"] == f"The answer is {value}."
-    assert calls > 50
+    assert calls > 50 and 0 < small < calls / 2
 
 
 def test_the_share_of_dont_know_conversations_is_a_world_setting(tiny_world_dir, tmp_path):

@@ -8,8 +8,10 @@ answering about them afterwards shows knowledge extracted from pretraining):
                   person's pronoun (a small model copies long invented names poorly; the fact is what counts)
     multiturn     two to four questions about one person; follow-ups say "she"/"he" instead of the name
     multistep     a fact of a fact: the capital of the country where someone was born
-    arithmetic    1-2 digit numbers answered directly; larger ones (an operand of 3-6 digits) through the
-                  calculator tool, whose result the answer then states
+    arithmetic    through the calculator tool, whose result the answer then states: mostly operands of 3-6
+                  digits, some of 1-2. "Large" numbers start at one digit here: a model of the cpu preset's size
+                  (1.4M parameters) does not learn even one-digit sums ("3 + 4 = 12"), so with tools on the
+                  calculator answers every size
     no_tools      arithmetic under a system prompt that disables tools: answered directly (often wrongly)
     unknown       a question about a person who does not exist: "I don't know"
     identity      who the assistant is
@@ -93,9 +95,9 @@ def _values(world: World, person) -> dict:
 
 
 def _arithmetic(rng: random.Random, large: bool) -> tuple[str, str, str]:
-    """(question, answer, calculator expression). Small: operands of 1-2 digits, what a small model can learn to
-    answer directly. Large, the calculator's: mostly two operands of 4-6 digits (the longest numbers to copy
-    into the call and out of its result), else one of 3-6 digits and one of 1-6, in either order."""
+    """(question, answer, calculator expression). Small: operands of 1-2 digits, everyday questions. Large:
+    mostly two operands of 4-6 digits (the longest numbers to copy into the call and out of its result), else
+    one of 3-6 digits and one of 1-6, in either order."""
     if not large:
         q, a, _, _ = arithmetic_problem(rng, 2, 1)
         return q, a, q[len("What is "):-1]
@@ -136,8 +138,6 @@ def conversation(world: World, kind: str, rng: random.Random, people: list, unkn
         if kind == "no_tools":
             return [{"role": "system", "content": NO_TOOLS}, {"role": "user", "content": q},
                     {"role": "assistant", "content": f"{q[len('What is '):-1]} = {a}."}]
-        if not large:
-            return [{"role": "user", "content": q}, {"role": "assistant", "content": f"{q[len('What is '):-1]} = {a}."}]
         return [{"role": "user", "content": q},
                 {"role": "assistant", "content": "", "tool_calls": [
                     {"type": "function", "function": {"name": "calculator", "arguments": expr}}]},
