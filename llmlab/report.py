@@ -92,10 +92,10 @@ def report_card(card: dict) -> list[str]:
     out = ["## Report card: base model and assistant", "",
            "Base: greedy completion of `Q: ...` / `A:`; assistant: the chat format, greedy, the engine running its "
            "tool calls. Refusal, over-refusal and leakage are rates of that behaviour (lower is better for the last two); "
-           "on unknown people, the replies that do not say \"I don't know\" are hallucinations. The assistant cannot tell a "
-           "held-out person from an invented name, so what teaches it \"I don't know\" also makes it say so about "
-           "held-out people, whose facts it still holds (the stored-knowledge rows: every value of a fact ranked by "
-           "likelihood after `<name> was born in`, and so on): the world's `sft_dont_know` setting chooses between the two.", "",
+           "on unknown people, the replies that do not say \"I don't know\" are hallucinations, and \"I don't know\" about "
+           "held-out people is the assistant taking a person it read about for a stranger. The stored-knowledge rows rank "
+           "every value of a fact by likelihood after `<name> was born in`, and so on: what the weights hold, whatever the "
+           "model chooses to say.", "",
            _table(["measure", "base", "assistant"], rows), "", "Example conversations:", ""]
     for name in ("world_qa", "arithmetic_with_tools", "policy"):
         for smp in chat[name]["samples"]:  # one per group

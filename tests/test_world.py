@@ -161,3 +161,19 @@ def test_the_share_of_dont_know_conversations_is_a_world_setting(tiny_world_dir,
     world_stage.main(cfg)
     assert dont_know(cfg.out_dir) == (0, 0)
     assert _files(cfg.out_dir)["pretrain/train.jsonl"] == _files(tiny_world_dir)["pretrain/train.jsonl"]
+
+
+def test_the_cpu_vocabulary_holds_every_name_of_the_world_and_no_invented_one(tmp_path):
+    # The assistant's cue for "do I know this person?" is the name's tokens: on the cpu preset every person's
+    # first name and surname must be a whole token, whatever the group, and no invented name may be.
+    from llmlab.stages import tokenizer as tokenizer_stage
+    from llmlab.tokenizer import Tokenizer
+
+    cfg = presets.cpu(str(tmp_path / "run"))
+    world_stage.main(cfg.world)
+    tokenizer_stage.main(cfg.tokenizer)
+    tok, w = Tokenizer.load(cfg.tokenizer.out_dir), world.load(cfg.world.out_dir)
+    pieces = lambda name: len(tok.encode(" " + name))  # noqa: E731
+    for split in ("train", "heldout"):
+        assert [p.name for p in w.group(split) if pieces(p.name) != 2] == []
+    assert min(pieces(n) for n in w.unknown_people) > 2

@@ -40,9 +40,9 @@ class Config:
     """fine-tuning conversations (training people only; see llmlab.world.conversations)"""
     sft_dont_know: float = 0.08
     """weight of the "I don't know" conversations (unknown names) among them, the others' weights staying as they
-    are. The assistant cannot tell a held-out person from an invented name (it knows their facts, but nothing at
-    the name marks a person as known), so this trades one for the other: 0 = it answers about held-out people as
-    well as the base model does, and guesses about people who do not exist"""
+    are; 0 = the assistant guesses about people who do not exist. A model this small tells a person it read about
+    from an invented name by the name's tokens, nothing in its weights (see the cpu preset's vocabulary): where
+    a known person's name falls apart into pieces as a stranger's does, "I don't know" reaches them too"""
 
     def __post_init__(self) -> None:
         for name in ("n_people", "n_countries", "n_cities", "n_companies"):

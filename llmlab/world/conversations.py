@@ -10,7 +10,7 @@ answering about them afterwards shows knowledge extracted from pretraining):
     multistep     a fact of a fact: the capital of the country where someone was born
     arithmetic    through the calculator tool, whose result the answer then states: mostly operands of 3-6
                   digits, some of 1-2. "Large" numbers start at one digit here: a model of the cpu preset's size
-                  (1.4M parameters) does not learn even one-digit sums ("3 + 4 = 12"), so with tools on the
+                  (1.5M parameters) does not learn even one-digit sums ("3 + 4 = 12"), so with tools on the
                   calculator answers every size
     no_tools      arithmetic under a system prompt that disables tools: answered directly (often wrongly)
     unknown       a question about a person who does not exist: "I don't know"
@@ -168,9 +168,9 @@ def conversation(world: World, kind: str, rng: random.Random, people: list, unkn
 
 # kind -> weight of the conversations (shares: weight / sum). Arithmetic weighs most: a calculator call must copy
 # up to 12 digits from the question, and a small model learns that copying only from thousands of calls. On the
-# cpu preset (1.4M parameters), about 700 calls with large numbers gave 0% exact 5-6 digit products (digits
-# miscopied); the cpu preset's 20,000 conversations of this mix hold about 5,500 (three in four with two operands
-# of 4-6 digits) and give 100%.
+# cpu preset (then 1.4M parameters), about 700 calls with large numbers gave 0% exact 5-6 digit products (digits
+# miscopied); the cpu preset's 20,000 conversations of this mix hold about 6,500 calls, 5,500 of them with large
+# numbers (three in four with two operands of 4-6 digits), and give 98-100%.
 MIX = {"qa": 0.28, "multiturn": 0.15, "multistep": 0.06, "arithmetic": 0.40, "no_tools": 0.04, "unknown": 0.08,
        "identity": 0.02, "forbidden": 0.06, "benign": 0.07, "secret": 0.06}
 
