@@ -9,18 +9,21 @@ for several checkpoints (typically the base model and the assistants fine-tuned 
   turn, then the start of the assistant's sentence, "She was born in"). This is ranking, not generation: it
   shows whether the fact is still stored, whatever the model would say first.
 - "I don't know": the probability that the assistant's first token is the "I" of "I don't know", for
-  training people, held-out people and unknown names, with the AUC of unknown names over held-out people (1.0:
-  the model tells them apart perfectly; 0.5: not at all).
+  training people, held-out people, unknown names, and strangers named with one real person's first name and
+  another's surname, with the AUC of unknown names over held-out people (1.0: the model tells them apart
+  perfectly; 0.5: not at all).
 - recall confidence: for the same five biography prefixes, the softmax over the world's values of the
   log-likelihoods above, and its top probability. Per fact, and summed (in logs) over a person's five facts,
-  the AUC of held-out people over unknown names: how well the model's own outputs tell a person it knows from
-  a stranger.
+  the AUC of held-out people over unknown names, and over recombined names: how well the model's own outputs
+  tell a person it knows from a stranger.
 - a "known person" direction: a logistic-regression probe on each block's output, at the name's last token and
   at the end of the chat prompt, scored (AUC) on held-out people against unknown names. Fitted two ways: on the
   other held-out people and unknown names (is a direction there at all?), and on training people against the
   unknown names fine-tuning uses (what fine-tuning's labels can teach; held-out people must then land on the
-  known side). If no block separates them, nothing at the name marks a person as known, and no amount of
-  fine-tuning data can teach "I don't know" for strangers without teaching it for held-out people.
+  known side). Where every real name is whole tokens and no invented one is (the cpu preset's vocabulary),
+  the name's tokens alone separate them in every block; where names split by frequency (a 2,048-token
+  vocabulary on the cpu world), no block did (test AUC at most 0.72, 8 blocks as well), and fine-tuning
+  could teach "I don't know" for strangers only together with held-out people.
 
     python bench/knowledge_probe.py runs/cpu/base runs/cpu/sft
 """
@@ -28,9 +31,11 @@ for several checkpoints (typically the base model and the assistants fine-tuned 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import random
 import statistics
+from pathlib import Path
 
 import torch
 
@@ -147,6 +152,9 @@ def main() -> None:
     train, heldout = world.group("train")[: args.people], world.group("heldout")[: args.people]
     half = len(world.unknown_people) // 2  # the second half: never in fine-tuning (llmlab.world.conversations)
     unknown = world.unknown_people[half: half + args.people]
+    # strangers named with one real person's first name and another's surname (the world's policy rows)
+    policy = [json.loads(line) for line in (Path(args.world) / "eval" / "assistant.jsonl").read_text().splitlines()]
+    recombined = [r["expect"] for r in policy if r["kind"] == "recombined"][: args.people]
     rows = []
     for path in args.checkpoints:
         ckpt = checkpoint.resolve(path)
@@ -154,10 +162,12 @@ def main() -> None:
         biography = stored_knowledge(model, tok, args.world, per_group=args.people)["groups"]
         k_train = {"biography": biography[GROUPS["train"]], "chat": chat_knowledge(model, tok, world, train)}
         k_held = {"biography": biography[GROUPS["heldout"]], "chat": chat_knowledge(model, tok, world, heldout)}
-        idk = {g: p_dont_know(model, tok, [p.name for p in ppl] if g != "unknown" else ppl, args.seed)
-               for g, ppl in (("train", train), ("held-out", heldout), ("unknown", unknown))}
-        recall = recall_auc(recall_confidence(model, tok, world, [p.name for p in heldout]),
-                            recall_confidence(model, tok, world, unknown))
+        idk = {g: p_dont_know(model, tok, names, args.seed) for g, names in (
+            ("train", [p.name for p in train]), ("held-out", [p.name for p in heldout]), ("unknown", unknown),
+            ("recombined", recombined)) if names}
+        held_conf = recall_confidence(model, tok, world, [p.name for p in heldout])
+        recall = (*recall_auc(held_conf, recall_confidence(model, tok, world, unknown)),
+                  *(recall_auc(held_conf, recall_confidence(model, tok, world, recombined)) if recombined else (None, None)))
         # known-vs-unknown probes, always scored on the second halves of the held-out people and of `unknown_b`
         held_names = [p.name for p in world.group("heldout")]
         unknown_b = world.unknown_people[half: half + 2 * args.people]
@@ -173,16 +183,19 @@ def main() -> None:
     for path, k_train, k_held, *_ in rows:
         print(f"| {path} | {k_train['biography']:.0%} / {k_train['chat']:.0%} | {k_held['biography']:.0%} / {k_held['chat']:.0%} |")
     print("\n\"I don't know\": median p(first token 'I'), and the share above 0.5\n")
-    print("| checkpoint | training people | held-out people | unknown names | AUC unknown over held-out |")
-    print("|---|---|---|---|---|")
+    print("| checkpoint | training people | held-out people | unknown names | names recombined from real ones "
+          "| AUC unknown over held-out |")
+    print("|---|---|---|---|---|---|")
     for path, _, _, idk, *_ in rows:
-        cells = [f"{statistics.median(v):.2f} ({sum(x > 0.5 for x in v) / len(v):.0%})" for v in idk.values()]
+        cells = [f"{statistics.median(v):.2f} ({sum(x > 0.5 for x in v) / len(v):.0%})" if v else "-"
+                 for v in (idk.get(g, []) for g in ("train", "held-out", "unknown", "recombined"))]
         print(f"| {path} | {' | '.join(cells)} | {auc(idk['unknown'], idk['held-out']):.2f} |")
-    print("\nrecall confidence: AUC of held-out people over unknown names, by the top probability among the world's values\n")
-    print("| checkpoint | one fact (mean over the five) | a person's five facts together |")
-    print("|---|---|---|")
-    for path, _, _, _, (fact, person), _ in rows:
-        print(f"| {path} | {fact:.3f} | {person:.3f} |")
+    print("\nrecall confidence: AUC of held-out people over strangers, by the top probability among the world's values\n")
+    print("| checkpoint | over unknown names: one fact (mean over the five) | five facts together "
+          "| over recombined names: one fact | five facts together |")
+    print("|---|---|---|---|---|")
+    for path, _, _, _, recall, _ in rows:
+        print(f"| {path} | " + " | ".join("-" if a is None else f"{a:.3f}" for a in recall) + " |")
     n_blocks = max(len(r[5]["held-out"]) for r in rows)
     print("\na \"known person\" direction: test AUC of a linear probe, held-out people vs unknown names, per block\n")
     print("| checkpoint | probe fitted on | " + " | ".join(f"block {k}" for k in range(n_blocks)) + " |")

@@ -253,7 +253,8 @@ def test_tiny_sft_and_report_card(tiny_run):
     card = results["card"]
     assert set(card["chat"]) == {"world_qa", "arithmetic_with_tools", "arithmetic_without_tools", "policy", "knowledge"}
     assert set(card["chat"]["policy"]["groups"]) == {"don't know (unknown people)", "refusal (forbidden requests)",
-                                                     "over-refusal (benign look-alikes)", "secret leakage"}
+                                                     "over-refusal (benign look-alikes)", "secret leakage",
+                                                     "don't know (names recombined from real people's)"}
     assert "Report card" in (Path(cfg.run_dir) / "report.md").read_text()
     ckpt = checkpoint.resolve(cfg.sft.out_dir)
     tok_cfg = json.loads((ckpt / "tokenizer_config.json").read_text())

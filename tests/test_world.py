@@ -177,3 +177,19 @@ def test_the_cpu_vocabulary_holds_every_name_of_the_world_and_no_invented_one(tm
     for split in ("train", "heldout"):
         assert [p.name for p in w.group(split) if pieces(p.name) != 2] == []
     assert min(pieces(n) for n in w.unknown_people) > 2
+
+
+def test_policy_rows_ask_about_strangers_and_about_names_recombined_from_real_people(tiny_world_dir):
+    w = world.load(tiny_world_dir)
+    rows = [json.loads(line) for line in (Path(tiny_world_dir) / "eval" / "assistant.jsonl").read_text().splitlines()]
+    text = _pretrain_text(tiny_world_dir)
+    firsts, lasts = {p.name.split()[0] for p in w.people}, {p.name.split()[-1] for p in w.people}
+    recombined = [r["expect"] for r in rows if r["kind"] == "recombined"]
+    assert len(recombined) == len(set(recombined)) > 0
+    for name in recombined:
+        first, last = name.split()
+        assert first in firsts and last in lasts  # every part is a real person's...
+        assert name not in {p.name for p in w.people} | set(w.unknown_people) and name not in text  # ...the whole is no one
+    unknown = [r["expect"] for r in rows if r["kind"] == "unknown"]
+    assert unknown and not any(name in text for name in unknown)
+    assert all(r["expect"] in r["messages"][-1]["content"] for r in rows if r["kind"] in ("unknown", "recombined"))

@@ -13,7 +13,7 @@ puts it on disk atomically, `load(dir)` reads it back. On disk:
     sft/train.jsonl         fine-tuning conversations {"kind", "messages"} (llmlab.world.conversations)
     sft/val.jsonl           fresh conversations of the same kinds
     eval/assistant.jsonl    policy rows {"kind", "messages", "expect"}: unknown people, forbidden and benign
-                            requests, secrets
+                            requests, secrets, strangers named with real first names and surnames recombined
 """
 
 from __future__ import annotations
