@@ -65,7 +65,7 @@ def cpu(run: str = "runs/cpu") -> speedrun.Config:
     block's state does; bench/knowledge_probe.py). With 2,048 tokens the merges ran out partway through the
     names, by frequency: training people's names, which the Q/A pages repeat, became whole tokens, held-out
     people's mostly did not, and the assistant said "I don't know" about held-out people as about invented
-    names (it answered 28% of their questions; with this vocabulary 95%, against the base model's 88%).
+    names (it answered 26% of their questions; with this vocabulary 95%, against the base model's 88%).
     """
     world_cfg = world.Config(n_people=200, n_heldout=60, n_unknown=400, bios_per_person=16, stories_per_person=2,
                              qa_pages=1500, n_arithmetic=2000, val_docs=300)
