@@ -30,7 +30,8 @@ def candidate_logprobs(model: nn.Module, tok: Tokenizer, prefix: list[int], cand
     for i, s in enumerate(seqs):
         ids[i, : len(s)] = torch.tensor(s)
     logp = torch.log_softmax(model(ids.to(device)).float(), -1).cpu()
-    return torch.tensor([sum(logp[i, t - 1, s[t]].item() for t in range(len(prefix), len(s))) for i, s in enumerate(seqs)])
+    return torch.tensor([sum(logp[i, t - 1, s[t]].item() for t in range(len(prefix), len(s))) for i, s in enumerate(seqs)],
+                        dtype=torch.float64)
 
 
 def rank_first(model: nn.Module, tok: Tokenizer, prefix: list[int], candidates: list[str]) -> str:
