@@ -42,7 +42,7 @@ import torch
 from llmlab import checkpoint
 from llmlab import world as world_lib
 from llmlab.chat import render_prompt
-from llmlab.tasks.knowledge import GROUPS, PREFIXES, candidate_logprobs, rank_first, stored_knowledge
+from llmlab.tasks.knowledge import GROUPS, PREFIXES, attribute_values, candidate_logprobs, rank_first, stored_knowledge
 from llmlab.tokenizer import Tokenizer
 from llmlab.world.text import QUESTIONS
 
@@ -61,7 +61,7 @@ def chat_knowledge(model, tok: Tokenizer, world, people) -> float:
     """Share of facts whose true value ranks first after the question and the start of the assistant's answer."""
     right = 0
     for attribute, (question, sentence) in CHAT_PROBES.items():
-        candidates = sorted({world.answer(p, attribute) for p in world.people})
+        candidates = attribute_values(world, attribute)
         for p in people:
             prompt = render_prompt(tok, [{"role": "user", "content": question.format(n=p.name)}])
             start = sentence.format(s=p.pronoun.capitalize(), p=p.possessive.capitalize())
@@ -98,7 +98,7 @@ def name_features(model, tok: Tokenizer, name: str) -> list[torch.Tensor]:
 
 def recall_confidence(model, tok: Tokenizer, world, names: list[str]) -> list[dict[str, float]]:
     """Per name: attribute -> top probability of the softmax over the world's values after its biography prefix."""
-    candidates = {a: sorted({world.answer(p, a) for p in world.people}) for a in PREFIXES}
+    candidates = {a: attribute_values(world, a) for a in PREFIXES}
     return [{a: torch.softmax(candidate_logprobs(model, tok, [tok.bos_id] + tok.encode(prefix.format(name=n)),
                                                  candidates[a]), 0).max().item() for a, prefix in PREFIXES.items()}
             for n in names]

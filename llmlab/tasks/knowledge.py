@@ -34,6 +34,11 @@ def candidate_logprobs(model: nn.Module, tok: Tokenizer, prefix: list[int], cand
                         dtype=torch.float64)
 
 
+def attribute_values(world, attribute: str) -> list[str]:
+    """Every value `attribute` takes in the world, sorted: the candidates a fact is ranked among."""
+    return sorted({world.answer(p, attribute) for p in world.people})
+
+
 def rank_first(model: nn.Module, tok: Tokenizer, prefix: list[int], candidates: list[str]) -> str:
     """The candidate whose tokens (after a space) have the highest total log-likelihood after `prefix`."""
     return candidates[int(candidate_logprobs(model, tok, prefix, candidates).argmax())]
@@ -52,7 +57,7 @@ def stored_knowledge(model: nn.Module, tok: Tokenizer, world_dir: str, per_group
             continue
         right = 0
         for attribute, prefix in PREFIXES.items():
-            candidates = sorted({world.answer(p, attribute) for p in world.people})
+            candidates = attribute_values(world, attribute)
             for p in people:
                 ids = [tok.bos_id] + tok.encode(prefix.format(name=p.name))
                 right += rank_first(model, tok, ids, candidates) == world.answer(p, attribute)

@@ -232,10 +232,15 @@ def _recombined_rows(world: World, rng: random.Random, n: int) -> list[dict]:
     """Questions about people who do not exist but whose names are made of real ones: one person's first name
     and another's surname. Harder than the unknown names, whose parts the model never read."""
     taken = {p.name for p in world.people} | set(world.unknown_people)
-    firsts, lasts = sorted({p.name.split()[0] for p in world.people}), sorted({p.name.split()[-1] for p in world.people})
-    names = sorted({f"{f} {la}" for f in firsts for la in lasts} - taken)
     rows = []
-    for name in rng.sample(names, min(n, len(names))):
+    for _ in range(20 * n):  # (drawn pairs, not the whole product: a large world has millions of them)
+        if len(rows) == n or len(world.people) < 2:
+            break
+        a, b = rng.sample(world.people, 2)
+        name = f"{a.name.split()[0]} {b.name.split()[-1]}"
+        if name in taken:
+            continue
+        taken.add(name)
         attribute = rng.choice(list(QUESTIONS))
         q = rng.choice(QUESTIONS[attribute]["seen"] + QUESTIONS[attribute]["heldout"]).format(name=name)
         rows.append({"kind": "recombined", "messages": [{"role": "user", "content": q}], "expect": name})
