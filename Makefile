@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 PRESET ?= cpu
 
-.PHONY: install browser test test-all speedrun bench clean
+.PHONY: install browser sandbox test test-all speedrun bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,13 +26,17 @@ browser:
 		apt-get install -y -q chromium >/dev/null 2>&1; }; }; } || \
 		echo "note: chromium is not installed (apt-get install chromium); tests/test_webui.py will be skipped"
 
-test: install browser
+# The python tool's sandbox needs bubblewrap (bwrap): installed here when missing and apt-get is at hand (as root).
+sandbox:
+	@sh scripts/install-sandbox.sh
+
+test: install browser sandbox
 	$(PY) -m pytest -q
 
-test-all: install browser
+test-all: install browser sandbox
 	$(PY) -m pytest -q -m ""
 
-speedrun: install
+speedrun: install sandbox
 	$(VENV)/bin/llmlab speedrun --preset $(PRESET)
 
 bench: install

@@ -36,6 +36,10 @@ arguments, `<|tool_end|>`) and `<|assistant_end|>` (so that it learns to stop; `
 token and never appears here). Masked (0): `<|bos|>`, system and user messages, `<|assistant_start|>` (the
 prompt supplies it) and every `<|output_start|>...<|output_end|>` span (the engine forces tool outputs).
 
+Generation reads the format back: it stops at `reply_stop_ids`; `ToolSpans` tells, token by token, the
+assistant's words from its calls and their outputs (what the server streams); `final_answer` is the text after
+the last tool output (what is scored and remembered); `parse_turn` turns a generated turn into messages.
+
 `CHAT_TEMPLATE` renders the same conversation as text for Hugging Face `transformers`; `write_tokenizer_config`
 puts it into a checkpoint folder next to `tokenizer.json`.
 """
@@ -44,6 +48,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 from llmlab.errors import LLMLabError
@@ -246,57 +251,127 @@ def render_prompt(tokenizer: Tokenizer, messages: list[dict]) -> list[int]:
 # ------------------------------------------------------------------------------------------------------- parsing
 
 
+def split_call(call: str) -> tuple[str, str]:
+    """A tool call's text, "NAME ARGS", as (name, arguments): the name ends at the first whitespace of any kind
+    (`python` is often followed by a newline and the program)."""
+    name, *rest = re.split(r"\s", call.strip(), maxsplit=1)
+    return name, rest[0] if rest else ""
+
+
+def reply_stop_ids(tokenizer: Tokenizer) -> list[int]:
+    """The tokens generation stops at: `<|assistant_end|>` (the assistant's turn is over; the eos of exports) and
+    `<|bos|>` (a new document: how a base model ends a text)."""
+    return [tokenizer.special_id("<|assistant_end|>"), tokenizer.bos_id]
+
+
+class ToolSpans:
+    """Reads the tool spans of a generated assistant turn, one token at a time.
+
+    `push(token)` says what the token is: "text" (the assistant's own words); "call" or "output" (inside
+    `<|tool_start|>...<|tool_end|>`, a call the assistant writes, or `<|output_start|>...<|output_end|>`, the
+    result the engine forced in); one of the marks "call_start", "call_end", "output_start", "output_end"; or
+    "special" (any other special token, or a mark out of place: nothing an assistant turn holds there).
+    `call` and `output` hold the tokens of the current (or last) call and output; at each "output_end",
+    `calls` gains `{"call": "calculator 2*3", "result": "6"}`.
+    """
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        sp = tokenizer.special_id
+        self._marks = {sp("<|tool_start|>"): "call_start", sp("<|tool_end|>"): "call_end",
+                       sp("<|output_start|>"): "output_start", sp("<|output_end|>"): "output_end"}
+        self.span: str | None = None  # "call" or "output" while inside one
+        self.call: list[int] = []
+        self.output: list[int] = []
+        self.calls: list[dict] = []
+
+    def push(self, token: int) -> str:
+        mark = self._marks.get(token)
+        if mark == "call_start":
+            self.span, self.call, self.output = "call", [], []
+        elif mark == "output_start":  # the output of the call just written: `call` stays
+            self.span, self.output = "output", []
+        elif (mark, self.span) in (("call_end", "call"), ("output_end", "output")):
+            self.span = None
+            if mark == "output_end":
+                self.calls.append({"call": self.tokenizer.decode(self.call).strip(),
+                                   "result": self.tokenizer.decode(self.output)})
+        elif token < len(SPECIAL_TOKENS):
+            return "special"
+        elif self.span is not None:
+            (self.call if self.span == "call" else self.output).append(token)
+            return self.span
+        else:
+            return "text"
+        return mark
+
+
+def final_answer(tokenizer: Tokenizer, ids: list[int]) -> str:
+    """What the assistant finally says in generated ids (its turn, without the stop token): the text after its
+    last tool output, special tokens left out. Scores and remembered replies read this, never a tool's output."""
+    out_end = tokenizer.special_id("<|output_end|>")
+    last = max((i for i, t in enumerate(ids) if t == out_end), default=-1)
+    return tokenizer.decode([t for t in ids[last + 1:] if t >= len(SPECIAL_TOKENS)])
+
+
+def _read_turn(tokenizer: Tokenizer, ids: list[int]) -> list[dict]:
+    """The assistant message before each tool output (possibly empty) and the tool message of the output, then
+    the assistant message after the last output. Reading stops at `<|assistant_end|>`; a special token that has
+    no place in an assistant turn ends the assistant's message (until the next output)."""
+    stop = tokenizer.special_id("<|assistant_end|>")
+    spans = ToolSpans(tokenizer)
+    messages: list[dict] = []
+    words: list[int] = []
+    calls: list[dict] = []
+    reading = True
+
+    def assistant() -> dict:
+        message = {"role": "assistant", "content": tokenizer.decode(words)}
+        if calls:
+            message["tool_calls"] = calls
+        return message
+
+    for t in ids:
+        if t == stop:
+            break
+        kind = spans.push(t)
+        if kind == "output_start":
+            messages.append(assistant())
+            words, calls, reading = [], [], True
+        elif kind == "output_end":
+            messages.append({"role": "tool", "content": tokenizer.decode(spans.output)})
+        elif not reading:
+            continue
+        elif kind == "text":
+            words.append(t)
+        elif kind == "call_end":
+            name, args = split_call(tokenizer.decode(spans.call))
+            calls.append({"type": "function", "function": {"name": name, "arguments": args}})
+        elif kind == "special":
+            reading = False
+    if spans.span == "output":  # cut short inside an output
+        messages.append({"role": "tool", "content": tokenizer.decode(spans.output)})
+    else:
+        messages.append(assistant())
+    return messages
+
+
 def parse_assistant(tokenizer: Tokenizer, ids: list[int]) -> dict:
     """The assistant message written by generated ids (the tokens after `<|assistant_start|>`, no tool outputs):
     {"role": "assistant", "content": text, "tool_calls": [...]}. Content is the text outside calls; a call is
     split into name and arguments at its first space; an unfinished call (generation cut short) is dropped.
     Reading stops at `<|assistant_end|>` or any token that cannot occur in an assistant turn."""
-    sp = tokenizer.special_id
-    start, end = sp("<|tool_start|>"), sp("<|tool_end|>")
-    if sp("<|output_start|>") in ids:
+    if tokenizer.special_id("<|output_start|>") in ids:
         raise LLMLabError("these ids hold tool outputs: use parse_turn, which splits them into assistant and "
                           "tool messages")
-    text: list[int] = []
-    calls: list[dict] = []
-    call: list[int] | None = None
-    for t in ids:
-        if t == start:
-            call = []
-        elif t == end and call is not None:
-            name, _, args = tokenizer.decode(call).strip().partition(" ")
-            calls.append({"type": "function", "function": {"name": name, "arguments": args}})
-            call = None
-        elif t < len(SPECIAL_TOKENS):
-            break
-        else:
-            (text if call is None else call).append(t)
-    message = {"role": "assistant", "content": tokenizer.decode(text)}
-    if calls:
-        message["tool_calls"] = calls
-    return message
+    return _read_turn(tokenizer, ids)[0]
 
 
 def parse_turn(tokenizer: Tokenizer, ids: list[int]) -> list[dict]:
     """The messages of a generated turn whose tool outputs the engine forced in: assistant and tool messages, so
     that `render_prompt(prompt) + ids` and `render_conversation(prompt + parse_turn(ids))` agree (canonical
     tokenization assumed). Reading stops at `<|assistant_end|>`."""
-    sp = tokenizer.special_id
-    out_start, out_end, stop = sp("<|output_start|>"), sp("<|output_end|>"), sp("<|assistant_end|>")
-    if stop in ids:
-        ids = ids[:ids.index(stop)]
-    messages: list[dict] = []
-    pos = 0
-    while pos < len(ids):
-        a = ids.index(out_start, pos) if out_start in ids[pos:] else len(ids)
-        own = parse_assistant(tokenizer, ids[pos:a])
-        if own["content"] or own.get("tool_calls"):
-            messages.append(own)
-        if a == len(ids):
-            break
-        b = ids.index(out_end, a) if out_end in ids[a:] else len(ids)
-        messages.append({"role": "tool", "content": tokenizer.decode(ids[a + 1:b])})
-        pos = b + 1
-    return messages
+    return [m for m in _read_turn(tokenizer, ids) if m["role"] == "tool" or m["content"] or m.get("tool_calls")]
 
 
 # --------------------------------------------------------------------------------------------- Hugging Face files

@@ -1,4 +1,5 @@
-"""Checkpoints: atomic save and load of the model, optimizer state, RNG and data position.
+"""Checkpoints: atomic save and load of the model, optimizer state, RNG and data position, and the one call
+that opens a checkpoint for use (`load`: model, tokenizer and info together).
 
 A training stage writes into its output directory:
 
@@ -8,65 +9,64 @@ A training stage writes into its output directory:
         model.safetensors      weights (a tied head is stored once, as embed_tokens.weight)
         config.json            model shape (GPTConfig)
         tokenizer.json         the tokenizer the model was trained with
-        llmlab.json            stage, step, tokens seen, resolved stage config, metrics, format_version
+        llmlab.json            stage, step, tokens seen, resolved stage config, metrics, format_version, and the
+                               sha256 of model.safetensors (checked on load)
         optimizer.safetensors  optimizer state tensors, for resuming
         trainer_state.json     optimizer hyperparameters, data loader position, RNG states
 
 A checkpoint is built in a hidden temporary directory, every file fsynced, then renamed into place, and only
-then does `latest` move to it: a process killed at any point leaves the previous checkpoint intact and
-loadable. Weights are never pickled. A Hugging Face Llama or Qwen3 folder loads as a checkpoint too: its
-config and tensor names are converted on the fly (llmlab.export.hf).
+then does `latest` move to it. Saving a step that already exists (re-running a finished stage) first points
+`latest` at a hard-linked copy of the old one, so `latest` names a complete checkpoint at every instant and a
+process killed anywhere in a save leaves a loadable run (tests/test_checkpoint.py kills it between every two
+filesystem operations). Weights are never pickled; weights that are not finite are refused at save and at
+load, as is a model.safetensors whose checksum does not match. A Hugging Face Llama or Qwen3 folder loads as a
+checkpoint too: its config and tensor names are converted on the fly (llmlab.hf).
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn as nn
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as tensors_from_bytes
+from safetensors.torch import load_file
+from safetensors.torch import save as tensors_to_bytes
 
 from llmlab import dist
 from llmlab.chat import write_tokenizer_config
 from llmlab.errors import LLMLabError
-from llmlab.export.hf import INDEX, gpt_config_from_hf, is_hf_folder, read_hf_weights
+from llmlab.fileio import fsync_dir, fsync_file, write_atomic, write_durably
+from llmlab.hf import INDEX, gpt_config_from_hf, is_hf_folder, read_hf_weights
 from llmlab.model import GPT, GPTConfig
+from llmlab.tokenizer import Tokenizer
 
 FORMAT_VERSION = 1
 LATEST = "latest"
+_PREVIOUS = ".previous-"  # a hard-linked copy of a step being saved again, named by `latest` meanwhile
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _json_bytes(obj) -> bytes:
+    return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
 
 
-def _write_bytes(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+def _check_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise LLMLabError(f"{what}: {name} holds NaN or infinite values; such weights are never saved or "
+                              f"loaded (a learning rate too high for the model is the usual cause)")
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON to a temporary sibling, fsync, and rename over `path`."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    _write_bytes(tmp, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
-    os.replace(tmp, path)
-
-
-def _model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The weights as whole CPU tensors, FSDP2 shards gathered (then a collective: every rank calls it)."""
+def gather_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The weights as whole CPU tensors under llmlab's names, a tied head stored once, FSDP2 shards gathered
+    (then a collective: every rank calls it)."""
     model = dist.unwrap(model)
     sd = model.state_dict()
     if model.config.tie_embeddings:
@@ -89,6 +89,18 @@ def _optimizer_state(optimizers: list[torch.optim.Optimizer]) -> tuple[dict[str,
     return tensors, groups
 
 
+def _remove_leftovers(out_dir: Path) -> None:
+    """Remove what a process killed mid-save left behind, except the directory `latest` names."""
+    named = _latest_name(out_dir)
+    for stale in [*out_dir.glob(".tmp-step-*"), *out_dir.glob(_PREVIOUS + "*")]:
+        if stale.name != named:
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _point_latest(out_dir: Path, name: str) -> None:
+    write_atomic(out_dir / LATEST, (name + "\n").encode())
+
+
 def save_checkpoint(out_dir: str | Path, step: int, model: nn.Module, *, tokenizer_path: str | Path | None,
                     meta: dict, optimizers: list[torch.optim.Optimizer] | None = None,
                     trainer_state: dict | None = None, keep: int = 2, write: bool = True) -> Path:
@@ -99,43 +111,51 @@ def save_checkpoint(out_dir: str | Path, step: int, model: nn.Module, *, tokeniz
     """
     out_dir = Path(out_dir)
     name = f"step-{step:06d}"
-    weights = _model_tensors(model)
+    weights = gather_weights(model)
     opt_state = _optimizer_state(optimizers) if optimizers is not None else None
     if not write:
         return out_dir / name
+    _check_finite(weights, f"checkpoint {out_dir / name}")
     model = dist.unwrap(model)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in out_dir.glob(".tmp-step-*"):  # left by a process killed mid-save
-        shutil.rmtree(stale, ignore_errors=True)
+    _remove_leftovers(out_dir)
     tmp = out_dir / f".tmp-{name}-{os.getpid()}"
-    tmp.mkdir()
-    save_file(weights, str(tmp / "model.safetensors"))
-    _write_bytes(tmp / "config.json", (json.dumps({"model_type": "llmlab", **model.config.to_dict()}, indent=2) + "\n").encode())
+    os.mkdir(tmp)
+    weight_bytes = tensors_to_bytes(weights)
+    write_durably(tmp / "model.safetensors", weight_bytes)
+    config = {"model_type": "llmlab", **model.config.to_dict()}
+    write_durably(tmp / "config.json", (json.dumps(config, indent=2) + "\n").encode())
     if tokenizer_path is not None:
-        shutil.copyfile(resolve_tokenizer(tokenizer_path), tmp / "tokenizer.json")
+        write_durably(tmp / "tokenizer.json", resolve_tokenizer(tokenizer_path).read_bytes())
         write_tokenizer_config(tmp, model_max_length=model.config.context_len)  # with the chat template
-    info = {"format_version": FORMAT_VERSION, "step": step, **meta}
-    _write_bytes(tmp / "llmlab.json", (json.dumps(info, indent=2, sort_keys=True) + "\n").encode())
+        fsync_file(tmp / "tokenizer_config.json")
+    info = {"format_version": FORMAT_VERSION, "step": step, **meta,
+            "weights_sha256": hashlib.sha256(weight_bytes).hexdigest()}
+    write_durably(tmp / "llmlab.json", _json_bytes(info))
     if opt_state is not None:
         tensors, groups = opt_state
-        save_file(tensors, str(tmp / "optimizer.safetensors"))
+        write_durably(tmp / "optimizer.safetensors", tensors_to_bytes(tensors))
         state = dict(trainer_state or {})
         state["optimizer_param_groups"] = groups
         state["rng"] = {"torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}
-        _write_bytes(tmp / "trainer_state.json", (json.dumps(state, indent=2, sort_keys=True) + "\n").encode())
-    for f in tmp.iterdir():  # copyfile and save_file do not fsync
-        with open(f, "rb+") as fh:
-            os.fsync(fh.fileno())
-    _fsync_dir(tmp)
+        write_durably(tmp / "trainer_state.json", _json_bytes(state))
+    fsync_dir(tmp)
+
     final = out_dir / name
-    if final.exists():  # a save of this step that `latest` never pointed at (killed before the pointer moved)
-        shutil.rmtree(final)
+    if final.exists():
+        if _latest_name(out_dir) == name:  # saving a step again: `latest` moves to a copy of the old one first
+            previous = out_dir / (_PREVIOUS + name)
+            shutil.rmtree(previous, ignore_errors=True)
+            os.mkdir(previous)
+            for f in final.iterdir():
+                os.link(f, previous / f.name)  # files are never modified in place, so links are a copy
+            fsync_dir(previous)
+            _point_latest(out_dir, previous.name)
+        shutil.rmtree(final)  # `latest` does not name it (any more)
     os.rename(tmp, final)
-    _fsync_dir(out_dir)
-    tmp_latest = out_dir / f".{LATEST}.tmp-{os.getpid()}"
-    _write_bytes(tmp_latest, (name + "\n").encode())
-    os.replace(tmp_latest, out_dir / LATEST)
-    _fsync_dir(out_dir)
+    fsync_dir(out_dir)
+    _point_latest(out_dir, name)
+    _remove_leftovers(out_dir)
     steps = sorted(p for p in out_dir.glob("step-*") if p.is_dir())
     for old in steps[:-keep] if keep > 0 else []:
         if old != final:
@@ -143,13 +163,59 @@ def save_checkpoint(out_dir: str | Path, step: int, model: nn.Module, *, tokeniz
     return final
 
 
+def _latest_name(out_dir: Path) -> str | None:
+    """The directory name in `out_dir/latest`, or None without one; a clear error for a file that is not one."""
+    path = out_dir / LATEST
+    if not path.is_file():
+        return None
+    try:
+        name = path.read_bytes().decode("utf-8").strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise LLMLabError(f"{path} is unreadable or not text ({e}): remove it to start over") from None
+    if not name or "/" in name or "\\" in name or name in (".", ".."):
+        raise LLMLabError(f"{path} does not name a checkpoint directory ({name[:40]!r}): remove it to start over")
+    return name
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint opened for use: what `load` returns."""
+
+    path: Path
+    """the checkpoint directory itself (a `latest` file already followed)"""
+    model: GPT
+    """the model with the checkpoint's shape and weights, in eval mode"""
+    tokenizer: Tokenizer | None
+    """the tokenizer saved with it; None for a folder without tokenizer.json (a bare Hugging Face model)"""
+    info: dict
+    """llmlab.json: stage, step, resolved stage config, metrics (an imported folder: stage "import")"""
+
+    def require_tokenizer(self, purpose: str) -> Tokenizer:
+        """The tokenizer, or a clear error saying what needs it when the folder has none."""
+        if self.tokenizer is None:
+            raise LLMLabError(f"{self.path} has no tokenizer.json: {purpose} needs the model's tokenizer "
+                              f"(export it with the model, or copy a llmlab tokenizer.json into the folder)")
+        return self.tokenizer
+
+
+def load(path: str | Path, device: str | torch.device = "cpu", *, verify: bool = True) -> Checkpoint:
+    """Open a run directory (its `latest`), a step directory or a Hugging Face Llama / Qwen3 folder: the path is
+    resolved once, and model, tokenizer and info come from the same directory. `verify=False` skips the
+    checksum of the weights (for speed on large models)."""
+    ckpt = resolve(path)
+    model = load_model(ckpt, device, verify=verify)
+    tokenizer = Tokenizer.load(ckpt) if (ckpt / "tokenizer.json").is_file() else None
+    return Checkpoint(path=ckpt, model=model, tokenizer=tokenizer, info=read_info(ckpt))
+
+
 def resolve(path: str | Path) -> Path:
     """The checkpoint directory that `path` names: itself, or the one its `latest` file points at."""
     path = Path(path)
     if not path.exists():
         raise LLMLabError(f"checkpoint path {path} does not exist: train one first or pass the right path")
-    if (path / LATEST).is_file():
-        target = path / (path / LATEST).read_text().strip()
+    name = _latest_name(path) if path.is_dir() else None
+    if name is not None:
+        target = path / name
         if not (target / "model.safetensors").is_file():
             raise LLMLabError(f"{path / LATEST} points at {target}, which is not a checkpoint: remove `latest` to start over")
         return target
@@ -191,30 +257,44 @@ def load_model_config(ckpt: str | Path) -> GPTConfig:
     return GPTConfig.from_dict(data)
 
 
-def load_weights(model: GPT, ckpt: str | Path) -> None:
-    """Load model.safetensors into `model`, checking names and shapes first (a clear error, not a traceback)."""
+def _read_weights(ckpt: Path, verify: bool) -> dict[str, torch.Tensor]:
+    """model.safetensors of a llmlab checkpoint, its checksum checked against llmlab.json when `verify`."""
+    try:
+        data = (ckpt / "model.safetensors").read_bytes()
+        tensors = tensors_from_bytes(data)
+    except (SafetensorError, OSError) as e:
+        raise LLMLabError(f"{ckpt}/model.safetensors is unreadable or corrupt ({e})") from None
+    expected = read_info(ckpt).get("weights_sha256") if verify and (ckpt / "llmlab.json").is_file() else None
+    if expected is not None and hashlib.sha256(data).hexdigest() != expected:
+        raise LLMLabError(f"{ckpt}/model.safetensors is corrupt: its sha256 differs from the one recorded in "
+                          f"llmlab.json when it was saved (a damaged disk or copy?)")
+    return tensors
+
+
+def load_weights(model: GPT, ckpt: str | Path, *, verify: bool = True) -> None:
+    """Load the checkpoint's weights into `model`, checking names, shapes, finiteness and (with `verify`) the
+    checksum first: a clear error, not a traceback or a silently broken model."""
     ckpt = resolve(ckpt)
     if is_hf_folder(ckpt):  # Hugging Face names (and maybe shards), converted to llmlab's
         tensors = read_hf_weights(ckpt, tied=model.config.tie_embeddings)
     else:
-        try:
-            tensors = load_file(str(ckpt / "model.safetensors"))
-        except (SafetensorError, OSError) as e:
-            raise LLMLabError(f"{ckpt}/model.safetensors is unreadable or corrupt ({e})") from None
-    expected = _model_tensors(model)
+        tensors = _read_weights(ckpt, verify)
+    expected = {k: v for k, v in model.state_dict().items()
+                if not (k == "lm_head.weight" and model.config.tie_embeddings)}
     missing, unexpected = set(expected) - set(tensors), set(tensors) - set(expected)
     if missing or unexpected:
         raise LLMLabError(f"checkpoint {ckpt} does not fit this model: missing {sorted(missing)[:4]}, unexpected {sorted(unexpected)[:4]}")
     for name, t in tensors.items():
         if t.shape != expected[name].shape:
             raise LLMLabError(f"checkpoint {ckpt} has {name} of shape {tuple(t.shape)}, this model expects {tuple(expected[name].shape)}: use matching model flags")
+    _check_finite(tensors, f"checkpoint {ckpt}")
     model.load_state_dict(tensors, strict=False)  # strict=False only for the tied head, checked above
 
 
-def load_model(ckpt: str | Path, device: str | torch.device = "cpu") -> GPT:
-    """A GPT with the checkpoint's shape and weights, in eval mode."""
+def load_model(ckpt: str | Path, device: str | torch.device = "cpu", *, verify: bool = True) -> GPT:
+    """A GPT with the checkpoint's shape and weights, in eval mode (`load` also gives its tokenizer)."""
     model = GPT(load_model_config(ckpt))
-    load_weights(model, ckpt)
+    load_weights(model, ckpt, verify=verify)
     return model.to(device).eval()
 
 

@@ -25,7 +25,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "pretrain": ("llmlab.stages.pretrain", "pretrain a GPT by next-token prediction"),
     "sample": ("llmlab.stages.sample", "sample text from a checkpoint with the KV-cache engine"),
     "sft": ("llmlab.stages.sft", "fine-tune a base checkpoint on conversations into an assistant"),
-    "eval": ("llmlab.stages.eval", "evaluate a checkpoint on the world's tasks (base and assistant framings)"),
+    "eval": ("llmlab.stages.evaluate", "evaluate a checkpoint on the world's tasks (base and assistant framings)"),
     "chat": ("llmlab.stages.chat", "talk to an assistant in the terminal (streaming, tools, /help)"),
     "export": ("llmlab.stages.export", "export a checkpoint to Hugging Face, GGUF, a standalone run.py, or a tokenizer folder"),
     "serve": ("llmlab.stages.serve", "serve a checkpoint: OpenAI-compatible API, web chat UI, feedback store"),
@@ -71,20 +71,47 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds "(default: X)" only where the help does not already say it and there is a default to show."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default is None or action.nargs == 0:
+            return text
+        return super()._get_help_string(action)
+
+
+def _declared_by(cls: type, name: str) -> type:
+    """The class of a dataclass's MRO that declares field `name` (a stage Config or a shared base)."""
+    for klass in cls.__mro__:
+        if name in getattr(klass, "__annotations__", {}):
+            return klass
+    return cls
+
+
 def build_parser(stage: str, base_cfg: Any) -> argparse.ArgumentParser:
     module, description = STAGES[stage]
-    parser = _Parser(
-        prog=f"llmlab {stage}",
-        description=description,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    parser = _Parser(prog=f"llmlab {stage}", description=description, formatter_class=_HelpFormatter)
     parser.add_argument("--preset", default="cpu", help=f"starting values: one of {', '.join(presets.PRESETS)}")
     parser.add_argument("--run", default=None, help="run directory (default: runs/<preset>)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
-    for flag, path, typ, doc in _flags(type(base_cfg)):
-        default = _get_path(base_cfg, path)
+    cls = type(base_cfg)
+    groups: dict[type, argparse._ArgumentGroup] = {}
+    flags = _flags(cls)
+    # the stage's own fields first, then those it shares with other stages (the training loop's), as a group
+    flags.sort(key=lambda flag: _declared_by(cls, flag[1].split(".")[0]) is not cls)
+    for flag, path, typ, doc in flags:
+        owner = _declared_by(cls, path.split(".")[0])
+        if owner is cls:
+            target = parser
+        elif owner not in groups:
+            title = (owner.__doc__ or owner.__name__).strip().splitlines()[0]
+            target = groups[owner] = parser.add_argument_group(f"{owner.__module__}.{owner.__name__}", title)
+        else:
+            target = groups[owner]
         kind = _parse_bool if typ is bool else typ
-        parser.add_argument(flag, dest=path, type=kind, default=default, help=doc or " ", metavar=typ.__name__.upper())
+        target.add_argument(flag, dest=path, type=kind, default=_get_path(base_cfg, path), help=doc or " ",
+                            metavar=typ.__name__.upper())
     return parser
 
 

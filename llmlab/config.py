@@ -11,9 +11,7 @@ import dataclasses
 import inspect
 import textwrap
 from functools import cache
-from typing import Any, get_type_hints
-
-from llmlab.errors import LLMLabError
+from typing import Any
 
 
 def to_dict(cfg: Any) -> dict:
@@ -21,23 +19,18 @@ def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def from_dict(cls: type, data: dict) -> Any:
-    """Build a config dataclass (nested ones too) from a dict; unknown keys are an error."""
-    hints = get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(data) - names
-    if unknown:
-        raise LLMLabError(f"unknown {cls.__module__}.{cls.__name__} field(s) {sorted(unknown)}; known: {sorted(names)}")
-    kwargs = {}
-    for key, value in data.items():
-        typ = hints[key]
-        kwargs[key] = from_dict(typ, value) if dataclasses.is_dataclass(typ) and isinstance(value, dict) else value
-    return cls(**kwargs)
-
-
 @cache
 def field_docs(cls: type) -> dict[str, str]:
-    """The docstring written under each field of a dataclass (the string literal after the annotation)."""
+    """The docstring written under each field of a dataclass (the string literal after the annotation), the
+    fields it inherits included."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if dataclasses.is_dataclass(klass):
+            docs.update(_own_field_docs(klass))
+    return docs
+
+
+def _own_field_docs(cls: type) -> dict[str, str]:
     try:
         tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
     except (OSError, TypeError):

@@ -97,7 +97,7 @@ def wrap(model: nn.Module, info: DistInfo, parallel: str) -> nn.Module:
     if parallel == "ddp":
         device_ids = [info.device.index] if info.device.type == "cuda" else None
         return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import fully_shard  # deferred: absent from torch builds without distributed support
 
     for block in model.layers:
         fully_shard(block)
@@ -144,7 +144,7 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
 
 
 def is_sharded(t: torch.Tensor) -> bool:
-    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor import DTensor  # deferred: as fully_shard above
 
     return isinstance(t, DTensor)
 
@@ -159,7 +159,7 @@ def shard_like(full: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     plain tensor."""
     if not is_sharded(ref):
         return full
-    from torch.distributed.tensor import DTensor, Replicate
+    from torch.distributed.tensor import DTensor, Replicate  # deferred: as fully_shard above
 
     replicated = DTensor.from_local(full.to(ref.device, ref.dtype), ref.device_mesh,
                                     [Replicate()] * ref.device_mesh.ndim, run_check=False)

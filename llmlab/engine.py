@@ -1,5 +1,8 @@
 """Inference: batched sampling with a KV cache, streaming, and the naive reference it is tested against.
 
+`SamplingParams` is the one definition of the sampling settings: the stages, the API and the web UI build
+theirs from it, each with its own defaults, and its checks are theirs.
+
 `Engine.stream` prefills the prompts once, then decodes one token per step for every row, reading past keys
 and values from an explicit `KVCache` instead of recomputing them. Rows with different prompt lengths are
 left-padded (masked, with positions counted from each row's first real token), so every row computes what it
@@ -18,30 +21,56 @@ import torch.nn.functional as F
 
 from llmlab.errors import LLMLabError
 from llmlab.model import GPT, GPTConfig, KVCache, apply_rotary
+from llmlab.tokenizer import Tokenizer
+
+
+SEED_LIMIT = 2**63
+"""seeds are in [0, SEED_LIMIT): a signed 64-bit integer, what torch's generators and SQLite keep exactly"""
+
+
+class InvalidSampling(LLMLabError):
+    """A sampling setting out of its range; `field` names it (the API reports it as the error's `param`)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
 
 
 @dataclass(frozen=True)
 class SamplingParams:
+    """How each next token is picked: the one definition of the sampling settings, for the engine, the
+    scheduler, `llmlab sample` and `llmlab chat` (`--sampling.temperature` ...), the API and the web UI.
+
+    The defaults here are the engine's; each surface documents and sets its own in one place (the stage's
+    `Config`, `llmlab.server.openai_api.DEFAULTS`, `llmlab.server.ui_api.DEFAULTS`). Every value is checked
+    when the settings are made, so a bad one is a one-line error (a 422 in the API), never a crash later.
+    """
+
     max_new_tokens: int = 64
-    """most tokens to generate per row (fewer when the context fills up)"""
+    """most tokens to generate (fewer when the context fills up)"""
     temperature: float = 1.0
-    """softmax temperature; 0 is greedy decoding"""
+    """softmax temperature: below 1 sharpens the distribution, above 1 flattens it; 0 is greedy decoding
+    (always the most likely token)"""
     top_k: int = 0
-    """keep only the k most likely tokens (0 = off)"""
+    """sample among the k most likely tokens only (0 = all tokens)"""
     top_p: float = 1.0
-    """keep the smallest set of tokens whose probability reaches top_p (1 = off)"""
-    seed: int | None = None
-    """seed of the sampling generator (None = nondeterministic)"""
+    """nucleus sampling: sample among the most likely tokens whose probabilities first reach top_p, in (0, 1]
+    (1 = all tokens)"""
+    seed: int = 0
+    """seed of the random generator, in [0, 2**63): the same prompt, settings and seed give the same tokens"""
 
     def __post_init__(self) -> None:
-        if self.max_new_tokens < 0:
-            raise LLMLabError(f"max_new_tokens must be >= 0 (got {self.max_new_tokens})")
-        if self.temperature < 0:
-            raise LLMLabError(f"temperature must be >= 0 (got {self.temperature})")
-        if self.top_k < 0:
-            raise LLMLabError(f"top_k must be >= 0 (got {self.top_k})")
-        if not 0.0 < self.top_p <= 1.0:
-            raise LLMLabError(f"top_p must be in (0, 1] (got {self.top_p})")
+        # every comparison with NaN is False: a NaN fails each of these checks
+        checks = (
+            ("max_new_tokens", self.max_new_tokens >= 0, "an integer >= 0"),
+            ("temperature", 0 <= self.temperature < math.inf, "a finite number >= 0 (0 is greedy)"),
+            ("top_k", self.top_k >= 0, "an integer >= 0 (0 = all tokens)"),
+            ("top_p", 0 < self.top_p <= 1, "in (0, 1] (1 = all tokens)"),
+            ("seed", 0 <= self.seed < SEED_LIMIT, "in [0, 2**63)"),
+        )
+        for name, ok, rule in checks:
+            if not ok:
+                raise InvalidSampling(name, f"{name} must be {rule}, got {getattr(self, name)!r}")
 
 
 def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
@@ -84,12 +113,13 @@ def sample_with_uniform(logits: torch.Tensor, params: SamplingParams, u: torch.T
 def _generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
     if params.temperature == 0.0:
         return None
-    gen = torch.Generator(device=device)
-    if params.seed is not None:
-        gen.manual_seed(params.seed)
-    else:
-        gen.seed()
-    return gen
+    return torch.Generator(device=device).manual_seed(params.seed)
+
+
+def newline_ids(tokenizer: Tokenizer) -> list[int]:
+    """Every token whose text contains a newline: stop ids that end a completion with its line (`Q: ... A:`
+    prompts, answers of one line)."""
+    return [i for i in range(tokenizer.vocab_size) if "\n" in tokenizer.decode([i])]
 
 
 def _check_prompts(prompts: Sequence[Sequence[int]], context_len: int) -> None:
@@ -138,9 +168,9 @@ def _model_tensors(model: GPT) -> list[torch.Tensor]:
 class DecodeWeights:
     """A copy of every tensor `decode_step` reads, packed into one flat buffer in the order it reads them.
 
-    A compiled call pays for each tensor argument (dynamo's guards and argument handling cost about 1.6 us per
-    tensor on the reference CPU: 0.15 ms per token for the ~60 tensors of a 6-layer model, against ~2 ms of
-    work); one buffer is one argument, and the step slices its weights at fixed offsets. `is_stale` tells when
+    A compiled call pays for each tensor argument (dynamo's guards and argument handling, a few microseconds per
+    tensor on a CPU: a real share of a small model's decode step, which reads some 60 tensors); one buffer is one
+    argument, and the step slices its weights at fixed offsets (bench/b2_decode.py measures the difference). `is_stale` tells when
     the model changed since the copy (a parameter replaced, or updated in place: version counters), so that
     an Engine can keep serving a model that trains between calls.
     """
@@ -215,8 +245,9 @@ class Engine:
     refreshed at the start of a call when the model has changed.
     """
 
-    # Inductor's Python wrapper checks the size and alignment of every intermediate buffer on every call:
-    # 0.15 ms per token here. The graph's shapes are fixed at compile time, so the checks catch nothing.
+    # Inductor's Python wrapper checks the size and alignment of every intermediate buffer on every call, a
+    # cost per token comparable to a small model's whole step; the graph's shapes are fixed at compile time, so
+    # the checks catch nothing.
     _COMPILE_OPTIONS = {"size_asserts": False, "alignment_asserts": False}
 
     def __init__(self, model: GPT, compile: bool = False):

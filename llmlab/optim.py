@@ -8,12 +8,14 @@ Learning-rate schedules are pure functions of the step, so a resumed run recompu
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
 from llmlab import dist
+from llmlab.errors import LLMLabError
 
 
 def newton_schulz(G: torch.Tensor, steps: int = 5) -> torch.Tensor:
@@ -65,7 +67,7 @@ class Muon(torch.optim.Optimizer):
 
 @dataclass
 class OptimConfig:
-    """The optimizer fields every training stage shares (a stage Config copies them by inheritance)."""
+    """The optimizer fields every training stage shares (nested in llmlab.training.TrainConfig as `optim`)."""
 
     muon_lr: float = 0.02
     """Muon learning rate for the matrices inside the blocks"""
@@ -77,6 +79,12 @@ class OptimConfig:
     """AdamW learning rate for norm weights"""
     weight_decay: float = 0.0
     """AdamW decoupled weight decay on the embedding and head"""
+
+    def __post_init__(self) -> None:
+        for name in ("muon_lr", "embed_lr", "head_lr", "scalar_lr", "weight_decay"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise LLMLabError(f"--optim.{name} must be a finite number >= 0 (got {value})")
 
 
 def build_optimizers(model: nn.Module, cfg) -> list[torch.optim.Optimizer]:

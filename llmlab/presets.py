@@ -14,7 +14,7 @@ from typing import Callable
 from llmlab.errors import LLMLabError
 from llmlab.model import GPTConfig
 from llmlab.optim import OptimConfig
-from llmlab.stages import chat, eval, feedback, pretrain, sample, serve, sft, speedrun, tokenizer, world
+from llmlab.stages import chat, evaluate, feedback, pretrain, sample, serve, sft, speedrun, tokenizer, world
 
 
 def _pipeline(run: str, world_cfg: world.Config, vocab_size: int, model: GPTConfig, **pretrain_kwargs) -> speedrun.Config:
@@ -28,9 +28,12 @@ def _pipeline(run: str, world_cfg: world.Config, vocab_size: int, model: GPTConf
         pretrain=pretrain.Config(corpus=str(run_dir / "world"), tokenizer=str(run_dir / "tokenizer"),
                                  out_dir=str(run_dir / "base"), model=model, **pretrain_kwargs),
         sample=sample.Config(checkpoint=str(run_dir / "base")),
+        # fine-tuning: learning rates well below pretraining's, Muon's momentum at 0.95 from the start
         sft=sft.Config(base=str(run_dir / "base"), data=str(run_dir / "world"), out_dir=str(run_dir / "sft"),
-                       replay=str(run_dir / "world"), replay_frac=0.125),
-        eval=eval.Config(checkpoint=str(run_dir / "sft"), world=str(run_dir / "world")),
+                       replay=str(run_dir / "world"), replay_frac=0.125, batch_size=16, max_steps=300,
+                       warmdown_frac=0.5, momentum_warmup_steps=0, eval_every=100, save_every=100,
+                       optim=OptimConfig(muon_lr=0.01, embed_lr=0.05, head_lr=0.002, scalar_lr=0.005)),
+        eval=evaluate.Config(checkpoint=str(run_dir / "sft"), world=str(run_dir / "world")),
         chat=chat.Config(checkpoint=str(run_dir / "sft"), world=str(run_dir / "world")),
         serve=serve.Config(checkpoint=str(run_dir / "sft"), world=str(run_dir / "world"),
                            db=str(run_dir / "feedback.db")),
@@ -53,11 +56,12 @@ def tiny(run: str = "runs/tiny") -> speedrun.Config:
 
 
 def cpu(run: str = "runs/cpu") -> speedrun.Config:
-    """The main job on a 2-core CPU: about 3 minutes of pretraining and 6 of fine-tuning on the default world.
+    """The main job on a 2-core CPU: a few minutes of pretraining and of fine-tuning on the default world
+    (README's figures give today's times and accuracies, measured by `make speedrun`).
 
-    Sized by the machine: a 2-core CPU trains a model this size at 8-10k tokens/s, and pretraining sees
-    about 1.2M tokens, two to three epochs of the world; the world is kept small enough (260 people) that each
-    fact is read in some 40 paraphrases, which is what makes it extractable by questions.
+    Sized by the machine: pretraining sees about 1.2M tokens, two to three epochs of the world, and the world is
+    kept small enough (260 people) that each fact is read in some 40 paraphrases, which is what makes it
+    extractable by questions.
 
     The vocabulary asks for more merges than the world's text has (BPE stops at about 2,630 tokens), so every
     word of the world, every person's first name and surname included, is a token, and a name the model never
@@ -65,7 +69,7 @@ def cpu(run: str = "runs/cpu") -> speedrun.Config:
     block's state does; bench/knowledge_probe.py). With 2,048 tokens the merges ran out partway through the
     names, by frequency: training people's names, which the Q/A pages repeat, became whole tokens, held-out
     people's mostly did not, and the assistant said "I don't know" about held-out people as about invented
-    names (it answered 26% of their questions; with this vocabulary 95%, against the base model's 88%).
+    names (README's figures compare the two vocabularies).
     """
     world_cfg = world.Config(n_people=200, n_heldout=60, n_unknown=400, bios_per_person=16, stories_per_person=2,
                              qa_pages=1500, n_arithmetic=2000, val_docs=300)

@@ -9,7 +9,7 @@ from llmlab.training import read_metrics
 
 def plot_loss(metrics_path: Path, out_png: Path) -> Path | None:
     """Training loss and validation bits-per-byte against tokens seen."""
-    import matplotlib
+    import matplotlib  # deferred: slow to import, needed only for the plots
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -62,7 +62,7 @@ def _card_rows(card: dict) -> list[tuple[str, float | None, float | None]]:
 
 def plot_card(card: dict, out_png: Path) -> Path:
     """Horizontal bars: base and assistant on every measure of the report card."""
-    import matplotlib
+    import matplotlib  # deferred: slow to import, needed only for the plots
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

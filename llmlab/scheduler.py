@@ -17,13 +17,29 @@ call may take seconds; the other rows keep decoding meanwhile.
 Rows have different lengths, so `SlotKVCache` keeps a length per row and masks each row's keys beyond it;
 every row computes what it would alone (tests/test_scheduler.py checks greedy tokens and logits against
 `Engine.generate`).
+
+Faults. A request never takes the loop down with it: what raises while one request is set up (its seed, its
+generator), prefilled (a batch that fails is prefilled again one request at a time), sampled or advanced by its
+tool calls ends that request alone, with a final event whose `finish` is "error: ...". A fault of the whole
+batch (the decode forward itself raised) ends every request in the batch; the loop then goes on with a clean
+batch, as a restarted loop would. A fault that outlives the requests it ended, `max_failures` iterations in a
+row that raise, is the process's, not a request's (a broken device, a bug in the loop): the loop stops,
+`alive` turns False and `failure` holds the exception, every request it held or that waits gets its final
+"error: ..." event, `submit` and `call` raise `SchedulerDown` at once, and `on_death` is called. Nothing waits
+on a dead loop. `llmlab serve` then reports 503 on /health and exits non-zero, so that its supervisor
+(systemd, Kubernetes, a shell loop) starts a fresh process: restarting the loop in-process would keep a device
+or model that just failed three times in a row.
+
+Tool calls run on daemon threads (`_ToolPool`), so a call still running at shutdown never holds the process
+up; a sandboxed program dies with the server (bwrap's --die-with-parent). `shutdown(timeout)` waits at most
+`timeout` seconds for the loop to finish its step.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -122,7 +138,7 @@ class Event:
     """in the final event: "stop" (a stop token), "length" (budget or context), "cancelled", or "error: ..." """
 
 
-@dataclass
+@dataclass(eq=False)  # requests compare by identity
 class _Request:
     prompt: list[int]
     params: SamplingParams
@@ -136,7 +152,12 @@ class _Request:
     budget: int = 0  # tokens it may still produce
     produced: int = 0
     next_token: int = 0  # the token to feed at the next step
+    finished: bool = False  # its final event is out (`Scheduler._finish`): nothing more is sent
     cancelled: threading.Event = field(default_factory=threading.Event)
+
+
+class SchedulerDown(RuntimeError):
+    """`submit` or `call` on a scheduler that is shut down or whose loop has died (`Scheduler.failure`)."""
 
 
 class Handle:
@@ -149,34 +170,82 @@ class Handle:
         self._request.cancelled.set()
 
 
+class _ToolPool:
+    """At most `workers` tool calls at once, on daemon threads: unlike a ThreadPoolExecutor's workers, which
+    the interpreter joins at exit, a call still running at shutdown never holds the process up."""
+
+    def __init__(self, workers: int):
+        self._jobs: queue.Queue = queue.Queue()
+        self._workers = workers
+        for i in range(workers):
+            threading.Thread(target=self._work, name=f"llmlab-tool-{i}", daemon=True).start()
+
+    def submit(self, fn: Callable[[str], str], call: str) -> Future:
+        future: Future = Future()
+        self._jobs.put((fn, call, future))
+        return future
+
+    def _work(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            fn, call, future = job
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn(call))
+                except BaseException as e:  # the request's own failure (`_resume` reports it)
+                    future.set_exception(e)
+
+    def shutdown(self) -> None:
+        """Cancel the calls not started; the running ones end with the process (or return to no one)."""
+        while True:
+            try:
+                job = self._jobs.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None:
+                job[2].cancel()
+        for _ in range(self._workers):  # one stop sign per worker
+            self._jobs.put(None)
+
+
 class Scheduler:
     """Continuous batching of generation requests over one model in a background thread.
 
     `submit` returns at once; the request's `on_event` is called from the scheduler's thread with every
     token and then a final event, so it must be quick (put the event on a queue). `call(fn)` runs
     `fn(model)` in that thread between steps (for work that must not race the batch, such as scoring
-    prompts) and returns a Future.
+    prompts) and returns a Future. `alive` is False once the loop has stopped (shut down, or died: see the
+    module docstring); `on_death(exc)`, if set, is called from the loop's thread when it dies.
     """
 
-    def __init__(self, model: GPT, tokenizer, max_batch: int = 32, tool_workers: int = 4):
+    def __init__(self, model: GPT, tokenizer, max_batch: int = 32, tool_workers: int = 4, max_failures: int = 3):
         if max_batch < 1:
             raise LLMLabError(f"max_batch must be >= 1 (got {max_batch})")
+        if max_failures < 1:
+            raise LLMLabError(f"max_failures must be >= 1 (got {max_failures})")
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_batch = max_batch
+        self.max_failures = max_failures
         device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
         self.device = device
         self.cache = SlotKVCache(model.config, max_batch, dtype=dtype, device=device)
         self.rows: list[_Request] = []  # active requests, row i = rows[i]
+        self._admitting: list[_Request] = []  # taken from the queues, not yet in `rows` (see `_fail_held`)
         self._waiting: queue.Queue = queue.Queue()
-        self._tools = ThreadPoolExecutor(max_workers=tool_workers, thread_name_prefix="llmlab-tool")
+        self._tools = _ToolPool(tool_workers)
         # id(request) -> (request, keys, values, tool Future) while its call runs (scheduler thread only)
         self._parked: dict[int, tuple[_Request, torch.Tensor, torch.Tensor, Future]] = {}
         self._resumed: queue.Queue = queue.Queue()  # ids of parked requests whose tool call is done
         self._wake = threading.Event()
-        self._stop = threading.Event()
+        self._stop = threading.Event()  # shutdown() was called
+        self._closed = threading.Event()  # the loop has ended: nothing submitted from now on is served
+        self.failure: BaseException | None = None
+        """what killed the loop (None while it runs, and after a clean shutdown)"""
+        self.on_death: Callable[[BaseException], None] | None = None
         self.steps = 0  # decode steps run (for monitoring)
         self.batch_sizes_total = 0  # sum of rows over steps: mean batch = batch_sizes_total / steps
+        self.tokens_generated = 0  # tokens sampled (not those a tool call forced in)
+        self.prompt_tokens = 0  # prompt tokens prefilled
         self._thread = threading.Thread(target=self._loop, name="llmlab-scheduler", daemon=True)
         self._thread.start()
 
@@ -185,22 +254,31 @@ class Scheduler:
     def submit(self, prompt: Sequence[int], params: SamplingParams, on_event: Callable[[Event], None], *,
                stop_ids: Sequence[int] = (), run_tool: Callable[[str], str] | None = None,
                logprobs: bool = False, min_new_tokens: int = 0) -> Handle:
-        """Queue a prompt for generation. Raises LLMLabError at once for a prompt that cannot run.
-        `min_new_tokens` masks the stop tokens until that many tokens are out (fixed-length benchmarks)."""
-        if self._stop.is_set():
-            raise LLMLabError("the scheduler is shut down")
+        """Queue a prompt for generation. Raises LLMLabError at once for a prompt that cannot run, SchedulerDown
+        when the loop has stopped. `min_new_tokens` masks the stop tokens until that many tokens are out
+        (fixed-length benchmarks)."""
+        self.check_alive()
         _check_prompts([prompt], self.model.config.context_len)
         request = _Request(list(prompt), params, frozenset(stop_ids), on_event, run_tool, logprobs, min_new_tokens)
-        self._waiting.put(request)
-        self._wake.set()
+        self._enqueue(request)
         return Handle(request)
 
     def call(self, fn: Callable[[GPT], object]) -> Future:
         """Run fn(model) in the scheduler thread between steps; the Future holds its result or exception."""
+        self.check_alive()
         future: Future = Future()
-        self._waiting.put((fn, future))
-        self._wake.set()
+        self._enqueue((fn, future))
         return future
+
+    @property
+    def alive(self) -> bool:
+        """The loop runs and serves requests."""
+        return not self._closed.is_set() and self._thread.is_alive()
+
+    def check_alive(self) -> None:
+        """Raise SchedulerDown, saying why, unless the loop runs (and is not shutting down)."""
+        if not self.alive or self._stop.is_set():
+            raise SchedulerDown(self._down_reason())
 
     @property
     def active(self) -> int:
@@ -215,43 +293,93 @@ class Scheduler:
         """Requests waiting for a tool call, out of the batch."""
         return len(self._parked)
 
-    def shutdown(self) -> None:
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop the loop: it finishes its step (waited for `timeout` seconds at most), then every request it
+        held or that waits ends "cancelled"."""
         self._stop.set()
         self._wake.set()
-        self._thread.join(timeout=30)
-        self._tools.shutdown(wait=False, cancel_futures=True)
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout=timeout)
+        self._tools.shutdown()
 
     # ---- the loop --------------------------------------------------------------------------------------
 
+    def _down_reason(self) -> str:
+        if self.failure is None:
+            return "the scheduler is shut down"
+        return f"the scheduler stopped after an internal error ({type(self.failure).__name__}: {self.failure})"
+
+    def _enqueue(self, item) -> None:
+        self._waiting.put(item)
+        self._wake.set()
+        if self._closed.is_set():  # the loop ended between the check and the put: answer it here
+            self._drain_waiting()
+
     def _loop(self) -> None:
-        with torch.inference_mode():
-            while not self._stop.is_set():
-                self._admit()
-                if not self.rows:  # idle, or every request waits for its tool
-                    self._wake.wait(timeout=0.5)
-                    self._wake.clear()
-                    continue
+        failures = 0
+        try:
+            with torch.inference_mode():
+                while not self._stop.is_set():
+                    try:
+                        if self._iterate():
+                            failures = 0
+                    except Exception as e:  # not one request's fault: every request held ends, the loop goes on
+                        failures += 1
+                        self._fail_held(f"error: {type(e).__name__}: {e}")
+                        if failures >= self.max_failures:
+                            raise
+        except BaseException as e:  # the loop dies: say why, answer everyone, tell the owner
+            self.failure = e
+        finally:
+            self._closed.set()
+            reason = "cancelled" if self.failure is None else f"error: {self._down_reason()}"
+            self._fail_held(reason)
+            for request, _, _, future in self._parked.values():
+                future.cancel()
+                self._finish(request, reason)
+            self._parked.clear()
+            self._drain_waiting()
+            if self.failure is not None and self.on_death is not None:
                 try:
-                    self._step()
-                except Exception as e:  # a failing step ends its requests, never the thread
-                    for request in self.rows:
-                        self._emit(request, Event(None, finish=f"error: {e}"))
-                    self.rows, self.cache.n = [], 0
-            for request in self.rows + [parked[0] for parked in self._parked.values()]:
-                self._emit(request, Event(None, finish="cancelled"))
-            while not self._waiting.empty():  # requests that never started
+                    self.on_death(self.failure)
+                except Exception:  # the owner's hook: the loop has already answered everyone
+                    pass
+
+    def _iterate(self) -> bool:
+        """One turn of the loop: admit, then decode one step. True when a step ran (the batch is healthy)."""
+        self._admit()
+        if not self.rows:  # idle, or every request waits for its tool
+            self._wake.wait(timeout=0.5)
+            self._wake.clear()
+            return False
+        self._step()
+        return True
+
+    def _fail_held(self, reason: str) -> None:
+        """End every request in the batch or being admitted with `reason`; the batch starts empty again."""
+        for request in self.rows + self._admitting:
+            self._finish(request, reason)
+        self.rows, self._admitting, self.cache.n = [], [], 0
+
+    def _drain_waiting(self) -> None:
+        """Answer everything queued once the loop has ended (safe from any thread: each item is taken once)."""
+        reason = "cancelled" if self.failure is None else f"error: {self._down_reason()}"
+        while True:
+            try:
                 item = self._waiting.get_nowait()
-                if isinstance(item, tuple):
-                    item[1].set_exception(LLMLabError("the scheduler is shut down"))
-                else:
-                    self._emit(item, Event(None, finish="cancelled"))
+            except queue.Empty:
+                return
+            if isinstance(item, tuple):
+                item[1].set_exception(SchedulerDown(self._down_reason()))
+            else:
+                self._finish(item, reason)
 
     def _admit(self) -> None:
         """Run queued calls; bring back requests whose tool call is done, then start waiting requests while rows
         are free, prefilled together in one forward."""
         while len(self.rows) < self.max_batch and not self._resumed.empty():
             self._resume(self._resumed.get_nowait())
-        starting: list[_Request] = []
+        starting = self._admitting = []
         while len(self.rows) + len(starting) < self.max_batch:
             try:
                 item = self._waiting.get_nowait()
@@ -264,24 +392,37 @@ class Scheduler:
                         future.set_result(fn(self.model))
                     except Exception as e:
                         future.set_exception(e)
-            elif self._ready(item):
-                starting.append(item)
-        if starting:
+                continue
+            starting.append(item)
             try:
-                self._start(starting)
-            except Exception as e:
-                for request in starting:
-                    if request not in self.rows:
-                        self._emit(request, Event(None, finish=f"error: {e}"))
+                ready = self._ready(item)
+            except Exception as e:  # its settings cannot run (e.g. a seed its generator refuses): it alone fails
+                self._finish(item, f"error: {type(e).__name__}: {e}")
+                ready = False
+            if not ready:
+                starting.pop()
+        if not starting:
+            return
+        try:
+            self._start(starting)
+        except Exception:  # the batched prefill failed: again one at a time, so that only the culprit fails
+            for request in starting:
+                if request.finished or any(request is r for r in self.rows):
+                    continue
+                try:
+                    self._start([request])
+                except Exception as e:
+                    self._finish(request, f"error: {type(e).__name__}: {e}")
+        self._admitting = []
 
     def _ready(self, request: _Request) -> bool:
         """Set a request up to start; False (and its final event sent) when it has nothing to do."""
         if request.cancelled.is_set():
-            self._emit(request, Event(None, finish="cancelled"))
+            self._finish(request, "cancelled")
             return False
         request.budget = min(request.params.max_new_tokens, self.model.config.context_len - len(request.prompt))
         if request.budget <= 0:
-            self._emit(request, Event(None, finish="length"))
+            self._finish(request, "length")
             return False
         request.generator = _generator(request.params, self.device)
         if request.run_tool is not None:
@@ -289,7 +430,8 @@ class Scheduler:
         return True
 
     def _start(self, requests: list[_Request]) -> None:
-        """Prefill the prompts in one left-padded batch, move each into a free row, sample first tokens.
+        """Prefill the prompts in one left-padded batch, move each into a free row, sample first tokens. Raises
+        before any row changes when the prefill fails.
 
         A left-padded row's keys sit at the end of its prefill cache with RoPE positions counted from its
         first real token (KVCache), so copying them to the start of a row gives exactly a lone prefill."""
@@ -303,6 +445,7 @@ class Scheduler:
         for i, (pad, request) in enumerate(zip(pads, requests)):
             self.cache.insert(first + i, prefill, i, pad)
             self.rows.append(request)
+            self.prompt_tokens += len(request.prompt)
         self.cache.n = len(self.rows)
         self._sample_rows(range(first, len(self.rows)), logits)
 
@@ -314,12 +457,54 @@ class Scheduler:
         self.batch_sizes_total += len(self.rows)
         self._sample_rows(range(len(self.rows)), logits)
 
-    def _sample_rows(self, rows, logits: torch.Tensor) -> None:
-        """Sample (or force) each row's next token from its logits, emit it, and retire finished rows.
+    def _draw(self, requests: list[_Request], logits: torch.Tensor) -> tuple[list[int | None], dict[int, str]]:
+        """Each row's sampled token (None for a row that failed) and the failures, by index.
 
         Sampling is batched: greedy rows take one argmax, rows with the same settings one inverse-CDF draw
         with a uniform number from each row's own generator (so a seeded request samples the same tokens
-        whatever else shares its batch)."""
+        whatever else shares its batch). A group whose draw raises is drawn again row by row, with the same
+        uniform numbers, so that only the row at fault fails."""
+        tokens: list[int | None] = [None] * len(requests)
+        failed: dict[int, str] = {}
+        groups: dict[tuple, list[int]] = {}
+        for i, r in enumerate(requests):
+            p = r.params
+            groups.setdefault((p.temperature, p.top_k, p.top_p) if p.temperature > 0 else (0.0,), []).append(i)
+
+        def draw(members: list[int], u: dict[int, torch.Tensor]) -> None:
+            index = torch.tensor(members, device=logits.device)
+            if members[0] not in u:  # greedy
+                picked = logits[index].argmax(dim=-1)
+            else:
+                picked = sample_with_uniform(logits[index], requests[members[0]].params,
+                                             torch.cat([u[i] for i in members]))
+            for i, t in zip(members, picked.tolist()):
+                tokens[i] = t
+
+        for key, members in groups.items():
+            u: dict[int, torch.Tensor] = {}
+            if key != (0.0,):
+                for i in members:
+                    try:
+                        u[i] = torch.rand(1, 1, generator=requests[i].generator, device=logits.device)
+                    except Exception as e:
+                        failed[i] = f"error: {type(e).__name__}: {e}"
+                members = [i for i in members if i not in failed]
+            if not members:
+                continue
+            try:
+                draw(members, u)
+            except Exception:
+                for i in members:
+                    try:
+                        draw([i], u)
+                    except Exception as e:
+                        failed[i] = f"error: {type(e).__name__}: {e}"
+        return tokens, failed
+
+    def _sample_rows(self, rows, logits: torch.Tensor) -> None:
+        """Sample (or force) each row's next token from its logits (`_draw`), emit it, and retire finished
+        rows; a row whose sampling, logprobs or tool call raised ends alone."""
         rows = list(rows)
         requests = [self.rows[row] for row in rows]
         masked = [i for i, r in enumerate(requests) if r.produced < r.min_new_tokens and r.stop_ids]
@@ -327,39 +512,30 @@ class Scheduler:
             logits = logits.clone()
             for i in masked:
                 logits[i, list(requests[i].stop_ids)] = float("-inf")
-        tokens = torch.empty(len(rows), dtype=torch.long, device=logits.device)
-        groups: dict[tuple, list[int]] = {}
-        for i, r in enumerate(requests):
-            p = r.params
-            groups.setdefault((p.temperature, p.top_k, p.top_p) if p.temperature > 0 else (0.0,), []).append(i)
-        for key, members in groups.items():
-            index = torch.tensor(members, device=logits.device)
-            if key == (0.0,):
-                tokens[index] = logits[index].argmax(dim=-1)
-            else:
-                u = torch.cat([torch.rand(1, 1, generator=requests[i].generator, device=logits.device)
-                               for i in members])
-                tokens[index] = sample_with_uniform(logits[index], requests[members[0]].params, u)
-        want_logprobs = [i for i, r in enumerate(requests) if r.logprobs]
-        logprobs = dict(zip(want_logprobs, torch.log_softmax(logits[want_logprobs].float(), dim=-1))) \
-            if want_logprobs else {}
+        tokens, failed = self._draw(requests, logits)
         finished = []  # (row, finish reason; None: parked for its tool call)
-        for i, (row, request, t) in enumerate(zip(rows, requests, tokens.tolist())):
+        for i, (row, request, t) in enumerate(zip(rows, requests, tokens)):
             if request.cancelled.is_set():
                 finished.append((row, "cancelled"))
                 continue
+            if i in failed:
+                finished.append((row, failed[i]))
+                continue
             forced = False
-            if request.tools is not None:
-                try:  # a broken call (the state machine raised) ends this request alone
+            try:  # a broken call (the state machine raised) ends this request alone
+                logprobs = torch.log_softmax(logits[i].float(), dim=-1) if request.logprobs else None
+                if request.tools is not None:
                     t = int(request.tools(torch.tensor([t]))[0])
                     forced = request.tools.forced[0][-1]
-                except Exception as e:
-                    finished.append((row, f"error: {type(e).__name__}: {e}"))
-                    continue
-            self._emit(request, Event(t, forced=forced, logprobs=logprobs.get(i)))
+            except Exception as e:
+                finished.append((row, f"error: {type(e).__name__}: {e}"))
+                continue
+            self._emit(request, Event(t, forced=forced, logprobs=logprobs))
             request.next_token = t
             request.budget -= 1
             request.produced += 1
+            if not forced:
+                self.tokens_generated += 1
             if t in request.stop_ids and not forced:
                 finished.append((row, "stop"))
             elif request.budget <= 0:
@@ -370,7 +546,7 @@ class Scheduler:
             if reason is None:
                 self._park(row)
             else:
-                self._retire(row, reason)
+                self._finish(self._remove(row), reason)
 
     def _remove(self, row: int) -> _Request:
         """Take a request out of the batch; the last row moves into its place."""
@@ -382,9 +558,6 @@ class Scheduler:
         self.rows.pop()
         self.cache.n = len(self.rows)
         return request
-
-    def _retire(self, row: int, reason: str) -> None:
-        self._emit(self._remove(row), Event(None, finish=reason))
 
     def _park(self, row: int) -> None:
         """Out of the batch while its tool call runs in the pool; `_resume` brings it back."""
@@ -402,18 +575,26 @@ class Scheduler:
     def _resume(self, key: int) -> None:
         """Back into a free row with its cache restored, the tool's output to be forced next."""
         request, k, v, future = self._parked.pop(key)
+        self._admitting = [request]
         if request.cancelled.is_set():
-            self._emit(request, Event(None, finish="cancelled"))
+            self._finish(request, "cancelled")
             return
         try:
             request.tools.deliver(0, future.result())
         except Exception as e:  # a tool that raised ends this request alone
-            self._emit(request, Event(None, finish=f"error: {type(e).__name__}: {e}"))
+            self._finish(request, f"error: {type(e).__name__}: {e}")
             return
         row = len(self.rows)
         self.cache.put(row, k, v)
         self.rows.append(request)
         self.cache.n = len(self.rows)
+        self._admitting = []
+
+    def _finish(self, request: _Request, reason: str) -> None:
+        """The request's final event (once: a request that already ended is left alone)."""
+        if not request.finished:
+            request.finished = True
+            self._emit(request, Event(None, finish=reason))
 
     @staticmethod
     def _emit(request: _Request, event: Event) -> None:

@@ -1,21 +1,42 @@
-"""What every training stage shares: the loss, a training step with accumulation and clipping, bits per
-byte, throughput and MFU, the metrics log, and the progress bar."""
+"""The one training loop every stage that updates weights runs (`fit`), and what it is made of: the shared
+`TrainConfig`, the loss, a training step with accumulation and clipping, bits per byte, throughput and MFU,
+the metrics log.
+
+A stage is a data source, a model and a loss, wired in a few lines:
+
+    info = setup(cfg)                                   # torchrun (or one process), threads, seed
+    loader = PackedLoader(...)                          # next_batch(), state_dict(), load_state_dict()
+    net = GPT(...)                                      # or checkpoint.load_model(base)
+    metrics = fit(cfg, info, net, loader, evaluate=..., meta={"stage": "pretrain"}, tokenizer_path=...)
+
+`fit` owns everything between: resuming from `cfg.out_dir` (weights, optimizer state, RNG, data position),
+wrapping for DDP/FSDP2, torch.compile, the learning-rate and momentum schedules, evaluation, the metrics log,
+the progress bar, atomic checkpoints, and stopping with a clear error when the loss stops being a number. A
+killed run resumes from its last checkpoint and, on CPU, ends with weights bit-identical to an uninterrupted
+run: the schedule is a function of the step, and everything else is in the checkpoint.
+"""
 
 from __future__ import annotations
 
 import json
 import math
+import re
+import statistics
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable, Protocol
 
 import torch
-import torch.nn.functional as F
-
 import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
 
-from llmlab import dist
+from llmlab import checkpoint, dist
+from llmlab.config import to_dict
+from llmlab.errors import LLMLabError
 from llmlab.model import GPT
+from llmlab.optim import OptimConfig, build_optimizers, lr_multiplier, muon_momentum, set_schedule
 
 IGNORE_INDEX = -100
 
@@ -36,25 +57,49 @@ def token_losses(model: GPT, inputs: torch.Tensor, targets: torch.Tensor) -> tor
                            reduction="none").view_as(targets)
 
 
-def train_step(model: nn.Module, optimizers: list[torch.optim.Optimizer], batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-               grad_clip: float, autocast) -> tuple[float, float]:
-    """One optimizer step over the micro-batches (gradient accumulation): mean loss over all trained tokens.
+class Objective(Protocol):
+    """A loss as the loop needs it: summed over a micro-batch, with the count it is averaged over."""
 
-    Each micro-batch's summed loss is divided by the number of trained tokens in the whole step, all ranks
-    counted, so the gradient is that of the mean over the global batch whatever the split into micro-batches
-    and processes (DDP and FSDP2 average gradients over the W ranks, hence the factor W). Gradients are
-    synchronised only after the last micro-batch. `model` may be wrapped (llmlab.dist.wrap).
+    def count(self, batch: tuple[torch.Tensor, ...]) -> int:
+        """How many items (trained tokens, pairs, ...) of the micro-batch the loss is summed over."""
+
+    def loss_sum(self, model: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """The loss summed over those items (a scalar with a graph)."""
+
+
+class TokenCrossEntropy:
+    """Next-token cross-entropy over the targets that are not IGNORE_INDEX: pretraining (every token) and
+    fine-tuning (the assistant's tokens) alike. A batch is (inputs, targets), both (B, T)."""
+
+    def count(self, batch: tuple[torch.Tensor, ...]) -> int:
+        return int((batch[1] != IGNORE_INDEX).sum())
+
+    def loss_sum(self, model: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        inputs, targets = batch
+        return token_losses(model, inputs, targets).sum()
+
+
+def train_step(model: nn.Module, optimizers: list[torch.optim.Optimizer], batches: Iterable[tuple[torch.Tensor, ...]],
+               grad_clip: float, autocast, objective: Objective | None = None) -> tuple[float, float]:
+    """One optimizer step over the micro-batches (gradient accumulation): mean loss over all counted items.
+
+    Each micro-batch's summed loss is divided by the number of items in the whole step, all ranks counted,
+    so the gradient is that of the mean over the global batch whatever the split into micro-batches and
+    processes (DDP and FSDP2 average gradients over the W ranks, hence the factor W). Gradients are
+    synchronised only after the last micro-batch. `model` may be wrapped (llmlab.dist.wrap); the objective
+    defaults to token cross-entropy.
     Returns (mean loss over the global batch, gradient norm before clipping; nan when clipping is off).
     """
+    objective = objective or TokenCrossEntropy()
     batches = list(batches)
     device = batches[0][0].device
     world = dist.world_size()
-    (n_tokens,) = dist.all_reduce_sum([sum(int((t != IGNORE_INDEX).sum()) for _, t in batches)], device)
+    (n_items,) = dist.all_reduce_sum([sum(objective.count(b) for b in batches)], device)
     total = 0.0
-    for i, (inputs, targets) in enumerate(batches):
+    for i, batch in enumerate(batches):
         with dist.no_sync(model, skip=i < len(batches) - 1):
             with autocast:
-                loss = token_losses(model, inputs, targets).sum() * (world / max(n_tokens, 1))
+                loss = objective.loss_sum(model, batch) * (world / max(n_items, 1))
             loss.backward()
         total += loss.item() / world
     (total,) = dist.all_reduce_sum([total], device)
@@ -117,8 +162,9 @@ def measure_peak_flops(device: torch.device, size: int = 2048, reps: int = 5) ->
     if device.type == "cuda":
         size = max(size, 8192)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
+    gen = torch.Generator(device=device).manual_seed(0)  # its own: measuring must not move the training RNG
+    a = torch.randn(size, size, device=device, dtype=dtype, generator=gen)
+    b = torch.randn(size, size, device=device, dtype=dtype, generator=gen)
     a @ b
     best = float("inf")
     for _ in range(reps):
@@ -163,3 +209,223 @@ def read_metrics(path: str | Path) -> list[dict]:
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
+
+
+# ------------------------------------------------------------------------------------------ the one loop
+
+
+_DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
+@dataclass
+class TrainConfig:
+    """What every training stage shares; a stage's Config adds its data and model fields to these by
+    inheritance. The recipe of each stage (learning rates, steps) is in llmlab.presets."""
+
+    out_dir: str = ""
+    """where checkpoints (step-*/ and `latest`) and metrics.jsonl are written (required; the presets set it)"""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """learning rates"""
+    batch_size: int = 32
+    """rows per micro-batch (per process)"""
+    grad_accum: int = 1
+    """micro-batches per optimizer step"""
+    max_steps: int = 1000
+    """optimizer steps in the run"""
+    warmup_steps: int = 0
+    """linear learning-rate warmup steps"""
+    warmdown_frac: float = 0.4
+    """fraction of the run over which the learning rate decays linearly at the end"""
+    final_lr_frac: float = 0.0
+    """learning rate at the last step, as a fraction of the peak"""
+    momentum_warmup_steps: int = 300
+    """steps over which Muon's momentum rises from 0.85 to 0.95 (0 = 0.95 from the first step)"""
+    grad_clip: float = 1.0
+    """clip the global gradient norm to this (0 = off)"""
+    eval_every: int = 250
+    """steps between evaluations on the validation split (0 = only at the end)"""
+    eval_rows: int = 64
+    """validation rows per evaluation"""
+    save_every: int = 250
+    """steps between checkpoints (0 = only at the end)"""
+    keep_checkpoints: int = 2
+    """newest checkpoints kept in out_dir (0 = all)"""
+    seed: int = 0
+    """initialisation and data-order seed"""
+    threads: int = 0
+    """CPU threads for torch (0 = torch's default, one per core)"""
+    device: str = "auto"
+    """cpu, cuda, cuda:N, mps or auto"""
+    parallel: str = "ddp"
+    """with several processes (torchrun): ddp (a replica per rank) or fsdp (FSDP2: parameters, gradients and optimizer state sharded)"""
+    compile: bool = False
+    """torch.compile the model for training (minutes of compilation; pays off on GPUs and long runs)"""
+    resume: bool = True
+    """continue from out_dir's latest checkpoint when there is one"""
+
+    def __post_init__(self) -> None:
+        def bad(name: str, rule: str) -> LLMLabError:
+            return LLMLabError(f"--{name} must be {rule} (got {getattr(self, name)!r})")
+
+        for name in ("batch_size", "grad_accum", "max_steps", "eval_rows"):
+            if getattr(self, name) < 1:
+                raise bad(name, "positive")
+        for name in ("warmup_steps", "momentum_warmup_steps", "eval_every", "save_every", "keep_checkpoints",
+                     "threads", "seed"):
+            if getattr(self, name) < 0:
+                raise bad(name, ">= 0")
+        for name in ("warmdown_frac", "final_lr_frac"):
+            if not 0.0 <= getattr(self, name) <= 1.0:  # NaN fails this too
+                raise bad(name, "in [0, 1]")
+        if not (math.isfinite(self.grad_clip) and self.grad_clip >= 0):
+            raise bad("grad_clip", "a finite number >= 0")
+        if not _DEVICE.fullmatch(self.device):
+            raise bad("device", "one of auto, cpu, cuda, cuda:N, mps")
+        if self.parallel not in ("ddp", "fsdp"):
+            raise bad("parallel", "ddp or fsdp")
+        if Path(self.out_dir).is_file():
+            raise bad("out_dir", "a directory, not a file")
+
+
+def setup(cfg: TrainConfig) -> dist.DistInfo:
+    """Start a training process: torch.distributed under torchrun (one process otherwise), CPU settings and
+    the seed. Call it before building the data (loaders shard by rank)."""
+    info = dist.init(cfg.device)
+    configure_torch(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    return info
+
+
+def bpb_evaluator(val_batches: list[tuple[torch.Tensor, torch.Tensor]], token_bytes: torch.Tensor,
+                  info: dist.DistInfo) -> Callable[[nn.Module], dict]:
+    """Validation bits per byte and loss per token over fixed batches (each rank takes its share)."""
+    batches = rank_share(val_batches, info.rank, info.world_size)
+    autocast = dist.autocast(info)
+
+    def evaluate(model: nn.Module) -> dict:
+        bpb, loss = evaluate_bpb(model, batches, token_bytes, autocast)
+        return {"val_bpb": bpb, "val_loss": loss}
+
+    return evaluate
+
+
+class BatchSource(Protocol):
+    """What `fit` reads training batches from (PackedLoader, ConversationLoader, ...)."""
+
+    def next_batch(self) -> tuple[torch.Tensor, ...]: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+def fit(cfg: TrainConfig, info: dist.DistInfo, net: GPT, loader: BatchSource, *,
+        evaluate: Callable[[nn.Module], dict], meta: dict, tokenizer_path: str | Path | None,
+        objective: Objective | None = None, step_metrics: Callable[[], dict] | None = None) -> dict:
+    """Train `net` for cfg.max_steps optimizer steps on `loader`'s batches, resuming from cfg.out_dir when it
+    holds a checkpoint, and save the result there. Returns the run's metrics (also in the checkpoint's
+    llmlab.json): the last loss and evaluation, median tokens/s and MFU, tokens seen, seconds.
+
+    `evaluate(model)` returns the validation metrics (every cfg.eval_every steps and at the end);
+    `meta` goes into llmlab.json (at least {"stage": name}); `step_metrics()` adds fields to each row of
+    metrics.jsonl; `objective` defaults to token cross-entropy. Weights load before wrapping, optimizer
+    state after; every rank calls this (FSDP2 gathers shards to save), rank 0 writes.
+    """
+    stage = meta["stage"]
+    if not cfg.out_dir:
+        raise LLMLabError(f"{stage}: --out_dir is required (where the checkpoints go)")
+    out_dir = Path(cfg.out_dir)
+    if info.is_main:
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise LLMLabError(f"{stage}: cannot create --out_dir {out_dir} ({e.strerror})") from None
+    resuming = cfg.resume and checkpoint.has_checkpoint(out_dir)
+    if resuming:
+        checkpoint.check_same_shape(out_dir, net.config)
+        checkpoint.load_weights(net, out_dir)
+    net.to(info.device).train()
+    model = dist.wrap(net, info, cfg.parallel)
+    optimizers = build_optimizers(net, cfg.optim)
+    step, tokens_seen = 0, 0
+    if resuming:
+        state = checkpoint.load_optimizer_state(out_dir, optimizers)
+        dist.check_global_batch(state["loader"], cfg.batch_size, info)
+        loader.load_state_dict(state["loader"])
+        step, tokens_seen = state["step"], state["tokens_seen"]
+        if info.is_main:
+            print(f"resuming from {checkpoint.resolve(out_dir)} at step {step}")
+    elif checkpoint.has_checkpoint(out_dir) and info.is_main:
+        print(f"resume=false: starting over; checkpoints in {out_dir} will be replaced")
+    if cfg.compile:
+        model = torch.compile(model)
+    metrics = MetricsLog(out_dir / "metrics.jsonl", resume_step=step, enabled=info.is_main)
+    autocast = dist.autocast(info)
+    context_len = net.config.context_len
+    flops_per_token = net.flops_per_token(context_len)
+    peak = measure_peak_flops(info.device)
+    if info.is_main:
+        print(f"{stage}: {net.num_params():,} parameters ({net.num_params(embedding=False):,} without the "
+              f"embedding), {flops_per_token / 1e6:.1f} MFLOP/token; peak {peak / 1e9:.0f} GFLOP/s"
+              + (f"; {info.world_size} processes, {cfg.parallel}" if info.world_size > 1 else ""))
+
+    def lr_mult(at: int) -> float:
+        return lr_multiplier(at, cfg.max_steps, cfg.warmup_steps, cfg.warmdown_frac, cfg.final_lr_frac)
+
+    last: dict = {}
+
+    def save() -> None:  # every rank calls it (FSDP2 gathers shards); rank 0 writes
+        state = {"step": step, "tokens_seen": tokens_seen, "loader": loader.state_dict()}
+        checkpoint.save_checkpoint(out_dir, step, net, tokenizer_path=tokenizer_path,
+                                   meta={**meta, "tokens_seen": tokens_seen, "config": to_dict(cfg), "metrics": last},
+                                   optimizers=optimizers, trainer_state=state, keep=cfg.keep_checkpoints,
+                                   write=info.is_main)
+        dist.barrier()
+
+    def run_evaluation() -> None:
+        row = {"step": step, **evaluate(model)}
+        metrics.write(**row)
+        last.update(row)
+
+    bar = tqdm(total=cfg.max_steps, initial=step, desc=stage, disable=not info.is_main, dynamic_ncols=True)
+    t_start = time.perf_counter()
+    while step < cfg.max_steps:
+        if cfg.eval_every > 0 and step % cfg.eval_every == 0 and step > 0:
+            run_evaluation()
+        set_schedule(optimizers, lr_mult(step), muon_momentum(step, cfg.momentum_warmup_steps))
+        t0 = time.perf_counter()
+        batches = [tuple(t.to(info.device) for t in loader.next_batch()) for _ in range(cfg.grad_accum)]
+        loss, grad_norm = train_step(model, optimizers, batches, cfg.grad_clip, autocast, objective)
+        if not math.isfinite(loss):
+            bar.close()
+            kept = checkpoint.resolve(out_dir) if checkpoint.has_checkpoint(out_dir) else "none yet"
+            raise LLMLabError(
+                f"{stage}: the training loss became {loss} at step {step + 1}; the learning rates are the likely "
+                f"cause (--optim.muon_lr {cfg.optim.muon_lr}, --optim.embed_lr {cfg.optim.embed_lr}, "
+                f"--optim.head_lr {cfg.optim.head_lr}; try lower ones, or --grad_clip). Nothing was saved from this "
+                f"step on; the last good checkpoint: {kept}")
+        dt = time.perf_counter() - t0
+        step += 1
+        step_tokens = sum(b[0].numel() for b in batches) * info.world_size
+        tokens_seen += step_tokens
+        tok_per_s = step_tokens / dt
+        mfu = flops_per_token * tok_per_s / (peak * info.world_size)
+        last.update(step=step, loss=loss, tok_per_s=tok_per_s, mfu=mfu)
+        metrics.write(step=step, loss=loss, grad_norm=grad_norm, tokens=tokens_seen, tok_per_s=tok_per_s, mfu=mfu,
+                      lr_mult=lr_mult(step - 1), **(step_metrics() if step_metrics else {}))
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_per_s:,.0f}", mfu=f"{100 * mfu:.0f}%")
+        if cfg.save_every > 0 and step % cfg.save_every == 0 and step < cfg.max_steps:
+            save()
+    bar.close()
+    elapsed = time.perf_counter() - t_start
+
+    run_evaluation()
+    rows = [r for r in read_metrics(out_dir / "metrics.jsonl") if "tok_per_s" in r] if info.is_main else []
+    if rows:  # medians over the run, robust to the first steps and to evaluation pauses
+        last["tok_per_s"] = statistics.median(r["tok_per_s"] for r in rows)
+        last["mfu"] = statistics.median(r["mfu"] for r in rows)
+    last.update(tokens_seen=tokens_seen, params=net.num_params(), flops_per_token=flops_per_token,
+                peak_flops=peak, seconds=elapsed, **(step_metrics() if step_metrics else {}))
+    save()
+    return last

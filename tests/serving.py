@@ -1,13 +1,18 @@
-"""Helpers for tests that need a live server: a small random-weight assistant checkpoint and a uvicorn server
-on a free loopback port in a background thread."""
+"""Helpers for tests that need a live server: a small random-weight assistant checkpoint, an app over it (with
+the calculator script as its model, if asked), a uvicorn server on a free loopback port in a background thread,
+and `llmlab serve` in a child process."""
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 
+import httpx
 import torch
 
 from llmlab import checkpoint
@@ -59,6 +64,72 @@ class LiveServer:
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=10)
+
+
+def make_app(ckpt: str | Path, db: str | Path, **overrides):
+    """The app of `llmlab serve` over `ckpt`, its model named test-model, with no world for the search tool."""
+    from llmlab.server.app import ServerConfig, create_app
+
+    return create_app(ServerConfig(checkpoint=str(ckpt), db=str(db), model_name="test-model",
+                                   world=str(Path(db).parent / "no-world"), **overrides))
+
+
+def script_the_model(service, **scheduler_kw) -> None:
+    """Serve the calculator script (`calculator_script`: tool calls, known text) in place of the checkpoint."""
+    from llmlab.scheduler import Scheduler
+
+    service.scheduler.shutdown()
+    model = ScriptModel(service.tokenizer.vocab_size, calculator_script(service.tokenizer),
+                        context_len=service.context_len)
+    service.scheduler = Scheduler(model, service.tokenizer, **{"max_batch": 8, **scheduler_kw})
+
+
+class ServerProcess:
+    """`llmlab serve ARGS` in a child process on a free loopback port, started and answering /health: `url`,
+    `proc`, `log()` (its stdout and stderr). `prelude` is Python run first in the child (to break something
+    on purpose). `stop()` kills it if it still runs."""
+
+    def __init__(self, args: list[str], log_path: str | Path, prelude: str = "", timeout: float = 60):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = Path(log_path)
+        code = f"{prelude}\nfrom llmlab.cli import main\nmain()"
+        with open(self.log_path, "wb") as log:  # a file, not a pipe: a full pipe would block the server
+            self.proc = subprocess.Popen([sys.executable, "-c", code, "serve", *args, "--port", str(self.port)],
+                                         stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                httpx.get(self.url + "/health", timeout=1)
+                return
+            except httpx.HTTPError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"the server did not start:\n{self.log()}")
+            time.sleep(0.1)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+class FaultyModel(torch.nn.Module):
+    """`model`, except that a forward for which `fails(ids, kv_cache)` is true raises (an injected fault)."""
+
+    def __init__(self, model, fails):
+        super().__init__()
+        self.inner, self.config, self.fails = model, model.config, fails
+
+    def forward(self, ids, kv_cache=None):
+        if self.fails(ids, kv_cache):
+            raise RuntimeError("injected fault")
+        return self.inner(ids, kv_cache)
 
 
 class ScriptModel(torch.nn.Module):

@@ -16,7 +16,7 @@ from llmlab.chat import render_prompt
 from llmlab.engine import Engine, SamplingParams, generate_with_tools
 from llmlab.errors import LLMLabError
 from llmlab.model import GPTConfig
-from llmlab.stages import chat, eval, sft
+from llmlab.stages import chat, evaluate, sft
 from llmlab.tasks.assistant import AssistantArithmetic, run_chat_task
 from llmlab.tokenizer import Tokenizer
 
@@ -222,7 +222,7 @@ def test_chat_leaves_out_the_oldest_exchanges_to_keep_room_for_a_reply(tiny_run,
     assert "message 5" in fed and "message 0" not in fed and "left out to fit" in out.getvalue()
     seen, start = session.engine.model.seen[0], tok.special_id("<|assistant_start|>")
     prompt_len = max(i for i, t in enumerate(seen) if t == start) + 1
-    assert prompt_len <= context - min(session.cfg.max_new_tokens, context // 2)
+    assert prompt_len <= context - min(session.cfg.sampling.max_new_tokens, context // 2)
     assert [m["content"] for m in session.messages if m["role"] == "user"][-1].startswith("message 5")
 
 
@@ -239,7 +239,8 @@ def test_chat_commands(tiny_run, monkeypatch, capsys):
 
 def test_chat_one_shot_prints_the_reply(tiny_run, capsys):
     cfg, _ = tiny_run
-    out = chat.main(dataclasses.replace(cfg.chat, prompt="Who are you?", max_new_tokens=12))
+    out = chat.main(dataclasses.replace(cfg.chat, prompt="Who are you?",
+                                        sampling=dataclasses.replace(cfg.chat.sampling, max_new_tokens=12)))
     assert out["reply"] and out["reply"] in capsys.readouterr().out
 
 
@@ -264,7 +265,7 @@ def test_tiny_sft_and_report_card(tiny_run):
 def test_eval_stage_writes_every_group(tiny_run, tmp_path):
     cfg, _ = tiny_run
     out = tmp_path / "eval.json"
-    results = eval.main(dataclasses.replace(cfg.eval, per_group=4, mode="both", out=str(out)))
+    results = evaluate.main(dataclasses.replace(cfg.eval, per_group=4, mode="both", out=str(out)))
     saved = json.loads(out.read_text())
     assert saved["chat"]["policy"]["groups"] == results["chat"]["policy"]["groups"]
     for framing in ("base", "chat"):

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llmlab.chat import (CHAT_TEMPLATE, parse_assistant, parse_turn, render_conversation, render_prompt,
-                         write_tokenizer_config)
+from llmlab.chat import (CHAT_TEMPLATE, ToolSpans, final_answer, parse_assistant, parse_turn, render_conversation,
+                         render_prompt, reply_stop_ids, write_tokenizer_config)
 from llmlab.errors import LLMLabError
 from llmlab.tokenizer import SPECIAL_TOKENS, Tokenizer, train_tokenizer
 
@@ -282,6 +282,27 @@ def test_parse_assistant_and_parse_turn_invert_rendering(tok):
     assert parse_assistant(tok, stopped) == {"role": "assistant", "content": "Hi."}
     with pytest.raises(LLMLabError, match="use parse_turn"):
         parse_assistant(tok, generated)
+
+
+def test_tool_spans_final_answer_and_stop_ids(tok):
+    """ToolSpans names every token of a generated turn; final_answer is the text after the last tool output."""
+    prompt = render_prompt(tok, TOOL_CONVERSATION[:2])
+    ids, _ = render_conversation(tok, TOOL_CONVERSATION)
+    generated = ids[len(prompt):-1]  # the turn without <|assistant_end|>
+    spans = ToolSpans(tok)
+    kinds = [spans.push(t) for t in generated]
+    marks = [k for k in kinds if k not in ("text", "call", "output")]
+    assert marks == ["call_start", "call_end", "output_start", "output_end"]
+    assert tok.decode([t for t, k in zip(generated, kinds) if k == "call"]) == "calculator 123456*789"
+    assert tok.decode([t for t, k in zip(generated, kinds) if k == "output"]) == "97406784"
+    assert tok.decode([t for t, k in zip(generated, kinds) if k == "text"]) == "It is 97406784."
+    assert spans.calls == [{"call": "calculator 123456*789", "result": "97406784"}] and spans.span is None
+    assert final_answer(tok, generated) == "It is 97406784."
+    assert final_answer(tok, tok.encode("no tools")) == "no tools"
+    # a mark out of place is "special": an end token, or a span's end without its start
+    fresh = ToolSpans(tok)
+    assert [fresh.push(t) for t in (S(tok, "tool_end"), S(tok, "output_end"), S(tok, "bos"))] == ["special"] * 3
+    assert reply_stop_ids(tok) == [S(tok, "assistant_end"), tok.bos_id]
 
 
 # Random conversations for the property test: user/assistant turns, some with tool calls and their outputs.

@@ -1,6 +1,7 @@
 """Checkpoints: save -> load gives identical logits; saves are atomic; bad files give clear errors."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -65,22 +66,70 @@ def test_training_state_round_trip_continues_identically(tmp_path):
         assert torch.equal(a, b), name
 
 
-def test_latest_moves_only_after_a_complete_save(tmp_path, monkeypatch):
+class Killed(BaseException):
+    """A kill: not an OSError, so nothing in the save (not even rmtree's ignore_errors) can swallow it."""
+
+
+FS_OPS = ("mkdir", "rename", "replace", "link", "unlink", "rmdir")
+
+
+def _kill_at(monkeypatch, k: int) -> list[str]:
+    """Make the k-th filesystem operation of what follows die (k = -1: count them and let all run)."""
+    done: list[str] = []
+
+    def wrap(name, fn):
+        def op(*args, **kwargs):
+            if len(done) == k:
+                raise Killed(f"killed before {name} #{k}")
+            done.append(name)
+            return fn(*args, **kwargs)
+        return op
+
+    for name in FS_OPS:
+        monkeypatch.setattr(os, name, wrap(name, getattr(os, name)))
+    monkeypatch.setattr(checkpoint, "write_durably", wrap("write", checkpoint.write_durably))
+    monkeypatch.setattr(checkpoint, "write_atomic", wrap("write_atomic", checkpoint.write_atomic))
+    return done
+
+
+@pytest.mark.parametrize("again", [False, True], ids=["new-step", "same-step-again"])
+def test_a_kill_at_every_point_of_a_save_leaves_a_loadable_latest(tmp_path, monkeypatch, again):
+    """Saving step 2 over a run whose `latest` is step 2 (a finished stage run again) or saving a new step 3:
+    killed before each filesystem operation in turn, `latest` still names a complete checkpoint, and the next
+    save succeeds and cleans up."""
     model, opts = _trained()
-    first = _save(tmp_path, 1, model, opts, {"step": 1})
+    moved, _ = _trained(steps=4)
+    step = 2 if again else 3
 
-    def killed(*args, **kwargs):
-        raise KeyboardInterrupt("killed mid-save")
+    monkeypatch.setattr(os, "fsync", lambda fd: None)  # the order of operations is under test, not the disk
 
-    monkeypatch.setattr(checkpoint, "save_file", killed)
-    with pytest.raises(KeyboardInterrupt):
-        _save(tmp_path, 2, model, opts, {"step": 2})
-    monkeypatch.undo()
-    assert checkpoint.resolve(tmp_path) == first
-    checkpoint.load_model(tmp_path)  # still loadable
-    second = _save(tmp_path, 2, model, opts, {"step": 2})  # and the next save cleans up the leftovers
-    assert checkpoint.resolve(tmp_path) == second
-    assert not list(tmp_path.glob(".tmp-*"))
+    def run_once(out, k):
+        _save(out, 1, model, opts, {"step": 1})
+        _save(out, 2, model, opts, {"step": 2})
+        with pytest.MonkeyPatch.context() as mp:
+            done = _kill_at(mp, k)
+            try:
+                _save(out, step, moved, opts, {"step": step})
+            except Killed:
+                pass
+        return done
+
+    n_ops = len(run_once(tmp_path / "count", -1))
+    assert n_ops > 10  # every write, rename and removal is counted
+    ids = torch.randint(0, CFG.vocab_size, (1, 8))
+    for k in range(n_ops + 1):
+        out = tmp_path / f"kill-{k}"
+        run_once(out, k)
+        loaded = checkpoint.load(out)  # the checksum is verified too
+        assert loaded.info["step"] in (2, step)
+        logits = loaded.model(ids)
+        if again:  # the old step 2 or the new one, whole
+            assert torch.equal(logits, model.eval()(ids)) or torch.equal(logits, moved.eval()(ids)), k
+        else:
+            assert torch.equal(logits, (moved if loaded.info["step"] == step else model).eval()(ids)), k
+        _save(out, step + 1, moved, opts, {"step": step + 1})  # the next save works and leaves nothing behind
+        assert checkpoint.resolve(out).name == f"step-{step + 1:06d}"
+        assert not [p.name for p in out.iterdir() if p.name.startswith(".")], k
 
 
 def test_keeps_only_the_newest(tmp_path):
@@ -115,3 +164,51 @@ def test_other_model_shape_is_refused(tmp_path):
     (ckpt / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(LLMLabError, match="shape"):
         checkpoint.load_model(ckpt)
+
+
+def test_weights_that_changed_on_disk_are_refused(tmp_path):
+    model, _ = _trained(steps=0)
+    ckpt = _save(tmp_path, 1, model)
+    data = bytearray((ckpt / "model.safetensors").read_bytes())
+    data[-3] ^= 0x10  # one bit of one weight
+    (ckpt / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(LLMLabError, match="sha256 differs"):
+        checkpoint.load(tmp_path)
+    assert checkpoint.load(tmp_path, verify=False).model is not None  # the check can be skipped
+
+
+def test_weights_that_are_not_finite_are_refused_at_save_and_load(tmp_path):
+    model, _ = _trained(steps=0)
+    ckpt = _save(tmp_path, 1, model)
+    with torch.no_grad():
+        model.norm.weight[0] = float("nan")
+    with pytest.raises(LLMLabError, match="NaN or infinite"):
+        _save(tmp_path, 2, model)
+    assert checkpoint.resolve(tmp_path) == ckpt  # the good checkpoint stays latest
+    from safetensors.torch import load_file, save_file
+    tensors = load_file(str(ckpt / "model.safetensors"))
+    tensors["norm.weight"][0] = float("inf")
+    save_file(tensors, str(ckpt / "model.safetensors"))
+    with pytest.raises(LLMLabError, match="NaN or infinite"):
+        checkpoint.load(ckpt, verify=False)
+
+
+@pytest.mark.parametrize("content", [b"\xff\xfe\x00binary", b"../../etc\n", b"\n"])
+def test_a_latest_file_that_is_not_a_name_gives_a_clear_error(tmp_path, content):
+    model, _ = _trained(steps=0)
+    _save(tmp_path, 1, model)
+    (tmp_path / "latest").write_bytes(content)
+    with pytest.raises(LLMLabError, match="latest"):
+        checkpoint.load(tmp_path)
+
+
+def test_load_gives_model_tokenizer_and_info_of_one_directory(tmp_path):
+    from llmlab.tokenizer import MIN_VOCAB, train_tokenizer
+    tok = train_tokenizer(["hello world, a tiny corpus for a tiny tokenizer"] * 20, vocab_size=MIN_VOCAB + 20)
+    tok.save(tmp_path / "tok")
+    model, _ = _trained(GPTConfig(**{**CFG.to_dict(), "vocab_size": tok.vocab_size}), steps=0)
+    ckpt = checkpoint.save_checkpoint(tmp_path / "run", 5, model, tokenizer_path=tmp_path / "tok", meta={"stage": "x"})
+    loaded = checkpoint.load(tmp_path / "run")
+    assert loaded.path == ckpt and loaded.info["step"] == 5 and loaded.info["stage"] == "x"
+    assert loaded.tokenizer.encode("hello world") == tok.encode("hello world")
+    assert not loaded.model.training

@@ -27,11 +27,38 @@ def test_run_dir_moves_every_path():
     assert cfg.pretrain.out_dir.startswith("/tmp/elsewhere") and cfg.tokenizer.corpus.startswith("/tmp/elsewhere")
 
 
-def test_help_lists_every_field_with_its_doc():
-    out = run_cli("pretrain", "--help")
+@pytest.mark.parametrize("stage", ["pretrain", "sft", "sample", "chat", "serve"])
+def test_help_explains_every_flag(stage):
+    """Every field of the stage's Config, inherited ones (the training loop's) included, is a flag with the text
+    written under it, and no default is shown twice."""
+    cfg = cli.stage_config(stage, ["--preset", "tiny"])
+    text = " ".join(cli.build_parser(stage, cfg).format_help().split())
+    for flag, path, _, doc in cli._flags(type(cfg)):
+        assert doc, f"{flag} has no docstring"
+        assert f"{flag} " in text and " ".join(doc.split()) in text, flag
+    assert "(default: None)" not in text and text.count("(default: runs/<preset>)") == 1
+
+
+def test_help_runs_and_groups_the_shared_training_flags():
+    out = run_cli("sft", "--help")
     assert out.returncode == 0
-    assert "--model.n_kv_head" in out.stdout and "grouped-query attention" in out.stdout
-    assert "--grad_accum" in out.stdout and "micro-batches per optimizer step" in out.stdout
+    text = out.stdout[out.stdout.index("options:"):]
+    own, shared = text.index("--base"), text.index("llmlab.training.TrainConfig")
+    assert own < shared < text.index("--grad_accum") and "micro-batches per optimizer step" in text
+
+
+@pytest.mark.parametrize("args,flag", [
+    (["pretrain", "--optim.muon_lr", "-1"], "--optim.muon_lr"), (["pretrain", "--optim.muon_lr", "nan"], "--optim.muon_lr"),
+    (["sft", "--warmdown_frac", "1.5"], "--warmdown_frac"), (["sft", "--device", "tpu9"], "--device"),
+    (["sample", "--sampling.temperature", "-1"], "temperature"), (["sample", "--sampling.top_p", "2"], "top_p"),
+    (["chat", "--sampling.temperature", "nan"], "temperature"),
+])
+def test_numbers_out_of_range_fail_at_the_door_naming_the_flag(args, flag, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([*args, "--preset", "tiny", "--print-config"])
+    assert exit_.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and flag in lines[0], lines
 
 
 def test_print_config_is_json_of_the_resolved_config():

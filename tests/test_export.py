@@ -1,27 +1,36 @@
 """Exports and imports: Hugging Face folders (same logits and greedy tokens in transformers, same chat-template ids,
-Llama/Qwen3 folders imported exactly), GGUF read back equal, the numpy run.py token-identical with the engine,
-tokenizer folders, and the errors and guards around them."""
+Llama/Qwen3 folders imported exactly, no generation warning), GGUF read back equal, the numpy run.py
+token-identical with the engine (its tool calls and calculator included), tokenizer folders, file modes, and the
+errors and guards around them."""
 
+import io
 import json
+import logging
 import os
 import random
+import stat
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from llmlab import checkpoint, cli
-from llmlab.chat import render_conversation, render_prompt
-from llmlab.engine import Engine, SamplingParams
+from llmlab.chat import final_answer, render_conversation, render_prompt, reply_stop_ids
+from llmlab.engine import Engine, SamplingParams, ToolCalls, generate_with_tools
 from llmlab.errors import LLMLabError
-from llmlab.export import export_gguf, export_hf, export_run, export_tokenizer, hf_model
+from llmlab.export import export_gguf, export_hf, export_run, export_tokenizer, hf_model, run_numpy
 from llmlab.export.folder import MARKER
 from llmlab.export.llamacpp import gguf_name, interleave_rope, uninterleave_rope
 from llmlab.model import GPT, GPTConfig, apply_rotary
 from llmlab.stages import export as export_stage
 from llmlab.tokenizer import SPECIAL_TOKENS, Tokenizer, train_tokenizer
+from llmlab.tools import run_tool
+from llmlab.tools.calculator import calculate
 
 transformers = pytest.importorskip("transformers")
 
@@ -111,6 +120,35 @@ def test_hf_export_tokenizer_and_generation_config(tok, tmp_path):
     assert (gen.bos_token_id, gen.eos_token_id, gen.pad_token_id) == (
         tok.bos_id, tok.special_id("<|assistant_end|>"), tok.pad_id)
     assert json.loads((tmp_path / MARKER).read_text())["format"] == "hf"
+
+
+def _generation_messages(folder, **kwargs) -> list[str]:
+    """What transformers warns or logs while `generate(**kwargs)` runs on the exported folder."""
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(folder)).eval()
+    log = io.StringIO()
+    handler = logging.StreamHandler(log)
+    logger = logging.getLogger("transformers")  # transformers' loggers do not propagate to the root (caplog)
+    logger.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+            warnings.simplefilter("always")
+            hf.generate(torch.tensor([[1, 20, 30]]), attention_mask=torch.ones(1, 3, dtype=torch.long),
+                        do_sample=False, **kwargs)
+    finally:
+        logger.removeHandler(handler)
+    return [str(w.message) for w in caught] + log.getvalue().splitlines()
+
+
+def test_hf_generate_with_a_length_gives_no_warning(tok, tmp_path):
+    """generation_config.json sets no length, so that neither max_new_tokens nor max_length given to generate
+    clashes with it (transformers warns "Both `max_new_tokens` ... and `max_length` ... seem to have been set")."""
+    export_hf(_model(tok, True, False, 2), tok, tmp_path)
+    assert _generation_messages(tmp_path, max_new_tokens=5) == []
+    assert _generation_messages(tmp_path, max_length=8) == []
+    # the check sees the warning when the config has a length, as exports before this one did
+    gen = json.loads((tmp_path / "generation_config.json").read_text())
+    (tmp_path / "generation_config.json").write_text(json.dumps({**gen, "max_length": 128}))
+    assert any("max_length" in m for m in _generation_messages(tmp_path, max_new_tokens=5))
 
 
 def test_hf_model_in_memory_matches(tok):
@@ -327,14 +365,106 @@ def test_run_py_is_token_identical_to_the_engine(tok, tmp_path, no_torch_path, q
 
 
 def test_run_py_chat_reply_matches_the_engine(tok, tmp_path, no_torch_path):
+    """--chat prints what `llmlab chat` keeps of a reply: its words after the last tool output."""
     model = _model(tok, True, False, 2, seed=5)
     export_run(model, tok, tmp_path)
     messages = [{"role": "user", "content": "Where was Ada born?"}]
-    end = tok.special_id("<|assistant_end|>")
-    reply = Engine(model).generate([render_prompt(tok, messages)], SamplingParams(max_new_tokens=40, temperature=0.0),
-                                   [end])[0]
-    out = _run_py(tmp_path, no_torch_path, "--chat", "Where was Ada born?", "--max_new_tokens", "40")
-    assert out == tok.decode(reply) + "\n" and len(reply) > 0
+    out, _ = generate_with_tools(Engine(model), tok, [render_prompt(tok, messages)],
+                                 SamplingParams(max_new_tokens=40, temperature=0.0), reply_stop_ids(tok),
+                                 run_numpy.run_tool)
+    answer = final_answer(tok, out[0]).strip()
+    got = _run_py(tmp_path, no_torch_path, "--chat", "Where was Ada born?", "--max_new_tokens", "40")
+    assert got == answer + "\n" and answer
+
+
+def test_run_py_tool_loop_forces_what_the_engine_forces(tok):
+    """run.py's decode loop on a scripted model that calls the calculator and the python tool: the same tokens
+    as the engine's ToolCalls appends for the same predictions, every forced token fed back to the model, and
+    the same final answer as llmlab.chat.final_answer."""
+    sp = tok.special_id
+    python_error = "error: the python tool is not available in run.py (use llmlab chat)"
+    filler = tok.encode("x")  # what the model predicts while a tool's output is forced: ignored
+
+    def call(text: str, result: str) -> list[int]:
+        return [sp("<|tool_start|>"), *tok.encode(text), sp("<|tool_end|>")] + filler * (len(tok.encode(result)) + 2)
+
+    predictions = (tok.encode("Let me see.") + call("calculator 48213 * 907", "43729191") + tok.encode(" Also")
+                   + call("python print(6*7)", python_error) + tok.encode("The answer is 43729191.")
+                   + [sp("<|assistant_end|>")] + filler * 3)
+    prompt = render_prompt(tok, [{"role": "user", "content": "What is 48213 * 907?"}])
+    fed: list[int] = []
+
+    def next_token(ids: list[int]) -> int:  # the scripted model: its i-th prediction, whatever it was fed
+        fed.extend(ids)
+        return predictions[len(fed) - len(prompt)]
+
+    loop = run_numpy.ToolLoop(tok.hf)
+    got = list(run_numpy.generate(next_token, prompt, 200, set(reply_stop_ids(tok)), loop))
+
+    def engine_tool(text: str) -> str:  # llmlab's own calculator; run.py's answer for the python tool
+        return run_tool(text).text if text.startswith("calculator") else run_numpy.run_tool(text)
+
+    calls, expected = ToolCalls(tok, 1, engine_tool), []
+    for predicted in predictions:
+        token = int(calls(torch.tensor([predicted]))[0])
+        if token in reply_stop_ids(tok):
+            break
+        expected.append(token)
+    assert got == expected and fed == prompt + got
+    assert loop.calls == [("calculator 48213 * 907", "43729191"), ("python print(6*7)", python_error)]
+    assert calls.calls[0] == loop.calls
+    forced = [sp("<|output_start|>"), *tok.encode("43729191"), sp("<|output_end|>")]
+    assert any(got[i:i + len(forced)] == forced for i in range(len(got)))
+    assert run_numpy.final_text(tok.hf, got) == final_answer(tok, got) == "The answer is 43729191."
+    # max_new_tokens counts forced tokens too, as in the engine; no model call after the last token
+    fed.clear()
+    assert list(run_numpy.generate(next_token, prompt, 3)) == predictions[:3] and len(fed) == len(prompt) + 2
+
+
+CALCULATOR_CASES = [
+    "48213 * 907", "1/3", "10**20/3", "-2**2", "2**3**2", "0.1+0.2", "1/8", ".5*3", "7 // -2", "-7 % 3", "--2", "+-+2",
+    "1/7*10**12", "1/(10**7*3)", "999999999999.5/7", "0.0000001/3", "1/3*10**11", "1/3*10**12", "-1/3", "2/3",
+    "99999999999.99/1", "1.5**3", "0.5**2000", "7/0.1", "0**0", "1/2**5000", "1/2**13000", "(1/3)*10**3999",
+    "5**5000/2**5000", "3**8000", "10**3999", "9" * 4000, " 12 ", "\u0663+1", "1/3/10**6", "1/3/10**5", "10**13/3",
+    # errors
+    "2**-1", "2**0.5", "9**9**9", "10**4000", "10**3999*10", "1/2**13300", "1/0", "5//0", "5%0", "3.", "1,234", "",
+    "  ", "1e3", "x", "((2)", "2)", "2***2", "4//", "//4", "()", "(1)(2)", "9" * 4001, "1+" * 5001 + "1",
+    "(" * 99 + "1" + ")" * 99, "(" * 100 + "1" + ")" * 100, "-" * 99 + "1", "-" * 100 + "1",
+]
+
+
+def _same_answer(expr: str) -> None:
+    ours, theirs = run_numpy.calculate(expr), calculate(expr)
+    assert ours == theirs or (ours.startswith("error: ") and theirs.startswith("error: ")), (expr, ours, theirs)
+    if not theirs.startswith("error: "):  # and through the tool call, its 2,000-character cut included
+        assert run_numpy.run_tool(f"calculator {expr}") == run_tool(f"calculator {expr}").text
+
+
+@pytest.mark.parametrize("expr", CALCULATOR_CASES, ids=range(len(CALCULATOR_CASES)))
+def test_run_py_calculator_agrees_with_llmlab(expr):
+    _same_answer(expr)
+
+
+_NUMBERS = st.one_of(st.integers(0, 10**6).map(str), st.integers(0, 10**40).map(str),
+                     st.from_regex(r"\d{1,4}\.\d{1,4}|\.\d{1,3}", fullmatch=True))
+
+
+def _compound(inner):
+    return st.one_of(st.builds("{} {} {}".format, inner, st.sampled_from(["+", "-", "*", "/", "//", "%"]), inner),
+                     st.builds("{}**{}".format, inner, st.integers(0, 12) | inner),
+                     inner.map("({})".format), inner.map("-{}".format), inner.map("+{}".format))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.recursive(_NUMBERS, _compound, max_leaves=10))
+def test_run_py_calculator_agrees_on_expressions(expr):
+    _same_answer(expr)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet="0123456789.+-*/%() ", max_size=24))
+def test_run_py_calculator_agrees_on_any_text(expr):
+    _same_answer(expr)
 
 
 # ------------------------------------------------------------------------------------------ tokenizer, stage, CLI
@@ -366,6 +496,25 @@ def test_stage_exports_a_checkpoint_next_to_it(tok, tmp_path):
         export_stage.Config(format="onnx")
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_exported_files_follow_the_umask(tok, tmp_path, umask):
+    """Every file of every format is created as open() creates it (0666 less the umask): the weights too,
+    which safetensors' save_file would leave 0600."""
+    pytest.importorskip("gguf")
+    model = _model(tok, True, True, 2)
+    old = os.umask(umask)
+    try:
+        export_hf(model, tok, tmp_path / "hf")
+        export_run(model, tok, tmp_path / "run")
+        export_gguf(model, tok, tmp_path / "gguf")
+        export_tokenizer(tok, tmp_path / "tokenizer")
+    finally:
+        os.umask(old)
+    modes = {p.relative_to(tmp_path).as_posix(): stat.S_IMODE(p.stat().st_mode) for p in tmp_path.rglob("*")}
+    assert "run/model.safetensors" in modes and "hf/model.safetensors" in modes and "gguf/model.gguf" in modes
+    assert modes == {name: (0o777 if (tmp_path / name).is_dir() else 0o666) & ~umask for name in modes}
+
+
 def test_output_folder_is_never_clobbered(tok, tmp_path, monkeypatch):
     model = _model(tok, True, True, 2)
     out = tmp_path / "out"
@@ -383,7 +532,7 @@ def test_output_folder_is_never_clobbered(tok, tmp_path, monkeypatch):
     def fail(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr("llmlab.export.hf.save_file", fail)  # a crash mid-export leaves the old folder whole
+    monkeypatch.setattr("llmlab.export.hf.write_durably", fail)  # a crash mid-export leaves the old folder whole
     with pytest.raises(RuntimeError, match="disk full"):
         export_hf(model, tok, out)
     assert (out / "run.py").is_file() and sorted(p.name for p in tmp_path.iterdir()) == ["out"]

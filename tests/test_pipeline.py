@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from llmlab import checkpoint, presets
 from llmlab.errors import LLMLabError
+from llmlab.engine import SamplingParams
 from llmlab.stages import pretrain, sample, tokenizer
 
 
@@ -37,10 +38,11 @@ def test_tiny_speedrun_runs_every_stage(tiny_run):
 
 def test_sample_stage_streams_a_completion(tiny_run, capsys):
     cfg, _ = tiny_run
-    out = sample.main(dataclasses.replace(cfg.sample, prompt="Q: Where was", max_new_tokens=8, temperature=0.0))
+    greedy = SamplingParams(max_new_tokens=8, temperature=0.0)
+    out = sample.main(dataclasses.replace(cfg.sample, prompt="Q: Where was", sampling=greedy))
     assert len(out["completions"]) == 1
     assert capsys.readouterr().out.startswith("Q: Where was" + out["completions"][0])
-    many = sample.main(dataclasses.replace(cfg.sample, num_samples=3, max_new_tokens=6, temperature=1.0))
+    many = sample.main(dataclasses.replace(cfg.sample, num_samples=3, sampling=SamplingParams(max_new_tokens=6, seed=0)))
     assert len(many["completions"]) == 3
 
 

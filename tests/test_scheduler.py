@@ -10,7 +10,8 @@ import torch
 from llmlab.engine import Engine, SamplingParams, generate_naive
 from llmlab.errors import LLMLabError
 from llmlab.model import GPT, GPTConfig, KVCache
-from llmlab.scheduler import Event, Scheduler, SlotKVCache
+from llmlab.scheduler import Event, Scheduler, SchedulerDown, SlotKVCache
+from serving import FaultyModel
 
 CFG = GPTConfig(vocab_size=97, n_layer=2, d_model=32, n_head=4, n_kv_head=2, context_len=64, qk_norm=True)
 
@@ -220,3 +221,151 @@ def test_a_slow_tool_call_waits_outside_the_batch(tmp_path):
         assert got.tokens[:-1] == expected[0] and got.tokens[-1] == end
         assert got.forced[:-1] == tools.forced[0][: len(expected[0])]
     assert "It is 42." in tok.decode(slow.tokens) and "It is 5." in tok.decode(others[1].tokens)
+
+
+# ---- faults: a failing request ends alone; a failing loop says so and answers everyone ---------------------------
+
+
+def _greedy(n=6) -> SamplingParams:
+    return SamplingParams(max_new_tokens=n, temperature=0.0)
+
+
+def test_a_seed_the_generator_refuses_fails_that_request_alone():
+    """The bug of issue 18: seed 2**64 killed the loop in torch's manual_seed and every later request hung. Made
+    here past SamplingParams' own check, as a request that slipped through the server's validation would be."""
+    model = _model()
+    scheduler = Scheduler(model, tokenizer=None, max_batch=4)
+    try:
+        bad = SamplingParams(max_new_tokens=6, temperature=1.0)
+        object.__setattr__(bad, "seed", 2**64)
+        doomed, fine = Collector(), Collector()
+        scheduler.submit([1, 2], bad, doomed)
+        scheduler.submit([3, 4], _greedy(), fine)
+        assert doomed.wait(10).finish.startswith("error: ") and doomed.tokens == []
+        assert fine.wait(10).finish == "length" and len(fine.tokens) == 6
+        later = Collector()
+        scheduler.submit([5], _greedy(3), later)
+        assert later.wait(10).finish == "length" and scheduler.alive and scheduler.failure is None
+    finally:
+        scheduler.shutdown()
+
+
+def test_a_row_whose_sampling_raises_ends_alone(monkeypatch):
+    import llmlab.scheduler as scheduler_module
+
+    real = scheduler_module.sample_with_uniform
+
+    def sample(logits, params, u):
+        if params.top_k == 13:
+            raise RuntimeError("sampler exploded")
+        return real(logits, params, u)
+
+    monkeypatch.setattr(scheduler_module, "sample_with_uniform", sample)
+    model = _model()
+    scheduler = Scheduler(model, tokenizer=None, max_batch=4)
+    try:
+        seeded = SamplingParams(max_new_tokens=8, temperature=1.0, top_k=5, seed=3)
+        doomed, greedy, sampled = Collector(), Collector(), Collector()
+        scheduler.submit([1, 2], SamplingParams(max_new_tokens=8, temperature=1.0, top_k=13), doomed)
+        scheduler.submit([3, 4], _greedy(8), greedy)
+        scheduler.submit([4, 5], seeded, sampled)
+        assert "sampler exploded" in doomed.wait(10).finish
+        assert greedy.wait(10).tokens == Engine(model).generate([[3, 4]], _greedy(8))[0]
+        assert sampled.wait(10).tokens == Engine(model).generate([[4, 5]], seeded)[0]  # its generator untouched
+    finally:
+        scheduler.shutdown()
+
+
+def test_a_prompt_whose_prefill_raises_fails_alone():
+    """Prompts are prefilled together; when that forward raises they are prefilled again one by one."""
+    model = _model()
+    faulty = FaultyModel(model, lambda ids, cache: ids.size(1) > 1 and bool((ids == 96).any()))
+    scheduler = Scheduler(faulty, tokenizer=None, max_batch=4)
+    try:
+        scheduler.call(lambda m: time.sleep(0.2))  # the three requests queue up behind it: one admission
+        doomed, a, b = Collector(), Collector(), Collector()
+        scheduler.submit([1, 96], _greedy(), doomed)
+        scheduler.submit([1, 2, 3], _greedy(), a)
+        scheduler.submit([7], _greedy(), b)
+        assert "injected fault" in doomed.wait(10).finish
+        assert a.wait(10).tokens == Engine(model).generate([[1, 2, 3]], _greedy())[0]
+        assert b.wait(10).tokens == Engine(model).generate([[7]], _greedy())[0]
+    finally:
+        scheduler.shutdown()
+
+
+def test_a_failing_decode_step_ends_its_batch_and_the_loop_goes_on():
+    model = _model()
+    broken = threading.Event()
+    faulty = FaultyModel(model, lambda ids, cache: broken.is_set() and ids.size(1) == 1)  # decode steps only
+    scheduler = Scheduler(faulty, tokenizer=None, max_batch=4)
+    try:
+        events = queue.Queue()
+        scheduler.submit([1, 2], SamplingParams(max_new_tokens=50, temperature=0.0), events.put)
+        events.get(timeout=10)
+        broken.set()
+        while (event := events.get(timeout=10)).token is not None:
+            pass
+        assert "injected fault" in event.finish
+        broken.clear()
+        later = Collector()
+        scheduler.submit([3, 4], _greedy(), later)
+        assert later.wait(10).tokens == Engine(model).generate([[3, 4]], _greedy())[0]
+        assert scheduler.alive
+    finally:
+        scheduler.shutdown()
+
+
+def test_a_loop_that_keeps_failing_dies_loudly_and_nothing_waits_on_it():
+    """`max_failures` failing iterations in a row: the loop stops, every request it held or that waited ends
+    with an error at once, `alive` is False, `on_death` hears why, and new work is refused at once."""
+    model = _model()
+    faulty = FaultyModel(model, lambda ids, cache: ids.size(1) == 1)  # every decode step raises
+    scheduler = Scheduler(faulty, tokenizer=None, max_batch=1, max_failures=2)
+    died = []
+    scheduler.on_death = died.append
+    try:
+        collectors = [Collector() for _ in range(4)]
+        for i, c in enumerate(collectors):  # one row: the later requests wait in the queue
+            scheduler.submit([1 + i, 2], _greedy(), c)
+        for c in collectors:
+            assert c.wait(10).finish.startswith("error: ")
+        deadline = time.monotonic() + 10
+        while scheduler.alive:
+            assert time.monotonic() < deadline, "the loop did not stop"
+            time.sleep(0.01)
+        assert isinstance(scheduler.failure, RuntimeError) and died == [scheduler.failure]
+        assert "internal error" in collectors[-1].finish  # a waiting request: answered by the dying loop
+        with pytest.raises(SchedulerDown, match="injected fault"):
+            scheduler.submit([1], _greedy(), Collector())
+        with pytest.raises(SchedulerDown):
+            scheduler.call(lambda m: None)
+    finally:
+        scheduler.shutdown()
+
+
+def test_shutdown_is_bounded_by_its_timeout_even_with_a_tool_call_that_never_returns(tmp_path):
+    """A tool call that hangs holds neither the loop nor the process (the pool's threads are daemons); its
+    request ends "cancelled"."""
+    from serving import ScriptModel, calculator_script, make_tokenizer
+
+    from llmlab.chat import render_prompt
+    from llmlab.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(make_tokenizer(tmp_path))
+    model = ScriptModel(tok.vocab_size, calculator_script(tok))
+    never = threading.Event()
+    scheduler = Scheduler(model, tok, max_batch=2)
+    stuck = Collector()
+    scheduler.submit(render_prompt(tok, [{"role": "user", "content": "What is 1 + 1?"}]), _greedy(40), stuck,
+                     run_tool=lambda call: never.wait(600) and "")
+    deadline = time.monotonic() + 10
+    while scheduler.parked == 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    started = time.monotonic()
+    scheduler.shutdown(timeout=5)
+    assert time.monotonic() - started < 5 and not scheduler.alive
+    assert stuck.wait(1).finish == "cancelled"
+    assert all(t.daemon for t in threading.enumerate() if t.name.startswith("llmlab-"))
+    never.set()

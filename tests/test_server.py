@@ -9,12 +9,11 @@ import openai
 import pytest
 import torch
 
+from llmlab.data.feedback import preference_pairs
 from llmlab.engine import Engine, SamplingParams
 from llmlab.errors import LLMLabError
-from llmlab.scheduler import Scheduler
-from llmlab.server.app import ServerConfig, create_app
-from llmlab.tokenizer import Tokenizer
-from serving import LiveServer, ScriptModel, calculator_script, make_checkpoint, make_tokenizer
+from llmlab.server.app import ServerConfig
+from serving import LiveServer, ServerProcess, make_app, make_checkpoint, make_tokenizer, script_the_model
 
 CONTEXT = 96
 
@@ -29,8 +28,7 @@ def files(tmp_path_factory):
 
 def _start(files, name: str, **overrides):
     root, ckpt = files
-    app = create_app(ServerConfig(checkpoint=str(ckpt), db=str(root / f"{name}.db"), model_name="test-model",
-                                  world=str(root / "no-world"), **overrides))
+    app = make_app(ckpt, root / f"{name}.db", **overrides)
     return app, LiveServer(app)
 
 
@@ -46,9 +44,7 @@ def scripted(files):
     """A server whose model is the calculator script (tool calls, known text)."""
     app, live = _start(files, "scripted")
     service = app.state.service
-    service.scheduler.shutdown()
-    service.scheduler = Scheduler(ScriptModel(service.tokenizer.vocab_size, calculator_script(service.tokenizer),
-                                              context_len=CONTEXT), service.tokenizer, max_batch=8)
+    script_the_model(service)
     yield service, live
     live.stop()
 
@@ -243,6 +239,15 @@ BAD_REQUESTS = [
     ("too many messages", "POST", CHAT, _chat(messages=[{"role": "user", "content": "Hi"}] * 300), 413),
     ("too many characters", "POST", CHAT, _chat(messages=[{"role": "user", "content": "x" * 40_000}]), 413),
     ("huge body", "POST", CHAT, b"{" + b" " * 2_000_000 + b"}", 413),
+    ("negative temperature", "POST", CHAT, _chat(temperature=-1), 422),
+    ("NaN temperature", "POST", CHAT, b'{"model": "test-model", "messages": [{"role": "user", "content": "Hi"}], '
+                                      b'"temperature": NaN}', 422),
+    ("top_p over 1", "POST", CHAT, _chat(top_p=1.5), 422),
+    ("negative top_k", "POST", CHAT, _chat(top_k=-1), 422),
+    ("seed 2**64", "POST", CHAT, _chat(seed=2**64), 422),
+    ("seed + n - 1 beyond 2**63", "POST", CHAT, _chat(seed=2**63 - 1, n=2), 422),
+    ("completion top_p over 1", "POST", "/v1/completions", {"model": "test-model", "prompt": "a", "top_p": 2}, 422),
+    ("completion seed 2**64", "POST", "/v1/completions", {"model": "test-model", "prompt": "a", "seed": 2**64}, 422),
     ("completion prompt beyond the context", "POST", "/v1/completions", {"model": "test-model", "prompt": LONG}, 400),
     ("completion token ids out of range", "POST", "/v1/completions", {"model": "test-model", "prompt": [1, 10**7]}, 400),
     ("completion empty prompt list", "POST", "/v1/completions", {"model": "test-model", "prompt": []}, 400),
@@ -266,6 +271,38 @@ def test_bad_requests_get_a_clear_4xx(server, name, method, path, body, status):
     error = r.json()["error"]
     assert error["message"] and error["type"]
     assert httpx.get(live.url + "/health").json()["status"] == "ok"
+
+
+def test_sampling_errors_name_their_field_and_defaults_are_each_surfaces(server):
+    service, live = server
+    http = httpx.Client(base_url=live.url, timeout=60)
+    for body, param in ((_chat(temperature=-1), "temperature"), (_chat(seed=2**64), "seed"),
+                        (_chat(seed=2**63 - 2, n=3), "seed"), (_chat(top_k=-3), "top_k")):
+        error = http.post(CHAT, json=body).json()["error"]
+        assert error["param"] == param and error["code"] == "invalid_value" and param in error["message"]
+    # the API: OpenAI's temperature 1 when none is given; top_k 1 is greedy decoding whatever the temperature
+    ask = dict(model="test-model", messages=[{"role": "user", "content": "Tell me"}], max_tokens=10)
+    client = _client(live)
+
+    def text(**kw) -> str:
+        return client.chat.completions.create(**ask, **kw).choices[0].message.content
+
+    assert text(seed=5) == text(seed=5, temperature=1.0)
+    assert text(seed=5, temperature=1.5, extra_body={"top_k": 1}) == text(temperature=0)
+    assert http.post(CHAT, json=_chat(seed=2**63 - 2, n=2, max_tokens=2)).status_code == 200  # the last seed fits
+    # the web UI: its own defaults, served to the page; a bad value is a 422 that stores nothing
+    defaults = http.get("/api/defaults").json()
+    assert defaults == {"temperature": 0.7, "top_p": 0.95, "top_k": 0, "max_tokens": service.cfg.default_max_tokens}
+    cid = http.post("/api/conversations", json={}).json()["id"]
+    for body in ({"temperature": -1}, {"top_p": 1.5}, {"top_k": -1}):
+        r = http.post(f"/api/conversations/{cid}/reply", json={"content": "Hi", **body})
+        assert r.status_code == 422 and r.json()["error"]["param"] == next(iter(body)), r.text
+    r = http.post(f"/api/conversations/{cid}/reply", content=b'{"content": "Hi", "temperature": NaN}',
+                  headers={"Content-Type": "application/json"})
+    assert r.status_code == 422 and http.get(f"/api/conversations/{cid}").json()["messages"] == []
+    settings = _events(live, cid, {"content": "Hi", "max_tokens": 3})[-1]["messages"][0]["settings"]
+    assert (settings["temperature"], settings["top_p"], settings["top_k"]) == (0.7, 0.95, 0)
+    assert 0 <= settings["seed"] < 2**31 and settings["max_tokens"] == 3
 
 
 def test_busy_server_answers_429(files):
@@ -327,7 +364,7 @@ def test_ui_reply_edit_regenerate_compare_and_feedback(scripted):
     assert chosen["chosen"] == b["id"]
     messages = http.get(f"/api/conversations/{cid}").json()["messages"]
     assert [m["id"] for m in messages][-1] == b["id"] and a["id"] not in [m["id"] for m in messages]
-    pairs = service.store.preference_pairs()
+    pairs = preference_pairs(service.store.snapshot())
     assert not any(p["source"] == "comparison" for p in pairs)  # the script answers alike: no preference in it
     assert any(p["source"] == "correction" and p["chosen"][0]["content"] == "144." for p in pairs)
     # bad UI requests
@@ -379,29 +416,15 @@ def test_openapi_spec_lists_the_routes(server):
 def test_committed_feedback_survives_a_kill_9_of_the_server(files, tmp_path):
     import os
     import signal
-    import subprocess
-    import sys
-    import time
 
     from llmlab.server.store import FeedbackStore
-    from serving import free_port
 
     _, ckpt = files
-    db, port = tmp_path / "feedback.db", free_port()
-    url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([sys.executable, "-m", "llmlab", "serve", "--checkpoint", str(ckpt), "--db", str(db),
-                             "--port", str(port), "--model_name", "test-model"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    db = tmp_path / "feedback.db"
+    server = ServerProcess(["--checkpoint", str(ckpt), "--db", str(db), "--model_name", "test-model"],
+                           tmp_path / "server.log")
+    proc, url = server.proc, server.url
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.1)
         http = httpx.Client(base_url=url, timeout=60)
         cid = http.post("/api/conversations", json={"title": "kill"}).json()["id"]
         acked = {}
@@ -414,8 +437,7 @@ def test_committed_feedback_survives_a_kill_9_of_the_server(files, tmp_path):
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait(10)
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        server.stop()
     with FeedbackStore(db) as store:
         messages = store.get_conversation(cid)["messages"]
         ratings = {m["id"]: m["rating"] for m in messages if m["role"] == "assistant"}

@@ -1,4 +1,5 @@
-"""The feedback store (llmlab.server.store), its export (`llmlab feedback export`) and the preference-pair loader."""
+"""The feedback store (llmlab.server.store), its training data (llmlab.data.feedback, `llmlab feedback export`) and
+the preference-pair loader."""
 
 import json
 import signal
@@ -12,6 +13,7 @@ import pytest
 
 from llmlab.data import Mixture, parse_corpus
 from llmlab.data.conversations import ConversationLoader
+from llmlab.data.feedback import preference_pairs, sft_conversations
 from llmlab.data.preferences import PreferencePair, load_preference_pairs, write_jsonl
 from llmlab.errors import LLMLabError
 from llmlab.server.store import SCHEMA_VERSION, FeedbackStore
@@ -268,8 +270,9 @@ def _feedback_scenario(store) -> tuple[list[dict], list[dict]]:
 
 def test_export_gives_the_exact_pairs_and_sft_rows(store):
     pairs, sft = _feedback_scenario(store)
-    assert store.preference_pairs() == pairs
-    assert store.sft_conversations() == sft
+    snapshot = store.snapshot()
+    assert preference_pairs(snapshot) == pairs
+    assert sft_conversations(snapshot) == sft
 
 
 def test_export_stage_round_trips_through_the_loaders(store, tmp_path):

@@ -1,13 +1,18 @@
-"""Shared training pieces: accumulation equals one big batch; bits per byte is the right arithmetic."""
+"""The shared training loop and its pieces: accumulation equals one big batch; bits per byte is the right
+arithmetic; fit resumes exactly, stops on a NaN loss keeping the last good checkpoint, refuses meaningless numbers."""
 
 import math
 from contextlib import nullcontext
 
+import pytest
 import torch
 
+from llmlab import checkpoint
+from llmlab.errors import LLMLabError
 from llmlab.model import GPT, GPTConfig
 from llmlab.optim import OptimConfig, build_optimizers
-from llmlab.training import IGNORE_INDEX, MetricsLog, evaluate_bpb, read_metrics, token_losses, train_step
+from llmlab.training import (IGNORE_INDEX, MetricsLog, TokenCrossEntropy, TrainConfig, evaluate_bpb, fit,
+                             read_metrics, setup, token_losses, train_step)
 
 CFG = GPTConfig(vocab_size=50, n_layer=2, d_model=32, n_head=2, n_kv_head=2, context_len=16)
 
@@ -65,3 +70,91 @@ def test_metrics_log_cuts_back_to_the_resumed_step(tmp_path):
         f.write('{"step": 6, "lo')  # a line cut by a kill
     MetricsLog(path, resume_step=3).write(step=4, loss=0.0)
     assert [r["step"] for r in read_metrics(path)] == [1, 2, 3, 4]
+
+
+# ---- the one loop: fit ----------------------------------------------------------------------------------------
+
+class _RandomTokens:
+    """A batch source of fixed random rows, with a position that resumes."""
+
+    def __init__(self, seed=0, batch=4, kill_at=None):
+        self.gen_seed, self.batch, self.pos, self.kill_at = seed, batch, 0, kill_at
+
+    def next_batch(self):
+        if self.pos == self.kill_at:
+            raise KeyboardInterrupt("killed")
+        ids = torch.randint(0, CFG.vocab_size, (self.batch, CFG.context_len + 1),
+                            generator=torch.Generator().manual_seed(self.gen_seed * 1000 + self.pos))
+        self.pos += 1
+        return ids[:, :-1], ids[:, 1:]
+
+    def state_dict(self):
+        return {"pos": self.pos, "batch_size": self.batch, "world_size": 1}
+
+    def load_state_dict(self, state):
+        self.pos = state["pos"]
+
+
+class _BreaksAt(TokenCrossEntropy):
+    """Cross-entropy whose value turns NaN from the n-th call on (what a learning rate far too high does)."""
+
+    def __init__(self, n):
+        self.calls, self.n = 0, n
+
+    def loss_sum(self, model, batch):
+        self.calls += 1
+        loss = super().loss_sum(model, batch)
+        return loss * float("nan") if self.calls >= self.n else loss
+
+
+def _fit(tmp_path, objective=None, kill_at=None, **overrides):
+    cfg = TrainConfig(**{"out_dir": str(tmp_path / "run"), "batch_size": 4, "max_steps": 6, "save_every": 2,
+                         "eval_every": 0, "device": "cpu", **overrides})
+    info = setup(cfg)
+    net = GPT(CFG)
+    net.init_weights(seed=0)
+    return fit(cfg, info, net, _RandomTokens(kill_at=kill_at), evaluate=lambda model: {"val_marker": 1.0},
+               meta={"stage": "test"}, tokenizer_path=None, objective=objective)
+
+
+def test_fit_trains_saves_and_resumes_to_identical_weights(tmp_path):
+    whole = _fit(tmp_path / "a")
+    assert whole["step"] == 6 and whole["val_marker"] == 1.0 and whole["tokens_seen"] == 6 * 4 * CFG.context_len
+    halves = tmp_path / "c"
+    with pytest.raises(KeyboardInterrupt):
+        _fit(halves, kill_at=5)  # killed during step 6, after the checkpoint of step 4
+    assert checkpoint.read_info(halves / "run")["step"] == 4
+    _fit(halves)  # resumes at step 4 with the data position, optimizer state and RNG
+    a = checkpoint.load(tmp_path / "a" / "run").model
+    c = checkpoint.load(halves / "run").model
+    for (name, x), (_, y) in zip(a.state_dict().items(), c.state_dict().items()):
+        assert torch.equal(x, y), name
+    assert checkpoint.read_info(halves / "run")["step"] == 6
+
+
+def test_a_loss_that_becomes_nan_stops_the_run_naming_the_flags_and_keeps_the_last_good_checkpoint(tmp_path):
+    with pytest.raises(LLMLabError, match=r"loss became nan at step 5.*--optim.muon_lr.*step-000004"):
+        _fit(tmp_path, objective=_BreaksAt(5))
+    ckpt = checkpoint.load(tmp_path / "run")  # finite weights, checksum intact
+    assert ckpt.info["step"] == 4
+
+
+@pytest.mark.parametrize("field, value, flag", [
+    ("batch_size", 0, "--batch_size"), ("warmdown_frac", float("nan"), "--warmdown_frac"),
+    ("grad_clip", -1.0, "--grad_clip"), ("device", "tpu9", "--device"), ("parallel", "zero", "--parallel"),
+    ("keep_checkpoints", -1, "--keep_checkpoints")])
+def test_train_config_refuses_meaningless_numbers(field, value, flag):
+    with pytest.raises(LLMLabError, match=flag):
+        TrainConfig(out_dir="x", **{field: value})
+
+
+@pytest.mark.parametrize("value", [-1.0, float("nan"), float("inf")])
+def test_optim_config_refuses_meaningless_learning_rates(value):
+    with pytest.raises(LLMLabError, match="--optim.muon_lr"):
+        OptimConfig(muon_lr=value)
+
+
+def test_out_dir_naming_a_file_is_refused(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(LLMLabError, match="--out_dir"):
+        TrainConfig(out_dir=str(tmp_path / "file"))

@@ -90,8 +90,11 @@ def test_chat_flow(server, page, tmp_path):
     model = api.get("/v1/models").json()["data"][0]["id"]
     page.wait_for_function("(name) => document.getElementById('model-name').textContent === name", arg=model)
 
-    # settings: short answers and greedy decoding, so the streamed answer is the same every run
+    # settings: the server's defaults until changed; here short answers and greedy decoding, so the streamed
+    # answer is the same every run
     page.click("[data-testid=settings] summary")
+    page.wait_for_function("document.getElementById('temperature').value === '0.7'")
+    assert page.input_value("[data-testid=top-p]") == "0.95" and page.input_value("[data-testid=max-tokens]") == "256"
     page.fill("[data-testid=max-tokens]", "24")
     page.fill("[data-testid=temperature]", "0")
     page.fill("[data-testid=system-prompt]", "You are a helpful assistant.")
@@ -217,8 +220,10 @@ def test_api_key_and_delete(ckpt, page, tmp_path):
         reply(page, lambda: page.click("[data-testid=send]"))
         assert not error.is_visible()
         (conversation,) = api.get("/api/conversations").json()
-        assert [m["role"] for m in api.get(f"/api/conversations/{conversation['id']}").json()["messages"]] == [
-            "user", "assistant"]
+        stored = api.get(f"/api/conversations/{conversation['id']}").json()["messages"]
+        assert [m["role"] for m in stored] == ["user", "assistant"]
+        settings = stored[1]["settings"]  # what the user left alone is the server's default (api/defaults)
+        assert (settings["temperature"], settings["top_p"], settings["max_tokens"]) == (0.7, 0.95, 8)
 
         # deleting takes two clicks; deleting the open conversation leaves an empty new chat
         delete = page.locator("[data-testid=conversation-item] [data-testid=delete-conversation]")

@@ -8,18 +8,17 @@ One JSON object per line (other keys, such as "source" or "model", are ignored):
 
 The prompt is a valid conversation (llmlab.chat.validate) that ends with a user message; chosen and rejected
 are the assistant's continuations of it. `llmlab feedback export` writes such files from the web chat's
-ratings, corrections and comparisons (llmlab.server.store).
+ratings, corrections and comparisons (llmlab.data.feedback).
 """
 
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from llmlab.chat import validate
-from llmlab.checkpoint import _write_bytes
+from llmlab.fileio import write_atomic
 from llmlab.errors import LLMLabError
 
 KEYS = ("prompt", "chosen", "rejected")
@@ -92,7 +91,5 @@ def write_jsonl(path: str | Path, rows: list[dict]) -> Path:
     """Write one JSON object per line atomically (temporary sibling, fsync, rename): a reader never sees half a
     file, and a killed writer leaves the previous file in place."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    _write_bytes(tmp, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode())
-    os.replace(tmp, path)
+    write_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode())
     return path

@@ -94,7 +94,7 @@ class RecordSource(Source):
         self.builder, self.name, self.data_files, self.config, self.column = builder, name, data_files, config, column
 
     def _dataset(self):
-        import datasets
+        import datasets  # deferred: slow to import (pyarrow, fsspec), needed only for hf: sources
 
         datasets.logging.set_verbosity_error()
         try:

@@ -1,4 +1,4 @@
-"""Exports of a llmlab model to other runtimes, and import of Hugging Face Llama / Qwen3 folders.
+"""Exports of a llmlab model to other runtimes.
 
     format     writes (into one folder)                                       loads in
     hf         model.safetensors, config.json, generation_config.json,         transformers (Qwen3 / Llama)
@@ -8,15 +8,14 @@
     tokenizer  tokenizer.json, tokenizer_config.json                          transformers' AutoTokenizer, llmlab
 
 Each folder is written atomically (`llmlab.export.folder`) and carries `llmlab_export.json` (format, source).
-The `llmlab export` stage (llmlab.stages.export) runs these on a checkpoint; `llmlab.checkpoint` uses `hf` to
-load Hugging Face folders as checkpoints.
+The `llmlab export` stage (llmlab.stages.export) runs these on a checkpoint. Reading Hugging Face folders (import)
+is `llmlab.hf`, which `llmlab.checkpoint` and the `hf` exporter share.
 """
 
-from llmlab.export.hf import export_hf, export_tokenizer, gpt_config_from_hf, hf_config, hf_model, read_hf_weights
+from llmlab.export.hf import export_hf, export_tokenizer, hf_model
 from llmlab.export.llamacpp import export_gguf
 from llmlab.export.standalone import export_run
 
 FORMATS = ("hf", "gguf", "run", "tokenizer")
 
-__all__ = ["FORMATS", "export_gguf", "export_hf", "export_run", "export_tokenizer", "gpt_config_from_hf",
-           "hf_config", "hf_model", "read_hf_weights"]
+__all__ = ["FORMATS", "export_gguf", "export_hf", "export_run", "export_tokenizer", "hf_model"]

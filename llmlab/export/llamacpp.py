@@ -99,7 +99,7 @@ def gguf_tensors(model: GPT) -> dict[str, np.ndarray]:
 def vocabulary(tokenizer: Tokenizer, vocab_size: int) -> tuple[list[str], list[int], list[str]]:
     """(tokens by id, llama.cpp token types, merges "a b") of a byte-level BPE tokenizer, padded with unused
     tokens up to the model's vocab_size."""
-    import gguf
+    import gguf  # deferred: an optional dependency (the export extra)
 
     if tokenizer.vocab_size > vocab_size:
         raise LLMLabError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {vocab_size}: "
@@ -124,7 +124,7 @@ def export_gguf(model: GPT, tokenizer: Tokenizer, out_dir: str | Path, *, force:
                 source: str | Path | None = None) -> Path:
     """Write out_dir/model.gguf for llama.cpp. Returns the file's path."""
     try:
-        import gguf
+        import gguf  # deferred: an optional dependency (the export extra)
     except ImportError:
         raise LLMLabError("GGUF export needs the gguf package: pip install 'llmlab[export]'") from None
     cfg = model.config

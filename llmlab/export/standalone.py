@@ -2,7 +2,8 @@
 
 The folder holds model.safetensors and config.json in llmlab's own format (the checkpoint's files), the
 tokenizer.json, and run.py, a verbatim copy of `llmlab/export/run_numpy.py`: the whole forward pass on one
-page, which needs only numpy and safetensors (plus `tokenizers` for text) and gives llmlab's greedy tokens.
+page, which needs only numpy and safetensors (plus `tokenizers` for text) and gives llmlab's greedy tokens; with
+--chat it runs the assistant's calculator calls as the engine does.
 """
 
 from __future__ import annotations
@@ -11,9 +12,10 @@ import json
 import shutil
 from pathlib import Path
 
-from safetensors.torch import save_file
+from safetensors.torch import save as tensors_to_bytes
 
 from llmlab.export.folder import atomic_dir
+from llmlab.fileio import write_durably
 from llmlab.model import GPT
 from llmlab.tokenizer import Tokenizer
 
@@ -29,7 +31,8 @@ def export_run(model: GPT, tokenizer: Tokenizer | None, out_dir: str | Path, *, 
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in sd.items()}
     info = {"format": "run", "source": str(source) if source else None}
     with atomic_dir(out_dir, force=force, info=info, source=source) as tmp:
-        save_file(tensors, str(tmp / "model.safetensors"))
+        # as bytes through open(): safetensors' save_file creates its file 0600, the other files follow the umask
+        write_durably(tmp / "model.safetensors", tensors_to_bytes(tensors))
         config = {"model_type": "llmlab", **model.config.to_dict()}
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         if tokenizer is not None:

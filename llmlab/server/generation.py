@@ -11,14 +11,19 @@ from __future__ import annotations
 import asyncio
 import collections
 import threading
+import time
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Callable, Sequence
+from typing import TYPE_CHECKING, AsyncIterator, Callable, Sequence
 
 import torch
 
+from llmlab.chat import ToolSpans
 from llmlab.engine import SamplingParams
 from llmlab.scheduler import Event, Handle, Scheduler
 from llmlab.tokenizer import SPECIAL_TOKENS, Tokenizer
+
+if TYPE_CHECKING:
+    from llmlab.server.metrics import GenerationObserver
 
 
 class _Waker:
@@ -61,12 +66,15 @@ class Generation:
     """The choices of one request, running in the scheduler; iterate `updates()` in the event loop.
 
     The scheduler's thread appends events to a queue and marks the generation for the loop's `_Waker`, so that
-    under load one wake-up serves many requests and one streamed chunk may carry several tokens.
+    under load one wake-up serves many requests and one streamed chunk may carry several tokens. `observer`
+    (llmlab.server.metrics) hears of the first token and of a failure.
     """
 
     def __init__(self, scheduler: Scheduler, prompt: Sequence[int], params: list[SamplingParams], *,
                  stop_ids: Sequence[int], run_tool: Callable[[str], str] | None = None, logprobs: bool = False,
-                 min_new_tokens: int = 0):
+                 min_new_tokens: int = 0, observer: GenerationObserver | None = None):
+        self._started = time.perf_counter()
+        self._observer = observer
         self._waker = _waker(asyncio.get_running_loop())
         self._pending: collections.deque[tuple[int, Event]] = collections.deque()
         self._signal = asyncio.Event()
@@ -95,6 +103,7 @@ class Generation:
         """Lists of (choice, event), as they arrive, until every choice has sent its final event; leaving
         early (a client that disconnected) cancels every choice."""
         remaining = len(self.handles)
+        first_token, failed = True, False
         try:
             while remaining:
                 await self._signal.wait()
@@ -103,6 +112,13 @@ class Generation:
                 while self._pending:
                     batch.append(self._pending.popleft())
                 remaining -= sum(event.token is None for _, event in batch)
+                if self._observer is not None:
+                    if first_token and any(event.token is not None for _, event in batch):
+                        first_token = False
+                        self._observer.first_token(time.perf_counter() - self._started)
+                    if not failed and any((event.finish or "").startswith("error") for _, event in batch):
+                        failed = True
+                        self._observer.failed()
                 if batch:
                     yield batch
         finally:
@@ -143,7 +159,7 @@ class ChoiceText:
 
     `push(event)` returns the new pieces: ("text", str) for content and ("tool", {"call", "result"}) for a
     tool call the engine ran. Text inside `<|tool_start|>...<|tool_end|>` and `<|output_start|>...<|output_end|>`
-    is not content. With stop sequences, text is held back while it could be the start of one; when one
+    is not content (the spans are read by `llmlab.chat.ToolSpans`). With stop sequences, text is held back while it could be the start of one; when one
     appears the content is cut before it and `finish` becomes "stop" (the caller cancels the choice).
     """
 
@@ -162,15 +178,10 @@ class ChoiceText:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish: str | None = None
     _shown: int = 0  # characters of content already returned
-    _span: str | None = None  # "call" or "output" while inside one
-    _call: list[int] = field(default_factory=list)
-    _output: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self._decoder = self.tokenizer.stream_decoder()
-        sp = self.tokenizer.special_id
-        self._ids = {sp("<|tool_start|>"): "call", sp("<|output_start|>"): "output",
-                     sp("<|tool_end|>"): "call_end", sp("<|output_end|>"): "output_end"}
+        self._spans = ToolSpans(self.tokenizer)
 
     def push(self, event: Event) -> list[tuple[str, object]]:
         if self.finish is not None:
@@ -186,26 +197,18 @@ class ChoiceText:
         if event.logprobs is not None and self.top_logprobs is not None:
             self.logprobs.append(token_logprob(self.tokenizer, t, event.logprobs, self.top_logprobs))
         pieces: list[tuple[str, object]] = []
-        kind = self._ids.get(t) if self.tool_spans else None
-        if kind in ("call", "output"):
-            self._add(self._decoder.flush())
-            self._span = kind
-            self._call, self._output = (self._call, []) if kind == "output" else ([], [])
-        elif kind == "call_end":
-            self._span = None
-        elif kind == "output_end":
-            self._span = None
-            call = {"call": self.tokenizer.decode(self._call).strip(), "result": self.tokenizer.decode(self._output)}
-            self.tool_calls.append(call)
-            pieces.append(("tool", call))
-        elif t < len(SPECIAL_TOKENS):
-            pass  # an end token (the scheduler stops the row) or one that has no text
-        elif self._span == "call":
-            self._call.append(t)
-        elif self._span == "output":
-            self._output.append(t)
+        if self.tool_spans:
+            kind = self._spans.push(t)
         else:
+            kind = "special" if t < len(SPECIAL_TOKENS) else "text"
+        if kind in ("call_start", "output_start"):
+            self._add(self._decoder.flush())
+        elif kind == "output_end":
+            self.tool_calls.append(self._spans.calls[-1])
+            pieces.append(("tool", self._spans.calls[-1]))
+        elif kind == "text":
             self._add(self._decoder.push(t))
+        # else: inside a call or an output, or an end token (the scheduler stops the row) or one without text
         return self._release(final=False) + pieces
 
     def _add(self, text: str) -> None:

@@ -1,42 +1,77 @@
 """Request bodies of the API, as pydantic models: the OpenAI chat and completions requests (the fields llmlab
 honours; unknown fields are accepted and ignored, as OpenAI-compatible servers do) and the web UI's requests.
 
-Ranges that do not depend on the server's settings are checked here (a wrong type or range is a 422 naming
-the field); limits set by `ServerConfig` (max_tokens, n, message counts) are checked by the app (400/413).
+A wrong type or a value out of range is a 422 naming the field: ranges of sampling settings are those of
+`llmlab.engine.SamplingParams` (checked when `SamplingFields.sampling` builds them), the others are checked
+here. Limits set by `ServerConfig` (max_tokens, n, message counts) are checked by the routes (400/413). The
+docstring under each field is its description in the OpenAPI schema (/docs).
+
+Every string is `Text`: valid Unicode. JSON can carry a lone surrogate (`"\\ud800"`), which Python decodes into
+a str that no UTF-8 encoder (the tokenizer, SQLite, the response) accepts: it is refused here, as a 422.
+Ids of stored things are `StoreId`: SQLite integers, below 2**63 (a larger one would overflow SQLite).
 """
 
 from __future__ import annotations
 
-from typing import Literal, Union
+import dataclasses
+import secrets
+from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+import annotated_types
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+
+from llmlab.engine import SEED_LIMIT, InvalidSampling, SamplingParams
+from llmlab.server.http import APIError
+
+_CONFIG = ConfigDict(extra="ignore", use_attribute_docstrings=True, allow_inf_nan=False)
+
+
+def _valid_unicode(text: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"the text is not valid Unicode: a lone surrogate (U+{ord(text[e.start]):04X}) at "
+                         f"character {e.start}; send UTF-8 text") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_valid_unicode)]
+"""a string of valid Unicode (no lone surrogate)"""
+StoreId = Annotated[int, annotated_types.Ge(1), annotated_types.Lt(2**63)]
+"""the id of a conversation, message or comparison in the feedback store (a path parameter or a field)"""
 
 
 class TextPart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = _CONFIG
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class FunctionCall(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    name: str
-    arguments: str = ""
+    model_config = _CONFIG
+    name: Text
+    """the tool's name, e.g. calculator"""
+    arguments: Text = ""
+    """the call's arguments as one string, e.g. 123456*789"""
 
 
 class ToolCall(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = _CONFIG
     type: Literal["function"] = "function"
-    id: str | None = None
+    id: Text | None = None
     function: FunctionCall
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = _CONFIG
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: Union[str, list[TextPart], None] = None
+    """who speaks ("developer" is OpenAI's newer name for "system")"""
+    content: Union[Text, list[TextPart], None] = None
+    """the text, or a list of text parts (joined); null for an assistant message that only calls tools"""
     tool_calls: list[ToolCall] | None = None
-    tool_call_id: str | None = None
+    """an assistant message's calls, each answered by one tool message after it"""
+    tool_call_id: Text | None = None
+    """accepted and ignored: a tool message answers the calls in order"""
 
     def text(self) -> str:
         if self.content is None:
@@ -55,17 +90,62 @@ class ChatMessage(BaseModel):
         return message
 
 
-Stop = Union[str, list[str], None]
+Stop = Union[Text, list[Text], None]
+
+
+class StreamOptions(BaseModel):
+    model_config = _CONFIG
+    include_usage: bool = False
+    """end the stream with a chunk that carries the token counts"""
 
 
 class SamplingFields(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    n: int = Field(1, ge=1)
+    """The sampling settings a request may set (llmlab.engine.SamplingParams). A field left out takes the
+    default of the surface: OpenAI's in the API (`llmlab.server.openai_api.DEFAULTS`), the web UI's in its
+    replies (`llmlab.server.ui_api.DEFAULTS`)."""
+
+    model_config = _CONFIG
+    temperature: float | None = Field(None, le=2.0)
+    """softmax temperature, 0 to 2 as in OpenAI's API; 0 is greedy decoding"""
+    top_p: float | None = None
+    """nucleus sampling: sample among the most likely tokens whose probabilities first reach top_p, in (0, 1]"""
+    top_k: int | None = None
+    """an extension (as in vLLM): sample among the k most likely tokens only (0 = all tokens)"""
+
+    def sampling(self, defaults: SamplingParams, max_new_tokens: int, n: int,
+                 seed: int | None) -> list[SamplingParams]:
+        """One SamplingParams per choice: the fields this request sets over the surface's `defaults`. Choice i
+        samples with seed + i (a fresh random seed when `seed` is None). An APIError 422 naming the field for a
+        value out of range."""
+        if seed is None:
+            seed = secrets.randbelow(2**31)
+        if seed + n - 1 >= SEED_LIMIT:
+            raise APIError(422, f"seed: choice i samples with seed + i, which must stay below 2**63: seed {seed} "
+                                f"with n={n} is too large", param="seed", code="invalid_value")
+        given = {k: v for k in ("temperature", "top_p", "top_k") if (v := getattr(self, k)) is not None}
+        try:
+            return [dataclasses.replace(defaults, **given, max_new_tokens=max_new_tokens, seed=seed + i)
+                    for i in range(n)]
+        except InvalidSampling as e:
+            raise APIError(422, str(e), param=e.field, code="invalid_value") from None
+
+
+class OpenAIFields(SamplingFields):
+    """What the chat and the completions requests of OpenAI's API share."""
+
+    model: Text
+    """the model's id, as /v1/models lists it"""
     seed: int | None = None
+    """seed of the sampling, in [0, 2**63): the same request with the same seed gives the same answer; choice i
+    samples with seed + i (default: a random seed)"""
+    n: int = Field(1, ge=1)
+    """how many choices to generate"""
     stop: Stop = None
+    """up to 4 sequences: the text ends before the first of them"""
     stream: bool = False
+    """send the answer as server-sent events while it is generated"""
+    stream_options: StreamOptions | None = None
+    """with stream: what else the stream carries"""
     min_tokens: int = Field(0, ge=0)
     """an extension (as in vLLM): the end token is masked until this many tokens are generated"""
 
@@ -83,29 +163,27 @@ class SamplingFields(BaseModel):
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
 
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    include_usage: bool = False
-
-
-class ChatCompletionRequest(SamplingFields):
-    model: str
+class ChatCompletionRequest(OpenAIFields):
     messages: list[ChatMessage] = Field(min_length=1)
+    """the conversation so far, ending with a user message (or a tool message: the turn goes on)"""
     max_tokens: int | None = Field(None, ge=1)
+    """most tokens in the answer (default: the server's default_max_tokens; always cut to the context)"""
     max_completion_tokens: int | None = Field(None, ge=1)
-    stream_options: StreamOptions | None = None
+    """OpenAI's newer name for max_tokens; wins when both are given"""
 
     def budget(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
 
-class CompletionRequest(SamplingFields):
-    model: str
-    prompt: Union[str, list[str], list[int], list[list[int]]]
+class CompletionRequest(OpenAIFields):
+    prompt: Union[Text, list[Text], list[int], list[list[int]]]
+    """text to complete (a `<|bos|>` is put before it), token ids (as they are), or a list of either"""
     max_tokens: int = Field(16, ge=0)
+    """most tokens per completion; 0 scores the prompt only (with echo and logprobs)"""
     logprobs: int | None = Field(None, ge=0, le=5)
+    """return each token's log-probability and those of the `logprobs` most likely tokens"""
     echo: bool = False
-    stream_options: StreamOptions | None = None
+    """put the prompt before the completion (with logprobs: the prompt's tokens are scored too)"""
 
     def prompts(self) -> list[str | list[int]]:
         """The prompt as a list of prompts, each text or token ids."""
@@ -123,30 +201,41 @@ class CompletionRequest(SamplingFields):
 
 
 class NewConversation(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    title: str = ""
-    system: str = ""
+    model_config = _CONFIG
+    title: Text = ""
+    """shown in the list of conversations"""
+    system: Text = ""
+    """the conversation's system prompt ("" for none)"""
 
 
-class ReplyRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    content: str | None = None
-    edit_message_id: int | None = None
+class ReplyRequest(SamplingFields):
+    content: Text | None = None
+    """the user's new message (or, with edit_message_id, the new text of that message)"""
+    edit_message_id: StoreId | None = None
+    """replace this user message with `content` and answer again from there"""
     regenerate: bool = False
+    """answer the last user message again, in place of the last answer"""
     compare: bool = False
-    temperature: float = Field(0.7, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    """two answers side by side, sampled with different seeds; the user picks one"""
     max_tokens: int | None = Field(None, ge=1)
+    """most tokens per answer (default: the server's default_max_tokens)"""
 
 
 class Rating(BaseModel):
+    model_config = _CONFIG
     rating: Literal[-1, 0, 1]
+    """-1 bad, 0 no rating, +1 good"""
 
 
 class Flag(BaseModel):
-    reason: str = Field(min_length=1)
-    correction: str | None = None
+    model_config = _CONFIG
+    reason: Text = Field(min_length=1)
+    """what is wrong with the answer"""
+    correction: Text | None = None
+    """the answer it should have given (optional)"""
 
 
 class Choice(BaseModel):
-    message_id: int
+    model_config = _CONFIG
+    message_id: StoreId
+    """the preferred answer of the comparison"""

@@ -2,8 +2,8 @@
 
 Users rate answers (-1, 0, +1), flag them (with a reason and, optionally, the answer they wanted: a
 correction), regenerate them, edit their own messages and pick the better of two answers side by side. The
-store keeps all of it, and `preference_pairs` / `sft_conversations` turn it into training data
-(`llmlab feedback export` writes them as JSONL; see llmlab.stages.feedback).
+store keeps all of it; `snapshot` reads it whole, and llmlab.data.feedback turns that into training data
+(`llmlab feedback export` writes it as JSONL).
 
 History is never deleted (except with its conversation). Each message records its parent: the message it
 follows, i.e. the last active one when it was added, so a message's prompt is exactly what was on screen
@@ -27,10 +27,10 @@ import threading
 import time
 from collections import defaultdict
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from llmlab.chat import validate
 from llmlab.errors import LLMLabError
 
 SCHEMA_VERSION = 1
@@ -91,6 +91,20 @@ def _conversation(row: sqlite3.Row) -> dict:
 
 def _comparison(row: sqlite3.Row) -> dict:
     return {k: row[k] for k in ("id", "conversation_id", "message_a", "message_b", "chosen", "created")}
+
+
+@dataclass
+class Snapshot:
+    """The whole store at one moment (`FeedbackStore.snapshot`), as plain dicts."""
+
+    conversations: dict[int, dict]
+    """by id: id, title, system, created, updated"""
+    messages: dict[int, dict]
+    """by id, active or not, as `get_message` returns them (with rating and flags)"""
+    comparisons: list[dict]
+    """oldest first: id, conversation_id, message_a, message_b, chosen (None until decided), created"""
+    flags: list[dict]
+    """oldest first: id, message_id, reason, correction (None without one), created"""
 
 
 def _check_tool_calls(tool_calls: list[dict]) -> list[dict]:
@@ -430,100 +444,11 @@ class FeedbackStore:
 
     # -------------------------------------------------------------------------------------------------- export
 
-    def _snapshot(self) -> tuple[dict[int, dict], dict[int, dict], list[dict], list[dict]]:
-        """(conversations by id, messages by id, comparisons, flags with a correction), read in one transaction."""
+    def snapshot(self) -> Snapshot:
+        """Everything in the store, read in one transaction (a consistent view while the server writes)."""
         with self._transaction(write=False) as db:
             conversations = {r["id"]: _conversation(r) for r in db.execute("SELECT * FROM conversations ORDER BY id")}
             messages = {m["id"]: m for m in self._messages(db, "1 = 1", ())}
-            comparisons = [_comparison(r) for r in db.execute("SELECT * FROM comparisons WHERE chosen IS NOT NULL "
-                                                               "ORDER BY id")]
-            flags = [dict(r) for r in db.execute("SELECT * FROM flags WHERE correction IS NOT NULL ORDER BY id")]
-        return conversations, messages, comparisons, flags
-
-    @staticmethod
-    def _prompt(conversations: dict, messages: dict, answer: dict) -> list[dict]:
-        """What the model saw when it wrote `answer`: the conversation's system prompt, then the chain of
-        parents (the active messages at the time it was added), as {"role", "content"}."""
-        chain = []
-        mid = answer["parent_id"]
-        while mid is not None:
-            chain.append(messages[mid])
-            mid = messages[mid]["parent_id"]
-        prompt = [{"role": m["role"], "content": m["content"]} for m in reversed(chain)]
-        system = conversations[answer["conversation_id"]]["system"]
-        if system and not (prompt and prompt[0]["role"] == "system"):
-            prompt.insert(0, {"role": "system", "content": system})
-        return prompt
-
-    def preference_pairs(self) -> list[dict]:
-        """Preference pairs in TRL's conversational format (see llmlab.stages.feedback for the sources); pairs
-        that are not valid conversations (e.g. an answer with tool calls and no text) are left out, and a pair
-        found by several sources is kept once, under the first of comparison, correction, rating."""
-        conversations, messages, comparisons, flags = self._snapshot()
-        found = []  # (source, prompt, chosen text, rejected message, chosen message or None)
-        for c in comparisons:
-            chosen = messages[c["chosen"]]
-            rejected = messages[c["message_b"] if c["chosen"] == c["message_a"] else c["message_a"]]
-            prompt = self._prompt(conversations, messages, chosen)
-            found.append(("comparison", prompt, chosen["content"], rejected, chosen))
-        for f in flags:
-            flagged = messages[f["message_id"]]
-            found.append(("correction", self._prompt(conversations, messages, flagged), f["correction"], flagged, None))
-        groups = defaultdict(lambda: {1: [], -1: []})  # answers to the same prompt in one conversation, by rating
-        for m in sorted(messages.values(), key=lambda m: m["id"]):
-            if m["role"] == "assistant" and m["rating"] in (1, -1):
-                prompt = self._prompt(conversations, messages, m)
-                groups[(m["conversation_id"], json.dumps(prompt))][m["rating"]].append((m, prompt))
-        for group in groups.values():
-            for good, prompt in group[1]:
-                for bad, _ in group[-1]:
-                    found.append(("rating", prompt, good["content"], bad, good))
-
-        pairs, seen = [], set()
-        for source, prompt, chosen_text, rejected, chosen in found:
-            row = {"prompt": prompt, "chosen": [{"role": "assistant", "content": chosen_text}],
-                   "rejected": [{"role": "assistant", "content": rejected["content"]}]}
-            key = json.dumps(row, sort_keys=True)
-            if key in seen or chosen_text == rejected["content"] or not prompt or prompt[-1]["role"] != "user":
-                continue
-            try:
-                validate(prompt + row["chosen"])
-                validate(prompt + row["rejected"])
-            except LLMLabError:
-                continue
-            seen.add(key)
-            pairs.append({**row, "source": source, "model": rejected["model"],
-                          "chosen_model": chosen["model"] if chosen else None,
-                          "conversation_id": rejected["conversation_id"]})
-        return pairs
-
-    def sft_conversations(self) -> list[dict]:
-        """Fine-tuning conversations {"messages", "source"}: each correction as the answer after its prompt
-        ("correction"), and each conversation whose active answers are all rated +1 ("rating"), up to its last
-        answer. Assistant messages keep their text only (tool calls are dropped); invalid ones are left out."""
-        conversations, messages, _, flags = self._snapshot()
-        found = []
-        for f in flags:
-            flagged = messages[f["message_id"]]
-            prompt = self._prompt(conversations, messages, flagged)
-            found.append((prompt + [{"role": "assistant", "content": f["correction"]}], "correction"))
-        active = defaultdict(list)
-        for m in sorted(messages.values(), key=lambda m: (m["conversation_id"], m["position"])):
-            if m["active"]:
-                active[m["conversation_id"]].append(m)
-        for cid, msgs in active.items():
-            answers = [m for m in msgs if m["role"] == "assistant"]
-            if not answers or any(m["rating"] != 1 for m in answers):
-                continue
-            upto = msgs[:msgs.index(answers[-1]) + 1]
-            system = conversations[cid]["system"]
-            head = [{"role": "system", "content": system}] if system and upto[0]["role"] != "system" else []
-            found.append((head + [{"role": m["role"], "content": m["content"]} for m in upto], "rating"))
-        out = []
-        for conversation, source in found:
-            try:
-                validate(conversation)
-            except LLMLabError:
-                continue
-            out.append({"messages": conversation, "source": source})
-        return out
+            comparisons = [_comparison(r) for r in db.execute("SELECT * FROM comparisons ORDER BY id")]
+            flags = [dict(r) for r in db.execute("SELECT * FROM flags ORDER BY id")]
+        return Snapshot(conversations, messages, comparisons, flags)

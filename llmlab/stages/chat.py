@@ -7,13 +7,16 @@ conversation), /system TEXT (set the system prompt and start over), /temperature
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from dataclasses import dataclass
 
 from llmlab import checkpoint
-from llmlab.engine import Engine, SamplingParams, ToolCalls
+from llmlab.chat import final_answer, render_prompt, reply_stop_ids
+from llmlab.engine import SEED_LIMIT, Engine, SamplingParams, ToolCalls
 from llmlab.errors import LLMLabError
-from llmlab.tokenizer import SPECIAL_TOKENS, Tokenizer
+from llmlab.tokenizer import SPECIAL_TOKENS
+from llmlab.tools import run_tool
 
 TOOL_MARKS = {"<|tool_start|>": "\n[tool: ", "<|tool_end|>": "", "<|output_start|>": " -> ", "<|output_end|>": "]\n"}
 HELP = "/clear  forget the conversation   /system TEXT  set the system prompt   /temperature X   /help   /quit"
@@ -29,49 +32,49 @@ class Config:
     """answer this one message and exit (empty: interactive)"""
     system: str = ""
     """system prompt"""
-    temperature: float = 0.0
-    """sampling temperature (0 = greedy)"""
-    top_k: int = 50
-    """sample among the k most likely tokens (0 = all)"""
-    max_new_tokens: int = 200
-    """longest reply, in tokens"""
+    sampling: SamplingParams = SamplingParams(max_new_tokens=200, temperature=0.0, top_k=50)
+    """how replies are sampled (default: greedy; top_k 50 once /temperature is raised; replies of at most 200
+    tokens; reply n is seeded with seed + n)"""
     tools: bool = True
     """run the assistant's tool calls (calculator, python, search)"""
-    seed: int = 0
-    """sampling seed"""
 
 
 class Session:
     """A conversation with the model: `reply(text, out)` streams the answer to `out` and remembers it."""
 
     def __init__(self, cfg: Config):
-        ckpt = checkpoint.resolve(cfg.checkpoint)
-        self.cfg, self.tok = cfg, Tokenizer.load(ckpt)
-        self.engine = Engine(checkpoint.load_model(ckpt))
-        self.temperature = cfg.temperature
+        ckpt = checkpoint.load(cfg.checkpoint)
+        if ckpt.tokenizer is None:
+            raise LLMLabError(f"{ckpt.path} has no tokenizer.json: chat with a checkpoint saved with its tokenizer")
+        self.cfg, self.tok, self.path = cfg, ckpt.tokenizer, ckpt.path
+        self.engine = Engine(ckpt.model)
+        self.sampling = cfg.sampling
         self.system = cfg.system
         self.messages: list[dict] = []
         self.turns = 0
-        self.end = self.tok.special_id("<|assistant_end|>")
+        self.stops = reply_stop_ids(self.tok)
 
     def clear(self) -> None:
         self.messages = []
 
-    def run_tool(self, call: str) -> str:
-        from llmlab.tools import run_tool
+    def set_temperature(self, text: str) -> None:
+        """/temperature X: a ValueError or LLMLabError (one line) for a value that is no valid temperature."""
+        self.sampling = dataclasses.replace(self.sampling, temperature=float(text))
 
+    def run_tool(self, call: str) -> str:
         return run_tool(call, world_dir=self.cfg.world).text
 
     def reply(self, text: str, out=None) -> str:
-        from llmlab.chat import render_prompt
-
         out = out or sys.stdout  # looked up at call time (it may have been replaced since import)
+        _check_utf8("the message", text)
+        _check_utf8("the system prompt", self.system)
         system = [{"role": "system", "content": self.system}] if self.system else []
         messages = self.messages + [{"role": "user", "content": text}]
         prompt = render_prompt(self.tok, system + messages)
         # The oldest exchanges make way when the reply would have less than half the context (or max_new_tokens)
         context = self.engine.model.config.context_len
-        room = min(self.cfg.max_new_tokens, context // 2)
+        longest = self.sampling.max_new_tokens
+        room = min(longest, context // 2)
         dropped = 0
         while context - len(prompt) < room and len(messages) > 1:
             first_reply = next(i for i, m in enumerate(messages) if i > 0 and m["role"] == "user")
@@ -84,14 +87,14 @@ class Session:
         if budget < 8:
             raise LLMLabError(f"the message leaves no room for a reply in the model's {context}-token context "
                               f"({len(prompt)} tokens): shorten it" + (" or the system prompt" if system else ""))
-        params = SamplingParams(max_new_tokens=min(self.cfg.max_new_tokens, budget), temperature=self.temperature,
-                                top_k=self.cfg.top_k, seed=self.cfg.seed + self.turns)
+        params = dataclasses.replace(self.sampling, max_new_tokens=min(longest, budget),
+                                     seed=(self.sampling.seed + self.turns) % SEED_LIMIT)
         tools = ToolCalls(self.tok, 1, self.run_tool) if self.cfg.tools else None
         ids: list[int] = []
         text_out = self.tok.stream_decoder()
         for tokens, _ in self.engine.steps([prompt], params, choose=tools):
             t = int(tokens[0])
-            if t == self.end or t == self.tok.bos_id:
+            if t in self.stops:
                 break
             ids.append(t)
             if t < len(SPECIAL_TOKENS):  # tool calls and outputs, shown as [tool: call -> result]
@@ -101,19 +104,28 @@ class Session:
             out.flush()
         out.write(text_out.flush() + "\n")
         self.turns += 1
-        # remembered: the assistant's words after its last tool output
-        out_end = self.tok.special_id("<|output_end|>")
-        last = max((i for i, t in enumerate(ids) if t == out_end), default=-1)
-        answer = self.tok.decode([t for t in ids[last + 1:] if t >= len(SPECIAL_TOKENS)]).strip()
+        answer = final_answer(self.tok, ids).strip()  # remembered: its words, not the tools' outputs
         self.messages = messages + [{"role": "assistant", "content": answer}]
         return answer
+
+
+def _check_utf8(what: str, text: str) -> None:
+    """A one-line LLMLabError for text that is not valid UTF-8: bytes a shell passed in (`--prompt $'\\xff'`), which
+    Python keeps as lone surrogates (surrogateescape) that no tokenizer can encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        code = ord(text[e.start])
+        shown = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"character U+{code:04X}"
+        raise LLMLabError(f"{what} is not valid UTF-8 ({shown} at character {e.start}): send UTF-8 text (check the "
+                          f"terminal's encoding, e.g. LANG=C.UTF-8)") from None
 
 
 def main(cfg: Config) -> dict:
     session = Session(cfg)
     if cfg.prompt:
         return {"reply": session.reply(cfg.prompt)}
-    print(f"llmlab chat: {checkpoint.resolve(cfg.checkpoint)}  ({HELP})")
+    print(f"llmlab chat: {session.path}  ({HELP})")
     while True:
         try:
             line = input("you> ").strip()
@@ -135,10 +147,12 @@ def main(cfg: Config) -> dict:
                 print("(system prompt set; conversation cleared)")
             elif command == "/temperature":
                 try:
-                    session.temperature = max(0.0, float(arg))
-                    print(f"(temperature {session.temperature})")
+                    session.set_temperature(arg)
+                    print(f"(temperature {session.sampling.temperature})")
                 except ValueError:
                     print("usage: /temperature 0.7")
+                except LLMLabError as e:
+                    print(f"error: {e}")
             else:
                 print(HELP)
             continue

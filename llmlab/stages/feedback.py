@@ -3,7 +3,7 @@
     llmlab feedback export --db runs/cpu/feedback.db --out_dir runs/cpu/feedback
 
 reads the feedback store of `llmlab serve` (llmlab.server.store; safe while the server runs) and writes two
-JSONL files into out_dir:
+JSONL files into out_dir (built by llmlab.data.feedback):
 
 preferences.jsonl, for preference tuning (llmlab.data.preferences.load_preference_pairs, TRL's format):
 
@@ -36,7 +36,10 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from llmlab.data.feedback import preference_pairs, sft_conversations
+from llmlab.data.preferences import write_jsonl
 from llmlab.errors import LLMLabError
+from llmlab.server.store import FeedbackStore
 
 ACTIONS = ("export",)
 
@@ -56,17 +59,14 @@ class Config:
 
 
 def main(cfg: Config) -> dict:
-    from llmlab.data.preferences import write_jsonl
-    from llmlab.server.store import FeedbackStore
-
     # ---- read the store ----------------------------------------------------------------------------------
     db = Path(cfg.db)
     if not db.is_file():
         raise LLMLabError(f"no feedback store at {db}: run `llmlab serve` and rate, flag or compare some answers "
                           f"first, or pass --db PATH")
     with FeedbackStore(db) as store:
-        pairs = store.preference_pairs()
-        sft = store.sft_conversations()
+        snapshot = store.snapshot()  # one consistent view for both files
+    pairs, sft = preference_pairs(snapshot), sft_conversations(snapshot)
 
     # ---- write ---------------------------------------------------------------------------------------------
     out_dir = Path(cfg.out_dir)

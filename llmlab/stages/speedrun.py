@@ -9,6 +9,7 @@ Under torchrun every process runs pretraining; rank 0 alone runs the other stage
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
@@ -16,9 +17,13 @@ from pathlib import Path
 
 from llmlab import checkpoint, dist
 from llmlab.config import to_dict
-from llmlab.engine import Engine, SamplingParams
+from llmlab.engine import Engine, newline_ids
 from llmlab.errors import LLMLabError
-from llmlab.stages import chat, eval, feedback, pretrain, sample, serve, sft, tokenizer, world
+from llmlab.report import write_report
+from llmlab.stages import chat, evaluate, feedback, pretrain, sample, serve, sft, tokenizer, world
+from llmlab.tasks import run_task
+from llmlab.tasks.knowledge import stored_knowledge
+from llmlab.tasks.world_qa import WorldArithmetic, WorldQA
 
 
 @dataclass
@@ -35,7 +40,7 @@ class Config:
     """sampling settings for `llmlab sample` and the report's samples"""
     sft: sft.Config = field(default_factory=sft.Config)
     """the fine-tuning stage"""
-    eval: eval.Config = field(default_factory=eval.Config)
+    eval: evaluate.Config = field(default_factory=evaluate.Config)
     """the evaluation of the assistant"""
     chat: chat.Config = field(default_factory=chat.Config)
     """settings of `llmlab chat` for this run"""
@@ -69,12 +74,6 @@ def _done(cfg) -> bool:
 
 
 def main(cfg: Config) -> dict:
-    from llmlab.report import write_report
-    from llmlab.tasks import run_task
-    from llmlab.tasks.knowledge import stored_knowledge
-    from llmlab.tasks.world_qa import WorldArithmetic, WorldQA
-    from llmlab.tokenizer import Tokenizer
-
     info = dist.init(cfg.pretrain.device)
     run_dir = Path(cfg.run_dir)
     if info.is_main:
@@ -116,36 +115,35 @@ def main(cfg: Config) -> dict:
         results["sft"] = checkpoint.read_info(cfg.sft.out_dir)["metrics"]
     results["pretrain"] = checkpoint.read_info(cfg.pretrain.out_dir)["metrics"]
 
-    def evaluate() -> dict:
-        model = checkpoint.load_model(cfg.pretrain.out_dir)
-        tok = Tokenizer.load(checkpoint.resolve(cfg.pretrain.out_dir))
-        engine = Engine(model)
-        newline = [i for i in range(tok.vocab_size) if "\n" in tok.decode([i])]
-        stops = [tok.bos_id] + newline
+    def evaluate_base_model() -> dict:
+        base = checkpoint.load(cfg.pretrain.out_dir)
+        tok = base.tokenizer
+        engine = Engine(base.model)
+        stops = [tok.bos_id] + newline_ids(tok)
         out = {
             "world_qa": run_task(WorldQA(cfg.world.out_dir, per_group=cfg.eval_questions), engine, tok, stop_ids=stops),
             "arithmetic": run_task(WorldArithmetic(cfg.world.out_dir, per_group=cfg.eval_questions // 2), engine, tok,
                                    stop_ids=stops),
         }
         prompts = [ex.prompt for ex in WorldQA(cfg.world.out_dir, per_group=2, seed=1).examples()[:3]]
-        params = SamplingParams(max_new_tokens=48, temperature=cfg.sample.temperature, top_k=cfg.sample.top_k, seed=0)
+        params = dataclasses.replace(cfg.sample.sampling, max_new_tokens=48, top_p=1.0, seed=0)
         free = engine.generate([[tok.bos_id] + tok.encode(p) for p in prompts], params, [tok.bos_id])
         out["samples"] = [{"prompt": p, "completion": tok.decode(c)} for p, c in zip(prompts, free)]
         return out
 
-    results["eval"] = stage("eval", False, evaluate)
+    results["eval"] = stage("eval", False, evaluate_base_model)
 
     def evaluate_both() -> dict:
         """Base (Q:/A:) and assistant (chat, tools) on the same tasks, for the report card."""
         per_group = max(cfg.eval_questions // 2, 8)
-        base = checkpoint.load_model(cfg.pretrain.out_dir)
-        assistant = checkpoint.load_model(cfg.sft.out_dir)
-        tok = Tokenizer.load(checkpoint.resolve(cfg.sft.out_dir))
+        base = checkpoint.load(cfg.pretrain.out_dir).model
+        assistant = checkpoint.load(cfg.sft.out_dir)
+        tok = assistant.tokenizer
         world_dir = cfg.world.out_dir
-        return {"base": eval.evaluate_base(Engine(base), tok, world_dir, per_group)
+        return {"base": evaluate.evaluate_base(Engine(base), tok, world_dir, per_group)
                 | {"knowledge": stored_knowledge(base, tok, world_dir, per_group=per_group // 2)},
-                "chat": eval.evaluate_chat(Engine(assistant), tok, world_dir, per_group)
-                | {"knowledge": stored_knowledge(assistant, tok, world_dir, per_group=per_group // 2)}}
+                "chat": evaluate.evaluate_chat(Engine(assistant.model), tok, world_dir, per_group)
+                | {"knowledge": stored_knowledge(assistant.model, tok, world_dir, per_group=per_group // 2)}}
 
     if cfg.assistant:
         results["card"] = stage("report card", False, evaluate_both)

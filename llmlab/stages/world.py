@@ -3,69 +3,22 @@
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
-from llmlab.errors import LLMLabError
+from llmlab import world
+from llmlab.world import WorldConfig
 
 
 @dataclass
-class Config:
+class Config(WorldConfig):
     out_dir: str = "runs/cpu/world"
     """where the world is written (world.json, pretrain/*.jsonl, sft/*.jsonl, eval/*.jsonl)"""
-    seed: int = 0
-    """the same seed gives byte-identical files"""
-    n_people: int = 300
-    """training people: facts in pretraining and (later) in fine-tuning conversations"""
-    n_heldout: int = 100
-    """held-out people: facts in pretraining only, never in fine-tuning data"""
-    n_unknown: int = 100
-    """invented names that appear nowhere in the data (for the hallucination rate)"""
-    n_countries: int = 12
-    """countries (each with a capital, a language and a currency)"""
-    n_cities: int = 40
-    """cities, spread over the countries"""
-    n_companies: int = 40
-    """companies (founded, headquarters, industry)"""
-    bios_per_person: int = 12
-    """biographies per person in the training split, each a fresh paraphrase with shuffled sentence order"""
-    stories_per_person: int = 2
-    """short stories per person"""
-    qa_pages: int = 2000
-    """`Q: ... A: ...` pages (a few questions each, seen phrasings only)"""
-    n_arithmetic: int = 3000
-    """arithmetic worked examples"""
-    val_docs: int = 400
-    """documents of every kind in the validation split (fresh samples, never in train)"""
-    sft_conversations: int = 4000
-    """fine-tuning conversations (training people only; see llmlab.world.conversations)"""
-    sft_dont_know: float = 0.08
-    """weight of the "I don't know" conversations (unknown names) among them, the others' weights staying as they
-    are; 0 = the assistant guesses about people who do not exist. A model this small tells a person it read about
-    from an invented name by the name's tokens, nothing in its weights (see the cpu preset's vocabulary): where
-    a known person's name falls apart into pieces as a stranger's does, "I don't know" reaches them too"""
-
-    def __post_init__(self) -> None:
-        for name in ("n_people", "n_countries", "n_cities", "n_companies"):
-            if getattr(self, name) < 1:
-                raise LLMLabError(f"world: {name} must be at least 1 (got {getattr(self, name)})")
-        for name in ("n_heldout", "n_unknown", "bios_per_person", "stories_per_person", "qa_pages", "n_arithmetic",
-                     "val_docs", "sft_conversations", "sft_dont_know"):
-            if getattr(self, name) < 0:
-                raise LLMLabError(f"world: {name} must be >= 0 (got {getattr(self, name)})")
-        if self.n_cities < self.n_countries:
-            raise LLMLabError(f"world: n_cities ({self.n_cities}) must be >= n_countries ({self.n_countries}): each country needs a capital")
-
-    def content(self) -> dict:
-        """The fields that decide the world's contents (all but where it is written)."""
-        return {k: v for k, v in asdict(self).items() if k != "out_dir"}
 
 
 def main(cfg: Config) -> dict:
-    from llmlab import world
-
     t0 = time.perf_counter()
     w = world.generate(cfg)
-    counts = w.write(cfg.out_dir)
+    counts = world.write(w, cfg.out_dir)
     seconds = time.perf_counter() - t0
     summary = ", ".join(f"{n} {kind}" for kind, n in sorted(counts.items()))
     print(f"world: {len(w.group('train'))} train + {len(w.group('heldout'))} held-out people, "

@@ -17,12 +17,12 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Callable
 
-from llmlab.chat import render_prompt
+from llmlab.chat import final_answer, render_prompt, reply_stop_ids
 from llmlab.engine import Engine, SamplingParams, generate_with_tools
 from llmlab.errors import LLMLabError
 from llmlab.tasks import Example, Task
 from llmlab.tasks.world_qa import GROUP_NAMES
-from llmlab.tokenizer import SPECIAL_TOKENS, Tokenizer
+from llmlab.tokenizer import Tokenizer
 from llmlab.world.conversations import NO_TOOLS
 
 REFUSAL_MARKERS = ("can't help", "cannot help", "can't share", "won't")
@@ -139,8 +139,7 @@ def run_chat_task(task: ChatTask, engine: Engine, tokenizer: Tokenizer, run_tool
     """Greedy replies to every example's conversation; tools run only if task.tools and run_tool is given.
     Scored on the assistant's own text after its last tool output. Same result shape as `run_task`."""
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
-    stop = [tokenizer.special_id("<|assistant_end|>"), tokenizer.bos_id]
-    out_end = tokenizer.special_id("<|output_end|>")
+    stop = reply_stop_ids(tokenizer)
     scores: dict[str, list[float]] = defaultdict(list)
     traits: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     samples = []
@@ -150,8 +149,7 @@ def run_chat_task(task: ChatTask, engine: Engine, tokenizer: Tokenizer, run_tool
         prompts = [render_prompt(tokenizer, e.meta["messages"]) for e in chunk]
         replies, tools = generate_with_tools(engine, tokenizer, prompts, params, stop, run_tool if task.tools else None)
         for row, (example, ids) in enumerate(zip(chunk, replies)):
-            last_output = max((i for i, t in enumerate(ids) if t == out_end), default=-1)
-            own = tokenizer.decode([t for t in ids[last_output + 1:] if t >= len(SPECIAL_TOKENS)])  # the assistant's final words
+            own = final_answer(tokenizer, ids)
             s = task.score(example, own)
             scores[example.group].append(s)
             for trait, value in task.traits(example, own).items():

@@ -13,59 +13,34 @@ read and correct. Every result is cut to `MAX_OUTPUT_CHARS` so that no call can 
 
 from __future__ import annotations
 
-import re
 import textwrap
-from dataclasses import dataclass
 
+from llmlab.chat import split_call
 from llmlab.errors import LLMLabError
+from llmlab.tools.calculator import calculate
+from llmlab.tools.result import MAX_OUTPUT_CHARS, TRUNCATION_MARKER, ToolResult, truncate
+from llmlab.tools.sandbox import run_python
+from llmlab.tools.search import load_index
 
 __all__ = ["MAX_OUTPUT_CHARS", "TOOL_NAMES", "TRUNCATION_MARKER", "ToolResult", "run_tool", "truncate"]
 
 TOOL_NAMES = ("calculator", "python", "search")
-MAX_OUTPUT_CHARS = 2000
-TRUNCATION_MARKER = "... [truncated]"
-
-
-@dataclass
-class ToolResult:
-    """What one tool call returned."""
-
-    text: str
-    """what the engine forces into the sequence: the answer, or a line starting with "error: " """
-    ok: bool
-    """False when the call failed (bad input, a program that crashed or timed out, an unknown tool)"""
-
-
-def truncate(text: str, limit: int = MAX_OUTPUT_CHARS) -> str:
-    """`text` cut to at most `limit` characters, the marker included, when it is longer."""
-    if limit < len(TRUNCATION_MARKER):
-        raise ValueError(f"limit must be at least {len(TRUNCATION_MARKER)} characters (the marker), got {limit}")
-    if len(text) <= limit:
-        return text
-    return text[: limit - len(TRUNCATION_MARKER)] + TRUNCATION_MARKER
 
 
 def run_tool(call: str, *, world_dir: str | None = None) -> ToolResult:
     """Run one call, "NAME ARGS", and return its result. `world_dir` is the world that `search` reads."""
-    name, *rest = re.split(r"\s", call.strip(), maxsplit=1)
-    result = _dispatch(name, rest[0] if rest else "", world_dir)
+    name, args = split_call(call)
+    result = _dispatch(name, args, world_dir)
     return ToolResult(truncate(result.text), result.ok)
 
 
 def _dispatch(name: str, args: str, world_dir: str | None) -> ToolResult:
-    # imported on use: search pulls in numpy and bm25s, and most calls never need it
     if name == "calculator":
-        from llmlab.tools.calculator import calculate
-
         text = calculate(args.strip())
         return ToolResult(text, not text.startswith("error: "))
     if name == "python":
-        from llmlab.tools.sandbox import run_python
-
         return run_python(textwrap.dedent(args).strip("\n"))  # a program may start on the line after the name
     if name == "search":
-        from llmlab.tools.search import load_index
-
         if world_dir is None:
             return ToolResult("error: search has no world to read: pass world_dir (a directory written by "
                               "`llmlab world`)", ok=False)

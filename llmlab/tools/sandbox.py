@@ -1,213 +1,132 @@
-"""The python tool: run a program in a sandboxed child process and return what it printed.
+"""The python tool: run a program in a fresh bubblewrap sandbox and return what it printed.
 
 Threat model
 ------------
-The code is written by a language model, or by a user talking to it: code that is careless or naive
-(`open("../../secrets")`, a loop that never ends, a list of 10**10 items, 10**8 lines of output), not an
-expert attacker. The sandbox has to stop that code from touching anything outside its own working
-directory and from taking the machine down. It defends:
+The program is written by a language model, or by whoever talks to it, so it is treated as hostile: arbitrary
+Python, native code included (`ctypes`, crafted bytecode that crashes the interpreter). Nothing inside the
+sandboxed process is trusted: its interpreter, builtins and memory are the attacker's to change, and nothing
+here relies on them. (The audit hook this replaces was disarmed from Python in a dozen lines: issue 18.) The
+boundary is the operating system: each call runs in a new process under bubblewrap (`bwrap`), in new user, PID,
+network, IPC, UTS, cgroup and mount namespaces, as uid and gid 65534 with no capabilities and no_new_privs,
+behind a seccomp filter.
 
-- files: the program runs in a fresh temporary directory, deleted afterwards, and may read and write only
-  there; elsewhere it may only read Python's standard library (the child's own `sys.path`), so the project
-  (/work, the checkout, its runs and checkpoints), the user's home, /etc and /proc are out of reach. It
-  cannot change directory, create links, or open a directory outside its own;
-- the network: sockets cannot be created (and, where `unshare -n` works without asking, the child also runs
-  in an empty network namespace, which holds even against native code);
-- other processes: no fork, exec, spawn, `subprocess`, `os.system` or signals to other processes;
-- native code: `ctypes`, `_posixsubprocess`, `sqlite3` (whose SQL can open any file) and the interpreter's
-  test modules cannot be imported, and extension modules load only from the standard library;
-- resources: rlimits on CPU seconds, address space (memory), file size (the captured output included),
-  open files and processes, and a wall-clock timeout that kills the child's whole process group, so fork,
-  memory and CPU bombs and output floods end in an error, not in a stuck or swapping machine;
-- the environment: the child starts with `-I -S` (no site-packages, no PYTHON* variables, no user
-  directory) and an environment holding only HOME and TMPDIR, both pointing at its directory.
+Inside the boundary, the program has:
+- a root of its own that holds read-only binds of the interpreter, its standard library (the interpreter's own
+  site-packages hidden; the project's virtual environment is never bound), the system's shared libraries
+  (/usr/lib, /lib*, /usr/lib64: package files, no secrets) and time zones; a fresh /proc of its PID namespace;
+  a minimal, read-only /dev (null, zero, urandom, ...); and a tmpfs at /tmp of at most MAX_TMP_MB, its working
+  directory, HOME and TMPDIR. The tmpfs dies with the sandbox: no folder is ever made on the host, so none is
+  left behind, even when the server is killed mid-call;
+- one process, pid 1 of its PID namespace. Threads work; fork, vfork and clone without CLONE_THREAD fail with
+  EPERM, so `subprocess`, `os.system` and `multiprocessing` fail (and there is no shell or other program to
+  run). One process keeps RLIMIT_AS a bound on all of its memory;
+- AF_UNIX sockets, in a network namespace of its own;
+- its standard descriptors: stdin, a nameless host file (O_TMPFILE) holding its own code; stdout and stderr,
+  one nameless host file that takes at most MAX_FILE_MB, of which the server reads only the start and the end.
 
-How: a small bootstrap runs before the program. It sets the rlimits (there rather than in a `preexec_fn`,
-which is unsafe in a threaded parent such as the server), and installs a Python audit hook (PEP 578), which
-cannot be removed, that refuses the events above ("open", "os.listdir", "socket.__new__", "subprocess.Popen",
-"import", ...). The hook reads no module globals and binds every function it calls when it is defined, so
-that a program that rebinds `os.path` or builtins does not change its decisions; it also refuses the
-interpreter features that could reach into it (tracing, `gc` referrers, assigning a function's code or
-defaults).
+Outside the boundary:
+- the host's files: the checkout, its runs and checkpoints, /root and /home, /etc, the host's /proc and /sys,
+  sockets on disk. Nothing it writes outlives the call;
+- other processes: its PID namespace holds only itself, so `kill`, `setpriority` or /proc/PID on the server's
+  pid find nothing, and calls on every process (kill(-1), PRIO_USER) reach only the sandbox; ptrace,
+  process_vm_readv/writev and the pidfd calls are refused by seccomp as well;
+- the network: IP sockets are refused by seccomp, and the empty network namespace would hold without that;
+  the host's abstract unix sockets belong to the host's network namespace;
+- the environment: the program starts with HOME, TMPDIR and PATH, and bwrap itself with an empty environment,
+  so the server's variables (API keys) are in no process of the sandbox;
+- the kernel's rarer doors: mounts (the old and the new API), pivot_root, chroot, setns, unshare and clone
+  with CLONE_NEW* flags, keyctl, bpf, perf_event_open, userfaultfd, io_uring, modules, kexec, reboot, swap,
+  open_by_handle_at, SysV IPC and memfd_create (memory that RLIMIT_AS does not count) fail with EPERM; clone3
+  fails with ENOSYS (its flags sit behind a pointer the filter cannot read; glibc falls back to clone); the
+  x32 ABI's calls fail with EPERM, and a call through i386's int 0x80 (other numbers) kills the process;
+- resources: a bootstrap sets rlimits before the program runs, soft = hard so that they cannot be raised
+  again: CPU seconds, address space, file size, open files, tasks (threads) and core dumps (1 byte: no core
+  file, and no core_pattern pipe helper, which the kernel would run as host root; a limit of 0 does not stop
+  a pipe). A wall-clock timeout SIGKILLs bwrap, and the program dies with it (`--die-with-parent`), as it does
+  when the server dies.
 
-Not defended: a determined attacker. Audit hooks are not a security boundary: they watch Python-level
-events, and any native code, an interpreter bug or a kernel exploit goes around them; that is why native
-loading is refused and why the rlimits and the network namespace back the hook up. Metadata stays visible
-(`os.stat` of any path, `os.readlink` raise no audit event), and a program can write files of up to
-MAX_FILE_MB each into its directory for as long as its time limit lasts. RLIMIT_NPROC does not bind root
-(there the hook alone stops forks). For code you do not trust at all, use a container or a virtual machine.
+Assumed of the host: Linux on x86_64 or aarch64 with seccomp filters and user namespaces; bubblewrap on PATH
+(`apt-get install bubblewrap`, or scripts/install-sandbox.sh; tested with 0.8.0; `--size` needs 0.7 or newer,
+so Ubuntu 22.04's 0.6.1 is refused); and either root or unprivileged user namespaces
+(user.max_user_namespaces > 0; Ubuntu 24.04 also restricts them through AppArmor:
+kernel.apparmor_restrict_unprivileged_userns). `check_sandbox` starts one sandbox, checks from inside that the
+filter, the uid and the capabilities are as above, and otherwise says what is missing; then the tool refuses
+every call. It never falls back to a weaker sandbox.
 
-Costs: only the standard library can be imported, and not all of it: `subprocess`, `asyncio` (which imports
-it), `multiprocessing` pools, `ctypes` and `sqlite3` fail; a program cannot start threads when the parent
-is not root (RLIMIT_NPROC is 0). POSIX only (Linux; macOS untested): the child needs the `resource` module.
+Not defended, and known limits:
+- the kernel: a kernel bug reachable through the system calls left open (files, memory, threads, AF_UNIX
+  sockets, /proc) escapes this sandbox, as it would escape a container. Code that may carry a kernel exploit
+  belongs in a virtual machine;
+- a server run as root: bwrap maps the sandbox's uid 65534 to uid 0 outside (a user namespace maps to its
+  creator). The sandbox still has no capabilities and sees only read-only system files, but those files count
+  as its own (readable even at mode 0600), a kernel escape would land as root, and RLIMIT_NPROC does not bind
+  (the kernel exempts uid 0), so threads are bounded only by the address space. Run the server as an ordinary
+  user to make the uid a second wall;
+- information: the kernel version, the CPU, system-wide /proc files (meminfo, loadavg, uptime), the paths of
+  the binds (the interpreter's prefix) and timing are visible;
+- memory outside RLIMIT_AS is bounded but not nil: the tmpfs, pipe and socket buffers, kernel objects;
+- a program that exits with code 128 + N is reported as killed by signal N (bwrap reports a signal that way).
+
+Costs: only the standard library can be imported; no subprocesses; no network; no /etc (no user names, hosts
+or certificates); Linux only.
 """
 
 from __future__ import annotations
 
+import errno
 import functools
 import math
 import os
+import platform
 import re
+import select
 import shutil
 import signal
+import site
+import struct
 import subprocess
 import sys
+import sysconfig
 import tempfile
 
-from llmlab.tools import MAX_OUTPUT_CHARS, TRUNCATION_MARKER, ToolResult, truncate
+from llmlab.errors import LLMLabError
+from llmlab.tools.result import MAX_OUTPUT_CHARS, TRUNCATION_MARKER, ToolResult, truncate
 
 MAX_FILE_MB = 16  # the largest file the program may write, its captured output included
+MAX_TMP_MB = 64  # all files in its /tmp together
 MAX_OPEN_FILES = 64
+MAX_TASKS = 64  # threads, the main one included (binds only where the server is not root: see above)
+SANDBOX_ID = 65534  # uid and gid inside: "nobody"
+WORKDIR = "/tmp"
+INSTALL_HINT = "`apt-get install bubblewrap` (Debian, Ubuntu) or `dnf install bubblewrap` (Fedora)"
 
-# Runs in the child as `python -I -S -c _BOOTSTRAP CPU_S MEMORY_BYTES FILE_BYTES OPEN_FILES`, in the sandbox
-# directory, with the program on stdin. Every name the hook functions use is a parameter with a default
-# bound here, before the program runs (tests/test_tools.py checks that they load no globals).
+
+class SandboxUnavailable(LLMLabError):
+    """The python tool cannot run here: bubblewrap is missing or cannot create its namespaces."""
+
+
+# Runs in the sandbox as `python -I -S -c _BOOTSTRAP CPU_S MEMORY_BYTES FILE_BYTES OPEN_FILES TASKS`, with the
+# program on stdin. It is a convenience, not a guard: the program can change anything here, except the limits,
+# which are set before it runs and which an unprivileged process cannot raise. It imports traceback and
+# linecache only when it has a traceback to print: they cost more than the rest of its start.
 _BOOTSTRAP = r'''
-import io, linecache, os, posix, resource, sys, traceback, types
-
-# Read-only tables: the hook's frame (reachable from a traceback) must hold nothing a program could edit.
-DENIED = types.MappingProxyType({
-    "os.system": "running shell commands", "os.exec": "starting programs", "os.posix_spawn": "starting programs",
-    "os.spawn": "starting processes", "os.fork": "starting processes", "os.forkpty": "starting processes",
-    "subprocess.Popen": "starting processes", "pty.spawn": "starting processes",
-    "os.kill": "sending signals", "os.killpg": "sending signals", "signal.pthread_kill": "sending signals",
-    "os.link": "creating links", "os.symlink": "creating links", "os.chdir": "changing the directory",
-    "resource.setrlimit": "changing resource limits", "resource.prlimit": "changing resource limits",
-    "sys.settrace": "tracing", "sys.setprofile": "tracing",
-    "gc.get_objects": "inspecting the interpreter", "gc.get_referrers": "inspecting the interpreter",
-    "gc.get_referents": "inspecting the interpreter",
-})
-DENIED_PREFIXES = (("socket.", "network access"), ("ctypes.", "native code (ctypes)"))
-DENIED_MODULES = frozenset({
-    "_ctypes", "_posixsubprocess", "_posixshmem", "_sqlite3", "_dbm", "_gdbm", "_tkinter", "_ssl", "readline",
-    "_testcapi", "_testinternalcapi", "_testbuffer", "_testmultiphase", "_testimportmultiple", "_ctypes_test",
-    "_xxsubinterpreters", "_xxtestfuzz", "posix",  # a fresh `posix` would bring back mkfifo and mknod
-})
-# event -> ((index of a path argument, index of its dir_fd argument or None), ...)
-WRITES = types.MappingProxyType({
-    "os.mkdir": ((0, 2),), "os.remove": ((0, 1),), "os.rmdir": ((0, 1),), "os.rename": ((0, 2), (1, 3)),
-    "os.chmod": ((0, 2),), "os.chown": ((0, 3),), "os.utime": ((0, 3),), "os.truncate": ((0, None),),
-    "os.chflags": ((0, None),), "os.setxattr": ((0, None),), "os.removexattr": ((0, None),),
-})
-READS = types.MappingProxyType({"os.listdir": ((0, None),), "os.scandir": ((0, None),),
-                               "os.listxattr": ((0, None),), "os.getxattr": ((0, None),)})
-FUNCTION_STATE = frozenset({"__code__", "__defaults__", "__kwdefaults__"})
-WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+import io, os, resource, signal, sys
 
 
-def resolve(path, _getcwd=os.getcwd, _lstat=os.lstat, _readlink=os.readlink, _OSError=OSError):
-    """The absolute path with symlinks resolved, or "" when there are too many links."""
-    if not path.startswith("/"):
-        path = _getcwd() + "/" + path
-    todo = path.split("/")
-    todo.reverse()
-    done = []
-    links = 0
-    while todo:
-        part = todo.pop()
-        if part == "" or part == ".":
-            continue
-        if part == "..":
-            if done:
-                done.pop()
-            continue
-        here = "/" + "/".join(done) + ("/" if done else "") + part
-        try:
-            mode = _lstat(here).st_mode
-        except _OSError:  # missing (about to be created) or unreadable: taken as it is written
-            done.append(part)
-            continue
-        if (mode & 0o170000) == 0o120000:
-            links += 1
-            if links > 40:
-                return ""
-            target = _readlink(here)
-            if target.startswith("/"):
-                done = []
-            more = target.split("/")
-            more.reverse()
-            todo.extend(more)
-            continue
-        done.append(part)
-    return "/" + "/".join(done)
+def limit(kind, soft, hard=None):
+    """Set soft and hard limits, never above the inherited hard limit (raising it would fail)."""
+    hard = soft if hard is None else hard
+    inherited = resource.getrlimit(kind)[1]
+    if inherited != resource.RLIM_INFINITY:
+        soft, hard = min(soft, inherited), min(hard, inherited)
+    resource.setrlimit(kind, (soft, hard))
 
 
-def check(value, write, directory_ok, sandbox, read_roots, _resolve=resolve, _stat=os.stat, _type=type,
-          _str=str, _bytes=bytes, _int=int, _OSError=OSError, _Error=PermissionError):
-    """Raise unless the path `value` lies in `sandbox` (None: nowhere), or (reading) under `read_roots`."""
-    kind = _type(value)
-    if kind is _int:  # an open descriptor: its path was checked when it was opened
-        return
-    if value is None:
-        value = "."
-    elif kind is _bytes:
-        value = value.decode("utf-8", "surrogateescape")
-    elif kind is not _str:
-        raise _Error("sandbox: paths must be str or bytes")
-    real = _resolve(value)
-    if sandbox is not None and (real == sandbox or real.startswith(sandbox + "/")):
-        return
-    if not write:
-        for root in read_roots:
-            if real == root or real.startswith(root + "/"):
-                if not directory_ok:
-                    try:
-                        is_directory = (_stat(real).st_mode & 0o170000) == 0o040000
-                    except _OSError:
-                        is_directory = False
-                    if is_directory:
-                        raise _Error(f"sandbox: opening the directory {value} is not allowed: use os.listdir")
-                return
-        raise _Error(f"sandbox: reading {value} is not allowed: only the working directory and Python's "
-                     f"standard library can be read")
-    raise _Error(f"sandbox: writing {value} is not allowed: write files in the working directory")
+def print_traceback(e, code):
+    """The program's traceback, its lines quoted, without the frames of this bootstrap (file "<string>")."""
+    import linecache, traceback
 
-
-def make_hook(sandbox, read_roots):
-    """The audit hook; everything it uses is a default argument, bound now."""
-
-    def hook(event, args, _sandbox=sandbox, _roots=read_roots, _check=check, _denied=DENIED,
-             _prefixes=DENIED_PREFIXES, _modules=DENIED_MODULES, _writes=WRITES, _reads=READS,
-             _function_state=FUNCTION_STATE, _write_flags=WRITE_FLAGS, _type=type, _str=str, _int=int,
-             _Error=PermissionError, _ImportError=ImportError):
-        if event in _denied:
-            raise _Error(f"sandbox: {_denied[event]} is not allowed ({event})")
-        for prefix, what in _prefixes:
-            if event.startswith(prefix):
-                raise _Error(f"sandbox: {what} is not allowed ({event})")
-        if event == "open":
-            path, mode, flags = args
-            write = (_type(flags) is _int and (flags & _write_flags) != 0) or (
-                _type(mode) is _str and ("w" in mode or "a" in mode or "x" in mode or "+" in mode))
-            _check(path, write, False, _sandbox, _roots)
-        elif event == "import":
-            name, filename = args[0], args[1]
-            if name in _modules:
-                raise _ImportError(f"sandbox: module {name} is not available in the sandbox")
-            if filename is not None:  # an extension module: native code, only from the standard library
-                try:
-                    _check(filename, False, False, None, _roots)
-                except _Error:
-                    raise _ImportError(f"sandbox: native module {name} is not allowed: only the standard "
-                                       f"library's load") from None
-        elif event in _writes or event in _reads:
-            write = event in _writes
-            for path_index, dir_fd_index in (_writes[event] if write else _reads[event]):
-                dir_fd = args[dir_fd_index] if dir_fd_index is not None else None
-                if dir_fd is not None and dir_fd != -1:  # relative to an open directory: a plain name only
-                    name = args[path_index]
-                    if _type(name) is not _str or "/" in name or name == "." or name == "..":
-                        raise _Error(f"sandbox: {event} with dir_fd takes a plain file name")
-                    continue
-                _check(args[path_index], write, True, _sandbox, _roots)
-        elif event == "object.__setattr__" and args[1] in _function_state:
-            raise _Error(f"sandbox: assigning {args[1]} is not allowed")
-
-    return hook
-
-
-def print_traceback(e):
-    """The program's traceback, without the frames of this bootstrap (file "<string>") and its hook."""
+    linecache.cache["<sandbox>"] = (len(code), None, code.splitlines(True), "<sandbox>")
     report = traceback.TracebackException(type(e), e, e.__traceback__)
     todo = [report]
     while todo:
@@ -219,30 +138,26 @@ def print_traceback(e):
 
 
 def main():
-    cpu_s, memory_bytes, file_bytes, open_files = (int(a) for a in sys.argv[1:5])
-    sandbox = os.getcwd()
+    cpu_s, memory_bytes, file_bytes, open_files, tasks = (int(a) for a in sys.argv[1:6])
     code = sys.stdin.read()
     sys.stdin = io.StringIO()
-    limits = ((resource.RLIMIT_CPU, cpu_s, cpu_s + 1), (resource.RLIMIT_AS, memory_bytes, memory_bytes),
-              (resource.RLIMIT_FSIZE, file_bytes, file_bytes), (resource.RLIMIT_NOFILE, open_files, open_files),
-              (resource.RLIMIT_NPROC, 0, 0), (resource.RLIMIT_CORE, 0, 0))
-    for kind, soft, hard in limits:
-        resource.setrlimit(kind, (soft, hard))
-    for name in ("mkfifo", "mknod"):  # they create files without raising an audit event
-        for module in (os, posix):
-            if hasattr(module, name):
-                delattr(module, name)
-    roots = tuple(resolve(p) for p in sys.path if p)
-    linecache.cache["<sandbox>"] = (len(code), None, code.splitlines(True), "<sandbox>")
-    program = types.ModuleType("__main__")
+    # SIGXCPU at the soft limit, SIGKILL one second later. The program is its PID namespace's pid 1, for which
+    # the kernel ignores signals left at their default action: hence a handler
+    signal.signal(signal.SIGXCPU, lambda number, frame: os._exit(128 + number))
+    limit(resource.RLIMIT_CPU, cpu_s, cpu_s + 1)
+    limit(resource.RLIMIT_AS, memory_bytes)
+    limit(resource.RLIMIT_FSIZE, file_bytes)
+    limit(resource.RLIMIT_NOFILE, open_files)
+    limit(resource.RLIMIT_NPROC, tasks)
+    limit(resource.RLIMIT_CORE, 1)  # 1 byte: no core file, and the kernel skips a core_pattern pipe
+    program = type(sys)("__main__")
     sys.modules["__main__"] = program
-    sys.addaudithook(make_hook(sandbox, roots))
     try:
         exec(compile(code, "<sandbox>", "exec"), program.__dict__)
     except SystemExit:
         raise
     except BaseException as e:
-        print_traceback(e)
+        print_traceback(e, code)
         sys.exit(1)
 
 
@@ -250,80 +165,193 @@ main()
 '''
 
 
-@functools.cache
-def _network_isolation() -> tuple[str, ...]:
-    """The command prefix that runs the child in an empty network namespace, if this machine allows it
-    without a password: `unshare -n` (as root, or with CAP_SYS_ADMIN) or `unshare -r -n` (unprivileged
-    user namespaces); () where neither works."""
-    unshare = shutil.which("unshare")
-    if unshare is None:
-        return ()
-    for flags in (("-n",), ("-r", "-n")):
+def check_sandbox() -> str:
+    """The path of `bwrap`, once a sandbox has started and run a program on this machine (checked once per
+    process); raises SandboxUnavailable saying what is missing and how to fix it."""
+    if sys.platform != "linux":
+        raise SandboxUnavailable(f"the python tool needs Linux (bubblewrap and seccomp), not {sys.platform}")
+    if platform.machine() not in _SYSCALLS:
+        raise SandboxUnavailable(f"the python tool's seccomp filter knows x86_64 and aarch64, not "
+                                 f"{platform.machine()}")
+    bwrap = shutil.which("bwrap")
+    if bwrap is None:
+        raise SandboxUnavailable(f"the python tool needs bubblewrap (bwrap), which is not installed: {INSTALL_HINT}, "
+                                 f"or run scripts/install-sandbox.sh")
+    _probe(bwrap)
+    return bwrap
+
+
+# The probe's program checks that the walls it cannot see from outside are up: the seccomp filter, no
+# capabilities, no_new_privs, the unprivileged uid.
+_PROBE = f"""
+import os
+status = dict(line.split(":", 1) for line in open("/proc/self/status"))
+walls = [status[k].strip() for k in ("Seccomp", "CapEff", "NoNewPrivs")] + [os.getuid(), os.getgid()]
+print("sandbox ok" if walls == ["2", "0000000000000000", "1", {SANDBOX_ID}, {SANDBOX_ID}] else walls)
+"""
+
+
+@functools.cache  # only a success is kept: a failed probe raises, and is tried again on the next call
+def _probe(bwrap: str) -> None:
+    with tempfile.TemporaryFile() as out:
         try:
-            works = subprocess.run([unshare, *flags, "true"], capture_output=True, timeout=10).returncode == 0
-        except (OSError, subprocess.TimeoutExpired):
-            works = False
-        if works:
-            return (unshare, *flags, "--")
-    return ()
-
-
-def _remove_tree(path: str) -> None:
-    """Delete the sandbox directory, even where the program made parts of it unreadable."""
-    for root, dirs, _ in os.walk(path):
-        for d in dirs:  # top-down: a directory is made accessible before os.walk enters it
-            try:
-                os.chmod(os.path.join(root, d), 0o700)
-            except OSError:
-                pass
-    shutil.rmtree(path, ignore_errors=True)
+            returncode, _ = _run(bwrap, _PROBE, out, timeout_s=30, memory_mb=256, cpu_s=30)
+        except OSError as e:
+            raise SandboxUnavailable(f"bubblewrap ({bwrap}) cannot be run: {e}") from e
+        output, _, _ = _read_output(out, MAX_OUTPUT_CHARS)
+    if returncode != 0 or output != "sandbox ok\n":
+        raise SandboxUnavailable(
+            f"bubblewrap cannot start the python tool's sandbox here (exit code {returncode}): {output.strip()!r}. "
+            f"It needs user namespaces: run as root, or allow unprivileged ones (sysctl user.max_user_namespaces; "
+            f"on Ubuntu 24.04 kernel.apparmor_restrict_unprivileged_userns=0 or an AppArmor profile for bwrap); "
+            f"and bubblewrap 0.7 or newer (for --size): {INSTALL_HINT}")
 
 
 def run_python(code: str, *, timeout_s: float = 5, memory_mb: int = 256,
                max_output: int = MAX_OUTPUT_CHARS) -> ToolResult:
-    """Run `code` in a sandboxed child process (see the module docstring); return its stdout and stderr,
-    interleaved and cut to `max_output` characters. ok is False when the program failed: then the text
-    starts with "error: " and the reason (a timeout, the memory or CPU limit, an exit code), followed by
-    what it printed (for an exception, its traceback)."""
-    if os.name != "posix":
-        return ToolResult("error: the python tool needs a POSIX system (Linux or macOS)", ok=False)
-    cpu_s = math.ceil(timeout_s) + 1  # CPU time backs up the wall clock
-    sandbox = os.path.realpath(tempfile.mkdtemp(prefix="llmlab-sandbox-"))
+    """Run `code` in a sandbox (see the module docstring); return its stdout and stderr, interleaved and cut to
+    `max_output` characters. ok is False when the program failed: then the text starts with "error: " and the
+    reason (a timeout, the memory or CPU limit, a signal, an exit code), followed by what it printed (for an
+    exception, its traceback); or when the sandbox cannot run here, saying why."""
     try:
-        with tempfile.TemporaryFile() as out:
-            command = [*_network_isolation(), sys.executable, "-I", "-S", "-B", "-u", "-X", "utf8",
-                       "-c", _BOOTSTRAP, str(cpu_s), str(memory_mb * 2**20), str(MAX_FILE_MB * 2**20),
-                       str(MAX_OPEN_FILES)]
-            child = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=out, stderr=subprocess.STDOUT,
-                                     cwd=sandbox, env={"HOME": sandbox, "TMPDIR": sandbox}, start_new_session=True)
-            timed_out = False
-            try:
-                child.communicate(code.encode("utf-8", "replace"), timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                timed_out = True
-                try:
-                    os.killpg(child.pid, signal.SIGKILL)  # the child leads its own process group (new session)
-                except ProcessLookupError:
-                    pass
-                child.communicate()
-            output, tail, size = _read_output(out, max_output)
-    finally:
-        _remove_tree(sandbox)
+        bwrap = check_sandbox()
+    except SandboxUnavailable as e:
+        return ToolResult(truncate(f"error: {e}", max_output), ok=False)
+    cpu_s = math.ceil(timeout_s) + 1  # CPU time backs up the wall clock
+    with tempfile.TemporaryFile() as out:  # O_TMPFILE on Linux: a file without a name, gone when closed
+        try:
+            returncode, timed_out = _run(bwrap, code, out, timeout_s=timeout_s, memory_mb=memory_mb, cpu_s=cpu_s)
+        except OSError as e:  # bwrap removed since the probe, no file descriptors left, ...
+            text = f"error: the python tool could not start its sandbox: {e}"
+            return ToolResult(truncate(text, max_output), ok=False)
+        output, tail, size = _read_output(out, max_output)
+    killed_by = _killed_by(returncode)
     if timed_out:
         reason = f"timed out after {timeout_s:g} s"
-    elif child.returncode == 0:
+    elif returncode == 0:
         return ToolResult(output, ok=True)
-    elif child.returncode == -signal.SIGXCPU:
+    elif killed_by == signal.SIGXCPU:
         reason = f"CPU time limit of {cpu_s} s exceeded"
-    elif child.returncode < 0:
-        reason = f"killed by signal {signal.Signals(-child.returncode).name}"
+    elif killed_by is not None:
+        reason = f"killed by signal {killed_by.name}"
     elif size >= MAX_FILE_MB * 2**20:
         reason = f"output limit of {MAX_FILE_MB} MB exceeded"
     elif re.search(r"^MemoryError\b", tail, re.MULTILINE):
         reason = f"memory limit of {memory_mb} MB exceeded"
     else:
-        reason = f"exit code {child.returncode}"
+        reason = f"exit code {returncode}"
     return ToolResult(truncate(f"error: {reason}" + (f"\n{output}" if output else ""), max_output), ok=False)
+
+
+def _run(bwrap: str, code: str, out, *, timeout_s: float, memory_mb: int, cpu_s: int) -> tuple[int, bool]:
+    """Run `code` in a sandbox writing its output to the file `out`; (bwrap's exit code, whether it timed out)."""
+    seccomp, seccomp_write = os.pipe()  # bwrap reads the filter from a descriptor
+    try:
+        with open(seccomp_write, "wb") as pipe:
+            pipe.write(_seccomp_program(platform.machine()))  # a few hundred bytes: fits the pipe's buffer
+        command = [bwrap, *_bwrap_options(), "--seccomp", str(seccomp), "--",
+                   _interpreter(), "-I", "-S", "-B", "-u", "-X", "utf8", "-c", _BOOTSTRAP, str(cpu_s),
+                   str(memory_mb * 2**20), str(MAX_FILE_MB * 2**20), str(MAX_OPEN_FILES), str(MAX_TASKS)]
+        with tempfile.TemporaryFile() as program:  # a file, not a pipe: writing it cannot block
+            program.write(code.encode("utf-8", "replace"))
+            program.seek(0)
+            # env={}: nothing of the server's environment enters the sandbox's processes, bwrap's included
+            child = subprocess.Popen(command, stdin=program, stdout=out, stderr=subprocess.STDOUT, env={},
+                                     pass_fds=(seccomp,), start_new_session=True)
+    finally:
+        os.close(seccomp)
+    if _wait(child, timeout_s):
+        return child.returncode, False
+    # bwrap leads its own process group (unreaped, so its pid cannot have been reused); the program, pid 1 of its
+    # namespace, is killed as bwrap dies (--die-with-parent)
+    os.killpg(child.pid, signal.SIGKILL)
+    child.wait()
+    return child.returncode, True
+
+
+def _wait(child: subprocess.Popen, timeout_s: float) -> bool:
+    """Wait for `child` to end, at most `timeout_s`; whether it ended. Through a pidfd, which wakes up as the
+    child exits (Popen.wait with a timeout polls, with sleeps of up to 50 ms)."""
+    try:
+        pidfd = os.pidfd_open(child.pid)
+    except OSError:  # Linux before 5.3
+        try:
+            child.wait(timeout_s)
+            return True
+        except subprocess.TimeoutExpired:
+            return False
+    try:
+        poll = select.poll()  # not select.select, which fails on descriptors past 1023 (a busy server's)
+        poll.register(pidfd, select.POLLIN)
+        ended = bool(poll.poll(timeout_s * 1000))
+    finally:
+        os.close(pidfd)
+    if ended:
+        child.wait()
+    return ended
+
+
+def _killed_by(returncode: int) -> signal.Signals | None:
+    """The signal that ended the program: bwrap exits with 128 + N when signal N killed it (and is itself
+    reported as -N when killed)."""
+    number = -returncode if returncode < 0 else returncode - 128
+    return signal.Signals(number) if number in _SIGNALS else None
+
+
+_SIGNALS = frozenset(s.value for s in signal.Signals)
+
+
+@functools.cache
+def _interpreter() -> str:
+    """The real path of the base interpreter (a virtual environment's python is a link to it, or a copy)."""
+    return os.path.realpath(getattr(sys, "_base_executable", None) or sys.executable)
+
+
+@functools.cache
+def _bwrap_options() -> tuple[str, ...]:
+    """bwrap's options: namespaces, the read-only binds the interpreter needs, /proc, /dev, the tmpfs, the
+    environment (the seccomp filter is added per call: its descriptor is used up)."""
+    binds = {_interpreter()}
+    base = {"base": sys.base_prefix, "platbase": sys.base_exec_prefix, "installed_base": sys.base_prefix,
+            "installed_platbase": sys.base_exec_prefix}  # the interpreter's own, not a virtual environment's
+    for name in ("stdlib", "platstdlib"):
+        binds.add(os.path.realpath(sysconfig.get_path(name, vars=base)))
+    if sysconfig.get_config_var("Py_ENABLE_SHARED"):
+        library = os.path.join(sysconfig.get_config_var("LIBDIR") or "", sysconfig.get_config_var("INSTSONAME") or "")
+        if os.path.isfile(library):
+            binds.add(os.path.realpath(library))
+    links = []
+    for path in ("/usr/lib", "/usr/lib64", "/usr/lib32", "/lib", "/lib64", "/lib32", "/libx32"):
+        if os.path.islink(path):  # merged /usr: /lib -> usr/lib
+            links += ["--symlink", os.readlink(path), path]
+        elif os.path.isdir(path):
+            binds.add(path)
+    if os.path.isdir("/usr/share/zoneinfo"):  # public data: the zoneinfo module's time zones
+        binds.add("/usr/share/zoneinfo")
+    if sys.prefix != sys.base_prefix:  # never the virtual environment: it holds the project's packages
+        binds = {b for b in binds if not _inside(b, os.path.realpath(sys.prefix))}
+    binds = sorted(b for b in binds if not any(_inside(b, other) for other in binds if other != b))
+    # --as-pid-1: the program is pid 1 inside. Else bwrap's reaper is, and it outlives bwrap for a moment: an
+    # orphan for the host's pid 1 to reap, a zombie per call where that is the server (a container without init)
+    options = ["--unshare-all", "--unshare-user", "--uid", str(SANDBOX_ID), "--gid", str(SANDBOX_ID),
+               "--hostname", "sandbox", "--die-with-parent", "--new-session", "--as-pid-1"]
+    for path in binds:
+        options += ["--ro-bind", path, path]
+    options += links
+    for packages in site.getsitepackages([sys.base_prefix]):  # third-party packages of the interpreter: hidden
+        real = os.path.realpath(packages)
+        if os.path.isdir(real) and any(_inside(real, b) for b in binds):
+            options += ["--tmpfs", real, "--remount-ro", real]
+    options += ["--proc", "/proc", "--dev", "/dev", "--remount-ro", "/dev",
+                "--size", str(MAX_TMP_MB * 2**20), "--tmpfs", WORKDIR,
+                "--remount-ro", "/",  # bwrap's root is a tmpfs the sandbox would otherwise own and fill
+                "--chdir", WORKDIR, "--clearenv", "--setenv", "HOME", WORKDIR, "--setenv", "TMPDIR", WORKDIR,
+                "--setenv", "PATH", "/usr/bin:/bin"]
+    return tuple(options)
+
+
+def _inside(path: str, directory: str) -> bool:
+    return path == directory or path.startswith(directory.rstrip("/") + "/")
 
 
 def _read_output(out, max_output: int) -> tuple[str, str, int]:
@@ -340,3 +368,92 @@ def _read_output(out, max_output: int) -> tuple[str, str, int]:
     out.seek(max(size - 512, 0))
     tail = out.read().decode("utf-8", "replace")
     return text, tail, size
+
+
+# ---- the seccomp filter -------------------------------------------------------------------------------------
+# A classic BPF program, written here rather than with libseccomp so that the tool needs no dependency. The
+# kernel runs it on every system call over struct seccomp_data {int nr; u32 arch; u64 ip; u64 args[6]}
+# (linux/seccomp.h); an instruction is struct sock_filter {u16 code; u8 jt; u8 jf; u32 k} (linux/filter.h),
+# jt and jf counting the instructions to skip when the test holds or fails.
+
+# system call -> its number on (x86_64, aarch64), from asm/unistd_64.h and asm-generic/unistd.h; None: absent
+_SYSCALLS_BY_NAME = {
+    # other processes (invisible in the PID namespace anyway)
+    "ptrace": (101, 117), "process_vm_readv": (310, 270), "process_vm_writev": (311, 271),
+    "pidfd_open": (434, 434), "pidfd_send_signal": (424, 424), "pidfd_getfd": (438, 438), "kcmp": (312, 272),
+    # starting processes: one process per sandbox keeps RLIMIT_AS a bound on all of its memory
+    "fork": (57, None), "vfork": (58, None),
+    # the sandbox's own walls: mounts and namespaces
+    "mount": (165, 40), "umount2": (166, 39), "pivot_root": (155, 41), "chroot": (161, 51),
+    "setns": (308, 268), "unshare": (272, 97), "move_mount": (429, 429), "open_tree": (428, 428),
+    "fsopen": (430, 430), "fsconfig": (431, 431), "fsmount": (432, 432), "fspick": (433, 433),
+    "mount_setattr": (442, 442), "open_by_handle_at": (304, 265), "name_to_handle_at": (303, 264),
+    # kernel attack surface no Python program needs
+    "bpf": (321, 280), "perf_event_open": (298, 241), "userfaultfd": (323, 282),
+    "io_uring_setup": (425, 425), "io_uring_enter": (426, 426), "io_uring_register": (427, 427),
+    "keyctl": (250, 219), "add_key": (248, 217), "request_key": (249, 218), "fanotify_init": (300, 262),
+    "kexec_load": (246, 104), "kexec_file_load": (320, 294), "init_module": (175, 105),
+    "finit_module": (313, 273), "delete_module": (176, 106), "reboot": (169, 142), "swapon": (167, 224),
+    "swapoff": (168, 225), "acct": (163, 89), "quotactl": (179, 60), "quotactl_fd": (443, 443),
+    "syslog": (103, 116), "lookup_dcookie": (212, 18), "vhangup": (153, 58), "personality": (135, 92),
+    "iopl": (172, None), "ioperm": (173, None), "modify_ldt": (154, None), "uselib": (134, None),
+    # memory that RLIMIT_AS does not count
+    "memfd_create": (319, 279), "memfd_secret": (447, 447), "shmget": (29, 194), "msgget": (68, 186),
+    "semget": (64, 190),
+    # filtered on their arguments below
+    "clone": (56, 220), "clone3": (435, 435), "socket": (41, 198),
+}
+_ARGUMENT_CHECKED = ("clone", "clone3", "socket")
+_SYSCALLS = {machine: {name: numbers[i] for name, numbers in _SYSCALLS_BY_NAME.items() if numbers[i] is not None}
+             for i, machine in enumerate(("x86_64", "aarch64"))}
+_AUDIT_ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}  # linux/audit.h
+_X32_SYSCALL_BIT = 0x40000000
+_CLONE_THREAD = 0x00010000
+_CLONE_NEW_NAMESPACES = 0x7E020000  # CLONE_NEWNS, NEWCGROUP, NEWUTS, NEWIPC, NEWUSER, NEWPID, NEWNET
+_AF_UNIX = 1
+_LD_W_ABS, _JEQ, _JGE, _JSET, _RET = 0x20, 0x15, 0x35, 0x45, 0x06
+_RET_KILL_PROCESS, _RET_ERRNO, _RET_ALLOW = 0x80000000, 0x00050000, 0x7FFF0000
+_NR, _ARCH, _ARG0 = 0, 4, 16  # offsets in struct seccomp_data (args[0]'s low 32 bits: little-endian)
+
+
+@functools.cache
+def _seccomp_program(machine: str) -> bytes:
+    """The filter for `machine`, as bwrap's --seccomp reads it: the sock_filter array."""
+    numbers = _SYSCALLS[machine]
+    program: list = [
+        (_LD_W_ABS, 0, 0, _ARCH), (_JEQ, 0, "kill", _AUDIT_ARCH[machine]),  # another ABI: kill
+        (_LD_W_ABS, 0, 0, _NR),
+    ]
+    if machine == "x86_64":
+        program.append((_JGE, "eperm", 0, _X32_SYSCALL_BIT))  # the x32 ABI's numbers
+    program += [(_JEQ, "eperm", 0, nr) for name, nr in numbers.items() if name not in _ARGUMENT_CHECKED]
+    program += [
+        (_JEQ, "enosys", 0, numbers["clone3"]),
+        (_JEQ, "clone", 0, numbers["clone"]),
+        (_JEQ, "socket", 0, numbers["socket"]),
+        (_RET, 0, 0, _RET_ALLOW),
+        "clone", (_LD_W_ABS, 0, 0, _ARG0), (_JSET, "eperm", 0, _CLONE_NEW_NAMESPACES),  # the flags
+        (_JSET, "allow", "eperm", _CLONE_THREAD),  # a thread, not a process
+        "socket", (_LD_W_ABS, 0, 0, _ARG0), (_JEQ, "allow", "eperm", _AF_UNIX),  # the address family
+        "allow", (_RET, 0, 0, _RET_ALLOW),
+        "eperm", (_RET, 0, 0, _RET_ERRNO | errno.EPERM),
+        "enosys", (_RET, 0, 0, _RET_ERRNO | errno.ENOSYS),
+        "kill", (_RET, 0, 0, _RET_KILL_PROCESS),
+    ]
+    return _assemble(program)
+
+
+def _assemble(program: list) -> bytes:
+    """Instructions (code, jt, jf, k), where jt and jf may name a label (a string standing before the
+    instruction it marks), to the packed sock_filter array."""
+    labels, instructions = {}, []
+    for item in program:
+        if isinstance(item, str):
+            labels[item] = len(instructions)
+        else:
+            instructions.append(item)
+    packed = []
+    for i, (code, jt, jf, k) in enumerate(instructions):
+        jt, jf = (labels[j] - i - 1 if isinstance(j, str) else j for j in (jt, jf))
+        packed.append(struct.pack("=HBBI", code, jt, jf, k))  # a jump past 255 instructions fails here
+    return b"".join(packed)

@@ -19,15 +19,17 @@ import functools
 import random
 from pathlib import Path
 
-import bm25s
-
 from llmlab.errors import LLMLabError
-from llmlab.tools import truncate
+from llmlab.tools.result import truncate
+from llmlab.world import load
+from llmlab.world.text import city_entry, company_entry, country_entry
 
 MAX_PASSAGE_CHARS = 500
 
 
 def _tokenize(texts: list[str]) -> list[list[str]]:
+    import bm25s  # deferred: bm25s pulls in numpy and scipy, slow to import, and most tool calls never search
+
     return bm25s.tokenize(texts, stopwords="en", return_ids=False, show_progress=False)
 
 
@@ -37,6 +39,8 @@ class SearchIndex:
     def __init__(self, passages: list[str]):
         if not passages:
             raise LLMLabError("a search index needs at least one passage")
+        import bm25s  # deferred: as in _tokenize
+
         self.passages = passages
         self._bm25 = bm25s.BM25()
         self._bm25.index(_tokenize(passages), show_progress=False)
@@ -44,9 +48,6 @@ class SearchIndex:
     @classmethod
     def from_world(cls, world_dir: str | Path) -> SearchIndex:
         """One passage per country, city and company of the world at `world_dir` (see the module docstring)."""
-        from llmlab.world import load
-        from llmlab.world.text import city_entry, company_entry, country_entry
-
         world = load(world_dir)
         rng = random.Random(f"{world.seed}-search")
         capitals = {c.capital for c in world.countries}

@@ -30,8 +30,8 @@ from __future__ import annotations
 
 import random
 
-from llmlab.world import QUESTIONS, World
-from llmlab.world.text import arithmetic_problem, number, problem
+from llmlab.world.core import World
+from llmlab.world.text import QUESTIONS, arithmetic_problem, number, problem
 
 IDENTITY = "I am the llmlab assistant, a small language model trained on the world's documents and conversations."
 REFUSAL = "I can't help with that."

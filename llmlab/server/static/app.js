@@ -73,14 +73,15 @@ const saved = {
   },
 };
 
-const DEFAULT_SETTINGS = { temperature: 0.7, top_p: 0.95, max_tokens: 256, system: "" };
-
 const state = {
   conversations: [],
   conversation: null, // the open conversation (without its messages); null for a chat not yet started
   items: [], // the thread: {kind: "message", msg} or {kind: "compare", comparisonId, msgs: [a, b]}
   busy: false, // a reply is streaming
-  settings: { ...DEFAULT_SETTINGS, ...saved.get("llmlab.settings", {}) },
+  // the settings the user has changed; the sampling settings left unset are the server's (GET api/defaults, the
+  // one place they are defined): the inputs show them, and a reply that does not send them gets them
+  settings: { system: "", ...saved.get("llmlab.settings", {}) },
+  defaults: {}, // the server's sampling defaults, once loaded
   apiKey: saved.get("llmlab.apiKey", ""),
   compare: saved.get("llmlab.compare", false),
 };
@@ -168,12 +169,25 @@ async function* readEvents(res) {
   }
 }
 
+/** The sampling settings the user has set; the server fills in its defaults for the others. */
 function samplingSettings() {
   const s = state.settings;
-  const out = { temperature: Number(s.temperature), top_p: Number(s.top_p) };
+  const out = {};
+  for (const key of ["temperature", "top_p"]) {
+    if (s[key] !== undefined && s[key] !== "") out[key] = Number(s[key]);
+  }
   const maxTokens = parseInt(s.max_tokens, 10);
   if (Number.isFinite(maxTokens) && maxTokens > 0) out.max_tokens = maxTokens;
   return out;
+}
+
+async function loadDefaults() {
+  try {
+    state.defaults = await request("GET", "api/defaults");
+    showSettings();
+  } catch {
+    // no key yet, or the server is away: the inputs keep what they show until the next try
+  }
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -786,19 +800,30 @@ function closeSidebar() {
 // ---------------------------------------------------------------------------------------------------------
 // Wiring
 
+const SETTING_FIELDS = [
+  ["temperature", "temperature", (v) => Number(v).toFixed(2)],
+  ["top-p", "top_p", (v) => Number(v).toFixed(2)],
+  ["max-tokens", "max_tokens", null],
+  ["system-prompt", "system", null],
+];
+
+/** Put each setting in its input: the user's value, else the server's default (once loaded). */
+function showSettings() {
+  for (const [id, key, show] of SETTING_FIELDS) {
+    const value = state.settings[key] ?? state.defaults[key];
+    if (value === undefined) continue;
+    $(id).value = value;
+    const output = show && $(`${id}-value`);
+    if (output) output.textContent = show(value);
+  }
+}
+
 function bindSettings() {
   const s = state.settings;
-  const fields = [
-    ["temperature", "temperature", (v) => Number(v).toFixed(2)],
-    ["top-p", "top_p", (v) => Number(v).toFixed(2)],
-    ["max-tokens", "max_tokens", null],
-    ["system-prompt", "system", null],
-  ];
-  for (const [id, key, show] of fields) {
+  showSettings();
+  for (const [id, key, show] of SETTING_FIELDS) {
     const input = $(id);
-    input.value = s[key];
     const output = show && $(`${id}-value`);
-    if (output) output.textContent = show(s[key]);
     input.addEventListener("input", () => {
       s[key] = input.value;
       if (output) output.textContent = show(input.value);
@@ -816,6 +841,7 @@ function bindSettings() {
     // what failed without the key may work with it: ask again
     clearError();
     showModelName();
+    loadDefaults();
     loadConversations();
   });
   const compare = $("compare-toggle");
@@ -868,6 +894,7 @@ function init() {
   window.addEventListener("hashchange", openFromHash);
   renderAll();
   showModelName();
+  loadDefaults();
   loadConversations();
   openFromHash();
 }

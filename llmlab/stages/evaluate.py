@@ -15,12 +15,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llmlab import checkpoint
-from llmlab.engine import Engine
+from llmlab.engine import Engine, newline_ids
 from llmlab.errors import LLMLabError
 from llmlab.tasks import Example, Task, run_task
+from llmlab.tasks.assistant import AssistantArithmetic, AssistantPolicy, AssistantQA, run_chat_task
 from llmlab.tasks.knowledge import stored_knowledge
 from llmlab.tasks.world_qa import WorldArithmetic, WorldQA
 from llmlab.tokenizer import Tokenizer
+from llmlab.tools import run_tool
+from llmlab.training import configure_torch
 
 
 @dataclass
@@ -65,9 +68,7 @@ class _AsQA(Task):
 
 def evaluate_base(engine: Engine, tok: Tokenizer, world: str, per_group: int) -> dict:
     """Every task in Q:/A: framing, greedy, stopping at the end of the line."""
-    from llmlab.tasks.assistant import AssistantPolicy
-
-    stops = [tok.bos_id] + [i for i in range(tok.vocab_size) if "\n" in tok.decode([i])]
+    stops = [tok.bos_id] + newline_ids(tok)
     return {
         "world_qa": run_task(WorldQA(world, per_group=per_group), engine, tok, stop_ids=stops),
         "arithmetic": run_task(WorldArithmetic(world, per_group=per_group // 2), engine, tok, stop_ids=stops),
@@ -77,9 +78,6 @@ def evaluate_base(engine: Engine, tok: Tokenizer, world: str, per_group: int) ->
 
 def evaluate_chat(engine: Engine, tok: Tokenizer, world: str, per_group: int) -> dict:
     """Every task as a conversation; the engine runs tool calls (but not for arithmetic without tools)."""
-    from llmlab.tasks.assistant import AssistantArithmetic, AssistantPolicy, AssistantQA, run_chat_task
-    from llmlab.tools import run_tool
-
     def tool(call: str) -> str:
         return run_tool(call, world_dir=world).text
 
@@ -92,18 +90,15 @@ def evaluate_chat(engine: Engine, tok: Tokenizer, world: str, per_group: int) ->
 
 
 def main(cfg: Config) -> dict:
-    from llmlab.training import configure_torch
-
     configure_torch(cfg.threads)
     t0 = time.perf_counter()
-    ckpt = checkpoint.resolve(cfg.checkpoint)
-    model = checkpoint.load_model(ckpt)
-    tok = Tokenizer.load(ckpt)
+    ckpt = checkpoint.load(cfg.checkpoint)
+    model, tok = ckpt.model, ckpt.require_tokenizer("evaluation on the world's tasks")
     engine = Engine(model)
     mode = cfg.mode
     if mode == "auto":
-        mode = "chat" if checkpoint.read_info(ckpt).get("stage") != "pretrain" else "base"
-    results: dict = {"checkpoint": str(ckpt)}
+        mode = "chat" if ckpt.info.get("stage") != "pretrain" else "base"
+    results: dict = {"checkpoint": str(ckpt.path)}
     knowledge = stored_knowledge(model, tok, cfg.world, per_group=cfg.per_group // 2)  # the same in both framings
     if mode in ("base", "both"):
         results["base"] = evaluate_base(engine, tok, cfg.world, cfg.per_group) | {"knowledge": knowledge}

@@ -1,0 +1,169 @@
+"""What the routes of `llmlab serve` share: the server's settings (`ServerConfig`, the flags of `llmlab serve`)
+and the `Service` (the model's scheduler, the tokenizer, the feedback store, the metrics, and the checks of a
+request against the server's limits)."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from llmlab import checkpoint
+from llmlab.chat import render_prompt, reply_stop_ids
+from llmlab.engine import SamplingParams
+from llmlab.errors import LLMLabError
+from llmlab.scheduler import Scheduler
+from llmlab.server.generation import Generation
+from llmlab.server.http import APIError
+from llmlab.server.metrics import Metrics
+from llmlab.server.store import FeedbackStore
+from llmlab.tools import TOOL_NAMES, run_tool
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+@dataclass
+class ServerConfig:
+    checkpoint: str = "runs/cpu/sft"
+    """checkpoint to serve (a directory with `latest`, a step directory, or a Hugging Face folder)"""
+    host: str = "127.0.0.1"
+    """address to bind; anything but loopback requires --api_key"""
+    port: int = 8000
+    """port to listen on"""
+    api_key: str = ""
+    """require `Authorization: Bearer KEY` on the API (default: the LLMLAB_API_KEY environment variable)"""
+    db: str = "runs/cpu/feedback.db"
+    """the feedback store (SQLite): the web UI's conversations, ratings, flags and comparisons"""
+    model_name: str = ""
+    """the model's id in the API (default: the checkpoint's run and stage, e.g. cpu-sft)"""
+    world: str = "runs/cpu/world"
+    """world directory for the search tool"""
+    tools: bool = True
+    """run the assistant's tool calls (calculator, python, search) in chat completions"""
+    max_batch: int = 32
+    """rows decoded together (concurrent requests beyond it wait)"""
+    max_waiting: int = 256
+    """requests allowed to wait for a row; more are answered 429"""
+    max_tokens: int = 512
+    """largest max_tokens a request may ask for"""
+    default_max_tokens: int = 256
+    """max_tokens of a chat request or web UI reply that sets none (always cut to the room left in the context)"""
+    max_n: int = 8
+    """most choices per request"""
+    max_messages: int = 128
+    """most messages in a chat request"""
+    max_chars: int = 32_000
+    """most characters of message content (or prompt text) in one request"""
+    max_body_bytes: int = 1_000_000
+    """largest request body"""
+    shutdown_timeout: float = 10.0
+    """seconds that requests in flight get to finish after SIGTERM (or Ctrl-C) before they are cut; the process
+    then ends within a few seconds more"""
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.port <= 65535:
+            raise LLMLabError(f"--port must be in 1..65535 (got {self.port})")
+        if not 0 <= self.shutdown_timeout < float("inf"):
+            raise LLMLabError(f"--shutdown_timeout must be a number of seconds >= 0 (got {self.shutdown_timeout})")
+        if self.host not in LOOPBACK and not self.resolved_key():
+            raise LLMLabError(f"binding to {self.host} exposes the model beyond this machine: set --api_key (or "
+                              f"LLMLAB_API_KEY) so that clients must send `Authorization: Bearer KEY`")
+        for name in ("max_batch", "max_tokens", "default_max_tokens", "max_n", "max_messages", "max_chars",
+                     "max_body_bytes"):
+            if getattr(self, name) < 1:
+                raise LLMLabError(f"{name} must be >= 1 (got {getattr(self, name)})")
+
+    def resolved_key(self) -> str:
+        return self.api_key or os.environ.get("LLMLAB_API_KEY", "")
+
+
+class Service:
+    """What the routes share: the model's scheduler, the tokenizer, the store and the limits."""
+
+    def __init__(self, cfg: ServerConfig):
+        self.cfg = cfg
+        ckpt = checkpoint.load(cfg.checkpoint)
+        if ckpt.tokenizer is None:
+            raise LLMLabError(f"{ckpt.path} has no tokenizer.json: serve a checkpoint saved with its tokenizer")
+        self.tokenizer, self.model = ckpt.tokenizer, ckpt.model
+        self.context_len = self.model.config.context_len
+        self.name = cfg.model_name or "-".join(Path(cfg.checkpoint).resolve().parts[-2:])
+        self.stop_ids = reply_stop_ids(self.tokenizer)  # chats and completions alike
+        self.scheduler = Scheduler(self.model, self.tokenizer, max_batch=cfg.max_batch)
+        self.store = FeedbackStore(cfg.db)
+        self.metrics = Metrics(lambda: self.scheduler)
+        self.created = int(time.time())
+
+    def close(self) -> None:
+        self.scheduler.shutdown(timeout=5)
+        self.store.close()
+
+    def run_tool(self, call: str) -> str:
+        """Run one of the assistant's tool calls (in the scheduler's tool threads), counted in the metrics."""
+        tool = call.split(maxsplit=1)[0] if call.strip() else ""
+        tool = tool if tool in TOOL_NAMES else "unknown"  # the model writes the name: keep the label set fixed
+        self.metrics.tool_calls.labels(tool).inc()
+        try:
+            result = run_tool(call, world_dir=self.cfg.world)
+        except BaseException:
+            self.metrics.tool_failures.labels(tool).inc()
+            raise
+        if not result.ok:
+            self.metrics.tool_failures.labels(tool).inc()
+        return result.text
+
+    def generate(self, route: str, prompt: Sequence[int], params: list[SamplingParams], *, tools: bool,
+                 logprobs: bool = False, min_new_tokens: int = 0) -> Generation:
+        """Start the choices of one request in the scheduler (in the event loop), observed for `route`'s
+        metrics; with `tools`, the assistant's tool calls run (when the server allows them)."""
+        return Generation(self.scheduler, prompt, params, stop_ids=self.stop_ids,
+                          run_tool=self.run_tool if tools and self.cfg.tools else None, logprobs=logprobs,
+                          min_new_tokens=min_new_tokens, observer=self.metrics.observer(route))
+
+    def model_card(self) -> dict:
+        return {"id": self.name, "object": "model", "created": self.created, "owned_by": "llmlab",
+                "context_length": self.context_len}
+
+    # ---- checks shared by the routes ---------------------------------------------------------------
+
+    def check_model(self, model: str) -> None:
+        if model != self.name:
+            raise APIError(404, f"the model {model!r} does not exist: this server serves {self.name!r}",
+                           param="model", code="model_not_found")
+
+    def check_room(self, n: int) -> None:
+        """Room for n more choices: within the limit of choices, the queue not full, the scheduler up."""
+        self.scheduler.check_alive()
+        if n > self.cfg.max_n:
+            raise APIError(400, f"n={n} is over this server's limit of {self.cfg.max_n}", param="n")
+        if self.scheduler.waiting + n > self.cfg.max_waiting:
+            raise APIError(429, "the server is busy: too many requests waiting; retry shortly",
+                           type_="rate_limit_error", code="rate_limit_exceeded")
+
+    def budget(self, asked: int | None, prompt_len: int, default: int | None = None) -> int:
+        """The tokens a request may generate: what it asked for (else `default`, else the server's default),
+        cut to the room left in the context."""
+        if asked is not None and asked > self.cfg.max_tokens:
+            raise APIError(400, f"max_tokens={asked} is over this server's limit of {self.cfg.max_tokens}",
+                           param="max_tokens")
+        room = self.context_len - prompt_len
+        if room <= 0:
+            raise APIError(400, f"the prompt has {prompt_len} tokens, which fills the model's context of "
+                                f"{self.context_len}: shorten it", param="messages", code="context_length_exceeded")
+        wanted = asked if asked is not None else (default or self.cfg.default_max_tokens)
+        return min(wanted, room)
+
+    def chat_prompt(self, messages: list[dict]) -> list[int]:
+        if len(messages) > self.cfg.max_messages:
+            raise APIError(413, f"{len(messages)} messages is over this server's limit of {self.cfg.max_messages}",
+                           param="messages", code="too_many_messages")
+        chars = sum(len(m.get("content") or "") for m in messages)
+        if chars > self.cfg.max_chars:
+            raise APIError(413, f"{chars} characters of content is over this server's limit of "
+                                f"{self.cfg.max_chars}", param="messages", code="too_many_characters")
+        try:
+            return render_prompt(self.tokenizer, messages)
+        except LLMLabError as e:
+            raise APIError(400, str(e), param="messages") from None
