@@ -26,7 +26,6 @@ import torch
 from llmlab import checkpoint
 from llmlab.engine import Engine, SamplingParams
 from llmlab.export import export_gguf
-from llmlab.tokenizer import Tokenizer
 from llmlab.training import configure_torch
 
 
@@ -44,8 +43,8 @@ def main() -> None:
         raise SystemExit("this benchmark needs llama-cpp-python: pip install llama-cpp-python") from None
     configure_torch()
 
-    ckpt = checkpoint.resolve(args.checkpoint)
-    model, tok = checkpoint.load_model(ckpt), Tokenizer.load(ckpt)
+    ckpt = checkpoint.load(args.checkpoint)
+    model, tok = ckpt.model, ckpt.require_tokenizer("this benchmark")
     prompt = [tok.bos_id] + tok.encode(args.prompt)
     new_tokens = min(args.new_tokens, model.config.context_len - len(prompt))
     params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0)

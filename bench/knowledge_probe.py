@@ -157,8 +157,8 @@ def main() -> None:
     recombined = [r["expect"] for r in policy if r["kind"] == "recombined"][: args.people]
     rows = []
     for path in args.checkpoints:
-        ckpt = checkpoint.resolve(path)
-        tok, model = Tokenizer.load(ckpt), checkpoint.load_model(ckpt).eval()
+        ckpt = checkpoint.load(path)
+        tok, model = ckpt.require_tokenizer("the probe"), ckpt.model
         biography = stored_knowledge(model, tok, args.world, per_group=args.people)["groups"]
         k_train = {"biography": biography[GROUPS["train"]], "chat": chat_knowledge(model, tok, world, train)}
         k_held = {"biography": biography[GROUPS["heldout"]], "chat": chat_knowledge(model, tok, world, heldout)}

@@ -261,7 +261,6 @@ def main(argv: list[str] | None = None) -> dict:
     started = time.perf_counter()
     from llmlab import checkpoint
     from llmlab.server.app import ServerConfig, create_app
-    from llmlab.tokenizer import Tokenizer
 
     out = Path(args.out)
     ckpt = checkpoint.resolve(args.checkpoint)
@@ -280,7 +279,8 @@ def main(argv: list[str] | None = None) -> dict:
         lm_eval_s = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    model, tok = checkpoint.load_model(ckpt), Tokenizer.load(ckpt)
+    loaded = checkpoint.load(ckpt)
+    model, tok = loaded.model, loaded.require_tokenizer("the in-process comparison")
     direct_lls = choice_loglikelihoods(model, tok, docs)
     direct = mc_accuracy(direct_lls, docs)
     if not args.no_generate:

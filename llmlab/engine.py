@@ -168,11 +168,11 @@ def _model_tensors(model: GPT) -> list[torch.Tensor]:
 class DecodeWeights:
     """A copy of every tensor `decode_step` reads, packed into one flat buffer in the order it reads them.
 
-    A compiled call pays for each tensor argument (dynamo's guards and argument handling, a few microseconds per
-    tensor on a CPU: a real share of a small model's decode step, which reads some 60 tensors); one buffer is one
-    argument, and the step slices its weights at fixed offsets (bench/b2_decode.py measures the difference). `is_stale` tells when
-    the model changed since the copy (a parameter replaced, or updated in place: version counters), so that
-    an Engine can keep serving a model that trains between calls.
+    A compiled call pays for each tensor argument (dynamo's guards and argument handling, a few microseconds
+    per tensor on a CPU: a real share of a small model's decode step, which reads some 60 tensors); one buffer
+    is one argument, and the step slices its weights at fixed offsets. `is_stale` tells when the model changed
+    since the copy (a parameter replaced, or updated in place: version counters), so that an Engine can keep
+    serving a model that trains between calls.
     """
 
     def __init__(self, model: GPT):

@@ -82,6 +82,9 @@ def test_bad_corpora_give_clear_errors(tmp_path):
     (tmp_path / "broken.jsonl").write_text('{"text": "ok"}\n{not json\n')
     with pytest.raises(LLMLabError, match="cannot"):
         list(open_source(str(tmp_path / "broken.jsonl")).documents("train"))
+    (tmp_path / "numbers.jsonl").write_text('{"text": 5}\n' * 3)
+    with pytest.raises(LLMLabError, match="record 0 has a int in its 'text' column, not a string"):
+        list(open_source(str(tmp_path / "numbers.jsonl")).documents("train"))
     with pytest.raises(LLMLabError, match="weight must be positive"):
         parse_corpus(f"{tmp_path / 'latin1.txt'}*0")
     with pytest.raises(LLMLabError, match="no world at"):

@@ -466,3 +466,20 @@ def test_a_request_that_fails_inside_the_batch_fails_alone(scripted, monkeypatch
     r = client.chat.completions.create(model="test-model", messages=[{"role": "user", "content": "What is 3 + 4?"}])
     assert r.choices[0].message.content == "It is 7."
     assert httpx.get(live.url + "/health").json()["status"] == "ok"
+
+
+def test_a_stored_empty_answer_leaves_its_exchange_out_of_the_next_prompt():
+    """A model may end its turn at once; the next reply's prompt must still be a valid conversation (the chat
+    format has no empty turn), keeping every other exchange and the first of two compared answers."""
+    from llmlab.chat import validate
+    from llmlab.server.ui_api import history
+
+    def msg(role, content):
+        return {"role": role, "content": content}
+
+    conversation = {"system": "Be brief.", "messages": [
+        msg("user", "a"), msg("assistant", ""), msg("user", "b"), msg("assistant", "B1"), msg("assistant", "B2"),
+        msg("user", "c"), msg("assistant", ""), msg("assistant", "C2"), msg("user", "d")]}
+    messages = history(conversation)
+    validate(messages)
+    assert messages == [msg("system", "Be brief."), msg("user", "b"), msg("assistant", "B1"), msg("user", "d")]

@@ -10,6 +10,7 @@ test's tmp_path) and to runs/screenshots/ in the repository, for people to look 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -58,9 +59,20 @@ def page():
         page.set_default_timeout(15_000)
         errors = []
         page.on("pageerror", lambda e: errors.append(str(e)))
+        # what the Content-Security-Policy blocked (a script, a style, an image the page needs)
+        page.on("console", lambda m: errors.append(m.text) if "Content Security Policy" in m.text else None)
         yield page
         browser.close()
         assert not errors, f"JavaScript errors on the page: {errors}"
+
+
+def expect(locator):
+    """Playwright's `expect` (retrying assertions, not `wait_for_function`: that evaluates a string in the page,
+    which the page's Content-Security-Policy forbids), imported when a test runs: the module collects without
+    Playwright."""
+    from playwright.sync_api import expect as playwright_expect
+
+    return playwright_expect(locator)
 
 
 def screenshot(page, tmp_path: Path, name: str) -> None:
@@ -77,7 +89,7 @@ def reply(page, action) -> None:
     """Do `action` (which sends a reply request) and wait until its stream has been handled."""
     with page.expect_response("**/reply"):
         action()
-    page.wait_for_function("!document.getElementById('app').classList.contains('busy')")
+    expect(page.locator("#app")).not_to_have_class(re.compile(r"\bbusy\b"))
 
 
 def stored_messages(api: httpx.Client, cid: int) -> list[dict]:
@@ -88,12 +100,12 @@ def test_chat_flow(server, page, tmp_path):
     api = httpx.Client(base_url=server.url, timeout=10)
     page.goto(server.url + "/")
     model = api.get("/v1/models").json()["data"][0]["id"]
-    page.wait_for_function("(name) => document.getElementById('model-name').textContent === name", arg=model)
+    expect(page.locator("#model-name")).to_have_text(model)
 
     # settings: the server's defaults until changed; here short answers and greedy decoding, so the streamed
     # answer is the same every run
     page.click("[data-testid=settings] summary")
-    page.wait_for_function("document.getElementById('temperature').value === '0.7'")
+    expect(page.locator("#temperature")).to_have_value("0.7")
     assert page.input_value("[data-testid=top-p]") == "0.95" and page.input_value("[data-testid=max-tokens]") == "256"
     page.fill("[data-testid=max-tokens]", "24")
     page.fill("[data-testid=temperature]", "0")
@@ -210,7 +222,7 @@ def test_api_key_and_delete(ckpt, page, tmp_path):
         assert "API key" in error.text_content()
         page.fill("[data-testid=api-key]", "s3cret")
         page.press("[data-testid=api-key]", "Tab")
-        page.wait_for_function("document.getElementById('model-name').textContent !== ''")
+        expect(page.locator("#model-name")).not_to_have_text("")
         assert not error.is_visible()
         assert page.evaluate("JSON.parse(localStorage.getItem('llmlab.apiKey'))") == "s3cret"
 
@@ -235,3 +247,21 @@ def test_api_key_and_delete(ckpt, page, tmp_path):
         assert page.locator("[data-testid=message-user]").count() == 0
     finally:
         live.stop()
+
+
+def test_docs_page_renders_from_this_server_under_its_policy(server, page):
+    """/docs (Swagger UI) draws the API's operations with scripts from this server only: nothing is
+    fetched from elsewhere (the machine may have no internet) and its Content-Security-Policy blocks nothing
+    it needs (the page fixture fails on a violation)."""
+    elsewhere = []
+
+    def record(route):
+        if not route.request.url.startswith(server.url):
+            elsewhere.append(route.request.url)
+            return route.abort()
+        return route.continue_()
+
+    page.route("**/*", record)
+    page.goto(server.url + "/docs")
+    expect(page.locator(".opblock-summary-path", has_text="/v1/chat/completions")).to_be_visible()
+    assert elsewhere == []

@@ -114,6 +114,9 @@ class RecordSource(Source):
                                       f"{', '.join(record)}): pass a file with a {self.column!r} column")
                 if (i % VAL_EVERY == VAL_EVERY - 1) == want_val:
                     text = record[self.column]
+                    if self.column == "text" and text is not None and not isinstance(text, str):
+                        raise LLMLabError(f"corpus {self.name}: record {i} has a {type(text).__name__} in its "
+                                          f"'text' column, not a string: {str(text)[:40]!r}")
                     if text:
                         yield text
         except LLMLabError:

@@ -6,7 +6,7 @@
     /v1/...                         the OpenAI-compatible API (llmlab.server.openai_api)
     GET  /, /api/...                the web chat UI and its conversations, replies, ratings, flags and comparisons
                                     (llmlab.server.ui_api)
-    GET  /docs, /redoc              the OpenAPI schema as pages (Swagger UI, ReDoc), served from this server
+    GET  /docs                      the OpenAPI schema as a page (Swagger UI), served from this server
 
 Every request goes through one `Scheduler` (continuous batching), so concurrent requests share decode steps.
 
@@ -31,7 +31,7 @@ from contextlib import asynccontextmanager
 from importlib import resources
 
 from fastapi import FastAPI
-from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
@@ -78,21 +78,18 @@ def create_app(cfg: ServerConfig) -> FastAPI:
 
 
 def add_docs(app: FastAPI) -> None:
-    """/docs (Swagger UI) and /redoc from the copies of their scripts that the `fastapi-offline` package ships,
-    not from a CDN: the pages work on a machine without the internet, under a Content-Security-Policy that
-    allows only this server, the page's own inline script (by its hash) and the inline styles both draw with.
-    Links are relative, so the pages work under a proxy's path prefix too."""
+    """/docs (Swagger UI) from the copy of its scripts that the `fastapi-offline` package ships, not from a CDN:
+    the page works on a machine without the internet, under a Content-Security-Policy that allows only this
+    server, the page's own inline script (by its hash) and the inline styles it draws with. Links are relative,
+    so the page works under a proxy's path prefix too. (No /redoc: ReDoc's bundle always loads its logo from
+    its CDN.)"""
     app.mount("/docs-assets", StaticFiles(directory=str(resources.files("fastapi_offline") / "static")),
               name="docs-assets")
-    schema = app.openapi_url.lstrip("/")
-    swagger = get_swagger_ui_html(openapi_url=schema, title="llmlab - Swagger UI",
+    swagger = get_swagger_ui_html(openapi_url=app.openapi_url.lstrip("/"), title="llmlab - Swagger UI",
                                   swagger_js_url="docs-assets/swagger-ui-bundle.js",
                                   swagger_css_url="docs-assets/swagger-ui.css",
                                   swagger_favicon_url="docs-assets/favicon.png").body
-    redoc = get_redoc_html(openapi_url=schema, title="llmlab - ReDoc", redoc_js_url="docs-assets/redoc.standalone.js",
-                           redoc_favicon_url="docs-assets/favicon.png", with_google_fonts=False).body
-    for path, page in (("/docs", swagger), ("/redoc", redoc)):
-        app.add_api_route(path, _docs_page(page), include_in_schema=False)
+    app.add_api_route("/docs", _docs_page(swagger), include_in_schema=False)
 
 
 def _docs_page(body: bytes):

@@ -44,11 +44,21 @@ DEFAULTS = SamplingParams(temperature=0.7, top_k=0, top_p=0.95)
 
 def history(conversation: dict) -> list[dict]:
     """The conversation as chat messages for the model: its system prompt, then the active messages, keeping
-    the first of two answers in a row (a comparison not yet decided)."""
+    the first of two answers in a row (a comparison not yet decided). An exchange whose answer is empty (the
+    model ended its turn at once) is left out: the chat format has no empty turn."""
     messages = [{"role": "system", "content": conversation["system"]}] if conversation.get("system") else []
+    after_answer = False
     for m in conversation["messages"]:
-        if m["role"] == "assistant" and messages and messages[-1]["role"] == "assistant":
-            continue
+        if m["role"] == "assistant":
+            if after_answer:  # the second of two answers in a row
+                continue
+            after_answer = True
+            if not m["content"]:
+                if messages and messages[-1]["role"] == "user":
+                    messages.pop()
+                continue
+        else:
+            after_answer = False
         messages.append({"role": m["role"], "content": m["content"]})
     return messages
 
