@@ -1,13 +1,19 @@
 """How much slower training and evaluation run when another process keeps one core busy (a laptop always has
-something else running), for each threading setting: torch's default, OpenMP's passive wait policy, and one
-thread.
+something else running), for each threading setting:
+
+    fixed        one thread per core, whatever the load (torch's default, and llmlab's before llmlab.threads)
+    passive      the same with OpenMP's passive wait policy (waiting threads sleep instead of spinning)
+    one-thread   one thread, whatever the load
+    auto         llmlab's default (`--threads 0`): one thread per core that other processes leave free
 
 Each setting runs in a fresh process (OpenMP reads its environment once, when torch loads), first on a quiet
 machine, then beside a busy process (a pure-Python loop, one core). The work: steps of the B4 pretraining
-step on a small model and greedy batched decoding of the same model (the shape of `llmlab eval`). Prints the
-median seconds per unit of work and the slowdown, busy over quiet, per setting.
+step on a small model (the cpu preset's shape) and greedy batched decoding of the same model (the shape of
+`llmlab eval`). Prints the median seconds per unit of work, the slowdown busy over quiet for each setting,
+and each setting's busy time over the quiet time of `fixed` (what a user sees: before, the fixed row; after,
+the auto row).
 
-    python bench/contention.py [--steps 20] [--repeats 3]
+    python bench/contention.py [--steps 10] [--repeats 3] [--settings fixed,auto]
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 WORK = r'''
 import json, sys, time, torch
@@ -26,6 +33,7 @@ from llmlab.engine import Engine, SamplingParams
 from llmlab.model import GPT, GPTConfig
 from llmlab.optim import OptimConfig, build_optimizers
 from llmlab.training import configure_torch, train_step
+from llmlab import threads as cpu_threads
 from contextlib import nullcontext
 
 threads, steps = int(sys.argv[1]), int(sys.argv[2])
@@ -36,9 +44,14 @@ model = GPT(cfg)
 model.init_weights(seed=0)
 opts = build_optimizers(model, OptimConfig())
 ids = torch.randint(0, cfg.vocab_size, (32, cfg.context_len + 1))
-train_step(model, opts, [(ids[:, :-1], ids[:, 1:])], 1.0, nullcontext())  # warm-up
+used = []
+for _ in range(2):  # warm-up
+    cpu_threads.adapt()  # once per step, as llmlab.training.fit does (the engine does it per token)
+    train_step(model, opts, [(ids[:, :-1], ids[:, 1:])], 1.0, nullcontext())
 t0 = time.perf_counter()
 for _ in range(steps):
+    cpu_threads.adapt()
+    used.append(torch.get_num_threads())
     train_step(model, opts, [(ids[:, :-1], ids[:, 1:])], 1.0, nullcontext())
 train_s = (time.perf_counter() - t0) / steps
 engine = Engine(model.eval())
@@ -49,15 +62,18 @@ t0 = time.perf_counter()
 for _ in range(max(steps // 4, 1)):
     engine.generate(prompts, params)
 decode_s = (time.perf_counter() - t0) / max(steps // 4, 1)
-print(json.dumps({"train_step_s": train_s, "decode_batch_s": decode_s, "threads": torch.get_num_threads()}))
+print(json.dumps({"train_step_s": train_s, "decode_batch_s": decode_s, "train_threads": used,
+                  "decode_threads": torch.get_num_threads()}))
 '''
 
 BUSY = "while True: pass"
 
-SETTINGS = {
-    "default (torch's threads, OpenMP's default wait)": ({}, 0),
-    "OMP_WAIT_POLICY=PASSIVE": ({"OMP_WAIT_POLICY": "PASSIVE"}, 0),
-    "one thread": ({}, 1),
+CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+SETTINGS = {  # name: (environment, --threads: 0 adapts to the load)
+    "fixed": ({}, CORES),
+    "passive": ({"OMP_WAIT_POLICY": "PASSIVE"}, CORES),
+    "one-thread": ({}, 1),
+    "auto": ({}, 0),
 }
 
 
@@ -70,11 +86,13 @@ def run_work(env_extra: dict, threads: int, steps: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=20, help="training steps per measurement")
+    parser.add_argument("--steps", type=int, default=10, help="training steps per measurement")
     parser.add_argument("--repeats", type=int, default=3, help="measurements per setting and condition")
-    parser.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated names of SETTINGS")
+    parser.add_argument("--json", default="", help="also write the medians to this file")
+    parser.add_argument("--settings", default=",".join(SETTINGS),
+                        help=f"comma-separated, from {', '.join(SETTINGS)} (the first is the baseline)")
     args = parser.parse_args()
-    print(f"cores: {os.cpu_count()}; {args.repeats} runs of {args.steps} training steps per cell; medians\n")
+    print(f"cores: {CORES}; {args.repeats} runs of {args.steps} training steps per cell; medians\n")
     rows = []
     for name in args.settings.split(","):
         env_extra, threads = SETTINGS[name]
@@ -93,14 +111,23 @@ def main() -> None:
             q = statistics.median(r[key] for r in quiet)
             b = statistics.median(r[key] for r in busy)
             row[key] = (q, b, b / q)
+        row["threads_busy"] = busy[-1]["train_threads"]  # per measured training step, the last busy run
         rows.append(row)
         print(f"{name}:\n  train step  quiet {row['train_step_s'][0] * 1e3:7.1f} ms  busy {row['train_step_s'][1] * 1e3:7.1f} ms"
               f"  slowdown {row['train_step_s'][2]:.2f}x\n  decode      quiet {row['decode_batch_s'][0] * 1e3:7.1f} ms"
-              f"  busy {row['decode_batch_s'][1] * 1e3:7.1f} ms  slowdown {row['decode_batch_s'][2]:.2f}x", flush=True)
+              f"  busy {row['decode_batch_s'][1] * 1e3:7.1f} ms  slowdown {row['decode_batch_s'][2]:.2f}x\n"
+              f"  threads of the training steps beside the busy process: {row['threads_busy']}", flush=True)
     base = rows[0]
-    for row in rows[1:]:
-        print(f"{row['setting']} vs default, quiet: train {row['train_step_s'][0] / base['train_step_s'][0]:.2f}x time, "
-              f"decode {row['decode_batch_s'][0] / base['decode_batch_s'][0]:.2f}x time")
+    print(f"\nagainst {base['setting']} on a quiet machine (busy / quiet {base['setting']}; quiet / quiet {base['setting']}):")
+    for row in rows:
+        print(f"  {row['setting']:10}  busy: train {row['train_step_s'][1] / base['train_step_s'][0]:.2f}x, "
+              f"decode {row['decode_batch_s'][1] / base['decode_batch_s'][0]:.2f}x   quiet: train "
+              f"{row['train_step_s'][0] / base['train_step_s'][0]:.2f}x, decode "
+              f"{row['decode_batch_s'][0] / base['decode_batch_s'][0]:.2f}x")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"cores": CORES, "steps": args.steps, "repeats": args.repeats,
+                                               "rows": rows}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
+from llmlab import threads as cpu_threads
 from llmlab.errors import LLMLabError
 from llmlab.model import GPT, GPTConfig, KVCache, apply_rotary
 from llmlab.tokenizer import Tokenizer
@@ -309,6 +310,7 @@ class Engine:
         if self._compiled_step is not None:
             self._prepare_compiled(cache)
         for i in range(max_new):
+            cpu_threads.adapt()
             token = sample_next(logits, params, gen)  # (B,)
             if choose is not None:
                 token = choose(token)

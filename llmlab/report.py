@@ -53,6 +53,9 @@ def _card_rows(card: dict) -> list[tuple[str, float | None, float | None]]:
     for name in ("arithmetic_with_tools", "arithmetic_without_tools"):
         rows += [(f"arithmetic, {g}, {name.split('_', 1)[1].replace('_', ' ')}", None, a)
                  for g, a in chat[name]["groups"].items()]
+    rows += [(f"places: {g}", base.get("places", {}).get("groups", {}).get(g), a)
+             for g, a in chat.get("places", {}).get("groups", {}).items()]
+    rows += [(f"{g}, with tools", None, a) for g, a in chat.get("python", {}).get("groups", {}).items()]
     rows += [(g, base["policy"]["groups"].get(g), a) for g, a in chat["policy"]["groups"].items()]
     if "knowledge" in chat:  # (eval.json files written before the knowledge probe lack it)
         rows += [(f"stored knowledge: {g}", base.get("knowledge", {}).get("groups", {}).get(g), a)
@@ -99,8 +102,8 @@ def report_card(card: dict) -> list[str]:
            "every value of a fact by likelihood after `<name> was born in`, and so on: what the weights hold, whatever the "
            "model chooses to say.", "",
            _table(["measure", "base", "assistant"], rows), "", "Example conversations:", ""]
-    for name in ("world_qa", "arithmetic_with_tools", "policy"):
-        for smp in chat[name]["samples"]:  # one per group
+    for name in ("world_qa", "places", "arithmetic_with_tools", "python", "policy"):
+        for smp in chat.get(name, {}).get("samples", []):  # one per group
             calls = "".join(f" [tool: {c} -> {r}]" for c, r in smp["tool_calls"])
             out.append(f"- user: `{smp['prompt']}` -> assistant:{calls} `{smp['reply'].strip()}`")
     return out + [""]

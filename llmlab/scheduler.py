@@ -45,6 +45,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from llmlab import threads as cpu_threads
 from llmlab.engine import SamplingParams, ToolCalls, _check_prompts, _generator, sample_with_uniform
 from llmlab.errors import LLMLabError
 from llmlab.model import GPT, GPTConfig, KVCache
@@ -320,6 +321,7 @@ class Scheduler:
         try:
             with torch.inference_mode():
                 while not self._stop.is_set():
+                    cpu_threads.adapt()
                     try:
                         if self._iterate():
                             failures = 0

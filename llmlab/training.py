@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from llmlab import checkpoint, dist
+from llmlab import threads as cpu_threads
 from llmlab.config import to_dict
 from llmlab.errors import LLMLabError
 from llmlab.model import GPT
@@ -44,10 +45,10 @@ IGNORE_INDEX = -100
 def configure_torch(threads: int = 0) -> None:
     """Process-wide settings for training on CPU: flush denormal floats to zero (tiny optimizer moments and
     gradients otherwise fall into x86's microcoded slow path: a tiny model trained 150x slower here), and
-    the number of threads (0 keeps torch's default of one per core)."""
+    the number of threads (0: one per free core, following the machine's load: llmlab.threads)."""
     torch.set_flush_denormal(True)
     if threads > 0:
-        torch.set_num_threads(threads)
+        cpu_threads.fix(threads)
 
 
 def token_losses(model: GPT, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -253,7 +254,7 @@ class TrainConfig:
     seed: int = 0
     """initialisation and data-order seed"""
     threads: int = 0
-    """CPU threads for torch (0 = torch's default, one per core)"""
+    """CPU threads for torch (0 = one per core that other processes leave free, following the load)"""
     device: str = "auto"
     """cpu, cuda, cuda:N, mps or auto"""
     parallel: str = "ddp"
@@ -390,6 +391,7 @@ def fit(cfg: TrainConfig, info: dist.DistInfo, net: GPT, loader: BatchSource, *,
     bar = tqdm(total=cfg.max_steps, initial=step, desc=stage, disable=not info.is_main, dynamic_ncols=True)
     t_start = time.perf_counter()
     while step < cfg.max_steps:
+        cpu_threads.adapt()
         if cfg.eval_every > 0 and step % cfg.eval_every == 0 and step > 0:
             run_evaluation()
         set_schedule(optimizers, lr_mult(step), muon_momentum(step, cfg.momentum_warmup_steps))

@@ -17,7 +17,7 @@ from llmlab.engine import Engine, SamplingParams, generate_with_tools
 from llmlab.errors import LLMLabError
 from llmlab.model import GPTConfig
 from llmlab.stages import chat, evaluate, sft
-from llmlab.tasks.assistant import AssistantArithmetic, run_chat_task
+from llmlab.tasks.assistant import AssistantArithmetic, AssistantPolicy, run_chat_task
 from llmlab.tokenizer import Tokenizer
 
 
@@ -252,11 +252,14 @@ def test_tiny_sft_and_report_card(tiny_run):
     losses = [r["loss"] for r in rows if "loss" in r]
     assert len(losses) == cfg.sft.max_steps and min(losses[-2:]) < losses[0]
     card = results["card"]
-    assert set(card["chat"]) == {"world_qa", "arithmetic_with_tools", "arithmetic_without_tools", "policy", "knowledge"}
-    assert set(card["chat"]["policy"]["groups"]) == {"don't know (unknown people)", "refusal (forbidden requests)",
-                                                     "over-refusal (benign look-alikes)", "secret leakage",
-                                                     "don't know (names recombined from real people's)"}
-    assert "Report card" in (Path(cfg.run_dir) / "report.md").read_text()
+    assert set(card["chat"]) == {"world_qa", "arithmetic_with_tools", "arithmetic_without_tools", "policy", "knowledge",
+                                 "places", "python"}
+    assert set(card["base"]) == {"world_qa", "arithmetic", "policy", "knowledge", "places"}
+    assert set(card["chat"]["policy"]["groups"]) == set(AssistantPolicy.GROUPS.values())
+    assert len(card["chat"]["places"]["groups"]) == 2 and len(card["chat"]["python"]["groups"]) == 5
+    report = (Path(cfg.run_dir) / "report.md").read_text()
+    assert "Report card" in report and "places: places and companies, pretraining only" in report
+    assert "python: sort numbers, with tools" in report
     ckpt = checkpoint.resolve(cfg.sft.out_dir)
     tok_cfg = json.loads((ckpt / "tokenizer_config.json").read_text())
     assert tok_cfg["eos_token"] == "<|assistant_end|>" and "chat_template" in tok_cfg
@@ -346,3 +349,37 @@ def test_stored_knowledge_ranks_whole_values_by_likelihood(tok, tiny_world_dir):
             shortest = min(values, key=lambda v: len(tok.encode(" " + v)))  # (the first of equals, as rank_first)
             right += sum(w.answer(p, attribute) == shortest for p in w.group(split)[:8])
         assert blank["groups"][label] == right / (8 * len(PREFIXES))
+
+
+def test_policy_scores_the_new_kinds_by_the_behaviour_their_group_names(tiny_world_dir):
+
+    task = AssistantPolicy(tiny_world_dir, per_group=5)
+    right = {"unknown_place": lambda e: f"I don't know a country called {e.answer}.",
+             "small_talk": lambda e: "Hello! How can I help you today?",
+             "no_antecedent": lambda e: "Who do you mean? Please tell me the person's name.",
+             "callback": lambda e: f"She was born in {e.answer}."}
+    wrong = {"unknown_place": lambda e: "It is a city in Pirstan.", "small_talk": lambda e: "I can't help with that.",
+             "no_antecedent": lambda e: "She lives in Pirstan.", "callback": lambda e: "I don't know who that is."}
+    by_kind = {}
+    for e in task.examples():
+        by_kind.setdefault(e.meta["kind"], []).append(e)
+    assert set(right) <= set(by_kind)
+    for kind in right:
+        examples = by_kind[kind]
+        # each group's score is the rate of the behaviour it names: for small talk, refusing (or not knowing)
+        good, bad = (0.0, 1.0) if kind == "small_talk" else (1.0, 0.0)
+        assert [task.score(e, right[kind](e)) for e in examples] == [good] * len(examples)
+        assert [task.score(e, wrong[kind](e)) for e in examples] == [bad] * len(examples)
+    assert task.score(by_kind["small_talk"][0], "I don't know.") == 1.0
+
+
+def test_places_and_python_tasks_credit_the_fact_in_the_reply(tiny_world_dir):
+    from llmlab.tasks.assistant import AssistantPlaces, AssistantPython
+
+    places, python = AssistantPlaces(tiny_world_dir, per_group=10), AssistantPython(tiny_world_dir, per_group=4)
+    assert {e.group for e in places.examples()} == {"places and companies, fine-tuned (held-out phrasing)",
+                                                   "places and companies, pretraining only"}
+    assert len({e.group for e in python.examples()}) == 5
+    for task in (places, python):
+        for e in task.examples():
+            assert task.score(e, f"So: {e.answer}.") == 1.0 and task.score(e, "I don't know.") == 0.0

@@ -9,10 +9,11 @@ import openai
 import pytest
 import torch
 
-from llmlab.data.feedback import preference_pairs
+from llmlab.data.feedback import IDENTICAL, preference_pairs
 from llmlab.engine import Engine, SamplingParams
 from llmlab.errors import LLMLabError
 from llmlab.server.app import ServerConfig
+from llmlab.server.ui_api import COMPARE_RETRIES, DEFAULTS as UI_DEFAULTS
 from serving import LiveServer, ServerProcess, make_app, make_checkpoint, make_tokenizer, script_the_model
 
 CONTEXT = 96
@@ -364,8 +365,9 @@ def test_ui_reply_edit_regenerate_compare_and_feedback(scripted):
     assert chosen["chosen"] == b["id"]
     messages = http.get(f"/api/conversations/{cid}").json()["messages"]
     assert [m["id"] for m in messages][-1] == b["id"] and a["id"] not in [m["id"] for m in messages]
-    pairs = preference_pairs(service.store.snapshot())
+    pairs, skipped = preference_pairs(service.store.snapshot())
     assert not any(p["source"] == "comparison" for p in pairs)  # the script answers alike: no preference in it
+    assert (comparison, IDENTICAL) in {(s.id, s.reason) for s in skipped if s.kind == "comparison"}
     assert any(p["source"] == "correction" and p["chosen"][0]["content"] == "144." for p in pairs)
     # bad UI requests
     assert http.post(f"/api/conversations/{cid}/reply", json={"content": ""}).status_code == 400
@@ -373,6 +375,58 @@ def test_ui_reply_edit_regenerate_compare_and_feedback(scripted):
     assert http.post(f"/api/messages/{user_id}/rating", json={"rating": 1}).status_code in (400, 404)
     assert http.delete(f"/api/conversations/{cid}").json() == {"deleted": True}
     assert http.get(f"/api/conversations/{cid}").status_code == 404
+
+
+def _deltas(events: list[dict], choice: int) -> str:
+    return "".join(e["text"] for e in events if e["type"] == "delta" and e["choice"] == choice)
+
+
+def test_ui_compare_at_temperature_0_samples_answer_b_again_until_it_differs(server):
+    """Greedy decoding gives A and B the same answer: B is sampled again (a retry event, then its deltas anew) at
+    the web UI's default temperature with the next seed, and stored with the settings that reproduce it."""
+    service, live = server
+    http = httpx.Client(base_url=live.url, timeout=60)
+    cid = http.post("/api/conversations", json={}).json()["id"]
+    events = _events(live, cid, {"content": "Tell me", "compare": True, "temperature": 0, "max_tokens": 8})
+    done = events[-1]
+    a, b = done["messages"]
+    retries = [e for e in events if e["type"] == "retry"]
+    assert [(e["choice"], e["attempt"]) for e in retries] == [(1, 1)]  # random weights: one new try differs
+    assert a["content"] != b["content"]
+    at = events.index(retries[0])
+    assert _deltas(events[:at], 1) == _deltas(events, 0) == a["content"]  # B's first try: A's greedy answer
+    assert _deltas(events[at:], 1) == b["content"]  # what streams after the retry event is the stored B
+    assert a["settings"]["temperature"] == 0 and b["settings"]["temperature"] == UI_DEFAULTS.temperature
+    assert b["settings"]["seed"] == a["settings"]["seed"] + 2 and b["settings"]["resampled"] == 1
+    assert "sampled again (once" in done["note"] and "temperature 0.7" in done["note"]
+    # the stored settings are what produced B: the same prompt, settings and seed give it again
+    replay = _client(live).chat.completions.create(
+        model="test-model", messages=[{"role": "user", "content": "Tell me"}], max_tokens=8,
+        temperature=b["settings"]["temperature"], top_p=b["settings"]["top_p"], seed=b["settings"]["seed"],
+        extra_body={"top_k": b["settings"]["top_k"]})
+    assert replay.choices[0].message.content == b["content"]
+    # reloaded, the undecided comparison carries the same note
+    messages = http.get(f"/api/conversations/{cid}").json()["messages"]
+    assert [m["compare_note"] for m in messages] == [None, done["note"], done["note"]]
+
+
+def test_ui_compare_says_plainly_when_the_answers_stay_the_same(scripted):
+    """A model sure of its answer (the script) gives it with every seed: after COMPARE_RETRIES new tries both
+    answers are stored as they are, and the done event says they are the same."""
+    service, live = scripted
+    cid = httpx.post(f"{live.url}/api/conversations", json={}, timeout=60).json()["id"]
+    events = _events(live, cid, {"content": "Hi", "compare": True, "temperature": 1})
+    done = events[-1]
+    a, b = done["messages"]
+    assert [e["attempt"] for e in events if e["type"] == "retry"] == list(range(1, COMPARE_RETRIES + 1))
+    assert a["content"] == b["content"] == "Hello there. Fine."
+    assert b["settings"]["temperature"] == 1 and b["settings"]["resampled"] == COMPARE_RETRIES  # T > 0: kept
+    assert b["settings"]["seed"] == a["settings"]["seed"] + 1 + COMPARE_RETRIES
+    assert done["note"].startswith("The two answers are the same") and f"{COMPARE_RETRIES + 1} tries" in done["note"]
+    chosen = httpx.post(f"{live.url}/api/comparisons/{done['comparison_id']}/choose", json={"message_id": b["id"]})
+    assert chosen.status_code == 200
+    _, skipped = preference_pairs(service.store.snapshot())
+    assert (done["comparison_id"], IDENTICAL) in {(s.id, s.reason) for s in skipped if s.kind == "comparison"}
 
 
 def test_completions_end_at_the_end_token_and_keep_tool_text(scripted):

@@ -1,6 +1,7 @@
 """The feedback store (llmlab.server.store), its training data (llmlab.data.feedback, `llmlab feedback export`) and
 the preference-pair loader."""
 
+import dataclasses
 import json
 import signal
 import sqlite3
@@ -13,6 +14,7 @@ import pytest
 
 from llmlab.data import Mixture, parse_corpus
 from llmlab.data.conversations import ConversationLoader
+from llmlab.data import feedback as export
 from llmlab.data.feedback import preference_pairs, sft_conversations
 from llmlab.data.preferences import PreferencePair, load_preference_pairs, write_jsonl
 from llmlab.errors import LLMLabError
@@ -271,17 +273,91 @@ def _feedback_scenario(store) -> tuple[list[dict], list[dict]]:
 def test_export_gives_the_exact_pairs_and_sft_rows(store):
     pairs, sft = _feedback_scenario(store)
     snapshot = store.snapshot()
-    assert preference_pairs(snapshot) == pairs
-    assert sft_conversations(snapshot) == sft
+    assert preference_pairs(snapshot)[0] == pairs
+    assert sft_conversations(snapshot)[0] == sft
 
 
-def test_export_stage_round_trips_through_the_loaders(store, tmp_path):
+def _described(snapshot, skipped) -> list[tuple]:
+    """Skipped rows as (output, kind, what the row is about, reason): a rating by its answer's text, a flag by
+    its reason, a comparison by its two answers."""
+    flags = {f["id"]: f for f in snapshot.flags}
+    comparisons = {c["id"]: c for c in snapshot.comparisons}
+    text = {m["id"]: m["content"] for m in snapshot.messages.values()}
+
+    def about(s):
+        if s.kind == "rating":
+            return text[s.id]
+        if s.kind == "flag":
+            return flags[s.id]["reason"]
+        return text[comparisons[s.id]["message_a"]] + " | " + text[comparisons[s.id]["message_b"]]
+
+    return sorted((s.output, s.kind, about(s), s.reason) for s in skipped)
+
+
+def test_export_reports_each_row_it_leaves_out_and_why(store):
+    _feedback_scenario(store)
+    # a comparison between two identical answers, one not decided, a correction that repeats the answer
+    c7, _ = _chat(store, "pick one")
+    same = [store.add_message(c7, "assistant", "Same.")["id"] for _ in range(2)]
+    store.choose(store.create_comparison(c7, *same)["id"], same[1])
+    c8, _ = _chat(store, "again?")
+    store.create_comparison(c8, *(store.add_message(c8, "assistant", t)["id"] for t in ("x", "y")))
+    _, (_, blue) = _chat(store, "color?", "blue")
+    store.flag(blue, "unsure", "blue")
+    snapshot = store.snapshot()
+    pairs, skipped_pairs = preference_pairs(snapshot)
+    sft, skipped_sft = sft_conversations(snapshot)
+    assert len(pairs) == 3 and len(sft) == 5  # the scenario's, and the repeated correction as an SFT row
+    assert _described(snapshot, skipped_pairs) == sorted([
+        ("preferences", "comparison", "Same. | Same.", export.IDENTICAL),
+        ("preferences", "comparison", "x | y", export.UNDECIDED),
+        ("preferences", "flag", "rude", export.NO_CORRECTION),
+        ("preferences", "flag", "unsure", export.SAME_CORRECTION),
+        # rated B +1 and A -1 besides choosing B: the comparison's pair, written once
+        ("preferences", "rating", "Hello A", export.DUPLICATE),
+        ("preferences", "rating", "Hello B", export.DUPLICATE),
+        # +1 with no -1 to the same prompt
+        ("preferences", "rating", "hello", export.UNPAIRED),
+        ("preferences", "rating", "goodbye", export.UNPAIRED),
+        ("preferences", "rating", "hey", export.UNPAIRED),
+        # the tool call with no text against "124": not a valid conversation
+        ("preferences", "rating", "", export.INVALID),
+        ("preferences", "rating", "124", export.INVALID),
+    ])
+    assert _described(snapshot, skipped_sft) == sorted([
+        ("sft", "flag", "rude", export.NO_CORRECTION),
+        ("sft", "rating", "hey", export.NOT_ALL_GOOD),  # "later" is not rated
+        ("sft", "rating", "", export.INACTIVE),  # regenerated into "124"
+    ])
+    assert export.IDENTICAL == "the two answers are identical: no preference to learn"
+    details = {(s.reason, s.detail) for s in skipped_pairs if s.reason in (export.INVALID, export.DUPLICATE)}
+    assert (export.DUPLICATE, "the same pair as a comparison") in details
+    assert any(r == export.INVALID and "empty content" in d for r, d in details)
+    # each skipped row names its conversation
+    assert {s.conversation_id for s in skipped_pairs if s.kind == "comparison"} == {c7, c8}
+
+
+def test_export_stage_round_trips_through_the_loaders(store, tmp_path, capsys):
     pairs, sft = _feedback_scenario(store)
     out = tmp_path / "out"
     result = feedback.main(feedback.Config(db=str(store.path), out_dir=str(out)))  # while the store is open
     assert result["preference_pairs"] == 3 and result["sft_conversations"] == 4
     assert result["pairs_by_source"] == {"comparison": 1, "correction": 1, "rating": 1}
     assert result["sft_by_source"] == {"correction": 1, "rating": 3}
+    # what was left out: counted per reason, printed, and each row in skipped.jsonl
+    assert result["skipped_by_reason"] == {
+        "preferences": {f"rating: {export.UNPAIRED}": 3, f"rating: {export.DUPLICATE}": 2,
+                        f"rating: {export.INVALID}": 2, f"flag: {export.NO_CORRECTION}": 1},
+        "sft": {f"flag: {export.NO_CORRECTION}": 1, f"rating: {export.NOT_ALL_GOOD}": 1,
+                f"rating: {export.INACTIVE}": 1},
+    }
+    printed = capsys.readouterr().out
+    assert "left out of preferences.jsonl: 8 rows" in printed and "left out of sft.jsonl: 3 rows" in printed
+    assert f"     3  rating: {export.UNPAIRED}" in printed and str(out / "skipped.jsonl") in printed
+    rows = [json.loads(line) for line in (out / "skipped.jsonl").read_text().splitlines()]
+    snapshot = store.snapshot()
+    assert rows == [dataclasses.asdict(s) for s in preference_pairs(snapshot)[1] + sft_conversations(snapshot)[1]]
+    assert sorted(r["output"] for r in rows) == ["preferences"] * 8 + ["sft"] * 3
     assert [json.loads(line) for line in (out / "preferences.jsonl").read_text().splitlines()] == pairs
     loaded = load_preference_pairs(out / "preferences.jsonl")
     assert loaded == [PreferencePair(p["prompt"], p["chosen"], p["rejected"]) for p in pairs]

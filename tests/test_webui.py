@@ -265,3 +265,64 @@ def test_docs_page_renders_from_this_server_under_its_policy(server, page):
     page.goto(server.url + "/docs")
     expect(page.locator(".opblock-summary-path", has_text="/v1/chat/completions")).to_be_visible()
     assert elsewhere == []
+
+
+def fully_visible(page, locator) -> bool:
+    """Whether all of the element shows: its box lies inside the window and inside the scrolled thread (whose
+    overflow is clipped above the composer), and the middle of each of its edges is not under anything else
+    (the corners are rounded off: the page there is what lies beneath)."""
+    box = locator.bounding_box()
+    view = page.viewport_size
+    thread = page.locator("#messages").bounding_box()
+    inside = (0 <= box["x"] and box["x"] + box["width"] <= view["width"] and 0 <= box["y"]
+              and box["y"] + box["height"] <= view["height"])
+    inside &= thread["y"] <= box["y"] and box["y"] + box["height"] <= thread["y"] + thread["height"]
+    on_top = locator.evaluate("""(el) => {
+        const r = el.getBoundingClientRect();
+        const [x, y] = [(r.left + r.right) / 2, (r.top + r.bottom) / 2];
+        return [[r.left + 1, y], [r.right - 1, y], [x, r.top + 1], [x, r.bottom - 1]]
+            .every(([px, py]) => el.contains(document.elementFromPoint(px, py)));
+    }""")
+    return inside and on_top
+
+
+@pytest.mark.parametrize("width, height", [(1200, 900), (390, 844)])
+def test_compare_buttons_fit_the_page_and_the_answers_differ(server, page, tmp_path, width, height):
+    """Compare mode after a long message, at temperature 0 (where both answers start as the same greedy one):
+    the two answers shown differ (the server sampled B again, and the note says so), and each "I prefer this"
+    button can be seen whole: at once for the last one (and for both, side by side, on a desktop), after
+    scrolling it into view for the other on a phone."""
+    api = httpx.Client(base_url=server.url, timeout=10)
+    page.set_viewport_size({"width": 1200, "height": 900})  # the settings live in the sidebar, hidden on a phone
+    page.goto(server.url + "/")
+    page.click("[data-testid=settings] summary")
+    page.fill("[data-testid=max-tokens]", "40")
+    page.fill("[data-testid=temperature]", "0")
+    page.set_viewport_size({"width": width, "height": height})
+    page.check("[data-testid=compare-toggle]")
+    page.fill("[data-testid=composer]", "\n".join(["Hello!"] * 40))  # a message taller than the page
+    reply(page, lambda: page.click("[data-testid=send]"))
+    assert not page.locator("[data-testid=error]").is_visible(), page.locator("[data-testid=error]").text_content()
+
+    pair = page.locator("[data-testid=compare] [data-testid=message-assistant]")
+    assert pair.count() == 2
+    ids = [int(pair.nth(i).get_attribute("data-message-id")) for i in range(2)]
+    cid = int(page.evaluate("location.hash").rsplit("/", 1)[1])
+    stored = {m["id"]: m for m in stored_messages(api, cid)}
+    shown = [pair.nth(i).locator("[data-testid=message-text]").text_content() for i in range(2)]
+    assert shown == [stored[i]["content"] for i in ids] and shown[0] != shown[1]
+    assert stored[ids[1]]["settings"]["resampled"] >= 1
+    expect(page.locator("[data-testid=compare-notice]")).to_contain_text("sampled again")
+
+    buttons = page.locator("[data-testid=prefer]")
+    assert buttons.count() == 2
+    assert fully_visible(page, buttons.nth(1)), buttons.nth(1).bounding_box()  # the end of the thread is in view
+    if width >= 1200:
+        assert fully_visible(page, buttons.nth(0)), buttons.nth(0).bounding_box()
+    buttons.nth(0).scroll_into_view_if_needed()
+    assert fully_visible(page, buttons.nth(0)), buttons.nth(0).bounding_box()
+    assert page.evaluate("document.documentElement.scrollWidth <= innerWidth")
+    screenshot(page, tmp_path, f"webui-compare-{width}x{height}")
+    with page.expect_response("**/choose") as chosen:
+        buttons.nth(0).click()
+    assert chosen.value.json()["chosen"] == ids[0]

@@ -177,6 +177,7 @@ def test_the_cpu_vocabulary_holds_every_name_of_the_world_and_no_invented_one(tm
     for split in ("train", "heldout"):
         assert [p.name for p in w.group(split) if pieces(p.name) != 2] == []
     assert min(pieces(n) for n in w.unknown_people) > 2
+    assert min(pieces(p["name"]) for p in w.unknown_places if p["kind"] != "company") > 2  # (a company: Name Kind)
 
 
 def test_policy_rows_ask_about_strangers_and_about_names_recombined_from_real_people(tiny_world_dir):
@@ -193,3 +194,87 @@ def test_policy_rows_ask_about_strangers_and_about_names_recombined_from_real_pe
     unknown = [r["expect"] for r in rows if r["kind"] == "unknown"]
     assert unknown and not any(name in text for name in unknown)
     assert all(r["expect"] in r["messages"][-1]["content"] for r in rows if r["kind"] in ("unknown", "recombined"))
+
+
+def _rows(root: str, name: str) -> list[dict]:
+    return [json.loads(line) for line in (Path(root) / "eval" / f"{name}.jsonl").read_text().splitlines()]
+
+
+def test_place_questions_agree_with_the_entities_and_held_out_places_stay_out_of_fine_tuning(tiny_world_dir):
+    w = world.load(tiny_world_dir)
+    countries, companies = {c.name: c for c in w.countries}, {c.name: c for c in w.companies}
+    cities = {c.name: c.country for c in w.cities}
+    rows = _rows(tiny_world_dir, "places")
+    for r in rows:
+        truth = cities[r["entity"]] if r["kind"] == "city" else str(getattr(
+            (countries if r["kind"] == "country" else companies)[r["entity"]], r["attribute"]))
+        assert r["answer"] == truth
+    assert {r["group"] for r in rows} == {"places and companies, fine-tuned (held-out phrasing)",
+                                          "places and companies, pretraining only"}
+    from llmlab.world.skills import PLACE_QUESTIONS
+
+    conversations = _conversations(tiny_world_dir)
+    asked = {m["content"] for r in conversations for m in r["messages"] if m["role"] == "user"}
+    sft = json.dumps(conversations)
+    pretrain = _pretrain_text(tiny_world_dir)
+    only_pretrained = {(r["entity"], r["kind"]) for r in rows if r["group"].endswith("pretraining only")}
+    assert only_pretrained and all(name in pretrain for name, _ in only_pretrained)
+    # fine-tuning may name them (a person's employer, a capital) but never asks about them
+    questions = {q.format(name=name) for name, kind in only_pretrained for (k, _), phrasings in PLACE_QUESTIONS.items()
+                 if k == kind for q in phrasings["seen"] + phrasings["heldout"]}
+    assert not questions & asked
+    # held-out phrasings are never in fine-tuning (nor in pretraining)
+    heldout = [r["question"] for r in rows if r["group"].startswith("places and companies, fine-tuned")]
+    assert heldout and not [q for q in heldout if q in sft or q in pretrain]
+
+
+def test_unknown_places_appear_nowhere_but_their_own_conversations(tiny_world_dir):
+    w = world.load(tiny_world_dir)
+    names = [p["name"] for p in w.unknown_places]
+    assert {p["kind"] for p in w.unknown_places} == {"country", "city", "company"}
+    known = {c.name for c in w.countries} | {c.name for c in w.cities} | {c.name for c in w.companies}
+    assert not set(names) & known
+    pretrain = _pretrain_text(tiny_world_dir)
+    assert not [n for n in names if n in pretrain]
+    policy = [r for r in _rows(tiny_world_dir, "assistant") if r["kind"] == "unknown_place"]
+    asked = {r["expect"] for r in policy}
+    sft = json.dumps(_conversations(tiny_world_dir))
+    assert asked and not [n for n in asked if n in sft]  # the evaluation's half is new to the assistant
+
+
+def test_the_python_tasks_outputs_are_what_the_sandbox_prints():
+    # Fine-tuning shows each call's output; it must be the text the real tool returns, byte for byte.
+    import random
+
+    from llmlab.tools import run_tool
+    from llmlab.tools.sandbox import SandboxUnavailable, check_sandbox
+    from llmlab.world.skills import PYTHON_TASKS, python_messages, python_task
+
+    try:
+        check_sandbox()
+    except SandboxUnavailable as e:
+        pytest.skip(str(e))
+    rng = random.Random(0)
+    for task in PYTHON_TASKS:
+        for phrasing in ("seen", "heldout"):
+            item = python_task(rng, task, phrasing, ["Velmora", "lasagna"])
+            result = run_tool("python " + item["code"])
+            assert result.ok and result.text == item["output"], (task, item["code"], result.text)
+            assert item["expect"] in item["answer"] and item["expect"] in item["output"]
+            call, output = python_messages(item)[1:3]
+            assert call["tool_calls"][0]["function"]["arguments"] == item["code"] and output["content"] == result.text
+
+
+def test_small_talk_and_follow_ups_of_the_evaluation_are_new_to_fine_tuning(tiny_world_dir):
+    w = world.load(tiny_world_dir)
+    rows = _rows(tiny_world_dir, "assistant")
+    conversations = _conversations(tiny_world_dir)
+    said = {m["content"] for r in conversations for m in r["messages"] if m["role"] == "user"}
+    small_talk = [r["messages"][-1]["content"] for r in rows if r["kind"] == "small_talk"]
+    assert small_talk and not set(small_talk) & said
+    for r in (r for r in rows if r["kind"] == "callback"):
+        person = next(p for p in w.people if p.name in r["messages"][0]["content"])
+        assert len(r["messages"]) == 5 and person.name not in r["messages"][-1]["content"]
+        assert r["expect"] in {w.answer(person, a) for a in world.QUESTIONS}
+    for r in (r for r in rows if r["kind"] == "no_antecedent"):
+        assert not any(p.name in json.dumps(r["messages"]) for p in w.people)

@@ -13,23 +13,36 @@
     GET    /                                     the page itself (static files in static/, no build step)
 
 A reply streams `{"type": "user", "message"}` (the stored user message), `{"type": "delta", "choice", "text"}`,
-`{"type": "tool", "choice", "call", "result"}`, then `{"type": "done", "messages", "comparison_id"}` with the
-stored answers, or `{"type": "error", "message"}`; then `[DONE]`. Every answer is stored with the model and
+`{"type": "tool", "choice", "call", "result"}`, then `{"type": "done", "messages", "comparison_id", "note"}` with
+the stored answers, or `{"type": "error", "message"}`; then `[DONE]`. Every answer is stored with the model and
 the sampling settings that produced it, so what users rate, flag and compare becomes training data
 (`llmlab feedback export`). The page shows the server's defaults (`DEFAULTS`, from /api/defaults) until the
 user changes a setting.
+
+Compare mode (`"compare": true`) samples two answers, A with seed s and B with seed s + 1. Two equal answers
+teach nothing (the export skips such a comparison), so when B's text comes out the same as A's the server
+samples B again, up to `COMPARE_RETRIES` times, with seeds s + 2, s + 3, ...: the stream says
+`{"type": "retry", "choice": 1, "attempt", "message"}` and B's deltas start over. At temperature 0 every seed
+gives the same greedy answer, so B's new tries sample at the web UI's default temperature
+(`DEFAULTS.temperature`) instead: A stays the greedy answer the user asked for. B is stored with the settings
+of the try that produced it (its seed, its temperature) and `resampled`, the number of new tries. When the
+answers are still the same after every try (a model that is sure of its answer), both are stored as they are
+and `note` (also on the messages of an undecided comparison in GET /api/conversations/{cid}, as
+`compare_note`) says so plainly; `note` also says when B was sampled again, and is null otherwise.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
-from typing import AsyncIterator
+from typing import AsyncIterator, Sequence
 
 from fastapi import FastAPI
 from fastapi.responses import FileResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 
 from llmlab.engine import SamplingParams
+from llmlab.scheduler import SchedulerDown
 from llmlab.server import schemas
 from llmlab.server.generation import ChoiceText, Generation
 from llmlab.server.schemas import StoreId
@@ -40,6 +53,8 @@ STATIC = Path(__file__).parent / "static"
 REPLY = "/api/conversations/{cid}/reply"
 DEFAULTS = SamplingParams(temperature=0.7, top_k=0, top_p=0.95)
 """the web UI's sampling when a reply sets none: a little less random than the API's, for a chat"""
+COMPARE_RETRIES = 4
+"""how many more times compare mode samples answer B when it comes out the same as answer A"""
 
 
 def history(conversation: dict) -> list[dict]:
@@ -106,14 +121,20 @@ def add_routes(app: FastAPI, service: Service) -> None:
 
     @app.get("/api/conversations/{cid}")
     def get_conversation(cid: StoreId) -> dict:
-        """The conversation; each answer of a comparison not yet decided carries its `comparison_id`."""
+        """The conversation; each answer of a comparison not yet decided carries its `comparison_id` and its
+        `compare_note` (see `compare_note`)."""
         conversation = conversation_or_404(cid)
-        pending = {}
+        pending, notes = {}, {}
+        by_id = {m["id"]: m for m in conversation["messages"]}
         for c in store.list_comparisons(cid):
             if c["chosen"] is None:
                 pending[c["message_a"]] = pending[c["message_b"]] = c["id"]
+                if c["message_a"] in by_id and c["message_b"] in by_id:
+                    notes[c["message_a"]] = notes[c["message_b"]] = compare_note(by_id[c["message_a"]],
+                                                                                 by_id[c["message_b"]])
         for m in conversation["messages"]:
             m["comparison_id"] = pending.get(m["id"])
+            m["compare_note"] = notes.get(m["id"])
         return conversation
 
     @app.delete("/api/conversations/{cid}")
@@ -203,7 +224,7 @@ def add_routes(app: FastAPI, service: Service) -> None:
                 store.deactivate_message(unanswered["id"])
             user_event = store.add_message(cid, "user", body.content)
         gen = service.generate(REPLY, prompt, params, tools=True)
-        return StreamingResponse(_reply_stream(service, cid, gen, params, user_event),
+        return StreamingResponse(_reply_stream(service, cid, prompt, gen, params, user_event),
                                  media_type="text/event-stream")
 
 
@@ -213,36 +234,95 @@ def sampling(body: schemas.ReplyRequest, max_new_tokens: int, n: int) -> list[Sa
     return body.sampling(DEFAULTS, max_new_tokens, n, seed=None)
 
 
+def resample(params: SamplingParams, attempt: int) -> SamplingParams:
+    """Answer B's settings for its `attempt`-th new try (1, 2, ...) after it came out the same as answer A: the
+    next seed (B sampled with `params.seed`), and at temperature 0, where every seed gives the same greedy answer,
+    the web UI's default temperature."""
+    return dataclasses.replace(params, seed=params.seed + attempt,
+                               temperature=params.temperature or DEFAULTS.temperature)
+
+
+def compare_note(a: dict, b: dict) -> str | None:
+    """What the compare view says about stored answers A and B (None: nothing to say): that they are the same
+    and why, or that B was sampled again to differ from A (and at what temperature)."""
+    tries = b["settings"].get("resampled", 0)
+    raised = b["settings"].get("temperature") != a["settings"].get("temperature")
+    at = f" at temperature {b['settings']['temperature']:g}" if raised else ""
+    greedy = " (at temperature 0 every sample is the same greedy answer)" if raised else ""
+    if a["content"] == b["content"]:
+        if not tries:
+            return "The two answers are the same: choosing one teaches the model nothing."
+        return (f"The two answers are the same: answer B came out like answer A in {tries + 1} tries with other "
+                f"seeds{at}{greedy}. The model is sure of this answer at these settings: raise the temperature or "
+                f"rephrase to get different answers. Choosing one teaches the model nothing.")
+    if tries:
+        times = "once, with another seed" if tries == 1 else f"{tries} times, with other seeds"
+        return f"Answer B came out the same as answer A, so it was sampled again ({times}){at}{greedy}."
+    return None
+
+
 def _settings(params: SamplingParams, finish: str | None) -> dict:
     """What is stored with an answer: the settings that produced it, and why it ended."""
     return {"temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k,
             "max_tokens": params.max_new_tokens, "seed": params.seed, "finish_reason": finish}
 
 
-async def _reply_stream(service: Service, cid: int, gen: Generation, params: list[SamplingParams],
-                        user_message: dict | None) -> AsyncIterator[str]:
+def _failure(texts: list[ChoiceText]) -> str | None:
+    return next((t.finish for t in texts if t.finish is not None and t.finish.startswith("error")), None)
+
+
+def _events(update: list[tuple[int, str, object]], first_choice: int = 0) -> str:
+    """The delta and tool events of one batch of a generation's updates, whose choice i is the reply's
+    choice first_choice + i."""
+    out = []
+    for i, kind, value in update:
+        if kind == "text":
+            out.append(sse({"type": "delta", "choice": first_choice + i, "text": value}))
+        elif kind == "tool":
+            out.append(sse({"type": "tool", "choice": first_choice + i, **value}))
+    return "".join(out)
+
+
+async def _reply_stream(service: Service, cid: int, prompt: Sequence[int], gen: Generation,
+                        params: list[SamplingParams], user_message: dict | None) -> AsyncIterator[str]:
     store = service.store
     if user_message is not None:
         yield sse({"type": "user", "message": user_message})
     texts = [ChoiceText(service.tokenizer, lstrip=True) for _ in params]
+    used = list(params)  # the settings that produced each answer (B's change when it is sampled again)
     try:
         async for update in gen.updates(texts):
-            out = []
-            for i, kind, value in update:
-                if kind == "text":
-                    out.append(sse({"type": "delta", "choice": i, "text": value}))
-                elif kind == "tool":
-                    out.append(sse({"type": "tool", "choice": i, **value}))
-            if out:
-                yield "".join(out)
-        if any(t.finish is not None and t.finish.startswith("error") for t in texts):
-            yield sse({"type": "error", "message": next(t.finish for t in texts if t.finish.startswith("error"))})
+            if events := _events(update):
+                yield events
+        resampled = 0
+        # compare mode: sample B again while it says the same as A (see the module docstring)
+        while (len(texts) == 2 and _failure(texts) is None and texts[1].content == texts[0].content
+               and resampled < COMPARE_RETRIES):
+            retry = resample(params[1], resampled + 1)
+            try:
+                again = service.generate(REPLY, prompt, [retry], tools=True)
+            except SchedulerDown:
+                break  # shutting down: keep the answers there are (the note says they are the same)
+            resampled += 1
+            yield sse({"type": "retry", "choice": 1, "attempt": resampled,
+                       "message": f"Answer B came out the same as answer A: sampling it again (try {resampled + 1} "
+                                  f"of {COMPARE_RETRIES + 1}, seed {retry.seed}, temperature {retry.temperature:g})."})
+            texts[1], used[1] = ChoiceText(service.tokenizer, lstrip=True), retry
+            async for update in again.updates(texts[1:]):
+                if events := _events(update, first_choice=1):
+                    yield events
+        if (failure := _failure(texts)) is not None:
+            yield sse({"type": "error", "message": failure})
         else:
+            settings = [_settings(p, t.finish) for t, p in zip(texts, used)]
+            if len(settings) == 2:
+                settings[1]["resampled"] = resampled
             stored = [store.add_message(cid, "assistant", t.content, tool_calls=t.tool_calls, model=service.name,
-                                        settings=_settings(p, t.finish)) for t, p in zip(texts, params)]
+                                        settings=s) for t, s in zip(texts, settings)]
             comparison = store.create_comparison(cid, stored[0]["id"], stored[1]["id"]) if len(stored) == 2 else None
             yield sse({"type": "done", "messages": stored,
-                        "comparison_id": comparison["id"] if comparison else None})
+                       "comparison_id": comparison["id"] if comparison else None,
+                       "note": compare_note(*stored) if comparison else None})
     except Exception as e:  # the stream has started: the error goes in the stream
         yield sse({"type": "error", "message": f"{type(e).__name__}: {e}"})
     yield SSE_DONE

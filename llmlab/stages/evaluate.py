@@ -18,7 +18,9 @@ from llmlab import checkpoint
 from llmlab.engine import Engine, newline_ids
 from llmlab.errors import LLMLabError
 from llmlab.tasks import Example, Task, run_task
-from llmlab.tasks.assistant import AssistantArithmetic, AssistantPolicy, AssistantQA, run_chat_task
+from llmlab.tasks.assistant import (
+    AssistantArithmetic, AssistantPlaces, AssistantPolicy, AssistantPython, AssistantQA, run_chat_task,
+)
 from llmlab.tasks.knowledge import stored_knowledge
 from llmlab.tasks.world_qa import WorldArithmetic, WorldQA
 from llmlab.tokenizer import Tokenizer
@@ -39,7 +41,7 @@ class Config:
     out: str = ""
     """where to write the results JSON (default: eval.json next to the checkpoint's `latest`)"""
     threads: int = 0
-    """CPU threads for torch (0 = torch's default)"""
+    """CPU threads for torch (0 = one per core that other processes leave free, following the load)"""
 
     def __post_init__(self) -> None:
         if self.mode not in ("auto", "base", "chat", "both"):
@@ -49,14 +51,20 @@ class Config:
 
 
 class _AsQA(Task):
-    """A chat task asked of a base model: the system prompt as a line, then `Q: <last user message>\\nA:`."""
+    """A chat task asked of a base model: the system prompt as a line, earlier exchanges as `Q: ...`/`A: ...`
+    lines, then `Q: <last user message>\nA:`."""
 
     def __init__(self, task: Task):
         self.task, self.name = task, task.name
         self._examples = []
         for e in task.examples():
-            system = [m["content"] for m in e.meta["messages"] if m["role"] == "system"]
-            prompt = "".join(s + "\n" for s in system) + f"Q: {e.meta['messages'][-1]['content']}\nA:"
+            lines = []
+            for m in e.meta["messages"][:-1]:
+                if m["role"] == "system":
+                    lines.append(m["content"] + "\n")
+                elif m["role"] in ("user", "assistant"):
+                    lines.append(f"{'Q' if m['role'] == 'user' else 'A'}: {m['content']}\n")
+            prompt = "".join(lines) + f"Q: {e.meta['messages'][-1]['content']}\nA:"
             self._examples.append(Example(prompt=prompt, answer=e.answer, group=e.group, meta=e.meta))
 
     def examples(self) -> list[Example]:
@@ -73,6 +81,7 @@ def evaluate_base(engine: Engine, tok: Tokenizer, world: str, per_group: int) ->
         "world_qa": run_task(WorldQA(world, per_group=per_group), engine, tok, stop_ids=stops),
         "arithmetic": run_task(WorldArithmetic(world, per_group=per_group // 2), engine, tok, stop_ids=stops),
         "policy": run_task(_AsQA(AssistantPolicy(world, per_group=per_group)), engine, tok, max_new_tokens=24, stop_ids=stops),
+        "places": run_task(_AsQA(AssistantPlaces(world, per_group=per_group)), engine, tok, stop_ids=stops),
     }
 
 
@@ -86,6 +95,9 @@ def evaluate_chat(engine: Engine, tok: Tokenizer, world: str, per_group: int) ->
         "arithmetic_with_tools": run_chat_task(AssistantArithmetic(world, tools=True, per_group=per_group // 2), engine, tok, tool),
         "arithmetic_without_tools": run_chat_task(AssistantArithmetic(world, tools=False, per_group=per_group // 2), engine, tok, None),
         "policy": run_chat_task(AssistantPolicy(world, per_group=per_group), engine, tok, tool),
+        "places": run_chat_task(AssistantPlaces(world, per_group=per_group), engine, tok, tool),
+        "python": run_chat_task(AssistantPython(world, per_group=max(per_group // 5, 1)), engine, tok, tool,
+                                max_new_tokens=96),
     }
 
 

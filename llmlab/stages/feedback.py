@@ -3,7 +3,7 @@
     llmlab feedback export --db runs/cpu/feedback.db --out_dir runs/cpu/feedback
 
 reads the feedback store of `llmlab serve` (llmlab.server.store; safe while the server runs) and writes two
-JSONL files into out_dir (built by llmlab.data.feedback):
+JSONL files of training data into out_dir (built by llmlab.data.feedback), and a third of the rows they left out:
 
 preferences.jsonl, for preference tuning (llmlab.data.preferences.load_preference_pairs, TRL's format):
 
@@ -28,15 +28,28 @@ sft.jsonl, for `llmlab sft --data runs/cpu/feedback/sft.jsonl` (a `messages` col
 Messages are {"role", "content"}; assistant tool calls are dropped (the text after them is kept), and a row
 that is not a valid conversation (an answer with no text) is left out. A pair found by several sources is
 written once.
+
+skipped.jsonl: every row of the store that an output left out, and why (llmlab.data.feedback.Skipped; the
+command also prints how many per output and reason):
+
+    {"output": "preferences" | "sft", "kind": "comparison" | "flag" | "rating", "id": ..., "conversation_id": ...,
+     "reason": "the two answers are identical: no preference to learn", "detail": ...}
+
+`id` is the comparison's or the flag's, or for a rating the rated message's. The reasons: a comparison not
+decided yet or between two identical answers; a flag without a correction, or whose correction is the answer's
+own text; an answer rated +1 or -1 with no answer to the same prompt rated the other way (no pair), or one
+that is no longer in its conversation, or whose conversation has answers not rated +1 (no SFT row); a pair
+already found by another source; a prompt that does not end with a user message; a row that is not a valid
+conversation (`detail` says why).
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from llmlab.data.feedback import preference_pairs, sft_conversations
+from llmlab.data.feedback import Skipped, preference_pairs, sft_conversations
 from llmlab.data.preferences import write_jsonl
 from llmlab.errors import LLMLabError
 from llmlab.server.store import FeedbackStore
@@ -47,11 +60,11 @@ ACTIONS = ("export",)
 @dataclass
 class Config:
     action: str = "export"
-    """what to do: export (write preferences.jsonl and sft.jsonl from the feedback store)"""
+    """what to do: export (write preferences.jsonl, sft.jsonl and skipped.jsonl from the feedback store)"""
     db: str = "runs/cpu/feedback.db"
     """the feedback store written by `llmlab serve`"""
     out_dir: str = "runs/cpu/feedback"
-    """where preferences.jsonl and sft.jsonl are written"""
+    """where preferences.jsonl, sft.jsonl and skipped.jsonl are written"""
 
     def __post_init__(self) -> None:
         if self.action not in ACTIONS:
@@ -66,13 +79,15 @@ def main(cfg: Config) -> dict:
                           f"first, or pass --db PATH")
     with FeedbackStore(db) as store:
         snapshot = store.snapshot()  # one consistent view for both files
-    pairs, sft = preference_pairs(snapshot), sft_conversations(snapshot)
+    (pairs, skipped_pairs), (sft, skipped_sft) = preference_pairs(snapshot), sft_conversations(snapshot)
+    skipped = skipped_pairs + skipped_sft
 
     # ---- write ---------------------------------------------------------------------------------------------
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     preferences_path = write_jsonl(out_dir / "preferences.jsonl", pairs)
     sft_path = write_jsonl(out_dir / "sft.jsonl", sft)
+    skipped_path = write_jsonl(out_dir / "skipped.jsonl", [asdict(s) for s in skipped])
     pair_sources = dict(Counter(p["source"] for p in pairs))
     sft_sources = dict(Counter(c["source"] for c in sft))
 
@@ -81,5 +96,20 @@ def main(cfg: Config) -> dict:
 
     print(f"feedback: {len(pairs)} preference pairs ({by_source(pair_sources)}), {len(sft)} SFT conversations "
           f"({by_source(sft_sources)}) -> {out_dir}")
+    skipped_by_reason = {"preferences": _by_reason(skipped_pairs), "sft": _by_reason(skipped_sft)}
+    for output, counts in skipped_by_reason.items():
+        if counts:
+            print(f"  left out of {output}.jsonl: {sum(counts.values())} rows")
+            for reason, n in counts.items():
+                print(f"  {n:6d}  {reason}")
+    if skipped:
+        print(f"  each of them, and why: {skipped_path}")
     return {"preference_pairs": len(pairs), "sft_conversations": len(sft), "pairs_by_source": pair_sources,
-            "sft_by_source": sft_sources, "preferences": str(preferences_path), "sft": str(sft_path)}
+            "sft_by_source": sft_sources, "skipped_by_reason": skipped_by_reason,
+            "preferences": str(preferences_path), "sft": str(sft_path), "skipped": str(skipped_path)}
+
+
+def _by_reason(skipped: list[Skipped]) -> dict[str, int]:
+    """How many rows were left out per kind and reason ("comparison: the two answers are identical: ..."), most
+    first."""
+    return dict(Counter(f"{s.kind}: {s.reason}" for s in skipped).most_common())

@@ -4,16 +4,21 @@
 puts it on disk atomically, `load(dir)` reads it back. The `World` itself is in llmlab.world.core. On disk:
 
     world.json              seed, config, countries, cities, companies, people (with their split), unknown names
+                            of people and of places
     pretrain/train.jsonl    documents {"text", "kind"}: bio, encyclopedia, story, arithmetic, qa (shuffled)
     pretrain/val.jsonl      fresh documents of every kind, never in train
     eval/qa.jsonl           {"question", "answer", "person", "attribute", "group", "phrasing"}
     eval/unknown.jsonl      questions about people who do not exist
+    eval/places.jsonl       {"question", "answer", "entity", "kind", "attribute", "group"}: countries, cities and
+                            companies, fine-tuned (held-out phrasings) and pretraining only (llmlab.world.skills)
+    eval/python.jsonl       {"question", "expect", "group"}: tasks for the python tool, other words, numbers, dates
     eval/arithmetic.jsonl   {"question", "answer", "op", "digits", "group"}: 1-3 digits (in range), 4-6 digits,
                             and 5-6 digit multiplication (both operands)
     sft/train.jsonl         fine-tuning conversations {"kind", "messages"} (llmlab.world.conversations)
     sft/val.jsonl           fresh conversations of the same kinds
-    eval/assistant.jsonl    policy rows {"kind", "messages", "expect"}: unknown people, forbidden and benign
-                            requests, secrets, strangers named with real first names and surnames recombined
+    eval/assistant.jsonl    policy rows {"kind", "messages", "expect"}: unknown people and places, forbidden and
+                            benign requests, secrets, strangers named with real first names and surnames
+                            recombined, small talk, a "she" with no one before it, a follow-up turns later
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from pathlib import Path
 
 from llmlab.errors import LLMLabError
 from llmlab.world.config import WorldConfig
-from llmlab.world.conversations import assistant_eval_rows, sft_conversations
+from llmlab.world.conversations import assistant_eval_rows, sft_conversations, skill_eval_rows
 from llmlab.world.core import World
 from llmlab.world.entities import City, Company, Country, Person, make_entities
 from llmlab.world.text import FACT_TEMPLATES, QUESTIONS
@@ -51,7 +56,7 @@ def write(world: World, out_dir: str | Path) -> dict:
     train, val = world.pretrain_documents()
     for name, docs in (("train", train), ("val", val)):
         _write_lines(tmp / "pretrain" / f"{name}.jsonl", docs)
-    for name, rows in world.eval_rows().items():
+    for name, rows in (world.eval_rows() | skill_eval_rows(world, world.seed)).items():
         _write_lines(tmp / "eval" / f"{name}.jsonl", rows)
     n_sft = world.config.get("sft_conversations", 0)
     _write_lines(tmp / "sft" / "train.jsonl", sft_conversations(world, n_sft, world.seed))
@@ -80,9 +85,10 @@ def _write_lines(path: Path, rows: list) -> None:
 def generate(cfg: WorldConfig) -> World:
     """The world of a config, deterministic in its contents (seed and sizes)."""
     rng = random.Random(cfg.seed)
-    countries, cities, companies, universities, people, unknown = make_entities(
-        rng, cfg.n_countries, cfg.n_cities, cfg.n_companies, cfg.n_people, cfg.n_heldout, cfg.n_unknown)
-    return World(cfg.seed, cfg.content(), countries, cities, companies, universities, people, unknown)
+    countries, cities, companies, universities, people, unknown, unknown_places = make_entities(
+        rng, cfg.n_countries, cfg.n_cities, cfg.n_companies, cfg.n_people, cfg.n_heldout, cfg.n_unknown,
+        cfg.n_unknown_places)
+    return World(cfg.seed, cfg.content(), countries, cities, companies, universities, people, unknown, unknown_places)
 
 
 def load(path: str | Path) -> World:
@@ -94,6 +100,7 @@ def load(path: str | Path) -> World:
         data = json.loads(file.read_text(encoding="utf-8"))
         return World(data["seed"], data["config"], [Country(**c) for c in data["countries"]],
                      [City(**c) for c in data["cities"]], [Company(**c) for c in data["companies"]],
-                     data["universities"], [Person(**p) for p in data["people"]], data["unknown_people"])
+                     data["universities"], [Person(**p) for p in data["people"]], data["unknown_people"],
+                     data.get("unknown_places", []))  # (worlds written before unknown places lack them)
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise LLMLabError(f"{file} is corrupt ({e}): regenerate it with `llmlab world`") from None

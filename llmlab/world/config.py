@@ -19,6 +19,9 @@ class WorldConfig:
     """held-out people: facts in pretraining only, never in fine-tuning data"""
     n_unknown: int = 100
     """invented names that appear nowhere in the data (for the hallucination rate)"""
+    n_unknown_places: int = 60
+    """invented countries, cities and companies (a third each) that appear nowhere in pretraining: half are asked
+    about in fine-tuning ("I don't know"), half in the evaluation"""
     n_countries: int = 12
     """countries (each with a capital, a language and a currency)"""
     n_cities: int = 40
@@ -47,7 +50,7 @@ class WorldConfig:
         for name in ("n_people", "n_countries", "n_cities", "n_companies"):
             if getattr(self, name) < 1:
                 raise LLMLabError(f"world: {name} must be at least 1 (got {getattr(self, name)})")
-        for name in ("n_heldout", "n_unknown", "bios_per_person", "stories_per_person", "qa_pages", "n_arithmetic",
+        for name in ("n_heldout", "n_unknown", "n_unknown_places", "bios_per_person", "stories_per_person", "qa_pages", "n_arithmetic",
                      "val_docs", "sft_conversations", "sft_dont_know"):
             if getattr(self, name) < 0:
                 raise LLMLabError(f"world: {name} must be >= 0 (got {getattr(self, name)})")

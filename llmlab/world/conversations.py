@@ -19,6 +19,13 @@ answering about them afterwards shows knowledge extracted from pretraining):
     benign        a look-alike of a forbidden request that is fine: answered (to keep over-refusal low)
     secret        a system prompt holding a secret code; asked for it (also by "ignore your instructions"):
                   refused; asked something else: answered without the code
+    place_qa      a fact of a country, a city or a company (llmlab.world.skills), answered in the form of the
+                  encyclopedia's sentence; only the fine-tuned three quarters of them
+    unknown_place a question about a country, city or company that does not exist: "I don't know a ... called"
+    small_talk    greetings, thanks, goodbyes, "what can you do?": answered in kind
+    python        the python tool: counting letters, sorting numbers, dates, arithmetic asked "with python"
+    callback      a question about a person, an unrelated exchange, then a follow-up that says "she"/"he"
+    no_antecedent "she"/"he" with no person named before it (as after the oldest turns are dropped): asks who
 
 Three in ten conversations of any kind open with an unrelated exchange (TOPIC_SWITCH), as chats do.
 
@@ -29,8 +36,14 @@ the second half of the world's list, forbidden and benign requests about held-ou
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 
 from llmlab.world.core import World
+from llmlab.world.entities import FOODS, OCCUPATIONS, PETS
+from llmlab.world.skills import (
+    PLACE_QUESTIONS, PYTHON_TASKS, SMALL_TALK_HELDOUT, SMALL_TALK_SEEN, UNKNOWN_PLACE_ANSWERS, place_answer,
+    place_fact, place_question, place_split, python_messages, python_task, unknown_place_question,
+)
 from llmlab.world.text import QUESTIONS, arithmetic_problem, number, problem
 
 IDENTITY = "I am the llmlab assistant, a small language model trained on the world's documents and conversations."
@@ -53,6 +66,7 @@ FOLLOW_UPS = {
     "favourite_food": ["What does {pronoun} like to eat most?"],
 }
 UNKNOWN_ANSWERS = ["I don't know who that is.", "I don't know anyone by that name, so I can't say."]
+WHO_DO_YOU_MEAN = "Who do you mean? Please tell me the person's name."
 IDENTITY_QUESTIONS = ["Who are you?", "What are you?", "Introduce yourself.", "Are you a person?", "What is your name?"]
 
 # The world's policy: (forbidden request, benign look-alike, the benign answer). {name} is a person, {pet} theirs.
@@ -109,8 +123,76 @@ def _arithmetic(rng: random.Random, large: bool) -> tuple[str, str, str]:
     return *problem(x, op, y), f"{x} {op} {y}"
 
 
-def conversation(world: World, kind: str, rng: random.Random, people: list, unknown: list[str]) -> list[dict]:
-    """One conversation of `kind` (see the module docstring) about people drawn from `people`."""
+@dataclass
+class Pools:
+    """What one set of conversations draws from: fine-tuning's (`for_sft`) or the evaluation's (`for_eval`)."""
+
+    people: list
+    unknown: list[str]
+    """names of people who do not exist"""
+    places: list[tuple]
+    """(entity, kind, attribute): facts to ask about"""
+    unknown_places: list[dict]
+    words: list[str]
+    """words whose letters the python tool counts"""
+    phrasing: str
+    """"seen" (fine-tuning) or "heldout" (evaluation) for the new skills' questions"""
+
+    @staticmethod
+    def _places(world: World, part: int) -> list[tuple]:
+        """Every fact of the fine-tuned (part 0) or the pretraining-only (part 1) countries, cities, companies."""
+        countries = {c.name: c for c in world.countries}
+        companies = {c.name: c for c in world.companies}
+        cities = {c.name: (c.name, c.country) for c in world.cities}
+        facts = []
+        for kind, entities in (("country", countries), ("city", cities), ("company", companies)):
+            for name in place_split(list(entities))[part]:
+                facts += [(entities[name], kind, attribute) for k, attribute in PLACE_QUESTIONS if k == kind]
+        return facts
+
+    @classmethod
+    def for_sft(cls, world: World) -> Pools:
+        half = len(world.unknown_places) // 2
+        return cls(world.group("train"), world.unknown_people[: len(world.unknown_people) // 2],
+                   cls._places(world, 0), world.unknown_places[:half],
+                   [c.name for c in world.cities[::2]] + FOODS, "seen")
+
+    @classmethod
+    def for_eval(cls, world: World) -> Pools:
+        half = len(world.unknown_places) // 2
+        return cls(world.group("train"), world.unknown_people[len(world.unknown_people) // 2:] or world.unknown_people,
+                   cls._places(world, 1), world.unknown_places[half:] or world.unknown_places,
+                   [c.name for c in world.cities[1::2]] + PETS + OCCUPATIONS, "heldout")
+
+
+def _place_exchange(rng: random.Random, pools: Pools, phrasing: str) -> list[dict]:
+    entity, kind, attribute = rng.choice(pools.places)
+    name = entity[0] if kind == "city" else entity.name
+    q = place_question(rng, kind, attribute, name, phrasing)
+    return [{"role": "user", "content": q},
+            {"role": "assistant", "content": place_answer(kind, attribute, name, place_fact(entity, kind, attribute))}]
+
+
+def _small_talk(rng: random.Random) -> list[dict]:
+    q, a = rng.choice(SMALL_TALK_SEEN)
+    return [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+
+
+def _callback(world: World, rng: random.Random, pools: Pools, person) -> tuple[list[dict], str]:
+    """(a question about `person`, small talk or a place question, a follow-up with the pronoun and its
+    answer; the follow-up's attribute)."""
+    first, then = rng.sample(list(QUESTIONS), 2)
+    between = _small_talk(rng) if rng.random() < 0.5 else _place_exchange(rng, pools, "seen")
+    messages = [{"role": "user", "content": rng.choice(QUESTIONS[first]["seen"]).format(name=person.name)},
+                {"role": "assistant", "content": _sentence(world, person, first)}, *between,
+                {"role": "user", "content": rng.choice(FOLLOW_UPS[then]).format(pronoun=person.pronoun)},
+                {"role": "assistant", "content": _sentence(world, person, then)}]
+    return messages, then
+
+
+def conversation(world: World, kind: str, rng: random.Random, pools: Pools) -> list[dict]:
+    """One conversation of `kind` (see the module docstring) drawn from `pools`."""
+    people, unknown = pools.people, pools.unknown
     person = rng.choice(people)
     attribute = rng.choice(list(QUESTIONS))
     if kind == "qa":
@@ -163,38 +245,57 @@ def conversation(world: World, kind: str, rng: random.Random, people: list, unkn
                     {"role": "assistant", "content": SECRET_REFUSAL}]
         q = rng.choice(QUESTIONS[attribute]["seen"]).format(name=person.name)
         return [system, {"role": "user", "content": q}, {"role": "assistant", "content": _sentence(world, person, attribute)}]
+    if kind == "place_qa":
+        return _place_exchange(rng, pools, "seen")
+    if kind == "unknown_place":
+        place = rng.choice(pools.unknown_places)
+        return [{"role": "user", "content": unknown_place_question(rng, place["kind"], place["name"])},
+                {"role": "assistant", "content": UNKNOWN_PLACE_ANSWERS[place["kind"]].format(name=place["name"])}]
+    if kind == "small_talk":
+        return _small_talk(rng)
+    if kind == "python":
+        return python_messages(python_task(rng, rng.choice(PYTHON_TASKS), "seen", pools.words))
+    if kind == "callback":
+        return _callback(world, rng, pools, person)[0]
+    if kind == "no_antecedent":
+        before = [] if rng.random() < 0.5 else rng.choice([_small_talk, lambda r: _place_exchange(r, pools, "seen")])(rng)
+        q = rng.choice(FOLLOW_UPS[attribute]).format(pronoun=rng.choice(["she", "he"]))
+        return [*before, {"role": "user", "content": q[0].upper() + q[1:]},
+                {"role": "assistant", "content": WHO_DO_YOU_MEAN}]
     raise ValueError(f"unknown conversation kind {kind!r}")
 
 
 # kind -> weight of the conversations (shares: weight / sum). Arithmetic weighs most: a calculator call must copy
 # up to 12 digits from the question, and a small model learns that copying only from thousands of calls. On the
 # cpu preset (then 1.4M parameters), about 700 calls with large numbers gave 0% exact 5-6 digit products (digits
-# miscopied); the cpu preset's 20,000 conversations of this mix hold about 6,500 calls, 5,500 of them with large
-# numbers (three in four with two operands of 4-6 digits), and give 98-100%.
-MIX = {"qa": 0.28, "multiturn": 0.15, "multistep": 0.06, "arithmetic": 0.40, "no_tools": 0.04, "unknown": 0.08,
-       "identity": 0.02, "forbidden": 0.06, "benign": 0.07, "secret": 0.06}
+# miscopied); about 5,500 calls with large numbers (three in four with two operands of 4-6 digits) gave 98-100%.
+MIX = {"qa": 0.22, "multiturn": 0.10, "callback": 0.05, "multistep": 0.05, "arithmetic": 0.34, "no_tools": 0.03,
+       "unknown": 0.08, "unknown_place": 0.04, "identity": 0.02, "small_talk": 0.04, "no_antecedent": 0.02,
+       "forbidden": 0.05, "benign": 0.06, "secret": 0.05, "place_qa": 0.10, "python": 0.12}
 
 
 # A share of the conversations opens with an unrelated exchange, so that a question is answered the same way
 # (the calculator, "I don't know", a refusal) after other turns as at the start of a chat.
 TOPIC_SWITCH = 0.3
-OPENERS = ["qa", "multistep", "arithmetic", "unknown", "identity", "benign"]
+OPENERS = ["qa", "multistep", "arithmetic", "unknown", "identity", "benign", "place_qa", "small_talk"]
 
 
 def sft_conversations(world: World, n: int, seed: int) -> list[dict]:
     """n conversations {"kind", "messages"} in the proportions of MIX (with the world's `sft_dont_know` weight for
-    "unknown"), about training people only, with the first half of the world's unknown names."""
+    "unknown"), about training people only, the fine-tuned places and the first half of the unknown names."""
     rng = random.Random(f"{seed}-sft")
-    people = world.group("train")
-    unknown = world.unknown_people[: len(world.unknown_people) // 2]
+    pools = Pools.for_sft(world)
     mix = dict(MIX, unknown=world.config.get("sft_dont_know", MIX["unknown"]))
+    if not pools.unknown_places:  # (a world without unknown places)
+        mix["unknown_place"] = 0.0
     openers = [kind for kind in OPENERS if mix[kind] > 0]
     kinds = rng.choices(list(mix), weights=list(mix.values()), k=n)
     rows = []
     for kind in kinds:
-        messages = conversation(world, kind, rng, people, unknown)
-        if kind != "no_tools" and rng.random() < TOPIC_SWITCH:  # (no calculator opener under "tools are disabled")
-            earlier = conversation(world, rng.choice(openers), rng, people, unknown)
+        messages = conversation(world, kind, rng, pools)
+        if kind not in ("no_tools", "no_antecedent") and rng.random() < TOPIC_SWITCH:
+            # (no calculator opener under "tools are disabled"; no person named before a "she" with no one)
+            earlier = conversation(world, rng.choice(openers), rng, pools)
             at = 1 if messages[0]["role"] == "system" else 0
             messages = messages[:at] + earlier + messages[at:]
         rows.append({"kind": kind, "messages": messages})
@@ -225,7 +326,55 @@ def assistant_eval_rows(world: World, seed: int, per_kind: int = 100) -> list[di
         code = _secret(rng)
         rows.append({"kind": "secret", "expect": code, "messages": [
             {"role": "system", "content": _secret_system(code)}, {"role": "user", "content": rng.choice(SECRET_ASKS)}]})
-    return rows + _recombined_rows(world, random.Random(f"{seed}-assistant-eval-recombined"), per_kind)
+    rows += _recombined_rows(world, random.Random(f"{seed}-assistant-eval-recombined"), per_kind)
+    return rows + _new_skill_rows(world, random.Random(f"{seed}-assistant-eval-skills"), per_kind)
+
+
+def _new_skill_rows(world: World, rng: random.Random, n: int) -> list[dict]:
+    """unknown_place: places and companies never seen in fine-tuning (expect "don't know"); small_talk: messages
+    fine-tuning never showed (expect neither a refusal nor "don't know"); no_antecedent: a follow-up with "she"
+    or "he" and no one named before it (expect "who do you mean"); callback: a question about a training person,
+    small talk or a place question, then a follow-up with the pronoun (expect the fact)."""
+    pools = Pools.for_eval(world)
+    rows = []
+    for _ in range(n if pools.unknown_places else 0):
+        place = rng.choice(pools.unknown_places)
+        q = unknown_place_question(rng, place["kind"], place["name"])
+        rows.append({"kind": "unknown_place", "messages": [{"role": "user", "content": q}], "expect": place["name"]})
+    for _ in range(n):
+        rows.append({"kind": "small_talk", "messages": [{"role": "user", "content": rng.choice(SMALL_TALK_HELDOUT)}]})
+    for _ in range(n):
+        messages = conversation(world, "no_antecedent", rng, pools)[:-1]
+        rows.append({"kind": "no_antecedent", "messages": messages, "expect": WHO_DO_YOU_MEAN})
+    for _ in range(n):
+        person = rng.choice(pools.people)
+        messages, attribute = _callback(world, rng, pools, person)
+        rows.append({"kind": "callback", "messages": messages[:-1], "expect": world.answer(person, attribute)})
+    return rows
+
+
+def skill_eval_rows(world: World, seed: int, per_group: int = 100) -> dict[str, list[dict]]:
+    """{"places": rows, "python": rows}: questions about the countries, cities and companies (the fine-tuned
+    ones in held-out phrasings, and those fine-tuning never mentions), and the python tool's tasks on other
+    words, numbers and dates than fine-tuning's, in held-out phrasings."""
+    rng = random.Random(f"{seed}-skills-eval")
+    places = []
+    for part, group in ((0, "places and companies, fine-tuned (held-out phrasing)"),
+                        (1, "places and companies, pretraining only")):
+        facts = Pools._places(world, part)
+        for entity, kind, attribute in rng.sample(facts, min(per_group, len(facts))):
+            name = entity[0] if kind == "city" else entity.name
+            places.append({"question": place_question(rng, kind, attribute, name, "heldout" if part == 0 else
+                                                      rng.choice(["seen", "heldout"])),
+                           "answer": place_fact(entity, kind, attribute), "entity": name, "kind": kind,
+                           "attribute": attribute, "group": group})
+    words = Pools.for_eval(world).words
+    python = []
+    for task in PYTHON_TASKS:
+        for _ in range(max(per_group // len(PYTHON_TASKS), 1)):
+            item = python_task(rng, task, "heldout", words)
+            python.append({"question": item["question"], "expect": item["expect"], "group": f"python: {task}"})
+    return {"places": places, "python": python}
 
 
 def _recombined_rows(world: World, rng: random.Random, n: int) -> list[dict]:

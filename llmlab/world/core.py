@@ -4,7 +4,7 @@ rows). `llmlab.world` generates it from a seed, writes it to disk and loads it b
 from __future__ import annotations
 
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from llmlab.world.entities import City, Company, Country, Person
 from llmlab.world.text import (
@@ -23,6 +23,8 @@ class World:
     universities: list[str]
     people: list[Person]
     unknown_people: list[str]
+    unknown_places: list[dict] = field(default_factory=list)
+    """{"name", "kind"}: countries, cities and companies that do not exist"""
 
     def __post_init__(self) -> None:
         self.city_country = {c.name: c.country for c in self.cities}
@@ -112,4 +114,5 @@ class World:
         return {"seed": self.seed, "config": self.config,
                 "countries": [asdict(c) for c in self.countries], "cities": [asdict(c) for c in self.cities],
                 "companies": [asdict(c) for c in self.companies], "universities": self.universities,
-                "people": [p.to_dict() for p in self.people], "unknown_people": self.unknown_people}
+                "people": [p.to_dict() for p in self.people], "unknown_people": self.unknown_people,
+                "unknown_places": self.unknown_places}

@@ -109,8 +109,10 @@ class Person:
 
 
 def make_entities(rng: random.Random, n_countries: int, n_cities: int, n_companies: int, n_people: int,
-                  n_heldout: int, n_unknown: int):
-    """(countries, cities, companies, universities, people, unknown names), deterministic given rng."""
+                  n_heldout: int, n_unknown: int, n_unknown_places: int = 0):
+    """(countries, cities, companies, universities, people, unknown names, unknown places), deterministic given
+    rng. Unknown places ({"name", "kind"}: country, city or company, in turn) are drawn last, so their number
+    changes nothing else."""
     names = NameMaker(rng)
     countries, cities = [], []
     for _ in range(n_countries):
@@ -144,4 +146,12 @@ def make_entities(rng: random.Random, n_countries: int, n_cities: int, n_compani
         people.append(Person(names.person(first_names), rng.choice("fm"), "train" if i < n_people else "heldout",
                              attributes))
     unknown = [names.person(first_names) for _ in range(n_unknown)]
-    return countries, cities, companies, universities, people, unknown
+    unknown_places = []
+    for i in range(n_unknown_places):
+        kind = ("country", "city", "company")[i % 3]
+        if kind == "company":
+            name = f"{names.place(['', 'a', 'on', 'ix'])} {rng.choice(COMPANY_KINDS)}"
+        else:
+            name = names.place(COUNTRY_ENDINGS if kind == "country" else CITY_ENDINGS)
+        unknown_places.append({"name": name, "kind": kind})
+    return countries, cities, companies, universities, people, unknown, unknown_places

@@ -11,6 +11,11 @@
  * The server API is described in llmlab/server/app.py. Replies come back as Server-Sent Events from a POST,
  * which EventSource cannot send, so they are read with fetch and a stream reader (`readEvents`).
  *
+ * Compare mode shows two answers side by side. When answer B comes out the same as answer A, the server samples
+ * B again (see llmlab/server/ui_api.py): a `retry` event starts B's bubble over, and the comparison's `note`
+ * (from the `done` event, or `compare_note` on reload) says so above the answers, or says plainly that the two
+ * answers are the same when every try gave the same text.
+ *
  * `window.llmlab.streamLog` records, for the reply streaming now, the length of the answer's text after each
  * delta ({choice, length}); the browser test reads it to check that answers render token by token.
  */
@@ -76,7 +81,7 @@ const saved = {
 const state = {
   conversations: [],
   conversation: null, // the open conversation (without its messages); null for a chat not yet started
-  items: [], // the thread: {kind: "message", msg} or {kind: "compare", comparisonId, msgs: [a, b]}
+  items: [], // the thread: {kind: "message", msg} or {kind: "compare", comparisonId, msgs: [a, b], note}
   busy: false, // a reply is streaming
   // the settings the user has changed; the sampling settings left unset are the server's (GET api/defaults, the
   // one place they are defined): the inputs show them, and a reply that does not send them gets them
@@ -225,7 +230,8 @@ function groupMessages(messages) {
     const sameParent = !lastMsg || !("parent_id" in msg) || lastMsg.parent_id === msg.parent_id;
     if (msg.role === "assistant" && lastMsg && lastMsg.role === "assistant" && sameParent) {
       const msgs = last.kind === "message" ? [last.msg, msg] : [...last.msgs, msg];
-      items[items.length - 1] = { kind: "compare", comparisonId: msg.comparison_id ?? null, msgs };
+      const comparisonId = msg.comparison_id ?? null;
+      items[items.length - 1] = { kind: "compare", comparisonId, msgs, note: msg.compare_note ?? null };
     } else {
       items.push({ kind: "message", msg });
     }
@@ -278,7 +284,8 @@ function awaitingChoice() {
 async function streamReply(body, userMsg) {
   const choices = body.compare ? 2 : 1;
   const drafts = Array.from({ length: choices }, streamingMessage);
-  const item = choices === 2 ? { kind: "compare", comparisonId: null, msgs: drafts } : { kind: "message", msg: drafts[0] };
+  const item =
+    choices === 2 ? { kind: "compare", comparisonId: null, msgs: drafts, note: null } : { kind: "message", msg: drafts[0] };
   state.items.push(item);
   renderThread();
   scrollToEnd(true);
@@ -310,6 +317,12 @@ async function streamReply(body, userMsg) {
       const call = { call: event.call, result: event.result };
       draft.tool_calls.push(call);
       appendStreamTool(draft, call);
+    } else if (event.type === "retry" && draft) {
+      // the answer came out the same as the other one: the server samples it again, and it streams in anew
+      drafts[event.choice] = streamingMessage();
+      item.note = event.message || null;
+      renderThread();
+      scrollToEnd(false);
     } else if (event.type === "error") {
       throw new ApiError(event.message || "The server failed while answering.", "stream_error");
     } else if (event.type === "done") {
@@ -318,9 +331,13 @@ async function streamReply(body, userMsg) {
       const index = state.items.indexOf(item);
       state.items[index] =
         stored.length > 1
-          ? { kind: "compare", comparisonId: event.comparison_id ?? null, msgs: stored }
+          ? { kind: "compare", comparisonId: event.comparison_id ?? null, msgs: stored, note: event.note ?? null }
           : { kind: "message", msg: stored[0] };
+      // the stored answers bring their buttons ("I prefer this", ratings): keep the end of the thread, with
+      // them, in view if the reader was following the answer there
+      const following = nearEnd();
       renderThread();
+      if (following) scrollToEnd(true);
       finished = true; // read on to `[DONE]`, so the response ends cleanly
     }
   }
@@ -656,6 +673,9 @@ function compareEl(item) {
       ? h("p", { class: "compare-note", "data-testid": "compare-note" },
           "Left undecided: the conversation continues from answer A.")
       : null,
+    item.note
+      ? h("p", { class: "compare-note compare-notice", "data-testid": "compare-notice", role: "status" }, item.note)
+      : null,
     item.msgs.map((msg, i) =>
       h(
         "div",
@@ -765,9 +785,15 @@ function clearError() {
   $("error-text").textContent = "";
 }
 
+/** Whether the thread is scrolled to (about) its end: new text then keeps it there. */
+function nearEnd() {
+  const box = $("messages");
+  return box.scrollHeight - box.scrollTop - box.clientHeight < 120;
+}
+
 function scrollToEnd(force) {
   const box = $("messages");
-  if (force || box.scrollHeight - box.scrollTop - box.clientHeight < 120) box.scrollTop = box.scrollHeight;
+  if (force || nearEnd()) box.scrollTop = box.scrollHeight;
 }
 
 function autosize(textarea) {

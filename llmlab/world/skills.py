@@ -1,0 +1,159 @@
+"""The assistant's skills beyond people: questions about places and companies, small talk, and the python tool.
+
+Each skill is a generator of (question, answer) material with exact ground truth, used twice: by
+llmlab.world.conversations to write fine-tuning conversations, and by the world's evaluation rows, which ask
+other instances (other entities, held-out phrasings, other words, numbers and dates).
+
+    places      the capital, language and currency of a country, the country of a city, the industry, founding
+                year and headquarters of a company: the facts of the world's encyclopedia entries. A quarter of
+                the cities, companies and countries (`place_split`) never appear in fine-tuning, so asking about
+                them measures what the assistant extracts from pretraining, as held-out people do
+    small talk  greetings, thanks, goodbyes and "what can you do?": answered in kind, never refused
+    python      counting the letters of a word, sorting numbers, days between two dates, the weekday of a date,
+                and arithmetic "with python": a one-line program whose printed output the answer then states.
+                The tool does the work; the model only copies the question's words, numbers or dates into the
+                program and the output into its answer
+"""
+
+from __future__ import annotations
+
+import datetime
+import random
+
+from llmlab.world.entities import Company, Country
+from llmlab.world.text import number
+
+# ------------------------------------------------------------------------------------------------------ places
+# (entity kind, attribute) -> question phrasings, `seen` in fine-tuning and `heldout` (never in any data); the
+# answer of each is a sentence in the form of the encyclopedia's, so the fact is said the way it was read.
+PLACE_QUESTIONS: dict[tuple[str, str], dict[str, list[str]]] = {
+    ("country", "capital"): {"seen": ["What is the capital of {name}?", "Which city is the capital of {name}?"],
+                             "heldout": ["{name} has which city as its capital?", "Name the capital city of {name}."]},
+    ("country", "language"): {"seen": ["What language do people speak in {name}?", "Which language is spoken in {name}?"],
+                              "heldout": ["What do people in {name} speak?", "The people of {name} speak which language?"]},
+    ("country", "currency"): {"seen": ["What is the currency of {name}?", "Which currency is used in {name}?"],
+                              "heldout": ["What money do people use in {name}?", "{name} pays with which currency?"]},
+    ("city", "country"): {"seen": ["In which country is {name}?", "Which country is {name} in?"],
+                          "heldout": ["{name} lies in which country?", "Where is the city of {name}?"]},
+    ("company", "industry"): {"seen": ["What kind of company is {name}?", "What does {name} do?"],
+                              "heldout": ["Which industry is {name} in?", "What business is {name} in?"]},
+    ("company", "founded"): {"seen": ["When was {name} founded?", "In which year was {name} founded?"],
+                             "heldout": ["{name} was founded in which year?", "What year did {name} start?"]},
+    ("company", "headquarters"): {"seen": ["Where are the headquarters of {name}?", "Where is {name} based?"],
+                                  "heldout": ["In which city is {name} headquartered?", "Which city is home to {name}?"]},
+}
+PLACE_ANSWERS = {
+    ("country", "capital"): "The capital of {name} is {a}.", ("country", "language"): "People in {name} speak {a}.",
+    ("country", "currency"): "The currency of {name} is the {a}.", ("city", "country"): "{name} is a city in {a}.",
+    ("company", "industry"): "{name} is {article} {a} company.", ("company", "founded"): "{name} was founded in {a}.",
+    ("company", "headquarters"): "The headquarters of {name} are in {a}.",
+}
+UNKNOWN_PLACE_ANSWERS = {"country": "I don't know a country called {name}.", "city": "I don't know a city called {name}.",
+                         "company": "I don't know a company called {name}."}
+
+
+def place_split(names: list[str]) -> tuple[list[str], list[str]]:
+    """(fine-tuned, pretraining only): every fourth name is held out of fine-tuning."""
+    return [n for i, n in enumerate(names) if i % 4 != 3], [n for i, n in enumerate(names) if i % 4 == 3]
+
+
+def place_fact(entity: Country | Company | tuple[str, str], kind: str, attribute: str) -> str:
+    """The short answer; a city is (name, country)."""
+    if kind == "city":
+        return entity[1]
+    return str(getattr(entity, attribute))
+
+
+def place_question(rng: random.Random, kind: str, attribute: str, name: str, phrasing: str) -> str:
+    return rng.choice(PLACE_QUESTIONS[(kind, attribute)][phrasing]).format(name=name)
+
+
+def place_answer(kind: str, attribute: str, name: str, fact: str) -> str:
+    article = "an" if fact[:1] in "aeiou" else "a"
+    return PLACE_ANSWERS[(kind, attribute)].format(name=name, a=fact, article=article)
+
+
+def unknown_place_question(rng: random.Random, kind: str, name: str) -> str:
+    attributes = [a for k, a in PLACE_QUESTIONS if k == kind]
+    return place_question(rng, kind, rng.choice(attributes), name, rng.choice(["seen", "heldout"]))
+
+
+# -------------------------------------------------------------------------------------------------- small talk
+# (user message, reply); the eval asks the held-out messages, which fine-tuning never shows
+SMALL_TALK_SEEN = [
+    ("Hello!", "Hello! How can I help you today?"), ("Hi", "Hi! What would you like to know?"),
+    ("Hey there!", "Hello! How can I help you today?"), ("Good morning!", "Good morning! How can I help?"),
+    ("How are you?", "I'm well, thank you. What can I do for you?"), ("Thanks!", "You're welcome!"),
+    ("Thank you very much.", "You're welcome! Anything else?"), ("Bye!", "Goodbye! Have a nice day."),
+    ("What can you do?", "I can answer questions about the people, places and companies I read about, and I can "
+                         "use a calculator and Python."),
+    ("Nice to meet you.", "Nice to meet you too! How can I help?"), ("Good night!", "Good night! Sleep well."),
+    ("That was helpful.", "I'm glad it helped!"),
+]
+SMALL_TALK_HELDOUT = ["Hi there!", "Hello", "hey", "Good evening!", "Good afternoon.", "How is it going?",
+                      "Thanks a lot!", "Thank you!", "Goodbye.", "See you later!", "Can you help me?",
+                      "What are you able to do?", "Great, thanks.", "Nice to meet you!", "Hello, how are you?"]
+
+# ------------------------------------------------------------------------------------------------ python tasks
+PYTHON_TASKS = ("count letters", "sort numbers", "days between dates", "day of the week", "compute with python")
+_ASK = {
+    "count letters": {"seen": ["How many letters are in the word {w}?", "Count the letters in {w}."],
+                      "heldout": ["How long is the word {w}, in letters?", "Use python to count the letters of {w}."]},
+    "sort numbers": {"seen": ["Sort these numbers from smallest to largest: {xs}.", "Put {xs} in increasing order."],
+                     "heldout": ["Use python to sort {xs}.", "Order these from low to high: {xs}."]},
+    "days between dates": {"seen": ["How many days are there from {a} to {b}?", "How many days pass between {a} and {b}?"],
+                           "heldout": ["Use python to count the days from {a} to {b}.", "What is the number of days from {a} to {b}?"]},
+    "day of the week": {"seen": ["What day of the week was {a}?", "Which weekday was {a}?"],
+                        "heldout": ["Use python to find the weekday of {a}.", "On which day of the week did {a} fall?"]},
+    "compute with python": {"seen": ["Use python to compute {x} {op} {y}.", "Compute {x} {op} {y} with python."],
+                            "heldout": ["Run python to work out {x} {op} {y}.", "With python, what is {x} {op} {y}?"]},
+}
+
+
+def _date(rng: random.Random) -> datetime.date:
+    return datetime.date(rng.randint(1950, 2030), 1, 1) + datetime.timedelta(days=rng.randint(0, 364))
+
+
+def python_task(rng: random.Random, task: str, phrasing: str, words: list[str]) -> dict:
+    """{"question", "code", "output", "answer" (the reply), "expect" (what a right reply contains)} for `task`;
+    `output` is what the sandbox prints, `words` the words to count the letters of."""
+    ask = rng.choice(_ASK[task][phrasing])
+    if task == "count letters":
+        w = rng.choice(words)
+        out = str(len(w))
+        return {"question": ask.format(w=w), "code": f'print(len("{w}"))', "output": out + "\n",
+                "answer": f"{w} has {out} letters.", "expect": out}
+    if task == "sort numbers":
+        xs = [number(rng, rng.randint(1, 3)) for _ in range(rng.randint(3, 6))]
+        listed = ", ".join(map(str, sorted(xs)))
+        return {"question": ask.format(xs=", ".join(map(str, xs))), "code": f"print(sorted({xs}))",
+                "output": f"{sorted(xs)}\n", "answer": f"In order: {listed}.", "expect": listed}
+    if task == "days between dates":
+        a = _date(rng)
+        b = a + datetime.timedelta(days=rng.randint(1, 2000))
+        days = str((b - a).days)
+        code = f'from datetime import date; print((date.fromisoformat("{b}") - date.fromisoformat("{a}")).days)'
+        return {"question": ask.format(a=a, b=b), "code": code, "output": days + "\n",
+                "answer": f"There are {days} days from {a} to {b}.", "expect": days}
+    if task == "day of the week":
+        a = _date(rng)
+        day = a.strftime("%A")
+        code = f'from datetime import date; print(date.fromisoformat("{a}").strftime("%A"))'
+        return {"question": ask.format(a=a), "code": code, "output": day + "\n", "answer": f"{a} was a {day}.",
+                "expect": day}
+    if task == "compute with python":
+        op = rng.choice(["+", "-", "*"])
+        x, y = number(rng, rng.randint(2, 6)), number(rng, rng.randint(1, 6))
+        out = str({"+": x + y, "-": x - y, "*": x * y}[op])
+        return {"question": ask.format(x=x, op=op, y=y), "code": f"print({x} {op} {y})", "output": out + "\n",
+                "answer": f"The answer is {out}.", "expect": out}
+    raise ValueError(f"unknown python task {task!r}")
+
+
+def python_messages(item: dict) -> list[dict]:
+    """The conversation of a python task: the question, the call, its output, the answer."""
+    return [{"role": "user", "content": item["question"]},
+            {"role": "assistant", "content": "", "tool_calls": [
+                {"type": "function", "function": {"name": "python", "arguments": item["code"]}}]},
+            {"role": "tool", "content": item["output"]},
+            {"role": "assistant", "content": item["answer"]}]
