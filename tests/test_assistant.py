@@ -256,7 +256,7 @@ def test_tiny_sft_and_report_card(tiny_run):
                                  "places", "python"}
     assert set(card["base"]) == {"world_qa", "arithmetic", "policy", "knowledge", "places"}
     assert set(card["chat"]["policy"]["groups"]) == set(AssistantPolicy.GROUPS.values())
-    assert len(card["chat"]["places"]["groups"]) == 2 and len(card["chat"]["python"]["groups"]) == 5
+    assert len(card["chat"]["places"]["groups"]) == 3 and len(card["chat"]["python"]["groups"]) == 6
     report = (Path(cfg.run_dir) / "report.md").read_text()
     assert "Report card" in report and "places: places and companies, pretraining only" in report
     assert "python: sort numbers, with tools" in report
@@ -377,9 +377,18 @@ def test_places_and_python_tasks_credit_the_fact_in_the_reply(tiny_world_dir):
     from llmlab.tasks.assistant import AssistantPlaces, AssistantPython
 
     places, python = AssistantPlaces(tiny_world_dir, per_group=10), AssistantPython(tiny_world_dir, per_group=4)
-    assert {e.group for e in places.examples()} == {"places and companies, fine-tuned (held-out phrasing)",
-                                                   "places and companies, pretraining only"}
-    assert len({e.group for e in python.examples()}) == 5
+    assert len({e.group for e in places.examples()}) == 3
+    assert len({e.group for e in python.examples()}) == 6
     for task in (places, python):
         for e in task.examples():
             assert task.score(e, f"So: {e.answer}.") == 1.0 and task.score(e, "I don't know.") == 0.0
+
+
+def test_a_conversation_longer_than_the_context_is_counted_not_scored(tok, tiny_world_dir):
+    task = AssistantArithmetic(tiny_world_dir, tools=True, per_group=4)
+    prompt_lens = sorted(len(render_prompt(tok, e.meta["messages"])) for e in task.examples())
+    cut = prompt_lens[len(prompt_lens) // 2]  # a context that half of the prompts fill
+    engine = Engine(ScriptedModel(tok, _calculator_user(tok), context_len=cut))
+    result = run_chat_task(task, engine, tok, None)
+    assert result["skipped"] == sum(n >= cut for n in prompt_lens) > 0
+    assert result["n"] == len(prompt_lens) - result["skipped"]

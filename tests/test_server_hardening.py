@@ -386,7 +386,9 @@ def test_metrics_count_requests_tokens_tools_and_feedback(files):
         assert _delta(m2, m3, "llmlab_flags_total") == 1 and _delta(m2, m3, "llmlab_comparison_choices_total") == 1
         route = "/api/conversations/{cid}/reply"
         assert _delta(m2, m3, requests, method="POST", route=route, status=200) == 1
-        assert _delta(m2, m3, "llmlab_time_to_first_token_seconds_count", route=route) == 1
+        # one generation for both answers, and one more each time answer B is sampled again to differ from A
+        resampled = b["settings"].get("resampled", 0)
+        assert _delta(m2, m3, "llmlab_time_to_first_token_seconds_count", route=route) == 1 + resampled
 
         # a generation that fails: a 500, and a failed generation of its route
         service.run_tool = lambda call: 1 / 0

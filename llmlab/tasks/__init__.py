@@ -39,17 +39,26 @@ class Task:
         return float(normalize(completion) == normalize(example.answer))
 
 
+def that_fit(examples: Sequence[Example], prompts: Sequence[list[int]], context_len: int
+             ) -> tuple[list[Example], list[list[int]], int]:
+    """(the examples whose prompt leaves room for a reply in the context, their prompts, how many did not fit):
+    a small model's context may be shorter than a world's longest conversations."""
+    kept = [(e, p) for e, p in zip(examples, prompts) if len(p) < context_len]
+    return [e for e, _ in kept], [p for _, p in kept], len(examples) - len(kept)
+
+
 def run_task(task: Task, engine: Engine, tokenizer: Tokenizer, max_new_tokens: int = 16, batch_size: int = 64,
              stop_ids: Sequence[int] = ()) -> dict:
     """Greedy completions for every example; returns {"accuracy": overall, "groups": {group: accuracy},
-    "samples": a few (prompt, completion, answer, score) rows}."""
-    examples = list(task.examples())
+    "samples": a few (prompt, completion, answer, score) rows, "skipped": examples too long for the context}."""
+    examples, all_prompts, skipped = that_fit(list(task.examples()), [
+        [tokenizer.bos_id] + tokenizer.encode(e.prompt) for e in task.examples()], engine.model.config.context_len)
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
     scores: dict[str, list[float]] = defaultdict(list)
     samples = []
     for start in range(0, len(examples), batch_size):
         chunk = examples[start:start + batch_size]
-        prompts = [[tokenizer.bos_id] + tokenizer.encode(e.prompt) for e in chunk]
+        prompts = all_prompts[start:start + batch_size]
         completions = engine.generate(prompts, params, stop_ids)
         for example, ids in zip(chunk, completions):
             text = tokenizer.decode(ids)
@@ -64,4 +73,5 @@ def run_task(task: Task, engine: Engine, tokenizer: Tokenizer, max_new_tokens: i
         "n": len(everything),
         "groups": {g: sum(v) / len(v) for g, v in sorted(scores.items())},
         "samples": samples,
+        "skipped": skipped,
     }

@@ -26,7 +26,7 @@ from typing import Callable
 from llmlab.chat import final_answer, render_prompt, reply_stop_ids
 from llmlab.engine import Engine, SamplingParams, generate_with_tools
 from llmlab.errors import LLMLabError
-from llmlab.tasks import Example, Task
+from llmlab.tasks import Example, Task, that_fit
 from llmlab.tasks.world_qa import GROUP_NAMES
 from llmlab.tokenizer import Tokenizer
 from llmlab.world.conversations import NO_TOOLS
@@ -134,8 +134,8 @@ class _QuestionRows(ChatTask):
 
 
 class AssistantPlaces(_QuestionRows):
-    """Facts of countries, cities and companies: the fine-tuned ones asked in held-out phrasings, and those only
-    the pretraining documents describe."""
+    """Facts of countries, cities and companies: the fine-tuned ones asked in seen and in held-out phrasings,
+    and those only the pretraining documents describe."""
 
     name, FILE, ANSWER = "places", "places", "answer"
 
@@ -198,16 +198,18 @@ class AssistantPolicy(ChatTask):
 def run_chat_task(task: ChatTask, engine: Engine, tokenizer: Tokenizer, run_tool: Callable[[str], str] | None,
                   max_new_tokens: int = 64, batch_size: int = 32) -> dict:
     """Greedy replies to every example's conversation; tools run only if task.tools and run_tool is given.
-    Scored on the assistant's own text after its last tool output. Same result shape as `run_task`."""
+    Scored on the assistant's own text after its last tool output. Same result shape as `run_task` (examples
+    whose conversation leaves no room for a reply in the context are counted in "skipped", not scored)."""
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
     stop = reply_stop_ids(tokenizer)
     scores: dict[str, list[float]] = defaultdict(list)
     traits: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     samples = []
-    examples = list(task.examples())
+    examples, all_prompts, skipped = that_fit(list(task.examples()), [
+        render_prompt(tokenizer, e.meta["messages"]) for e in task.examples()], engine.model.config.context_len)
     for start in range(0, len(examples), batch_size):
         chunk = examples[start:start + batch_size]
-        prompts = [render_prompt(tokenizer, e.meta["messages"]) for e in chunk]
+        prompts = all_prompts[start:start + batch_size]
         replies, tools = generate_with_tools(engine, tokenizer, prompts, params, stop, run_tool if task.tools else None)
         for row, (example, ids) in enumerate(zip(chunk, replies)):
             own = final_answer(tokenizer, ids)
@@ -221,5 +223,5 @@ def run_chat_task(task: ChatTask, engine: Engine, tokenizer: Tokenizer, run_tool
                                 "tool_calls": calls, "answer": example.answer, "score": s})
     everything = [s for group in scores.values() for s in group]
     return {"task": task.name, "accuracy": sum(everything) / max(len(everything), 1), "n": len(everything),
-            "groups": {g: sum(v) / len(v) for g, v in sorted(scores.items())}, "samples": samples,
+            "groups": {g: sum(v) / len(v) for g, v in sorted(scores.items())}, "samples": samples, "skipped": skipped,
             "traits": {g: {t: sum(v) / len(v) for t, v in ts.items()} for g, ts in sorted(traits.items())}}

@@ -32,6 +32,8 @@ class WorldConfig:
     """biographies per person in the training split, each a fresh paraphrase with shuffled sentence order"""
     stories_per_person: int = 2
     """short stories per person"""
+    encyclopedia_rounds: int = 2
+    """times each country's, city's and company's encyclopedia entry is written (a fresh paraphrase each time)"""
     qa_pages: int = 2000
     """`Q: ... A: ...` pages (a few questions each, seen phrasings only)"""
     n_arithmetic: int = 3000
@@ -50,7 +52,8 @@ class WorldConfig:
         for name in ("n_people", "n_countries", "n_cities", "n_companies"):
             if getattr(self, name) < 1:
                 raise LLMLabError(f"world: {name} must be at least 1 (got {getattr(self, name)})")
-        for name in ("n_heldout", "n_unknown", "n_unknown_places", "bios_per_person", "stories_per_person", "qa_pages", "n_arithmetic",
+        for name in ("n_heldout", "n_unknown", "n_unknown_places", "encyclopedia_rounds", "bios_per_person",
+                     "stories_per_person", "qa_pages", "n_arithmetic",
                      "val_docs", "sft_conversations", "sft_dont_know"):
             if getattr(self, name) < 0:
                 raise LLMLabError(f"world: {name} must be >= 0 (got {getattr(self, name)})")

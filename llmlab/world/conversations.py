@@ -153,16 +153,18 @@ class Pools:
     @classmethod
     def for_sft(cls, world: World) -> Pools:
         half = len(world.unknown_places) // 2
-        return cls(world.group("train"), world.unknown_people[: len(world.unknown_people) // 2],
-                   cls._places(world, 0), world.unknown_places[:half],
-                   [c.name for c in world.cities[::2]] + FOODS, "seen")
+        train = world.group("train")  # many different words: copying them, not recalling a few, is what pays
+        words = [p.name.split()[-1] for p in train] + [p.first_name for p in train] + [c.name for c in world.cities[::2]]
+        return cls(train, world.unknown_people[: len(world.unknown_people) // 2], cls._places(world, 0),
+                   world.unknown_places[:half], sorted(set(words)) + FOODS, "seen")
 
     @classmethod
     def for_eval(cls, world: World) -> Pools:
         half = len(world.unknown_places) // 2
+        words = [p.name.split()[-1] for p in world.group("heldout")] + [c.name for c in world.cities[1::2]]
         return cls(world.group("train"), world.unknown_people[len(world.unknown_people) // 2:] or world.unknown_people,
                    cls._places(world, 1), world.unknown_places[half:] or world.unknown_places,
-                   [c.name for c in world.cities[1::2]] + PETS + OCCUPATIONS, "heldout")
+                   words + PETS + OCCUPATIONS, "heldout")
 
 
 def _place_exchange(rng: random.Random, pools: Pools, phrasing: str) -> list[dict]:
@@ -269,9 +271,9 @@ def conversation(world: World, kind: str, rng: random.Random, pools: Pools) -> l
 # up to 12 digits from the question, and a small model learns that copying only from thousands of calls. On the
 # cpu preset (then 1.4M parameters), about 700 calls with large numbers gave 0% exact 5-6 digit products (digits
 # miscopied); about 5,500 calls with large numbers (three in four with two operands of 4-6 digits) gave 98-100%.
-MIX = {"qa": 0.22, "multiturn": 0.10, "callback": 0.05, "multistep": 0.05, "arithmetic": 0.34, "no_tools": 0.03,
-       "unknown": 0.08, "unknown_place": 0.04, "identity": 0.02, "small_talk": 0.04, "no_antecedent": 0.02,
-       "forbidden": 0.05, "benign": 0.06, "secret": 0.05, "place_qa": 0.10, "python": 0.12}
+MIX = {"qa": 0.20, "multiturn": 0.10, "callback": 0.05, "multistep": 0.05, "arithmetic": 0.34, "no_tools": 0.03,
+       "unknown": 0.08, "unknown_place": 0.04, "identity": 0.02, "small_talk": 0.06, "no_antecedent": 0.02,
+       "forbidden": 0.05, "benign": 0.06, "secret": 0.05, "place_qa": 0.14, "python": 0.18}
 
 
 # A share of the conversations opens with an unrelated exchange, so that a question is answered the same way
@@ -293,8 +295,9 @@ def sft_conversations(world: World, n: int, seed: int) -> list[dict]:
     rows = []
     for kind in kinds:
         messages = conversation(world, kind, rng, pools)
-        if kind not in ("no_tools", "no_antecedent") and rng.random() < TOPIC_SWITCH:
-            # (no calculator opener under "tools are disabled"; no person named before a "she" with no one)
+        if kind not in ("no_tools", "no_antecedent", "python") and rng.random() < TOPIC_SWITCH:
+            # (no calculator opener under "tools are disabled"; no person named before a "she" with no one; a
+            # python call with its dates or numbers fills a small context alone)
             earlier = conversation(world, rng.choice(openers), rng, pools)
             at = 1 if messages[0]["role"] == "system" else 0
             messages = messages[:at] + earlier + messages[at:]
@@ -355,25 +358,29 @@ def _new_skill_rows(world: World, rng: random.Random, n: int) -> list[dict]:
 
 def skill_eval_rows(world: World, seed: int, per_group: int = 100) -> dict[str, list[dict]]:
     """{"places": rows, "python": rows}: questions about the countries, cities and companies (the fine-tuned
-    ones in held-out phrasings, and those fine-tuning never mentions), and the python tool's tasks on other
-    words, numbers and dates than fine-tuning's, in held-out phrasings."""
+    ones in seen and in held-out phrasings, and those fine-tuning never asks about), and the python tool's tasks
+    in held-out phrasings, on other numbers and dates than fine-tuning's (words: see below)."""
     rng = random.Random(f"{seed}-skills-eval")
     places = []
-    for part, group in ((0, "places and companies, fine-tuned (held-out phrasing)"),
-                        (1, "places and companies, pretraining only")):
+    for part, phrasing, group in ((0, "seen", "places and companies, fine-tuned, seen phrasing"),
+                                  (0, "heldout", "places and companies, fine-tuned, held-out phrasing"),
+                                  (1, None, "places and companies, pretraining only")):
         facts = Pools._places(world, part)
         for entity, kind, attribute in rng.sample(facts, min(per_group, len(facts))):
             name = entity[0] if kind == "city" else entity.name
-            places.append({"question": place_question(rng, kind, attribute, name, "heldout" if part == 0 else
-                                                      rng.choice(["seen", "heldout"])),
+            places.append({"question": place_question(rng, kind, attribute, name,
+                                                      phrasing or rng.choice(["seen", "heldout"])),
                            "answer": place_fact(entity, kind, attribute), "entity": name, "kind": kind,
                            "attribute": attribute, "group": group})
-    words = Pools.for_eval(world).words
+    # counting letters: of words fine-tuning copied into calls (other questions about them), and of words it
+    # never did, which a small model does not copy (it writes a word it knows instead)
+    groups = [(task, Pools.for_sft(world).words, f"python: {task}") for task in PYTHON_TASKS]
+    groups.append(("count letters", Pools.for_eval(world).words, "python: count letters, words new to fine-tuning"))
     python = []
-    for task in PYTHON_TASKS:
+    for task, words, group in groups:
         for _ in range(max(per_group // len(PYTHON_TASKS), 1)):
             item = python_task(rng, task, "heldout", words)
-            python.append({"question": item["question"], "expect": item["expect"], "group": f"python: {task}"})
+            python.append({"question": item["question"], "expect": item["expect"], "group": group})
     return {"places": places, "python": python}
 
 

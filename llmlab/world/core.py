@@ -77,7 +77,8 @@ class World:
         cfg = self.config
         train = self._documents(random.Random(f"{self.seed}-train"), {
             "bios_per_person": cfg["bios_per_person"], "stories_per_person": cfg["stories_per_person"],
-            "encyclopedia_rounds": 2, "arithmetic": cfg["n_arithmetic"], "qa_pages": cfg["qa_pages"]})
+            "encyclopedia_rounds": cfg.get("encyclopedia_rounds", 2), "arithmetic": cfg["n_arithmetic"],
+            "qa_pages": cfg["qa_pages"]})
         val_rng = random.Random(f"{self.seed}-val")
         pool = self._documents(val_rng, {"bios_per_person": 1, "stories_per_person": 1, "encyclopedia_rounds": 1,
                                          "arithmetic": cfg["n_arithmetic"] // 10 + 1, "qa_pages": cfg["qa_pages"] // 10 + 1})

@@ -27,19 +27,32 @@ from llmlab.world.text import number
 # (entity kind, attribute) -> question phrasings, `seen` in fine-tuning and `heldout` (never in any data); the
 # answer of each is a sentence in the form of the encyclopedia's, so the fact is said the way it was read.
 PLACE_QUESTIONS: dict[tuple[str, str], dict[str, list[str]]] = {
-    ("country", "capital"): {"seen": ["What is the capital of {name}?", "Which city is the capital of {name}?"],
+    ("country", "capital"): {"seen": ["What is the capital of {name}?", "Which city is the capital of {name}?",
+                                      "What is the capital city of {name}?", "Tell me the capital of {name}.",
+                                      "Which city is {name}'s capital?"],
                              "heldout": ["{name} has which city as its capital?", "Name the capital city of {name}."]},
-    ("country", "language"): {"seen": ["What language do people speak in {name}?", "Which language is spoken in {name}?"],
+    ("country", "language"): {"seen": ["What language do people speak in {name}?", "Which language is spoken in {name}?",
+                                       "What is the language of {name}?", "Which language do people in {name} use?",
+                                       "Tell me the language of {name}."],
                               "heldout": ["What do people in {name} speak?", "The people of {name} speak which language?"]},
-    ("country", "currency"): {"seen": ["What is the currency of {name}?", "Which currency is used in {name}?"],
+    ("country", "currency"): {"seen": ["What is the currency of {name}?", "Which currency is used in {name}?",
+                                       "What currency does {name} use?", "Tell me the currency of {name}.",
+                                       "What is the money of {name} called?"],
                               "heldout": ["What money do people use in {name}?", "{name} pays with which currency?"]},
-    ("city", "country"): {"seen": ["In which country is {name}?", "Which country is {name} in?"],
+    ("city", "country"): {"seen": ["In which country is {name}?", "Which country is {name} in?",
+                                   "What country is {name} in?", "Where is {name}?", "In what country does {name} lie?"],
                           "heldout": ["{name} lies in which country?", "Where is the city of {name}?"]},
-    ("company", "industry"): {"seen": ["What kind of company is {name}?", "What does {name} do?"],
+    ("company", "industry"): {"seen": ["What kind of company is {name}?", "What does {name} do?",
+                                       "What industry is {name} in?", "What is {name}'s business?",
+                                       "Tell me what {name} does."],
                               "heldout": ["Which industry is {name} in?", "What business is {name} in?"]},
-    ("company", "founded"): {"seen": ["When was {name} founded?", "In which year was {name} founded?"],
+    ("company", "founded"): {"seen": ["When was {name} founded?", "In which year was {name} founded?",
+                                      "What year was {name} founded?", "When did {name} start?",
+                                      "Tell me when {name} was founded."],
                              "heldout": ["{name} was founded in which year?", "What year did {name} start?"]},
-    ("company", "headquarters"): {"seen": ["Where are the headquarters of {name}?", "Where is {name} based?"],
+    ("company", "headquarters"): {"seen": ["Where are the headquarters of {name}?", "Where is {name} based?",
+                                           "Where is {name} headquartered?", "In which city is {name} based?",
+                                           "Tell me where {name} has its headquarters."],
                                   "heldout": ["In which city is {name} headquartered?", "Which city is home to {name}?"]},
 }
 PLACE_ANSWERS = {
@@ -82,13 +95,27 @@ def unknown_place_question(rng: random.Random, kind: str, name: str) -> str:
 # (user message, reply); the eval asks the held-out messages, which fine-tuning never shows
 SMALL_TALK_SEEN = [
     ("Hello!", "Hello! How can I help you today?"), ("Hi", "Hi! What would you like to know?"),
-    ("Hey there!", "Hello! How can I help you today?"), ("Good morning!", "Good morning! How can I help?"),
-    ("How are you?", "I'm well, thank you. What can I do for you?"), ("Thanks!", "You're welcome!"),
-    ("Thank you very much.", "You're welcome! Anything else?"), ("Bye!", "Goodbye! Have a nice day."),
+    ("Hi!", "Hi! What would you like to know?"), ("Hey there!", "Hello! How can I help you today?"),
+    ("Hey!", "Hello! How can I help you today?"), ("Hello, anyone there?", "Yes, I'm here. How can I help?"),
+    ("Good morning!", "Good morning! How can I help?"), ("Good day.", "Good day! How can I help?"),
+    ("How are you?", "I'm well, thank you. What can I do for you?"),
+    ("How are you doing today?", "I'm well, thank you. What can I do for you?"),
+    ("What's up?", "Not much! What can I do for you?"), ("Thanks!", "You're welcome!"),
+    ("Thank you very much.", "You're welcome! Anything else?"), ("Many thanks.", "You're welcome!"),
+    ("Bye!", "Goodbye! Have a nice day."), ("See you!", "See you! Have a nice day."),
+    ("Goodbye!", "Goodbye! Have a nice day."), ("Good night!", "Good night! Sleep well."),
     ("What can you do?", "I can answer questions about the people, places and companies I read about, and I can "
                          "use a calculator and Python."),
-    ("Nice to meet you.", "Nice to meet you too! How can I help?"), ("Good night!", "Good night! Sleep well."),
-    ("That was helpful.", "I'm glad it helped!"),
+    ("How can you help me?", "I can answer questions about the people, places and companies I read about, and I "
+                             "can use a calculator and Python."),
+    ("Could you help me with something?", "Of course! What do you need?"),
+    ("What do you do?", "I answer questions about the people, places and companies I read about, and I can use "
+                        "a calculator and Python."),
+    ("Tell me about your skills.", "I answer questions about the people, places and companies I read about, and I "
+                                   "can use a calculator and Python."),
+    ("I have a question.", "Sure, go ahead!"), ("Nice to meet you.", "Nice to meet you too! How can I help?"),
+    ("That was helpful.", "I'm glad it helped!"), ("Great, thank you!", "You're welcome!"),
+    ("Ok.", "Anything else I can help with?"), ("Cool!", "Glad you like it! Anything else?"),
 ]
 SMALL_TALK_HELDOUT = ["Hi there!", "Hello", "hey", "Good evening!", "Good afternoon.", "How is it going?",
                       "Thanks a lot!", "Thank you!", "Goodbye.", "See you later!", "Can you help me?",
@@ -97,15 +124,23 @@ SMALL_TALK_HELDOUT = ["Hi there!", "Hello", "hey", "Good evening!", "Good aftern
 # ------------------------------------------------------------------------------------------------ python tasks
 PYTHON_TASKS = ("count letters", "sort numbers", "days between dates", "day of the week", "compute with python")
 _ASK = {
-    "count letters": {"seen": ["How many letters are in the word {w}?", "Count the letters in {w}."],
+    "count letters": {"seen": ["How many letters are in the word {w}?", "Count the letters in {w}.",
+                               "How many letters does {w} have?", "Use python to count the letters in {w}.",
+                               "What is the length of the word {w}?"],
                       "heldout": ["How long is the word {w}, in letters?", "Use python to count the letters of {w}."]},
-    "sort numbers": {"seen": ["Sort these numbers from smallest to largest: {xs}.", "Put {xs} in increasing order."],
+    "sort numbers": {"seen": ["Sort these numbers from smallest to largest: {xs}.", "Put {xs} in increasing order.",
+                              "Sort {xs}.", "Use python to sort these numbers: {xs}.", "Order {xs} from small to large."],
                      "heldout": ["Use python to sort {xs}.", "Order these from low to high: {xs}."]},
-    "days between dates": {"seen": ["How many days are there from {a} to {b}?", "How many days pass between {a} and {b}?"],
+    "days between dates": {"seen": ["How many days from {a} to {b}?", "Days between {a} and {b}?",
+                                    "Count the days from {a} to {b}.", "Days from {a} until {b}?",
+                                    "How many days between {a} and {b}?"],
                            "heldout": ["Use python to count the days from {a} to {b}.", "What is the number of days from {a} to {b}?"]},
-    "day of the week": {"seen": ["What day of the week was {a}?", "Which weekday was {a}?"],
+    "day of the week": {"seen": ["What day of the week was {a}?", "Which weekday was {a}?", "What weekday is {a}?",
+                                 "Use python to tell the weekday of {a}.", "Which day of the week is {a}?"],
                         "heldout": ["Use python to find the weekday of {a}.", "On which day of the week did {a} fall?"]},
-    "compute with python": {"seen": ["Use python to compute {x} {op} {y}.", "Compute {x} {op} {y} with python."],
+    "compute with python": {"seen": ["Use python to compute {x} {op} {y}.", "Compute {x} {op} {y} with python.",
+                                     "Use python: what is {x} {op} {y}?", "Run {x} {op} {y} in python.",
+                                     "With python, compute {x} {op} {y}."],
                             "heldout": ["Run python to work out {x} {op} {y}.", "With python, what is {x} {op} {y}?"]},
 }
 
@@ -122,9 +157,9 @@ def python_task(rng: random.Random, task: str, phrasing: str, words: list[str]) 
         w = rng.choice(words)
         out = str(len(w))
         return {"question": ask.format(w=w), "code": f'print(len("{w}"))', "output": out + "\n",
-                "answer": f"{w} has {out} letters.", "expect": out}
+                "answer": f"It has {out} letters.", "expect": out}
     if task == "sort numbers":
-        xs = [number(rng, rng.randint(1, 3)) for _ in range(rng.randint(3, 6))]
+        xs = [number(rng, rng.randint(1, 2)) for _ in range(rng.randint(3, 5))]
         listed = ", ".join(map(str, sorted(xs)))
         return {"question": ask.format(xs=", ".join(map(str, xs))), "code": f"print(sorted({xs}))",
                 "output": f"{sorted(xs)}\n", "answer": f"In order: {listed}.", "expect": listed}
@@ -132,14 +167,14 @@ def python_task(rng: random.Random, task: str, phrasing: str, words: list[str]) 
         a = _date(rng)
         b = a + datetime.timedelta(days=rng.randint(1, 2000))
         days = str((b - a).days)
-        code = f'from datetime import date; print((date.fromisoformat("{b}") - date.fromisoformat("{a}")).days)'
+        code = f'from datetime import date as d; print((d.fromisoformat("{b}") - d.fromisoformat("{a}")).days)'
         return {"question": ask.format(a=a, b=b), "code": code, "output": days + "\n",
-                "answer": f"There are {days} days from {a} to {b}.", "expect": days}
+                "answer": f"{days} days.", "expect": days}
     if task == "day of the week":
         a = _date(rng)
         day = a.strftime("%A")
-        code = f'from datetime import date; print(date.fromisoformat("{a}").strftime("%A"))'
-        return {"question": ask.format(a=a), "code": code, "output": day + "\n", "answer": f"{a} was a {day}.",
+        code = f'from datetime import date as d; print(d.fromisoformat("{a}").strftime("%A"))'
+        return {"question": ask.format(a=a), "code": code, "output": day + "\n", "answer": f"It was a {day}.",
                 "expect": day}
     if task == "compute with python":
         op = rng.choice(["+", "-", "*"])
