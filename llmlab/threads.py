@@ -27,6 +27,8 @@ import time
 
 import torch
 
+from llmlab.errors import LLMLabError
+
 INTERVAL = 1.0
 """seconds between two looks at the other processes' CPU time"""
 FIRST_INTERVAL = 0.25
@@ -35,6 +37,7 @@ BUSY = 0.6
 """cores' worth of the other processes' CPU time (averaged over an interval) that counts as one busy core"""
 
 _fixed: int | None = None
+_read_environment = False
 _local = threading.local()
 
 
@@ -83,6 +86,8 @@ def threads_for(busy: float, cores: int) -> int:
 
 def adapt() -> None:
     """Set this thread's torch thread count to the free cores (see the module docstring); cheap between looks."""
+    if not _read_environment:
+        from_environment()
     if _fixed is not None:
         return
     now = time.monotonic()
@@ -103,16 +108,16 @@ def adapt() -> None:
         torch.set_num_threads(want)
 
 
-def _from_environment() -> None:
+def from_environment() -> None:
+    """Fix the count to LLMLAB_THREADS when it is set (read once; `configure_torch` and `adapt` call this)."""
+    global _read_environment
+    _read_environment = True
     value = os.environ.get("LLMLAB_THREADS", "")
     if value.strip():
         try:
             threads = int(value)
         except ValueError:
-            raise ValueError(f"LLMLAB_THREADS must be a positive number of threads, got {value!r}") from None
+            threads = 0
         if threads < 1:
-            raise ValueError(f"LLMLAB_THREADS must be a positive number of threads, got {value!r}")
+            raise LLMLabError(f"LLMLAB_THREADS must be a positive number of threads, got {value!r}")
         fix(threads)
-
-
-_from_environment()

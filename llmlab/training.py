@@ -47,6 +47,7 @@ def configure_torch(threads: int = 0) -> None:
     gradients otherwise fall into x86's microcoded slow path: a tiny model trained 150x slower here), and
     the number of threads (0: one per free core, following the machine's load: llmlab.threads)."""
     torch.set_flush_denormal(True)
+    cpu_threads.from_environment()
     if threads > 0:
         cpu_threads.fix(threads)
 

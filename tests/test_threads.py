@@ -20,6 +20,7 @@ from llmlab.training import train_step
 def restore_threads(monkeypatch):
     before = torch.get_num_threads()
     monkeypatch.setattr(threads, "_fixed", None)
+    monkeypatch.setattr(threads, "_read_environment", True)
     monkeypatch.setattr(threads, "_local", type(threads._local)())
     yield
     torch.set_num_threads(before)
@@ -91,3 +92,15 @@ def _train_digest(n_threads: int) -> str:
 def test_training_gives_the_same_bits_on_one_thread_as_on_all(restore_threads):
     # what makes adapting free: a run that changed its thread count midway ends with the same weights
     assert _train_digest(1) == _train_digest(threads.most())
+
+
+def test_the_environment_fixes_the_count_or_says_what_is_wrong(restore_threads, monkeypatch):
+    from llmlab.errors import LLMLabError
+
+    for bad in ("x", "0", "-2"):
+        monkeypatch.setenv("LLMLAB_THREADS", bad)
+        with pytest.raises(LLMLabError, match="LLMLAB_THREADS must be a positive number"):
+            threads.from_environment()
+    monkeypatch.setenv("LLMLAB_THREADS", "1")
+    threads.from_environment()
+    assert threads._fixed == 1 and torch.get_num_threads() == 1

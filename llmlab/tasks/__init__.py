@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 from llmlab.engine import Engine, SamplingParams
 from llmlab.tokenizer import Tokenizer
@@ -39,20 +39,20 @@ class Task:
         return float(normalize(completion) == normalize(example.answer))
 
 
-def that_fit(examples: Sequence[Example], prompts: Sequence[list[int]], context_len: int
+def that_fit(task: Task, encode: Callable[[Example], list[int]], context_len: int
              ) -> tuple[list[Example], list[list[int]], int]:
-    """(the examples whose prompt leaves room for a reply in the context, their prompts, how many did not fit):
-    a small model's context may be shorter than a world's longest conversations."""
-    kept = [(e, p) for e, p in zip(examples, prompts) if len(p) < context_len]
-    return [e for e, _ in kept], [p for _, p in kept], len(examples) - len(kept)
+    """(the task's examples whose prompt, `encode(example)`, leaves room for a reply in the context, their
+    prompts, how many did not fit): a small model's context may be shorter than a world's longest conversations."""
+    kept = [(e, p) for e in task.examples() if len(p := encode(e)) < context_len]
+    return [e for e, _ in kept], [p for _, p in kept], len(task.examples()) - len(kept)
 
 
 def run_task(task: Task, engine: Engine, tokenizer: Tokenizer, max_new_tokens: int = 16, batch_size: int = 64,
              stop_ids: Sequence[int] = ()) -> dict:
     """Greedy completions for every example; returns {"accuracy": overall, "groups": {group: accuracy},
     "samples": a few (prompt, completion, answer, score) rows, "skipped": examples too long for the context}."""
-    examples, all_prompts, skipped = that_fit(list(task.examples()), [
-        [tokenizer.bos_id] + tokenizer.encode(e.prompt) for e in task.examples()], engine.model.config.context_len)
+    examples, all_prompts, skipped = that_fit(task, lambda e: [tokenizer.bos_id] + tokenizer.encode(e.prompt),
+                                              engine.model.config.context_len)
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
     scores: dict[str, list[float]] = defaultdict(list)
     samples = []

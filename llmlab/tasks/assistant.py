@@ -205,8 +205,8 @@ def run_chat_task(task: ChatTask, engine: Engine, tokenizer: Tokenizer, run_tool
     scores: dict[str, list[float]] = defaultdict(list)
     traits: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     samples = []
-    examples, all_prompts, skipped = that_fit(list(task.examples()), [
-        render_prompt(tokenizer, e.meta["messages"]) for e in task.examples()], engine.model.config.context_len)
+    examples, all_prompts, skipped = that_fit(task, lambda e: render_prompt(tokenizer, e.meta["messages"]),
+                                              engine.model.config.context_len)
     for start in range(0, len(examples), batch_size):
         chunk = examples[start:start + batch_size]
         prompts = all_prompts[start:start + batch_size]
