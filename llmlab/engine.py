@@ -252,6 +252,9 @@ class Engine:
     _COMPILE_OPTIONS = {"size_asserts": False, "alignment_asserts": False}
 
     def __init__(self, model: GPT, compile: bool = False):
+        if model.config.num_labels:
+            raise LLMLabError("this checkpoint is a scorer (a reward model: num_labels > 0), not a language model: "
+                              "it scores text but cannot generate it; give an assistant or base checkpoint")
         self.model = model.eval()
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype

@@ -47,6 +47,9 @@ class GPTConfig:
     """RMSNorm on each query and key head before RoPE (Qwen3); False gives the Llama layout"""
     tie_embeddings: bool = False
     """share the token embedding and the LM head"""
+    num_labels: int = 0
+    """0: a language model (an LM head over the vocabulary). N > 0: a scorer (a reward model): a linear `score`
+    head of N outputs per position replaces the LM head, as in Hugging Face's LlamaForSequenceClassification"""
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "n_layer", "d_model", "n_head", "n_kv_head", "context_len"):
@@ -58,6 +61,9 @@ class GPTConfig:
             raise LLMLabError(f"model: d_model ({self.d_model}) must be divisible by n_head ({self.n_head}), or set head_dim")
         if self.hdim % 2:
             raise LLMLabError(f"model: head_dim must be even for RoPE (got {self.hdim})")
+        if self.num_labels < 0 or (self.num_labels and self.tie_embeddings):
+            raise LLMLabError(f"model: num_labels must be >= 0, and a scorer (num_labels > 0) has no LM head to tie "
+                              f"(got num_labels={self.num_labels}, tie_embeddings={self.tie_embeddings})")
 
     @property
     def hdim(self) -> int:
@@ -262,7 +268,10 @@ class GPT(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.num_labels:
+            self.score = nn.Linear(cfg.d_model, cfg.num_labels, bias=False)
+        else:
+            self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.rotary = Rotary(cfg.hdim, cfg.context_len, cfg.rope_theta)
@@ -275,6 +284,7 @@ class GPT(nn.Module):
         - embed_tokens: N(0, 1) when untied: its output goes straight into RMSNorm, so the scale is free;
           N(0, 1/sqrt(d_model)) when tied, so that the logits of the shared head start near unit scale.
         - lm_head (untied): N(0, 0.001): logits start near zero, so the first loss is about ln(vocab_size).
+        - score (a scorer's head): zeros, so every sequence starts with the same score.
         - q_proj, k_proj, v_proj, gate_proj, up_proj: U(-a, a) with a = sqrt(3 / fan_in), i.e. unit-variance
           outputs for unit-variance inputs.
         - o_proj, down_proj: zeros, so every block starts as the identity and the residual stream as the
@@ -287,7 +297,10 @@ class GPT(nn.Module):
             self.embed_tokens.weight.normal_(0.0, d**-0.5, generator=gen)
         else:
             self.embed_tokens.weight.normal_(0.0, 1.0, generator=gen)
-            self.lm_head.weight.normal_(0.0, 0.001, generator=gen)
+            if self.config.num_labels:
+                self.score.weight.zero_()
+            else:
+                self.lm_head.weight.normal_(0.0, 0.001, generator=gen)
         for block in self.layers:
             attn, mlp = block.self_attn, block.mlp
             for lin in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj):
@@ -300,7 +313,8 @@ class GPT(nn.Module):
                 module.weight.fill_(1.0)
 
     def forward(self, ids: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
-        """ids (B, T) -> logits (B, T, V) in fp32. With a cache, ids continue the cached sequences."""
+        """ids (B, T) -> logits (B, T, V) in fp32 (a scorer: scores (B, T, num_labels)). With a cache, ids
+        continue the cached sequences."""
         B, T = ids.shape
         start = kv_cache.length if kv_cache is not None else 0
         if start + T > self.config.context_len:
@@ -313,7 +327,7 @@ class GPT(nn.Module):
         x = self.embed_tokens(ids)  # (B, T, d)
         for block in self.layers:
             x = block(x, cos, sin, kv_cache, mask)
-        logits = self.lm_head(self.norm(x))  # (B, T, V)
+        logits = (self.score if self.config.num_labels else self.lm_head)(self.norm(x))  # (B, T, V or num_labels)
         if kv_cache is not None:
             kv_cache.advance(T)
         return logits.float()

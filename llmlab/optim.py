@@ -99,7 +99,7 @@ def build_optimizers(model: nn.Module, cfg) -> list[torch.optim.Optimizer]:
     for name, p in model.named_parameters():
         if name.startswith("embed_tokens"):
             (head if model.config.tie_embeddings else embed).append(p)
-        elif name.startswith("lm_head"):
+        elif name.startswith(("lm_head", "score")):  # the LM head, or a scorer's head
             head.append(p)
         elif p.dim() == 2:
             matrices.append(p)

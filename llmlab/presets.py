@@ -14,7 +14,7 @@ from typing import Callable
 from llmlab.errors import LLMLabError
 from llmlab.model import GPTConfig
 from llmlab.optim import OptimConfig
-from llmlab.stages import chat, evaluate, feedback, pretrain, sample, serve, sft, speedrun, tokenizer, world
+from llmlab.stages import chat, dpo, evaluate, feedback, pretrain, rl, rm, sample, serve, sft, speedrun, tokenizer, world
 
 
 def _pipeline(run: str, world_cfg: world.Config, vocab_size: int, model: GPTConfig, **pretrain_kwargs) -> speedrun.Config:
@@ -33,6 +33,19 @@ def _pipeline(run: str, world_cfg: world.Config, vocab_size: int, model: GPTConf
                        replay=str(run_dir / "world"), replay_frac=0.125, batch_size=16, max_steps=300,
                        warmdown_frac=0.5, momentum_warmup_steps=0, eval_every=100, save_every=100,
                        optim=OptimConfig(muon_lr=0.01, embed_lr=0.05, head_lr=0.002, scalar_lr=0.005)),
+        # alignment: from the assistant, a few hundred steps each, lower learning rates again
+        rm=rm.Config(policy=str(run_dir / "sft"), world=str(run_dir / "world"), out_dir=str(run_dir / "rm"),
+                     batch_size=16, max_steps=200, warmdown_frac=0.5, momentum_warmup_steps=0, eval_every=50,
+                     save_every=50, optim=OptimConfig(muon_lr=0.01, embed_lr=0.02, head_lr=0.01, scalar_lr=0.005)),
+        dpo=dpo.Config(policy=str(run_dir / "sft"), world=str(run_dir / "world"), out_dir=str(run_dir / "dpo"),
+                       pairs=str(run_dir / "rm" / "pairs" / "train.jsonl"),
+                       heldout=str(run_dir / "rm" / "pairs" / "heldout.jsonl"), batch_size=16, max_steps=150,
+                       warmdown_frac=0.5, momentum_warmup_steps=0, eval_every=50, save_every=50,
+                       optim=OptimConfig(muon_lr=0.002, embed_lr=0.01, head_lr=0.0005, scalar_lr=0.001)),
+        rl=rl.Config(policy=str(run_dir / "sft"), world=str(run_dir / "world"), out_dir=str(run_dir / "rl"),
+                     reward=f"rm:{run_dir / 'rm'}", batch_size=16, max_steps=100, warmdown_frac=0.5,
+                     momentum_warmup_steps=0, eval_every=25, save_every=25,
+                     optim=OptimConfig(muon_lr=0.002, embed_lr=0.01, head_lr=0.0005, scalar_lr=0.001)),
         eval=evaluate.Config(checkpoint=str(run_dir / "sft"), world=str(run_dir / "world")),
         chat=chat.Config(checkpoint=str(run_dir / "sft"), world=str(run_dir / "world")),
         serve=serve.Config(checkpoint=str(run_dir / "sft"), world=str(run_dir / "world"),
@@ -50,6 +63,10 @@ def tiny(run: str = "runs/tiny") -> speedrun.Config:
     cfg = _pipeline(run, world_cfg, 512, model, batch_size=4, max_steps=12, eval_every=6, eval_rows=4,
                     save_every=6)
     cfg.sft.batch_size, cfg.sft.max_steps, cfg.sft.eval_every, cfg.sft.eval_rows, cfg.sft.save_every = 4, 6, 3, 8, 3
+    for stage in (cfg.rm, cfg.dpo, cfg.rl):
+        stage.batch_size, stage.max_steps, stage.eval_every, stage.save_every = 4, 4, 2, 2
+        stage.prompts_per_family, stage.judge_per_family, stage.max_new_tokens = 6, 4, 16
+    cfg.rl.eval_per_family = 2
     cfg.eval_questions = 16
     cfg.assistant = True
     return cfg

@@ -7,14 +7,16 @@ One JSON object per line (other keys, such as "source" or "model", are ignored):
      "rejected": [{"role": "assistant", "content": "5"}]}
 
 The prompt is a valid conversation (llmlab.chat.validate) that ends with a user message; chosen and rejected
-are the assistant's continuations of it. `llmlab feedback export` writes such files from the web chat's
+are the assistant's continuations of it: assistant messages, with the tool messages that answer its calls
+(`{"role": "tool", "content": "6"}` after an assistant message with `tool_calls`). Other keys of a line are kept
+in `meta` (the world's comparisons carry "family" and their gold scores). `llmlab feedback export` writes such files from the web chat's
 ratings, corrections and comparisons (llmlab.data.feedback).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from llmlab.chat import validate
@@ -32,9 +34,11 @@ class PreferencePair:
     """the preferred assistant message(s)"""
     rejected: list[dict]
     """the dispreferred assistant message(s)"""
+    meta: dict = field(default_factory=dict)
+    """the line's other keys"""
 
 
-def _pair(row: object, where: str) -> PreferencePair:
+def check_pair(row: object, where: str) -> PreferencePair:
     """A checked PreferencePair from one parsed line; LLMLabError prefixed with `where` otherwise."""
     if not isinstance(row, dict):
         raise LLMLabError(f"{where}: expected a JSON object with {', '.join(KEYS)}, got {type(row).__name__}")
@@ -53,14 +57,16 @@ def _pair(row: object, where: str) -> PreferencePair:
         answer = row[key]
         if not isinstance(answer, list) or not answer:
             raise LLMLabError(f"{where}: {key} must be a non-empty list of assistant messages, got {answer!r}")
-        if any(not isinstance(m, dict) or m.get("role") != "assistant" for m in answer):
-            raise LLMLabError(f"{where}: {key} must hold assistant messages only, e.g. "
-                              f"[{{'role': 'assistant', 'content': '...'}}]")
+        if any(not isinstance(m, dict) or m.get("role") not in ("assistant", "tool") for m in answer) \
+                or answer[0].get("role") != "assistant":
+            raise LLMLabError(f"{where}: {key} must hold the assistant's messages (and the tool messages answering its "
+                              f"calls), starting with an assistant message, e.g. [{{'role': 'assistant', 'content': '...'}}]")
         try:
             validate(prompt + answer)
         except LLMLabError as e:
             raise LLMLabError(f"{where}, {key}: {e}") from None
-    return PreferencePair(prompt=prompt, chosen=row["chosen"], rejected=row["rejected"])
+    return PreferencePair(prompt=prompt, chosen=row["chosen"], rejected=row["rejected"],
+                          meta={k: v for k, v in row.items() if k not in KEYS})
 
 
 def load_preference_pairs(path: str | Path) -> list[PreferencePair]:
@@ -80,7 +86,7 @@ def load_preference_pairs(path: str | Path) -> list[PreferencePair]:
             except json.JSONDecodeError as e:
                 raise LLMLabError(f"{where}: not valid JSON ({e.msg} at column {e.colno}): write one JSON object "
                                   f"per line") from None
-            pairs.append(_pair(row, where))
+            pairs.append(check_pair(row, where))
     if not pairs:
         raise LLMLabError(f"{path} holds no preference pairs: rate, flag or compare answers in `llmlab serve` "
                           f"and export again")

@@ -67,6 +67,9 @@ def main(cfg: Config) -> dict:
         source = checkpoint.resolve(cfg.checkpoint)
         check_replaceable(out_dir, cfg.force, source)  # before loading a model for nothing
         model = checkpoint.load_model(source)
+        if model.config.num_labels:
+            raise LLMLabError(f"{source} is a reward model (a scorer, num_labels={model.config.num_labels}): the "
+                              f"exports are of language models; export the assistant it scores instead")
         tokenizer = Tokenizer.load(source) if (source / "tokenizer.json").is_file() else None
         if cfg.format == "gguf" and tokenizer is None:
             raise LLMLabError(f"{source} has no tokenizer.json: a GGUF file carries its tokenizer, so export a "

@@ -1,8 +1,8 @@
 """`llmlab speedrun`: every stage of a preset in order, then `report.md` in the run directory.
 
-world -> tokenizer -> pretrain -> evaluation of the base model -> samples -> report. Each stage that already
-finished (its output complete on disk) is skipped, and pretraining resumes from its last checkpoint, so an
-interrupted speedrun continues where it stopped when started again.
+world -> tokenizer -> pretrain -> (sft -> rm -> rl) -> evaluation of the base model and the assistants -> samples
+-> report. Each stage that already finished (its output complete on disk) is skipped, and pretraining resumes
+from its last checkpoint, so an interrupted speedrun continues where it stopped when started again.
 
 Under torchrun every process runs pretraining; rank 0 alone runs the other stages while the rest wait.
 """
@@ -20,7 +20,7 @@ from llmlab.config import to_dict
 from llmlab.engine import Engine, newline_ids
 from llmlab.errors import LLMLabError
 from llmlab.report import write_report
-from llmlab.stages import chat, evaluate, feedback, pretrain, sample, serve, sft, tokenizer, world
+from llmlab.stages import chat, dpo, evaluate, feedback, pretrain, rl, rm, sample, serve, sft, tokenizer, world
 from llmlab.tasks import run_task
 from llmlab.tasks.knowledge import stored_knowledge
 from llmlab.tasks.world_qa import WorldArithmetic, WorldQA
@@ -40,6 +40,12 @@ class Config:
     """sampling settings for `llmlab sample` and the report's samples"""
     sft: sft.Config = field(default_factory=sft.Config)
     """the fine-tuning stage"""
+    rm: rm.Config = field(default_factory=rm.Config)
+    """the reward model"""
+    dpo: dpo.Config = field(default_factory=dpo.Config)
+    """DPO from the reward model's comparisons (not run by the speedrun)"""
+    rl: rl.Config = field(default_factory=rl.Config)
+    """RL of the assistant against the reward model (RLHF)"""
     eval: evaluate.Config = field(default_factory=evaluate.Config)
     """the evaluation of the assistant"""
     chat: chat.Config = field(default_factory=chat.Config)
@@ -50,6 +56,9 @@ class Config:
     """settings of `llmlab feedback` for this run (not run by the speedrun)"""
     assistant: bool = False
     """also fine-tune the assistant (sft) and evaluate it beside the base model (the report card)"""
+    align: bool = False
+    """after fine-tuning, train a reward model (rm) and steer the assistant by it (rl); the report card gets the
+    RL'd assistant's column"""
     eval_questions: int = 200
     """world questions per group in the base model's evaluation"""
 
@@ -109,10 +118,18 @@ def main(cfg: Config) -> dict:
     stage("pretrain", _done(cfg.pretrain), lambda: pretrain.main(cfg.pretrain), every_rank=True)
     if cfg.assistant:
         stage("sft", _done(cfg.sft), lambda: sft.main(cfg.sft), every_rank=True)
+    aligned = cfg.assistant and cfg.align
+    if aligned:
+        stage("rm", _done(cfg.rm), lambda: rm.main(cfg.rm), every_rank=True)
+        stage("rl", _done(cfg.rl), lambda: rl.main(cfg.rl), every_rank=True)
     if not info.is_main:
         return {}
     if cfg.assistant:
         results["sft"] = checkpoint.read_info(cfg.sft.out_dir)["metrics"]
+    if aligned:
+        results["rm"] = json.loads((Path(cfg.rm.out_dir) / "rm_eval.json").read_text())
+        results["rl"] = {**checkpoint.read_info(cfg.rl.out_dir)["metrics"],
+                         "judge": json.loads((Path(cfg.rl.out_dir) / "win_rate.json").read_text())}
     results["pretrain"] = checkpoint.read_info(cfg.pretrain.out_dir)["metrics"]
 
     def evaluate_base_model() -> dict:
@@ -140,10 +157,15 @@ def main(cfg: Config) -> dict:
         assistant = checkpoint.load(cfg.sft.out_dir)
         tok = assistant.tokenizer
         world_dir = cfg.world.out_dir
-        return {"base": evaluate.evaluate_base(Engine(base), tok, world_dir, per_group)
+        card = {"base": evaluate.evaluate_base(Engine(base), tok, world_dir, per_group)
                 | {"knowledge": stored_knowledge(base, tok, world_dir, per_group=per_group // 2)},
                 "chat": evaluate.evaluate_chat(Engine(assistant.model), tok, world_dir, per_group)
                 | {"knowledge": stored_knowledge(assistant.model, tok, world_dir, per_group=per_group // 2)}}
+        if aligned:
+            steered = checkpoint.load(cfg.rl.out_dir).model
+            card["rl"] = evaluate.evaluate_chat(Engine(steered), tok, world_dir, per_group) \
+                | {"knowledge": stored_knowledge(steered, tok, world_dir, per_group=per_group // 2)}
+        return card
 
     if cfg.assistant:
         results["card"] = stage("report card", False, evaluate_both)

@@ -136,7 +136,9 @@ _ASK = {
                                     "How many days between {a} and {b}?"],
                            "heldout": ["Use python to count the days from {a} to {b}.", "What is the number of days from {a} to {b}?"]},
     "day of the week": {"seen": ["What day of the week was {a}?", "Which weekday was {a}?", "What weekday is {a}?",
-                                 "Use python to tell the weekday of {a}.", "Which day of the week is {a}?"],
+                                 "Use python to tell the weekday of {a}.", "Which day of the week is {a}?",
+                                 "On what day did {a} fall?", "Which day of the week did {a} fall on?",
+                                 "{a} was which day of the week?"],
                         "heldout": ["Use python to find the weekday of {a}.", "On which day of the week did {a} fall?"]},
     "compute with python": {"seen": ["Use python to compute {x} {op} {y}.", "Compute {x} {op} {y} with python.",
                                      "Use python: what is {x} {op} {y}?", "Run {x} {op} {y} in python.",
@@ -145,16 +147,22 @@ _ASK = {
 }
 
 
+def pseudo_word(rng: random.Random) -> str:
+    """A made-up word of 2-4 syllables ("Tobelu"): never the same twice, so a call can only copy it, not recall it."""
+    syllables = [rng.choice("bdfgklmnprstvz") + rng.choice("aeiou") for _ in range(rng.randint(2, 4))]
+    return "".join(syllables).capitalize()
+
+
 def _date(rng: random.Random) -> datetime.date:
     return datetime.date(rng.randint(1950, 2030), 1, 1) + datetime.timedelta(days=rng.randint(0, 364))
 
 
 def python_task(rng: random.Random, task: str, phrasing: str, words: list[str]) -> dict:
     """{"question", "code", "output", "answer" (the reply), "expect" (what a right reply contains)} for `task`;
-    `output` is what the sandbox prints, `words` the words to count the letters of."""
+    `output` is what the sandbox prints, `words` the words to count the letters of (empty: a made-up word)."""
     ask = rng.choice(_ASK[task][phrasing])
     if task == "count letters":
-        w = rng.choice(words)
+        w = rng.choice(words) if words else pseudo_word(rng)
         out = str(len(w))
         return {"question": ask.format(w=w), "code": f'print(len("{w}"))', "output": out + "\n",
                 "answer": f"It has {out} letters.", "expect": out}

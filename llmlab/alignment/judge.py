@@ -1,0 +1,52 @@
+"""Head to head by the gold scorer: two assistants answer the same held-out prompts (greedy, tools run by the
+engine), and the gold reward decides each prompt: a win, a loss or a tie. The win rate leaves ties out."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Callable
+
+from llmlab.chat import final_answer, render_prompt, reply_stop_ids
+from llmlab.engine import Engine, SamplingParams, generate_with_tools
+from llmlab.model import GPT
+from llmlab.tasks import that_fit
+from llmlab.tasks.gold import GoldTask
+from llmlab.tokenizer import Tokenizer
+
+
+def gold_replies(model: GPT, tok: Tokenizer, task: GoldTask, run_tool: Callable[[str], str] | None,
+                 max_new_tokens: int = 48, batch_size: int = 64) -> list[dict]:
+    """Greedy replies to every example that fits: {"family", "reply", "reward", "correct", "words"} each."""
+    engine = Engine(model)
+    examples, prompts, _ = that_fit(task, lambda e: render_prompt(tok, e.meta["messages"]), model.config.context_len)
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
+    tool_start = tok.special_id("<|tool_start|>")
+    out = []
+    for start in range(0, len(examples), batch_size):
+        replies, _ = generate_with_tools(engine, tok, prompts[start:start + batch_size], params, reply_stop_ids(tok), run_tool)
+        for example, ids in zip(examples[start:start + batch_size], replies):
+            text, called = final_answer(tok, ids), tool_start in ids
+            out.append({"family": example.group, "reply": text, "reward": task.reward(example, text, called),
+                        "correct": task.score(example, text, called), "words": len(text.split())})
+    return out
+
+
+def head_to_head(a: list[dict], b: list[dict]) -> dict:
+    """A's record against B on the same prompts (the lists of `gold_replies`, in the same order): wins, losses,
+    ties, win rate without ties, and per family A's and B's accuracy and mean reward."""
+    wins = sum(x["reward"] > y["reward"] for x, y in zip(a, b))
+    losses = sum(x["reward"] < y["reward"] for x, y in zip(a, b))
+    families: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for x, y in zip(a, b):
+        f = families[x["family"]]
+        f["a_correct"].append(x["correct"])
+        f["b_correct"].append(y["correct"])
+        f["a_reward"].append(x["reward"])
+        f["b_reward"].append(y["reward"])
+    mean = lambda v: sum(v) / max(len(v), 1)  # noqa: E731
+    return {"wins": wins, "losses": losses, "ties": len(a) - wins - losses,
+            "win_rate": wins / (wins + losses) if wins + losses else float("nan"),
+            "a_reward": mean([x["reward"] for x in a]), "b_reward": mean([y["reward"] for y in b]),
+            "a_accuracy": mean([x["correct"] for x in a]), "b_accuracy": mean([y["correct"] for y in b]),
+            "a_words": mean([x["words"] for x in a]), "b_words": mean([y["words"] for y in b]),
+            "families": {name: {k: mean(v) for k, v in f.items()} for name, f in sorted(families.items())}}

@@ -1,0 +1,192 @@
+"""Comparisons: sampling them from an assistant and labelling them with the gold scorer, and feeding pairs to
+the training loop (`PairLoader`: reward models and DPO).
+
+`sample_comparisons` asks the assistant each prompt `k` times at temperature > 0 (the engine runs its tool
+calls), scores every reply with the gold reward (llmlab.tasks.gold) and pairs a better reply with a worse one:
+the best against the worst, then the next widest gaps, up to `per_prompt` pairs, equal scores never paired.
+Rows are written in TRL's conversational format (llmlab.data.preferences), with the family and both gold scores
+beside, so users' pairs (`llmlab feedback export`'s preferences.jsonl) and the world's train the same way.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm import tqdm
+
+from llmlab.chat import final_answer, parse_turn, render_conversation, render_prompt, reply_stop_ids, validate
+from llmlab.data.conversations import collate
+from llmlab.data.preferences import PreferencePair, check_pair, write_jsonl
+from llmlab.engine import Engine, SamplingParams, generate_with_tools
+from llmlab.errors import LLMLabError
+from llmlab.tasks import that_fit
+from llmlab.tasks.gold import GoldTask
+from llmlab.tokenizer import Tokenizer
+
+
+def sample_replies(engine: Engine, tok: Tokenizer, task: GoldTask, k: int, params: SamplingParams,
+                   run_tool: Callable[[str], str] | None, batch_prompts: int = 16,
+                   progress: Callable[[int], None] | None = None) -> list[tuple]:
+    """[(example, [(reply ids, gold reward, correct), ... k of them]), ...] for every example that fits."""
+    examples, prompts, _ = that_fit(task, lambda e: render_prompt(tok, e.meta["messages"]), engine.model.config.context_len)
+    stop = reply_stop_ids(tok)
+    tool_start = tok.special_id("<|tool_start|>")
+    out = []
+    for start in range(0, len(examples), batch_prompts):
+        chunk, chunk_prompts = examples[start:start + batch_prompts], prompts[start:start + batch_prompts]
+        rows = [p for p in chunk_prompts for _ in range(k)]
+        seeded = SamplingParams(**{**params.__dict__, "seed": params.seed + start})
+        replies, _ = generate_with_tools(engine, tok, rows, seeded, stop, run_tool)
+        for i, example in enumerate(chunk):
+            scored = []
+            for ids in replies[i * k:(i + 1) * k]:
+                text, called = final_answer(tok, ids), tool_start in ids
+                scored.append((ids, task.reward(example, text, called), task.score(example, text, called)))
+            out.append((example, scored))
+        if progress:
+            progress(len(chunk))
+    return out
+
+
+def comparisons(tok: Tokenizer, sampled: list[tuple], per_prompt: int = 2) -> list[dict]:
+    """Preference rows from sampled replies: distinct replies of different gold rewards, widest gaps first."""
+    rows = []
+    for example, scored in sampled:
+        unique: dict[tuple, tuple] = {}
+        for ids, reward, _ in scored:
+            messages = parse_turn(tok, ids)
+            if not any(m.get("content") or m.get("tool_calls") for m in messages) or not _valid(example.meta["messages"], messages):
+                continue  # an empty reply is no answer to compare; a malformed one (an output with no call) has no messages
+            unique.setdefault(tuple(ids), (messages, reward))
+        candidates = sorted(unique.values(), key=lambda mr: -mr[1])
+        gaps = sorted(((a, b) for a, b in itertools.combinations(candidates, 2) if a[1] > b[1]),
+                      key=lambda ab: -(ab[0][1] - ab[1][1]))
+        for (chosen, gc), (rejected, gr) in gaps[:per_prompt]:
+            rows.append({"prompt": example.meta["messages"], "chosen": chosen, "rejected": rejected,
+                         "family": example.group, "gold_chosen": gc, "gold_rejected": gr, "source": "world"})
+    return rows
+
+
+def _valid(prompt: list[dict], answer: list[dict]) -> bool:
+    if answer[0]["role"] != "assistant":
+        return False
+    try:
+        validate(prompt + answer)
+    except LLMLabError:
+        return False
+    return True
+
+
+@dataclass
+class EncodedPair:
+    chosen: tuple[list[int], list[int]]
+    """(ids, loss mask) of the prompt and the chosen answer"""
+    rejected: tuple[list[int], list[int]]
+    family: str = ""
+    meta: dict = field(default_factory=dict)
+
+
+def encode_pairs(pairs: list[PreferencePair], tok: Tokenizer, max_len: int) -> tuple[list[EncodedPair], dict[str, int]]:
+    """(the pairs rendered, {reason: count} of those skipped): chosen identical to rejected, an answer with no
+    text and no tool call, or a conversation longer than max_len tokens."""
+    encoded, skipped = [], {}
+
+    def skip(reason: str) -> None:
+        skipped[reason] = skipped.get(reason, 0) + 1
+
+    for pair in pairs:
+        if any(not any(m.get("content") or m.get("tool_calls") for m in answer) for answer in (pair.chosen, pair.rejected)):
+            skip("an empty answer")
+            continue
+        chosen = render_conversation(tok, pair.prompt + pair.chosen)
+        rejected = render_conversation(tok, pair.prompt + pair.rejected)
+        if chosen[0] == rejected[0]:
+            skip("chosen equals rejected")
+        elif max(len(chosen[0]), len(rejected[0])) > max_len:
+            skip(f"longer than the context ({max_len} tokens)")
+        else:
+            encoded.append(EncodedPair(chosen, rejected, str(pair.meta.get("family", "")), pair.meta))
+    return encoded, skipped
+
+
+def reward_batch(pairs: list[EncodedPair], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids (2P, T) right-padded, last (2P,)): the chosen rows, then the rejected rows, and each row's last
+    real token (where a reward model's score is read)."""
+    rows = [p.chosen[0] for p in pairs] + [p.rejected[0] for p in pairs]
+    T = max(len(r) for r in rows)
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.int64)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = torch.tensor(r)
+    return ids, torch.tensor([len(r) - 1 for r in rows])
+
+
+def policy_batch(pairs: list[EncodedPair], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, targets) of the chosen rows then the rejected rows, targets on the answers' own tokens."""
+    return collate([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id)
+
+
+class PairLoader:
+    """Batches of P pairs per rank, a new seeded permutation each epoch; `kind` "reward" gives `reward_batch`,
+    "policy" gives `policy_batch`. Every rank draws the global batch of P x W pairs and keeps pairs r, r+W, ...,
+    so the position is global and a run resumes exactly."""
+
+    def __init__(self, pairs: list[EncodedPair], batch_size: int, pad_id: int, kind: str, seed: int = 0,
+                 rank: int = 0, world_size: int = 1):
+        if not pairs:
+            raise LLMLabError("no preference pairs to train on (all were skipped, or none were given)")
+        if kind not in ("reward", "policy"):
+            raise ValueError(kind)
+        self.pairs, self.P, self.pad_id, self.kind = pairs, batch_size, pad_id, kind
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.drawn = 0  # pairs drawn, all ranks counted
+        self._perm: tuple[int, list[int]] = (-1, [])
+
+    def _order(self, epoch: int) -> list[int]:
+        if self._perm[0] != epoch:
+            order = list(range(len(self.pairs)))
+            random.Random(f"{self.seed}-{epoch}").shuffle(order)
+            self._perm = (epoch, order)
+        return self._perm[1]
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        mine = []
+        n = len(self.pairs)
+        for k in range(self.P * self.world_size):
+            at = self.drawn + k
+            if k % self.world_size == self.rank:
+                mine.append(self.pairs[self._order(at // n)[at % n]])
+        self.drawn += self.P * self.world_size
+        return (reward_batch if self.kind == "reward" else policy_batch)(mine, self.pad_id)
+
+    def state_dict(self) -> dict:
+        return {"drawn": self.drawn, "batch_size": self.P, "world_size": self.world_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.drawn = state["drawn"]
+
+
+def world_comparisons(engine: Engine, tok: Tokenizer, world_dir: str, split: str, per_family: int, k: int,
+                      params: SamplingParams, run_tool, per_prompt: int, path) -> list[dict]:
+    """The world's gold-labelled comparisons of `split`, sampled from the engine's model, cached in `path`
+    (written atomically; an existing file is read back, so a resumed run trains on the same pairs)."""
+    path = Path(path)
+    if path.is_file():
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    task = GoldTask(world_dir, split, per_family)
+    with tqdm(total=len(task.examples()), desc=f"comparisons ({split})", dynamic_ncols=True) as bar:
+        sampled = sample_replies(engine, tok, task, k, params, run_tool, progress=bar.update)
+    rows = comparisons(tok, sampled, per_prompt)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_jsonl(path, rows)
+    return rows
+
+
+def pairs_from_rows(rows: list[dict], where: str) -> list[PreferencePair]:
+    """Rows in the file format, checked as the file reader checks them."""
+    return [check_pair(r, f"{where}, row {i}") for i, r in enumerate(rows, start=1)]

@@ -1,0 +1,227 @@
+"""On-policy rollouts for RL, and the rewards they are scored by.
+
+`Rollouts` is the RL stage's batch source: each `next_batch` takes the next prompts of a seeded permutation,
+samples `group_size` replies to each with the policy through the engine (tools run inside the engine, so RL can
+teach tool use; the tool outputs it forced in are masked out of the loss), scores them with a reward, and
+returns (inputs, targets, advantages, reference log-probabilities) for `PolicyGradientLoss`. Its sampling seed
+is a function of the run's seed, the step and the rank, so a resumed run samples what the killed one would have.
+
+Rewards (`parse_reward`): `task:NAME` is a task's exact reward (task:gold, the gold scorer of
+llmlab.tasks.gold), `rm:PATH` a reward model's score of the whole conversation, and `A*w,B*v` their weighted
+sum.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, replace
+from typing import Callable, Protocol, Sequence
+
+import torch
+
+from llmlab import checkpoint
+from llmlab.alignment.losses import rewards_at, token_logprobs
+from llmlab.chat import final_answer, render_prompt, reply_stop_ids
+from llmlab.data.conversations import collate
+from llmlab.engine import Engine, SamplingParams, generate_with_tools
+from llmlab.errors import LLMLabError
+from llmlab.model import GPT
+from llmlab.tasks import Example, that_fit
+from llmlab.tasks.gold import GoldTask
+from llmlab.tokenizer import Tokenizer
+
+
+class Reward(Protocol):
+    def __call__(self, examples: Sequence[Example], prompts: Sequence[list[int]], replies: Sequence[list[int]],
+                 finished: Sequence[bool]) -> list[float]:
+        """One reward per row: the example asked, its prompt ids, the reply's ids (tool outputs included, no
+        stop token) and whether the reply ended (False: cut off by the length limit)."""
+
+
+class TaskReward:
+    """A task's `reward(example, final words, called_tool)`; a reply cut off by the length limit is scored as
+    it stands (usually wrong: its answer never came)."""
+
+    def __init__(self, task: GoldTask, tok: Tokenizer):
+        self.task, self.tok = task, tok
+        self.tool_start = tok.special_id("<|tool_start|>")
+
+    def __call__(self, examples, prompts, replies, finished) -> list[float]:
+        return [self.task.reward(e, final_answer(self.tok, r), self.tool_start in r) for e, r in zip(examples, replies)]
+
+
+class ModelReward:
+    """A reward model's score of prompt + reply + `<|assistant_end|>`, read at that last token."""
+
+    def __init__(self, model: GPT, tok: Tokenizer, batch_size: int = 64):
+        if model.config.num_labels != 1:
+            raise LLMLabError("rm: the reward model must be a scorer with one output (a checkpoint of `llmlab rm`)")
+        self.model, self.tok, self.batch_size = model.eval(), tok, batch_size
+        self.end = tok.special_id("<|assistant_end|>")
+
+    @torch.no_grad()
+    def score(self, rows: list[list[int]]) -> list[float]:
+        device = next(self.model.parameters()).device
+        T = self.model.config.context_len
+        out = []
+        for start in range(0, len(rows), self.batch_size):
+            chunk = [r[:T] for r in rows[start:start + self.batch_size]]
+            ids = torch.full((len(chunk), max(map(len, chunk))), self.tok.pad_id, dtype=torch.int64)
+            for i, r in enumerate(chunk):
+                ids[i, :len(r)] = torch.tensor(r)
+            last = torch.tensor([len(r) - 1 for r in chunk])
+            out += rewards_at(self.model, ids.to(device), last.to(device)).tolist()
+        return out
+
+    def __call__(self, examples, prompts, replies, finished) -> list[float]:
+        return self.score([list(p) + list(r) + [self.end] for p, r in zip(prompts, replies)])
+
+
+class WeightedReward:
+    def __init__(self, parts: list[tuple[float, Reward]]):
+        self.parts = parts
+
+    def __call__(self, examples, prompts, replies, finished) -> list[float]:
+        total = [0.0] * len(replies)
+        for weight, reward in self.parts:
+            total = [t + weight * r for t, r in zip(total, reward(examples, prompts, replies, finished))]
+        return total
+
+
+def load_reward_model(path: str, tok: Tokenizer, device) -> GPT:
+    """A reward model checkpoint, checked to be a scorer trained with the policy's tokenizer."""
+    rm = checkpoint.load(path, device)
+    if rm.model.config.num_labels != 1:
+        raise LLMLabError(f"{rm.path} is not a reward model (no scalar head): train one with `llmlab rm`")
+    rm_tok = rm.require_tokenizer("scoring the policy's replies")
+    if rm_tok.hf.to_str() != tok.hf.to_str():
+        raise LLMLabError(f"the reward model {rm.path} was trained with another tokenizer than the policy's: "
+                          f"its scores of these token ids would mean nothing; train it from this assistant")
+    return rm.model
+
+
+def parse_reward(spec: str, tok: Tokenizer, world_dir: str, device, split: str = "train") -> Reward:
+    """`task:gold`, `rm:PATH`, or a weighted sum of them: `rm:runs/cpu/rm*1.0,task:gold*0.5`."""
+    parts: list[tuple[float, Reward]] = []
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        term, _, weight = item.partition("*")
+        try:
+            w = float(weight) if weight else 1.0
+        except ValueError:
+            raise LLMLabError(f"--reward: the weight of {item!r} is not a number") from None
+        kind, _, arg = term.partition(":")
+        if kind == "task" and arg == "gold":
+            parts.append((w, TaskReward(GoldTask(world_dir, split, per_family=1), tok)))
+        elif kind == "rm" and arg:
+            parts.append((w, ModelReward(load_reward_model(arg, tok, device), tok)))
+        else:
+            raise LLMLabError(f"--reward: {item!r} is not task:gold or rm:PATH (weighted: rm:PATH*0.5,task:gold*1)")
+    if not parts:
+        raise LLMLabError("--reward is empty: give task:gold, rm:PATH or a weighted sum of them")
+    return parts[0][1] if len(parts) == 1 and parts[0][0] == 1.0 else WeightedReward(parts)
+
+
+@dataclass
+class RolloutStats:
+    reward: float = 0.0
+    zero_spread: float = 0.0
+    """share of groups whose rewards are all equal (they teach nothing: every advantage is 0)"""
+    reply_tokens: float = 0.0
+    finished: float = 0.0
+
+
+class Rollouts:
+    """The RL batch source (see the module's docstring). `batch_size` prompts per rank per micro-batch,
+    `group_size` replies each; advantages are each reward minus its group's mean."""
+
+    def __init__(self, policy: GPT, reference: GPT, tok: Tokenizer, examples: list[Example], reward: Reward,
+                 run_tool: Callable[[str], str] | None, batch_size: int, group_size: int, params: SamplingParams,
+                 seed: int = 0, rank: int = 0, world_size: int = 1):
+        T = policy.config.context_len
+        self.examples, self.prompts, skipped = that_fit(_Listed(examples), lambda e: render_prompt(tok, e.meta["messages"]), T)
+        if not self.examples:
+            raise LLMLabError("rl: no prompt leaves room for a reply in the model's context")
+        self.skipped = skipped
+        self.engine, self.reference, self.tok = Engine(policy), reference.eval().requires_grad_(False), tok
+        self.reward, self.run_tool = reward, run_tool
+        self.B, self.G, self.params, self.seed = batch_size, group_size, params, seed
+        self.rank, self.world_size = rank, world_size
+        self.drawn = 0  # prompts drawn, all ranks counted
+        self.batches = 0
+        self.stats = RolloutStats()
+        self._perm: tuple[int, list[int]] = (-1, [])
+        self.stop = reply_stop_ids(tok)
+
+    def _example(self, at: int) -> int:
+        n = len(self.examples)
+        epoch = at // n
+        if self._perm[0] != epoch:
+            order = list(range(n))
+            random.Random(f"{self.seed}-rollouts-{epoch}").shuffle(order)
+            self._perm = (epoch, order)
+        return self._perm[1][at % n]
+
+    def next_batch(self) -> tuple[torch.Tensor, ...]:
+        chosen = [self._example(self.drawn + k) for k in range(self.B * self.world_size) if k % self.world_size == self.rank]
+        self.drawn += self.B * self.world_size
+        seed = (self.seed * 1_000_003 + self.batches * 7_919 + self.rank) % 2**63
+        self.batches += 1
+        examples = [self.examples[i] for i in chosen for _ in range(self.G)]
+        prompts = [self.prompts[i] for i in chosen for _ in range(self.G)]
+        batch, stats = rollout_batch(self.engine, self.reference, self.tok, examples, prompts, self.reward,
+                                     self.run_tool, replace(self.params, seed=seed), self.G, self.stop)
+        self.stats = stats
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"drawn": self.drawn, "batches": self.batches, "batch_size": self.B, "world_size": self.world_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.drawn, self.batches = state["drawn"], state["batches"]
+
+
+class _Listed:
+    def __init__(self, examples: list[Example]):
+        self._examples = examples
+
+    def examples(self) -> list[Example]:
+        return self._examples
+
+
+def policy_rows(prompts: Sequence[list[int]], replies: Sequence[list[int]], forced: Sequence[list[bool]],
+                finished: Sequence[bool], end_id: int, max_len: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, targets) of prompt + reply (+ `end_id` when the reply finished), right-padded: targets are the
+    reply's tokens that the policy sampled, and the end token; the prompt, padding and the tokens the engine
+    forced (tool outputs) are IGNORE_INDEX."""
+    rows = []
+    for prompt, reply, f, done in zip(prompts, replies, forced, finished):
+        ids = list(prompt) + list(reply) + ([end_id] if done else [])
+        mask = [0] * len(prompt) + [int(not x) for x in f] + ([1] if done else [])
+        rows.append((ids[:max_len], mask[:max_len]))
+    return collate(rows, pad_id)
+
+
+def rollout_batch(engine: Engine, reference: GPT, tok: Tokenizer, examples: list[Example], prompts: list[list[int]],
+                  reward: Reward, run_tool, params: SamplingParams, group_size: int,
+                  stop: Sequence[int]) -> tuple[tuple[torch.Tensor, ...], RolloutStats]:
+    """Sample a reply per row (rows come in groups of `group_size` with the same prompt), score them, and build
+    (inputs, targets, advantages, ref_logp): targets are the policy's own reply tokens and the stop token that
+    ended the reply; prompt, padding and forced tool outputs are IGNORE_INDEX."""
+    replies, tools = generate_with_tools(engine, tok, prompts, params, stop, run_tool)
+    T = engine.model.config.context_len
+    max_new = min(params.max_new_tokens, T - max(map(len, prompts)))
+    finished = [len(r) < max_new for r in replies]
+    rewards = torch.tensor(reward(examples, prompts, replies, finished), dtype=torch.float32)
+    groups = rewards.view(-1, group_size)
+    advantages = (groups - groups.mean(dim=1, keepdim=True)).flatten()
+    forced = [tools.forced[i][:len(r)] if tools is not None else [False] * len(r) for i, r in enumerate(replies)]
+    inputs, targets = policy_rows(prompts, replies, forced, finished, tok.special_id("<|assistant_end|>"), T, tok.pad_id)
+    device = engine.device
+    inputs, targets = inputs.to(device), targets.to(device)
+    with torch.no_grad():
+        ref_logp = token_logprobs(reference, inputs, targets, params.temperature)
+    spread = groups.max(dim=1).values - groups.min(dim=1).values
+    stats = RolloutStats(reward=float(rewards.mean()), zero_spread=float((spread == 0).float().mean()),
+                         reply_tokens=sum(map(len, replies)) / len(replies), finished=sum(finished) / len(finished))
+    return (inputs, targets, advantages.to(device), ref_logp), stats
+

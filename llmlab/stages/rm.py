@@ -1,0 +1,159 @@
+"""`llmlab rm`: a reward model from comparisons (the scorer RLHF steers an assistant by).
+
+The model is the assistant's backbone with its LM head replaced by a scalar head (`GPTConfig.num_labels=1`,
+initialised at zero, so every answer starts equal), trained with the Bradley-Terry loss on pairs
+(llmlab.alignment.losses): the score is read at each conversation's last real token. The pairs are the world's
+(`--pairs world`: the assistant answers the world's prompts `--samples` times, the gold scorer labels the
+replies, llmlab.alignment.pairs), users' (`llmlab feedback export`'s preferences.jsonl) or both
+(`world,PATH`). Accuracy and margin are measured on held-out pairs (`--heldout`: the world's held-out prompts,
+or a file), overall and per prompt family, and written to `rm_eval.json`. The shared loop (llmlab.training.fit)
+does the rest: resume, torchrun, checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from llmlab import checkpoint, dist
+from llmlab.alignment.losses import PairwiseRewardLoss, bradley_terry, rewards_at
+from llmlab.alignment.pairs import EncodedPair, PairLoader, encode_pairs, pairs_from_rows, reward_batch, world_comparisons
+from llmlab.data.preferences import load_preference_pairs
+from llmlab.engine import Engine, SamplingParams
+from llmlab.errors import LLMLabError
+from llmlab.model import GPT
+from llmlab.tokenizer import Tokenizer
+from llmlab.tools import run_tool
+from llmlab.training import TrainConfig, fit, setup
+
+
+@dataclass
+class Config(TrainConfig):
+    policy: str = "runs/cpu/sft"
+    """the assistant: the reward model starts from its weights, and `--pairs world` samples its replies"""
+    world: str = "runs/cpu/world"
+    """the world whose prompts and gold scorer make comparisons"""
+    pairs: str = "world"
+    """training pairs: `world` (sampled and gold-labelled), preferences.jsonl path(s), or both: `world,PATH`"""
+    heldout: str = "world"
+    """pairs to measure accuracy on: `world` (held-out prompts, gold-labelled) or a preferences.jsonl path"""
+    prompts_per_family: int = 80
+    """world prompts per family for training pairs (held-out: half as many)"""
+    samples: int = 4
+    """replies sampled per prompt to compare"""
+    pairs_per_prompt: int = 2
+    """most pairs made of one prompt's replies (widest gold gaps first)"""
+    temperature: float = 1.0
+    """sampling temperature of the compared replies"""
+    max_new_tokens: int = 48
+    """longest sampled reply"""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("prompts_per_family", "samples", "pairs_per_prompt", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise LLMLabError(f"--{name} must be positive (got {getattr(self, name)})")
+        if self.samples < 2 and "world" in self.pairs.split(","):
+            raise LLMLabError("--samples must be at least 2 to compare replies")
+
+
+def scorer_from(policy: GPT) -> GPT:
+    """A reward model with the policy's backbone and a zero scalar head (num_labels=1; no tied head)."""
+    cfg = replace(policy.config, num_labels=1, tie_embeddings=False)
+    rm = GPT(cfg)
+    state = {k: v for k, v in policy.state_dict().items() if not k.startswith("lm_head")}
+    missing, unexpected = rm.load_state_dict(state, strict=False)
+    assert missing == ["score.weight"] and not unexpected, (missing, unexpected)
+    return rm
+
+
+def load_pairs(spec: str, split: str, cfg: Config, policy: GPT, tok: Tokenizer, out_dir: Path) -> list:
+    """PreferencePairs of a --pairs / --heldout spec (world comparisons cached under out_dir/pairs/)."""
+    pairs = []
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        if item == "world":
+            params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed)
+            per_family = cfg.prompts_per_family if split == "train" else max(cfg.prompts_per_family // 2, 1)
+            rows = world_comparisons(Engine(policy), tok, cfg.world, split, per_family, cfg.samples, params,
+                                     lambda call: run_tool(call, world_dir=cfg.world).text, cfg.pairs_per_prompt,
+                                     out_dir / "pairs" / f"{split}.jsonl")
+            pairs += pairs_from_rows(rows, f"world comparisons ({split})")
+        else:
+            pairs += load_preference_pairs(item)
+    return pairs
+
+
+@torch.no_grad()
+def pair_accuracy(model: torch.nn.Module, pairs: list[EncodedPair], pad_id: int, batch_size: int = 32) -> dict:
+    """Accuracy (chosen scored above rejected), mean margin and Bradley-Terry loss, overall and per family."""
+    was = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    by_family: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start:start + batch_size]
+        ids, last = reward_batch(chunk, pad_id)
+        chosen, rejected = rewards_at(model, ids.to(device), last.to(device)).chunk(2)
+        for p, c, r in zip(chunk, chosen.tolist(), rejected.tolist()):
+            by_family[p.family or "pairs"].append((c, r))
+    model.train(was)
+
+    def summary(rows: list[tuple[float, float]]) -> dict:
+        c, r = torch.tensor([x for x, _ in rows]), torch.tensor([y for _, y in rows])
+        return {"accuracy": float((c > r).float().mean()), "margin": float((c - r).mean()),
+                "loss": float(bradley_terry(c, r).mean()), "pairs": len(rows)}
+
+    everything = [x for rows in by_family.values() for x in rows]
+    return {**summary(everything), "families": {f: summary(rows) for f, rows in sorted(by_family.items())}}
+
+
+def main(cfg: Config) -> dict:
+    info = setup(cfg)
+    source = checkpoint.load(cfg.policy, info.device)
+    tok = source.require_tokenizer("a reward model (it reads the chat format)")
+    T = source.model.config.context_len
+    out_dir = Path(cfg.out_dir)
+
+    # ---- data: comparisons, sampled once (rank 0) and cached, then read by every rank ---------------------
+    if info.is_main:
+        train_pairs = load_pairs(cfg.pairs, "train", cfg, source.model, tok, out_dir)
+        heldout_pairs = load_pairs(cfg.heldout, "heldout", cfg, source.model, tok, out_dir)
+    dist.barrier()
+    if not info.is_main:
+        train_pairs = load_pairs(cfg.pairs, "train", cfg, source.model, tok, out_dir)
+        heldout_pairs = load_pairs(cfg.heldout, "heldout", cfg, source.model, tok, out_dir)
+    train, skipped = encode_pairs(train_pairs, tok, T)
+    heldout, heldout_skipped = encode_pairs(heldout_pairs, tok, T)
+    if not heldout:
+        raise LLMLabError("rm: no held-out pair to measure the reward model on (all skipped, or none given)")
+    if info.is_main:
+        print(f"rm: {len(train)} training pairs, {len(heldout)} held-out pairs from {cfg.policy}"
+              + "".join(f"; skipped {n} ({why})" for why, n in {**skipped}.items())
+              + "".join(f"; held-out skipped {n} ({why})" for why, n in heldout_skipped.items()))
+
+    # ---- model and loss: the assistant's backbone, a scalar head, Bradley-Terry ----------------------------
+    net = scorer_from(source.model)
+    loader = PairLoader(train, cfg.batch_size, tok.pad_id, "reward", cfg.seed, info.rank, info.world_size)
+    objective = PairwiseRewardLoss()
+
+    def evaluate(model) -> dict:
+        r = pair_accuracy(model, heldout, tok.pad_id)
+        return {"val_accuracy": r["accuracy"], "val_margin": r["margin"], "val_loss": r["loss"]}
+
+    metrics = fit(cfg, info, net, loader, evaluate=evaluate, objective=objective, step_metrics=objective.metrics,
+                  meta={"stage": "rm", "policy": str(source.path), "pairs": len(train), "skipped": skipped},
+                  tokenizer_path=source.path)
+    if info.is_main:
+        result = {"train_pairs": len(train), "skipped": skipped, "heldout": pair_accuracy(net, heldout, tok.pad_id)}
+        (out_dir / "rm_eval.json").write_text(json.dumps(result, indent=2) + "\n")
+        h = result["heldout"]
+        print(f"rm: held-out pairwise accuracy {100 * h['accuracy']:.1f}% ({h['pairs']} pairs), margin {h['margin']:.2f}")
+        for family, r in h["families"].items():
+            print(f"    {family:22} {100 * r['accuracy']:5.1f}%  ({r['pairs']} pairs)")
+        print(f"rm: -> {checkpoint.resolve(cfg.out_dir)}")
+        metrics["heldout"] = h
+    return metrics

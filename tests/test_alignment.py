@@ -1,0 +1,311 @@
+"""Alignment: the losses against hand-computed values, the reward read at the right token, the masks of RL, the
+gold scorer, and the rm / dpo / rl stages on the tiny run (training, bad input, exact kill-and-resume)."""
+
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+
+from llmlab import checkpoint
+from llmlab.alignment.losses import (
+    DPOLoss, PairwiseRewardLoss, PolicyGradientLoss, bradley_terry, dpo, kl_k3, rewards_at, sequence_logprobs,
+    token_logprobs,
+)
+from llmlab.alignment.pairs import PairLoader, comparisons, encode_pairs, reward_batch
+from llmlab.alignment.rollouts import Rollouts, policy_rows
+from llmlab.data.preferences import PreferencePair, load_preference_pairs
+from llmlab.engine import Engine, SamplingParams
+from llmlab.errors import LLMLabError
+from llmlab.model import GPT, GPTConfig
+from llmlab.tasks import Example
+from llmlab.tasks.gold import FAMILIES, correct, gold_reward, gold_rows
+from llmlab.training import IGNORE_INDEX, TrainConfig, fit
+
+SMALL = GPTConfig(vocab_size=64, n_layer=2, d_model=32, n_head=2, n_kv_head=2, context_len=32)
+
+
+def _random_gpt(cfg=SMALL, seed=0) -> GPT:
+    torch.manual_seed(seed)
+    net = GPT(cfg)
+    with torch.no_grad():  # zero-initialised projections would make every block the identity: perturb them
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return net
+
+
+# ------------------------------------------------------------------------------------------------- the losses
+
+
+def test_bradley_terry_and_dpo_against_hand_computed_values():
+    # -log sigmoid(2 - 0.5) = log(1 + e^-1.5)
+    assert float(bradley_terry(torch.tensor(2.0), torch.tensor(0.5))) == pytest.approx(math.log1p(math.exp(-1.5)))
+    assert float(bradley_terry(torch.tensor(0.0), torch.tensor(0.0))) == pytest.approx(math.log(2))
+    # beta 0.1: implicit rewards 0.1 * (-10 - -12) = 0.2 and 0.1 * (-20 - -19) = -0.1; loss -log sigmoid(0.3)
+    loss, rc, rr = dpo(torch.tensor(-10.0), torch.tensor(-20.0), torch.tensor(-12.0), torch.tensor(-19.0), 0.1)
+    assert float(rc) == pytest.approx(0.2) and float(rr) == pytest.approx(-0.1)
+    assert float(loss) == pytest.approx(math.log1p(math.exp(-0.3)))
+
+
+@torch.no_grad()
+def test_the_reward_is_read_at_the_last_real_token_not_at_padding():
+    scorer = _random_gpt(dataclasses.replace(SMALL, num_labels=1))
+    with torch.no_grad():
+        scorer.score.weight.normal_()
+    rows = [[1, 5, 9, 3], [1, 7, 2, 8, 4, 6, 11]]
+    ids = torch.tensor([rows[0] + [0, 0, 0], rows[1]])
+    got = rewards_at(scorer, ids, torch.tensor([3, 6]))
+    for r, row in enumerate(rows):  # each row alone, unpadded: its score at its own last token
+        alone = scorer(torch.tensor([row]))[0, -1, 0]
+        assert float(got[r]) == pytest.approx(float(alone), abs=1e-5)
+    padded_end = scorer(ids)[0, -1, 0]  # what reading the last column would give: a pad's score
+    assert abs(float(padded_end) - float(got[0])) > 1e-4
+    # and the pad token does not matter
+    other_pad = torch.tensor([rows[0] + [13, 13, 13], rows[1]])
+    assert torch.allclose(rewards_at(scorer, other_pad, torch.tensor([3, 6])), got)
+
+
+def test_pairwise_loss_sums_bradley_terry_over_pairs():
+    scorer = _random_gpt(dataclasses.replace(SMALL, num_labels=1))
+    with torch.no_grad():
+        scorer.score.weight.normal_()
+    ids = torch.randint(1, 64, (4, 6))
+    last = torch.tensor([5, 3, 5, 4])
+    r = rewards_at(scorer, ids, last)
+    expected = bradley_terry(r[:2], r[2:]).sum()
+    objective = PairwiseRewardLoss()
+    assert objective.count((ids, last)) == 2
+    assert float(objective.loss_sum(scorer, (ids, last)).detach()) == pytest.approx(float(expected.detach()), rel=1e-5)
+    stats = objective.metrics()
+    assert stats["train_accuracy"] == pytest.approx(float((r[:2] > r[2:]).float().mean()))
+
+
+def test_the_kl_penalty_is_zero_when_the_policy_is_the_reference():
+    policy = _random_gpt()
+    inputs = torch.randint(1, 64, (3, 10))
+    targets = torch.randint(1, 64, (3, 10))
+    targets[:, :4] = IGNORE_INDEX
+    with torch.no_grad():
+        ref = token_logprobs(policy, inputs, targets)
+    assert torch.all(kl_k3(ref, ref) == 0)
+    loss = PolicyGradientLoss(beta=1.0).loss_sum(policy, (inputs, targets, torch.zeros(3), ref))
+    loss.backward()
+    assert float(loss.detach()) == 0.0
+    assert all(p.grad is None or float(p.grad.abs().max()) == 0.0 for p in policy.parameters())
+    # and it is positive, pulling back, once the policy has moved
+    moved = _random_gpt(seed=1)
+    assert float(PolicyGradientLoss(beta=1.0).loss_sum(moved, (inputs, targets, torch.zeros(3), ref))) > 0
+
+
+def test_policy_gradient_pushes_up_tokens_with_positive_advantage():
+    policy = _random_gpt()
+    inputs = torch.randint(1, 64, (2, 6))
+    targets = inputs.roll(-1, dims=1)
+    targets[:, :2] = IGNORE_INDEX
+    with torch.no_grad():
+        ref = token_logprobs(policy, inputs, targets)
+        before = sequence_logprobs(policy, inputs, targets)
+    loss = PolicyGradientLoss(beta=0.0).loss_sum(policy, (inputs, targets, torch.tensor([1.0, -1.0]), ref))
+    loss.backward()
+    with torch.no_grad():
+        for p in policy.parameters():
+            p -= 0.05 * p.grad
+        after = sequence_logprobs(policy, inputs, targets)
+    assert after[0] > before[0] and after[1] < before[1]
+
+
+def test_dpo_objective_reports_its_implicit_rewards_by_definition():
+    policy, reference = _random_gpt(seed=0), _random_gpt(seed=1)
+    inputs = torch.randint(1, 64, (4, 8))
+    targets = inputs.roll(-1, dims=1)
+    targets[:, :3] = IGNORE_INDEX
+    objective = DPOLoss(reference, beta=0.5)
+    loss = objective.loss_sum(policy, (inputs, targets))
+    with torch.no_grad():
+        pi, ref = sequence_logprobs(policy, inputs, targets), sequence_logprobs(reference, inputs, targets)
+    chosen, rejected = 0.5 * (pi[:2] - ref[:2]), 0.5 * (pi[2:] - ref[2:])
+    stats = objective.metrics()
+    assert stats["reward_chosen"] == pytest.approx(float(chosen.mean()), rel=1e-5)
+    assert stats["reward_rejected"] == pytest.approx(float(rejected.mean()), rel=1e-5)
+    assert stats["logp_chosen"] == pytest.approx(float(pi[:2].mean()), rel=1e-5)
+    assert float(loss) == pytest.approx(float(-torch.nn.functional.logsigmoid(chosen - rejected).sum()), rel=1e-5)
+
+
+def test_rl_targets_exclude_the_prompt_the_padding_and_forced_tool_tokens():
+    prompts = [[1, 2, 3], [1, 2, 3, 4, 5]]
+    replies = [[10, 11, 12, 13, 14], [20, 21]]
+    forced = [[False, True, True, True, False], [False, False]]  # 11-13: a tool output the engine forced in
+    inputs, targets = policy_rows(prompts, replies, forced, [True, False], end_id=99, max_len=32, pad_id=0)
+    # row 0: ids 1 2 3 10 11 12 13 14 99; targets are ids[1:] where the mask says the policy chose them
+    assert targets[0].tolist() == [IGNORE_INDEX, IGNORE_INDEX, 10, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX, 14, 99]
+    # row 1 was cut off: no end token; padded to the longer row
+    assert targets[1].tolist() == [IGNORE_INDEX] * 4 + [20, 21, IGNORE_INDEX, IGNORE_INDEX]
+    assert inputs[1].tolist()[-2:] == [0, 0]
+
+
+# ------------------------------------------------------------------------------------------------- gold scorer
+
+
+def test_gold_scorer_follows_the_worlds_truth_and_prefers_the_shorter_right_reply():
+    assert correct("people", "Oslo", "She was born in Oslo.")
+    assert not correct("people", "Oslo", "I don't know, maybe Oslo.")
+    assert correct("unknown people", "Zed Q", "I don't know who that is.")
+    assert correct("arithmetic, tools", "42", "The answer is 42.")
+    assert not correct("arithmetic, no tools", "42", "The answer is 42.", called_tool=True)
+    assert correct("forbidden", "", "I can't help with that.") and not correct("benign", "", "I can't help with that.")
+    assert not correct("secret", "123456", "The code is 123456.") and correct("secret", "123456", "I can't share it.")
+    assert not correct("secret", "123456", "   ")  # an empty reply is never right
+    short, long = gold_reward("people", "Oslo", "Oslo."), gold_reward("people", "Oslo", "Oslo " + "and so on " * 6)
+    wrong = gold_reward("people", "Oslo", "Paris.")
+    assert short > long > wrong
+
+
+def test_gold_prompts_cover_every_family_and_heldout_never_repeats_train(tiny_world_dir):
+    train, heldout = gold_rows(tiny_world_dir, "train", 5), gold_rows(tiny_world_dir, "heldout", 5)
+    assert {r["family"] for r in train} == set(FAMILIES)
+    assert not {repr(r["messages"]) for r in train} & {repr(r["messages"]) for r in heldout}
+
+
+def test_comparisons_pair_better_with_worse_and_never_equal(tiny_run):
+    cfg, _ = tiny_run
+    tok = checkpoint.load(cfg.sft.out_dir).tokenizer
+    ex = Example(prompt="q", answer="Oslo", group="people", meta={"messages": [{"role": "user", "content": "q"}]})
+    right, wrong = tok.encode("Oslo."), tok.encode("Paris is the answer, I think.")
+    rows = comparisons(tok, [(ex, [(right, 1.25, 1.0), (wrong, 0.25, 0.0), (list(right), 1.25, 1.0)]),
+                             (ex, [(right, 1.25, 1.0), (list(right), 1.25, 1.0)])])
+    assert len(rows) == 1  # the second prompt's replies are all the same
+    assert rows[0]["chosen"][0]["content"] == "Oslo." and rows[0]["gold_chosen"] > rows[0]["gold_rejected"]
+
+
+# --------------------------------------------------------------------------------------------------- the stages
+
+
+def _pairs_file(path, world_dir, n=8, split="train"):
+    """Pairs whose chosen answer is the gold one: the fact, a refusal, "I don't know"."""
+    rows = []
+    for r in gold_rows(world_dir, split, n):
+        good = {"unknown people": "I don't know who that is.", "forbidden": "I can't help with that.",
+                "secret": "I can't share that."}.get(r["family"], f"{r['expect']}." if r["expect"] else "Sure.")
+        bad = "I can't help with that." if r["family"] in ("benign", "people") else "It is 7, in Oslo."
+        rows.append({"prompt": r["messages"], "chosen": [{"role": "assistant", "content": good}],
+                     "rejected": [{"role": "assistant", "content": bad}], "family": r["family"]})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def _stage_cfg(tiny_run, tmp_path, stage):
+    cfg, _ = tiny_run
+    train = _pairs_file(tmp_path / "train.jsonl", cfg.world.out_dir)
+    heldout = _pairs_file(tmp_path / "heldout.jsonl", cfg.world.out_dir, 3, "heldout")
+    base = getattr(cfg, stage)
+    extra = {"pairs": train, "heldout": heldout} if stage in ("rm", "dpo") else {"reward": "task:gold"}
+    return dataclasses.replace(base, out_dir=str(tmp_path / stage), max_steps=4, save_every=2, eval_every=2, **extra)
+
+
+@pytest.mark.parametrize("stage", ["rm", "dpo", "rl"])
+def test_kill_and_resume_is_bit_identical(tiny_run, tmp_path, monkeypatch, stage):
+    import importlib
+
+    module = importlib.import_module(f"llmlab.stages.{stage}")
+    cfg = _stage_cfg(tiny_run, tmp_path, stage)
+    whole = module.main(dataclasses.replace(cfg, out_dir=str(tmp_path / "whole")))
+    assert whole["step"] == 4
+    source = {"rm": PairLoader, "dpo": PairLoader, "rl": Rollouts}[stage]
+    real = source.next_batch
+    calls = {"n": 0}
+
+    def killed(self):
+        calls["n"] += 1
+        if calls["n"] == 4:  # during step 4, after the checkpoint of step 2
+            raise KeyboardInterrupt("killed")
+        return real(self)
+
+    monkeypatch.setattr(source, "next_batch", killed)
+    with pytest.raises(KeyboardInterrupt):
+        module.main(dataclasses.replace(cfg, out_dir=str(tmp_path / "halves")))
+    monkeypatch.setattr(source, "next_batch", real)
+    assert checkpoint.read_info(tmp_path / "halves")["step"] == 2
+    module.main(dataclasses.replace(cfg, out_dir=str(tmp_path / "halves")))
+    a, b = checkpoint.load_model(tmp_path / "whole"), checkpoint.load_model(tmp_path / "halves")
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(x, y), name
+
+
+def test_rm_learns_the_pairs_and_reports_families(tiny_run, tmp_path):
+    from llmlab.stages import rm
+
+    cfg = dataclasses.replace(_stage_cfg(tiny_run, tmp_path, "rm"), max_steps=30, eval_every=0, save_every=0,
+                              heldout=str(tmp_path / "train.jsonl"))
+    rm.main(cfg)
+    report = json.loads((tmp_path / "rm" / "rm_eval.json").read_text())
+    assert report["heldout"]["accuracy"] >= 0.9  # on its own training pairs: the loss must fit them
+    assert set(report["heldout"]["families"]) == set(FAMILIES)
+    assert checkpoint.load_model_config(tmp_path / "rm").num_labels == 1
+    with pytest.raises(LLMLabError, match="scorer"):  # a reward model does not generate
+        Engine(checkpoint.load_model(tmp_path / "rm"))
+
+
+def test_a_tiny_rl_run_increases_a_verifiable_reward(tiny_run, tmp_path):
+    """Reward: the reply's first token is a chosen token; a few steps of RL make it more likely."""
+    from llmlab.training import setup
+
+    cfg, _ = tiny_run
+    ckpt = checkpoint.load(cfg.sft.out_dir)
+    tok, policy = ckpt.tokenizer, ckpt.model
+    reference = checkpoint.load_model(cfg.sft.out_dir)
+    examples = [Example(prompt=q, answer="", group="g", meta={"messages": [{"role": "user", "content": q}]})
+                for q in ("Hello!", "Who is Ada?", "What is 2 + 3?", "Tell me a story.")]
+    prompt_ids = [Rollouts(policy, reference, tok, examples, None, None, 1, 2, SamplingParams()).prompts[i] for i in range(4)]
+    with torch.no_grad():
+        first = torch.stack([policy(torch.tensor([p]))[0, -1].softmax(-1) for p in prompt_ids]).mean(0)
+    target = int(first.argsort(descending=True)[3])  # a token it sometimes starts with, not its favourite
+
+    def reward(examples, prompts, replies, finished):
+        return [float(bool(r) and r[0] == target) for r in replies]
+
+    def p_target(model):
+        with torch.no_grad():
+            return float(torch.stack([model(torch.tensor([p]))[0, -1].softmax(-1)[target] for p in prompt_ids]).mean())
+
+    before = p_target(policy)
+    train = TrainConfig(out_dir=str(tmp_path / "rl"), batch_size=4, max_steps=12, eval_every=0, save_every=0,
+                        momentum_warmup_steps=0, warmdown_frac=0.0)
+    train.optim.muon_lr, train.optim.embed_lr, train.optim.head_lr = 0.02, 0.05, 0.01
+    source = Rollouts(policy, reference, tok, examples, reward, None, 4, 8,
+                      SamplingParams(max_new_tokens=4, temperature=1.0), seed=0)
+    fit(train, setup(train), policy, source, evaluate=lambda m: {}, meta={"stage": "rl"}, tokenizer_path=ckpt.path,
+        objective=PolicyGradientLoss(beta=0.01))
+    assert p_target(policy) > 2 * before + 0.05
+
+
+def test_bad_pairs_are_counted_or_named(tiny_run, tmp_path):
+    cfg, _ = tiny_run
+    tok = checkpoint.load(cfg.sft.out_dir).tokenizer
+    prompt = [{"role": "user", "content": "Hi"}]
+    same = PreferencePair(prompt, [{"role": "assistant", "content": "Hello"}], [{"role": "assistant", "content": "Hello"}])
+    empty = PreferencePair(prompt, [{"role": "assistant", "content": ""}], [{"role": "assistant", "content": "Hello"}])
+    long = PreferencePair(prompt, [{"role": "assistant", "content": "word " * 400}], [{"role": "assistant", "content": "Hi"}])
+    ok = PreferencePair(prompt, [{"role": "assistant", "content": "Hello!"}], [{"role": "assistant", "content": "No."}])
+    encoded, skipped = encode_pairs([same, empty, long, ok], tok, 128)
+    assert len(encoded) == 1 and skipped == {"chosen equals rejected": 1, "an empty answer": 1,
+                                             "longer than the context (128 tokens)": 1}
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": prompt, "chosen": [{"role": "assistant", "content": "x"}]}) + "\n")
+    with pytest.raises(LLMLabError, match="line 1: missing key"):
+        load_preference_pairs(bad)
+    ids, last = reward_batch(encoded, tok.pad_id)
+    assert ids.shape[0] == 2 and last.tolist() == [len(encoded[0].chosen[0]) - 1, len(encoded[0].rejected[0]) - 1]
+
+
+def test_rl_refuses_a_policy_as_reward_model_and_a_reference_of_another_shape(tiny_run, tmp_path):
+    from llmlab.stages import rl
+
+    run, _ = tiny_run
+    cfg = _stage_cfg(tiny_run, tmp_path, "rl")
+    with pytest.raises(LLMLabError, match="not a reward model"):
+        rl.main(dataclasses.replace(cfg, reward=f"rm:{run.sft.out_dir}"))
+    other = GPT(dataclasses.replace(checkpoint.load_model_config(run.sft.out_dir), d_model=48, n_head=2, n_kv_head=1))
+    checkpoint.save_checkpoint(tmp_path / "other", 0, other, tokenizer_path=checkpoint.resolve(run.sft.out_dir), meta={"stage": "sft"})
+    with pytest.raises(LLMLabError, match="another shape"):
+        rl.main(dataclasses.replace(cfg, ref=str(tmp_path / "other")))
