@@ -34,17 +34,19 @@ def _pipeline(run: str, world_cfg: world.Config, vocab_size: int, model: GPTConf
                        warmdown_frac=0.5, momentum_warmup_steps=0, eval_every=100, save_every=100,
                        optim=OptimConfig(muon_lr=0.01, embed_lr=0.05, head_lr=0.002, scalar_lr=0.005)),
         # alignment: from the assistant, a few hundred steps each, lower learning rates again
+        # (comparisons at temperature 1.5, 8 replies each: at 1.0 the assistant's replies mostly agree, few pairs)
         rm=rm.Config(policy=str(run_dir / "sft"), world=str(run_dir / "world"), out_dir=str(run_dir / "rm"),
-                     batch_size=16, max_steps=200, warmdown_frac=0.5, momentum_warmup_steps=0, eval_every=50,
-                     save_every=50, optim=OptimConfig(muon_lr=0.01, embed_lr=0.02, head_lr=0.01, scalar_lr=0.005)),
+                     temperature=1.5, samples=8, pairs_per_prompt=4, prompts_per_family=150,
+                     batch_size=16, max_steps=150, warmdown_frac=0.5, momentum_warmup_steps=0, eval_every=25,
+                     save_every=50, optim=OptimConfig(muon_lr=0.005, embed_lr=0.01, head_lr=0.005, scalar_lr=0.005)),
         dpo=dpo.Config(policy=str(run_dir / "sft"), world=str(run_dir / "world"), out_dir=str(run_dir / "dpo"),
                        pairs=str(run_dir / "rm" / "pairs" / "train.jsonl"),
                        heldout=str(run_dir / "rm" / "pairs" / "heldout.jsonl"), batch_size=16, max_steps=150,
                        warmdown_frac=0.5, momentum_warmup_steps=0, eval_every=50, save_every=50,
                        optim=OptimConfig(muon_lr=0.002, embed_lr=0.01, head_lr=0.0005, scalar_lr=0.001)),
         rl=rl.Config(policy=str(run_dir / "sft"), world=str(run_dir / "world"), out_dir=str(run_dir / "rl"),
-                     reward=f"rm:{run_dir / 'rm'}", batch_size=16, max_steps=100, warmdown_frac=0.5,
-                     momentum_warmup_steps=0, eval_every=25, save_every=25,
+                     reward=f"rm:{run_dir / 'rm'}", temperature=1.5, group_size=8, batch_size=8, max_steps=80,
+                     warmdown_frac=0.5, momentum_warmup_steps=0, eval_every=20, save_every=40,
                      optim=OptimConfig(muon_lr=0.002, embed_lr=0.01, head_lr=0.0005, scalar_lr=0.001)),
         eval=evaluate.Config(checkpoint=str(run_dir / "sft"), world=str(run_dir / "world")),
         chat=chat.Config(checkpoint=str(run_dir / "sft"), world=str(run_dir / "world")),
@@ -66,7 +68,7 @@ def tiny(run: str = "runs/tiny") -> speedrun.Config:
     for stage in (cfg.rm, cfg.dpo, cfg.rl):
         stage.batch_size, stage.max_steps, stage.eval_every, stage.save_every = 4, 4, 2, 2
         stage.prompts_per_family, stage.judge_per_family, stage.max_new_tokens = 6, 4, 16
-    cfg.rl.eval_per_family = 2
+    cfg.rm.samples, cfg.rl.group_size, cfg.rl.eval_per_family = 4, 4, 2
     cfg.eval_questions = 16
     cfg.assistant = True
     return cfg

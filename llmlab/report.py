@@ -43,9 +43,18 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def _card_rows(card: dict) -> list[tuple[str, float | None, float | None]]:
-    """(measure, base, assistant) for every row of the report card; None where a framing does not apply."""
-    base, chat = card["base"], card["chat"]
+def _card_rows(card: dict) -> list[tuple[str, float | None, float | None, float | None]]:
+    """(measure, base, assistant, RL'd assistant) for every row of the report card; None where a framing does
+    not apply or the run has no RL'd assistant."""
+    rows = _chat_rows(card["base"], card["chat"])
+    if "rl" not in card:
+        return [(name, b, a, None) for name, b, a in rows]
+    steered = {name: a for name, _, a in _chat_rows(card["base"], card["rl"])}
+    return [(name, b, a, steered.get(name)) for name, b, a in rows]
+
+
+def _chat_rows(base: dict, chat: dict) -> list[tuple[str, float | None, float | None]]:
+    """(measure, base, this assistant) for every row of the report card."""
     rows = [(f"world QA: {g}", base["world_qa"]["groups"].get(g), a) for g, a in chat["world_qa"]["groups"].items()]
     rows += [(f"world QA: {g}: {trait}", None, rate) for g, ts in chat["world_qa"].get("traits", {}).items()
              for trait, rate in ts.items()]
@@ -71,11 +80,17 @@ def plot_card(card: dict, out_png: Path) -> Path:
     import matplotlib.pyplot as plt
 
     rows = _card_rows(card)[::-1]
-    fig, ax = plt.subplots(figsize=(8, 0.32 * len(rows) + 1.2), dpi=110)
+    steered = "rl" in card
+    fig, ax = plt.subplots(figsize=(8, (0.42 if steered else 0.32) * len(rows) + 1.2), dpi=110)
     y = range(len(rows))
-    ax.barh([i + 0.2 for i in y], [100 * (b or 0) for _, b, _ in rows], height=0.4, label="base (Q:/A:)", color="C7")
-    ax.barh([i - 0.2 for i in y], [100 * (a or 0) for _, _, a in rows], height=0.4, label="assistant (chat, tools)", color="C0")
-    ax.set_yticks(list(y), [name for name, _, _ in rows], fontsize=8)
+    h = 0.27 if steered else 0.4
+    ax.barh([i + h / 2 + (h / 2 if steered else 0) for i in y], [100 * (r[1] or 0) for r in rows], height=h,
+            label="base (Q:/A:)", color="C7")
+    ax.barh([i - h / 2 + (h / 2 if steered else 0) for i in y], [100 * (r[2] or 0) for r in rows], height=h,
+            label="assistant (chat, tools)", color="C0")
+    if steered:
+        ax.barh([i - h for i in y], [100 * (r[3] or 0) for r in rows], height=h, label="assistant after RL", color="C2")
+    ax.set_yticks(list(y), [r[0] for r in rows], fontsize=8)
     ax.set_xlim(0, 100)
     ax.set_xlabel("% of examples (refusal, over-refusal, leakage: rate of that behaviour)")
     ax.grid(axis="x", alpha=0.3)
@@ -91,7 +106,8 @@ def report_card(card: dict) -> list[str]:
     """Base (Q:/A: framing) and assistant (chat, tools) on the same world tasks, one row per measure."""
     chat = card["chat"]
     pct = lambda x: "-" if x is None else f"{100 * x:.1f}%"  # noqa: E731
-    rows = [[name, pct(b), pct(a)] for name, b, a in _card_rows(card)]
+    steered = "rl" in card
+    rows = [[name, pct(b), pct(a)] + ([pct(r)] if steered else []) for name, b, a, r in _card_rows(card)]
     out = ["## Report card: base model and assistant", "",
            "Base: greedy completion of `Q: ...` / `A:`; assistant: the chat format, greedy, the engine running its "
            "tool calls. Refusal, over-refusal and leakage are rates of that behaviour (lower is better for the last two); "
@@ -101,12 +117,60 @@ def report_card(card: dict) -> list[str]:
            "a stranger named with one real person's first name and another's surname passes for known. The stored-knowledge rows rank "
            "every value of a fact by likelihood after `<name> was born in`, and so on: what the weights hold, whatever the "
            "model chooses to say.", "",
-           _table(["measure", "base", "assistant"], rows), "", "Example conversations:", ""]
+           _table(["measure", "base", "assistant"] + (["assistant after RL"] if steered else []), rows), "",
+           "Example conversations:", ""]
     for name in ("world_qa", "places", "arithmetic_with_tools", "python", "policy"):
         for smp in chat.get(name, {}).get("samples", []):  # one per group
             calls = "".join(f" [tool: {c} -> {r}]" for c, r in smp["tool_calls"])
             out.append(f"- user: `{smp['prompt']}` -> assistant:{calls} `{smp['reply'].strip()}`")
     return out + [""]
+
+
+def plot_rl(metrics_path: Path, out_png: Path) -> Path | None:
+    """RL's curves against the step: the reward of the rollouts, the KL to the reference per reply, and the
+    held-out gold reward of greedy replies."""
+    import matplotlib  # deferred: slow to import, needed only for the plots
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(metrics_path)
+    train = [r for r in rows if "reward" in r]
+    val = [r for r in rows if "val_gold_reward" in r]
+    if not train:
+        return None
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.2), dpi=110)
+    for ax, (key, title, data) in zip(axes, [("reward", "rollout reward (the one trained on)", train),
+                                             ("kl_per_reply", "KL to the reference (nats/reply)", train),
+                                             ("val_gold_reward", "held-out gold reward (greedy)", val)]):
+        ax.plot([r["step"] for r in data], [r.get(key, float("nan")) for r in data], "o-" if data is val else "-",
+                lw=0.9, color="C2")
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_png)
+    plt.close(fig)
+    return out_png
+
+
+def alignment_section(results: dict, cfg, run_dir: Path) -> list[str]:
+    """The reward model's held-out accuracy per prompt family, RL's curves and its gold head-to-head."""
+    rm_eval, rl = results["rm"], results["rl"]
+    h = rm_eval["heldout"]
+    rows = [[f, f"{100 * r['accuracy']:.1f}%", str(r["pairs"])] for f, r in h["families"].items()]
+    rows.append(["all", f"{100 * h['accuracy']:.1f}%", str(h["pairs"])])
+    judge = rl["judge"]
+    out = ["## Alignment: reward model and RL", "",
+           f"Reward model (`llmlab rm`): trained on {rm_eval['train_pairs']} gold-labelled comparisons of the "
+           "assistant's sampled replies; pairwise accuracy on comparisons of held-out prompts:", "",
+           _table(["prompt family", "accuracy", "pairs"], rows), "",
+           f"RL (`llmlab rl`, reward `{cfg.rl.reward}`) against the assistant it started from, greedy, on held-out "
+           f"prompts judged by the gold scorer: {judge['wins']} wins, {judge['losses']} losses, {judge['ties']} ties "
+           f"(win rate {100 * judge['win_rate']:.1f}% without ties); accuracy {100 * judge['a_accuracy']:.1f}% vs "
+           f"{100 * judge['b_accuracy']:.1f}%, mean words {judge['a_words']:.1f} vs {judge['b_words']:.1f}.", ""]
+    plot = plot_rl(Path(cfg.rl.out_dir) / "metrics.jsonl", run_dir / "rl.png")
+    return out + ([f"![RL curves]({plot.name})", ""] if plot else [])
 
 
 def write_report(run_dir: Path, results: dict, cfg) -> Path:
@@ -142,6 +206,8 @@ def write_report(run_dir: Path, results: dict, cfg) -> Path:
     if "card" in results:
         sections += report_card(results["card"])
         sections += [f"![report card]({plot_card(results['card'], run_dir / 'card.png').name})", ""]
+    if "rm" in results and "rl" in results:
+        sections += alignment_section(results, cfg, run_dir)
     secs = results["seconds"]
     earlier = set(results.get("earlier", []))
     rows = [[k, f"{v:.1f}" + (" (an earlier invocation)" if k in earlier else "")] for k, v in secs.items()]

@@ -95,7 +95,7 @@ def test_the_kl_penalty_is_zero_when_the_policy_is_the_reference():
     assert all(p.grad is None or float(p.grad.abs().max()) == 0.0 for p in policy.parameters())
     # and it is positive, pulling back, once the policy has moved
     moved = _random_gpt(seed=1)
-    assert float(PolicyGradientLoss(beta=1.0).loss_sum(moved, (inputs, targets, torch.zeros(3), ref))) > 0
+    assert float(PolicyGradientLoss(beta=1.0).loss_sum(moved, (inputs, targets, torch.zeros(3), ref)).detach()) > 0
 
 
 def test_policy_gradient_pushes_up_tokens_with_positive_advantage():
@@ -129,7 +129,7 @@ def test_dpo_objective_reports_its_implicit_rewards_by_definition():
     assert stats["reward_chosen"] == pytest.approx(float(chosen.mean()), rel=1e-5)
     assert stats["reward_rejected"] == pytest.approx(float(rejected.mean()), rel=1e-5)
     assert stats["logp_chosen"] == pytest.approx(float(pi[:2].mean()), rel=1e-5)
-    assert float(loss) == pytest.approx(float(-torch.nn.functional.logsigmoid(chosen - rejected).sum()), rel=1e-5)
+    assert float(loss.detach()) == pytest.approx(float(-torch.nn.functional.logsigmoid(chosen - rejected).sum()), rel=1e-5)
 
 
 def test_rl_targets_exclude_the_prompt_the_padding_and_forced_tool_tokens():
@@ -309,3 +309,21 @@ def test_rl_refuses_a_policy_as_reward_model_and_a_reference_of_another_shape(ti
     checkpoint.save_checkpoint(tmp_path / "other", 0, other, tokenizer_path=checkpoint.resolve(run.sft.out_dir), meta={"stage": "sft"})
     with pytest.raises(LLMLabError, match="another shape"):
         rl.main(dataclasses.replace(cfg, ref=str(tmp_path / "other")))
+
+
+def test_speedrun_with_alignment_reports_the_reward_model_and_the_rl_column(tiny_run, tmp_path):
+    from llmlab import presets
+    from llmlab.stages import speedrun
+
+    cfg = presets.tiny(str(tmp_path / "run"))
+    cfg.align = True
+    cfg.rm.pairs = _pairs_file(tmp_path / "train.jsonl", tiny_run[0].world.out_dir)
+    cfg.rm.heldout = _pairs_file(tmp_path / "heldout.jsonl", tiny_run[0].world.out_dir, 3, "heldout")
+    results = speedrun.main(cfg)
+    assert results["rm"]["heldout"]["pairs"] > 0 and "win_rate" in results["rl"]["judge"]
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "assistant after RL" in report and "## Alignment: reward model and RL" in report
+    assert (tmp_path / "run" / "rl.png").is_file()
+    # the RL'd assistant's column holds its own figures, on the same rows as the assistant's
+    rows = [line for line in report.splitlines() if line.startswith("| world QA: train people, seen phrasing |")]
+    assert len(rows) == 1 and rows[0].count("|") == 5

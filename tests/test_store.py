@@ -360,7 +360,8 @@ def test_export_stage_round_trips_through_the_loaders(store, tmp_path, capsys):
     assert sorted(r["output"] for r in rows) == ["preferences"] * 8 + ["sft"] * 3
     assert [json.loads(line) for line in (out / "preferences.jsonl").read_text().splitlines()] == pairs
     loaded = load_preference_pairs(out / "preferences.jsonl")
-    assert loaded == [PreferencePair(p["prompt"], p["chosen"], p["rejected"]) for p in pairs]
+    assert loaded == [PreferencePair(p["prompt"], p["chosen"], p["rejected"],
+                                     {k: v for k, v in p.items() if k not in ("prompt", "chosen", "rejected")}) for p in pairs]
 
     # sft.jsonl through the SFT stage's own path: parse_corpus(column="messages") -> Mixture -> ConversationLoader
     mixture = Mixture(parse_corpus(str(out / "sft.jsonl"), column="messages"))
@@ -396,7 +397,8 @@ def _pair_line(**override) -> str:
      "line 3: the prompt ends with a assistant"),
     (_pair_line(prompt=[{"role": "assistant", "content": "a"}]), "line 3, prompt: .*must start with a user"),
     (_pair_line(chosen=[]), "line 3: chosen must be a non-empty list"),
-    (_pair_line(rejected=[{"role": "user", "content": "x"}]), "line 3: rejected must hold assistant messages"),
+    (_pair_line(rejected=[{"role": "user", "content": "x"}]), "line 3: rejected must hold the assistant.s messages"),
+    (_pair_line(rejected=[{"role": "tool", "content": "6"}]), "line 3: rejected must hold .*starting with an assistant"),
     (_pair_line(chosen=[{"role": "assistant", "content": ""}]), "line 3, chosen: .*empty content"),
 ])
 def test_loader_errors_name_the_line(tmp_path, bad, message):

@@ -147,22 +147,16 @@ _ASK = {
 }
 
 
-def pseudo_word(rng: random.Random) -> str:
-    """A made-up word of 2-4 syllables ("Tobelu"): never the same twice, so a call can only copy it, not recall it."""
-    syllables = [rng.choice("bdfgklmnprstvz") + rng.choice("aeiou") for _ in range(rng.randint(2, 4))]
-    return "".join(syllables).capitalize()
-
-
 def _date(rng: random.Random) -> datetime.date:
     return datetime.date(rng.randint(1950, 2030), 1, 1) + datetime.timedelta(days=rng.randint(0, 364))
 
 
 def python_task(rng: random.Random, task: str, phrasing: str, words: list[str]) -> dict:
     """{"question", "code", "output", "answer" (the reply), "expect" (what a right reply contains)} for `task`;
-    `output` is what the sandbox prints, `words` the words to count the letters of (empty: a made-up word)."""
+    `output` is what the sandbox prints, `words` the words to count the letters of."""
     ask = rng.choice(_ASK[task][phrasing])
     if task == "count letters":
-        w = rng.choice(words) if words else pseudo_word(rng)
+        w = rng.choice(words)
         out = str(len(w))
         return {"question": ask.format(w=w), "code": f'print(len("{w}"))', "output": out + "\n",
                 "answer": f"It has {out} letters.", "expect": out}
