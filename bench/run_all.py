@@ -1,4 +1,4 @@
-"""Run the benchmarks B1-B4, each in its own process (B1 times the whole process), one after the other so they
+"""Run the benchmarks B1-B4 and B7 (RL throughput; skipped without a cpu speedrun's assistant), each in its own process (B1 times the whole process), one after the other so they
 never share the cores, and print a summary. Results go to bench/out/<name>.json. A benchmark whose input is
 missing (B1 without Tiny Shakespeare) is reported as skipped, with the reason; the others still run. The exit
 code is 1 if one failed.
@@ -23,6 +23,7 @@ BENCHES = {
     "b2": ["b2_decode.py"],
     "b3": ["b3_batched.py"],
     "b4": ["b4_mfu.py"],
+    "b7": ["b7_rl.py"],
 }
 
 

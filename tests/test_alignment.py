@@ -327,3 +327,21 @@ def test_speedrun_with_alignment_reports_the_reward_model_and_the_rl_column(tiny
     # the RL'd assistant's column holds its own figures, on the same rows as the assistant's
     rows = [line for line in report.splitlines() if line.startswith("| world QA: train people, seen phrasing |")]
     assert len(rows) == 1 and rows[0].count("|") == 5
+
+
+def test_the_demonstrator_is_mostly_wrong_on_its_blind_spot_only_and_the_reward_is_exact(tiny_run):
+    from llmlab.chat import render_conversation
+    from llmlab.tasks.chain import BLIND, ChainTask, demonstration, demonstrator_accuracy, problems
+
+    train, heldout = problems("train", 700), problems("heldout", 70)
+    assert not {p["question"] for p in train} & {p["question"] for p in heldout}
+    assert demonstrator_accuracy(train) == pytest.approx(4 / 7 + 3 / 7 * 0.3, abs=0.03)
+    assert all(p["demonstrated_answer"] == p["answer"] for p in train if p["template"] not in BLIND)
+    blind = [p for p in train if p["template"] in BLIND]
+    assert 0.2 < demonstrator_accuracy(blind) < 0.4
+    tok = checkpoint.load(tiny_run[0].sft.out_dir).tokenizer
+    ids, mask = render_conversation(tok, demonstration(train[0]))  # a valid conversation with a calculator call
+    assert sum(mask) > 0
+    task = ChainTask("heldout", 14)
+    ex = task.examples()[0]
+    assert task.reward(ex, f"The answer is {ex.answer}.") == 1.0 and task.reward(ex, "The answer is 1.") == 0.0

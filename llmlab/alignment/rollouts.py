@@ -27,6 +27,7 @@ from llmlab.engine import Engine, SamplingParams, generate_with_tools
 from llmlab.errors import LLMLabError
 from llmlab.model import GPT
 from llmlab.tasks import Example, that_fit
+from llmlab.tasks.chain import TEMPLATES, ChainTask
 from llmlab.tasks.gold import GoldTask
 from llmlab.tokenizer import Tokenizer
 
@@ -42,7 +43,7 @@ class TaskReward:
     """A task's `reward(example, final words, called_tool)`; a reply cut off by the length limit is scored as
     it stands (usually wrong: its answer never came)."""
 
-    def __init__(self, task: GoldTask, tok: Tokenizer):
+    def __init__(self, task, tok: Tokenizer):
         self.task, self.tok = task, tok
         self.tool_start = tok.special_id("<|tool_start|>")
 
@@ -100,8 +101,21 @@ def load_reward_model(path: str, tok: Tokenizer, device) -> GPT:
     return rm.model
 
 
+TASKS = ("gold", "chain")
+
+
+def task_by_name(name: str, world_dir: str, split: str, per_group: int):
+    """A task with a reward: `gold` (the world's prompt families, per_group of each) or `chain` (two-step word
+    problems with the calculator, per_group of each of its seven templates)."""
+    if name == "gold":
+        return GoldTask(world_dir, split, per_group)
+    if name == "chain":
+        return ChainTask(split, per_group * len(TEMPLATES))
+    raise LLMLabError(f"unknown task {name!r}: choose one of {', '.join(TASKS)}")
+
+
 def parse_reward(spec: str, tok: Tokenizer, world_dir: str, device, split: str = "train") -> Reward:
-    """`task:gold`, `rm:PATH`, or a weighted sum of them: `rm:runs/cpu/rm*1.0,task:gold*0.5`."""
+    """`task:NAME` (gold or chain), `rm:PATH`, or a weighted sum of them: `rm:runs/cpu/rm*1.0,task:gold*0.5`."""
     parts: list[tuple[float, Reward]] = []
     for item in filter(None, (s.strip() for s in spec.split(","))):
         term, _, weight = item.partition("*")
@@ -110,12 +124,12 @@ def parse_reward(spec: str, tok: Tokenizer, world_dir: str, device, split: str =
         except ValueError:
             raise LLMLabError(f"--reward: the weight of {item!r} is not a number") from None
         kind, _, arg = term.partition(":")
-        if kind == "task" and arg == "gold":
-            parts.append((w, TaskReward(GoldTask(world_dir, split, per_family=1), tok)))
+        if kind == "task" and arg in TASKS:
+            parts.append((w, TaskReward(task_by_name(arg, world_dir, split, 1), tok)))
         elif kind == "rm" and arg:
             parts.append((w, ModelReward(load_reward_model(arg, tok, device), tok)))
         else:
-            raise LLMLabError(f"--reward: {item!r} is not task:gold or rm:PATH (weighted: rm:PATH*0.5,task:gold*1)")
+            raise LLMLabError(f"--reward: {item!r} is not task:gold, task:chain or rm:PATH (weighted: rm:PATH*0.5,task:gold*1)")
     if not parts:
         raise LLMLabError("--reward is empty: give task:gold, rm:PATH or a weighted sum of them")
     return parts[0][1] if len(parts) == 1 and parts[0][0] == 1.0 else WeightedReward(parts)
@@ -128,6 +142,8 @@ class RolloutStats:
     """share of groups whose rewards are all equal (they teach nothing: every advantage is 0)"""
     reply_tokens: float = 0.0
     finished: float = 0.0
+    gold: float | None = None
+    """the task's own reward of the same replies, when the trained reward is another (a reward model)"""
 
 
 class Rollouts:
@@ -136,7 +152,8 @@ class Rollouts:
 
     def __init__(self, policy: GPT, reference: GPT, tok: Tokenizer, examples: list[Example], reward: Reward,
                  run_tool: Callable[[str], str] | None, batch_size: int, group_size: int, params: SamplingParams,
-                 seed: int = 0, rank: int = 0, world_size: int = 1):
+                 seed: int = 0, rank: int = 0, world_size: int = 1, scale_advantages: bool = False,
+                 gold: Reward | None = None):
         T = policy.config.context_len
         self.examples, self.prompts, skipped = that_fit(_Listed(examples), lambda e: render_prompt(tok, e.meta["messages"]), T)
         if not self.examples:
@@ -145,6 +162,7 @@ class Rollouts:
         self.engine, self.reference, self.tok = Engine(policy), reference.eval().requires_grad_(False), tok
         self.reward, self.run_tool = reward, run_tool
         self.B, self.G, self.params, self.seed = batch_size, group_size, params, seed
+        self.scale_advantages, self.gold = scale_advantages, gold
         self.rank, self.world_size = rank, world_size
         self.drawn = 0  # prompts drawn, all ranks counted
         self.batches = 0
@@ -168,8 +186,11 @@ class Rollouts:
         self.batches += 1
         examples = [self.examples[i] for i in chosen for _ in range(self.G)]
         prompts = [self.prompts[i] for i in chosen for _ in range(self.G)]
-        batch, stats = rollout_batch(self.engine, self.reference, self.tok, examples, prompts, self.reward,
-                                     self.run_tool, replace(self.params, seed=seed), self.G, self.stop)
+        batch, stats, replies = rollout_batch(self.engine, self.reference, self.tok, examples, prompts, self.reward,
+                                     self.run_tool, replace(self.params, seed=seed), self.G, self.stop,
+                                     self.scale_advantages)
+        if self.gold is not None:  # the replies are the last batch's: score them again by the gold reward
+            stats.gold = sum(self.gold(examples, prompts, replies, [True] * len(examples))) / len(examples)
         self.stats = stats
         return batch
 
@@ -202,11 +223,14 @@ def policy_rows(prompts: Sequence[list[int]], replies: Sequence[list[int]], forc
 
 
 def rollout_batch(engine: Engine, reference: GPT, tok: Tokenizer, examples: list[Example], prompts: list[list[int]],
-                  reward: Reward, run_tool, params: SamplingParams, group_size: int,
-                  stop: Sequence[int]) -> tuple[tuple[torch.Tensor, ...], RolloutStats]:
+                  reward: Reward, run_tool, params: SamplingParams, group_size: int, stop: Sequence[int],
+                  scale_advantages: bool = False) -> tuple[tuple[torch.Tensor, ...], RolloutStats, list[list[int]]]:
     """Sample a reply per row (rows come in groups of `group_size` with the same prompt), score them, and build
     (inputs, targets, advantages, ref_logp): targets are the policy's own reply tokens and the stop token that
-    ended the reply; prompt, padding and forced tool outputs are IGNORE_INDEX."""
+    ended the reply; prompt, padding and forced tool outputs are IGNORE_INDEX. Also returns the stats and the
+    replies. Advantages are rewards minus their
+    group's mean, divided by the standard deviation of the whole batch's rewards with `scale_advantages` (the
+    reward's units then do not set the step size; per group it would favour groups that barely differ)."""
     replies, tools = generate_with_tools(engine, tok, prompts, params, stop, run_tool)
     T = engine.model.config.context_len
     max_new = min(params.max_new_tokens, T - max(map(len, prompts)))
@@ -214,6 +238,8 @@ def rollout_batch(engine: Engine, reference: GPT, tok: Tokenizer, examples: list
     rewards = torch.tensor(reward(examples, prompts, replies, finished), dtype=torch.float32)
     groups = rewards.view(-1, group_size)
     advantages = (groups - groups.mean(dim=1, keepdim=True)).flatten()
+    if scale_advantages and rewards.numel() > 1:
+        advantages = advantages / (rewards.std() + 1e-6)
     forced = [tools.forced[i][:len(r)] if tools is not None else [False] * len(r) for i, r in enumerate(replies)]
     inputs, targets = policy_rows(prompts, replies, forced, finished, tok.special_id("<|assistant_end|>"), T, tok.pad_id)
     device = engine.device
@@ -223,5 +249,5 @@ def rollout_batch(engine: Engine, reference: GPT, tok: Tokenizer, examples: list
     spread = groups.max(dim=1).values - groups.min(dim=1).values
     stats = RolloutStats(reward=float(rewards.mean()), zero_spread=float((spread == 0).float().mean()),
                          reply_tokens=sum(map(len, replies)) / len(replies), finished=sum(finished) / len(finished))
-    return (inputs, targets, advantages.to(device), ref_logp), stats
+    return (inputs, targets, advantages.to(device), ref_logp), stats, replies
 

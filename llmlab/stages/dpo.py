@@ -98,17 +98,17 @@ def main(cfg: Config) -> dict:
                   step_metrics=objective.metrics, tokenizer_path=policy.path,
                   meta={"stage": "dpo", "policy": str(policy.path), "ref": str(ref.path), "pairs": len(train)})
     if info.is_main and cfg.judge_per_family > 0:
-        metrics["judge"] = judge(policy.model, ref.model, tok, cfg.world, cfg.judge_per_family, out_dir, "dpo")
+        metrics["judge"] = judge(policy.model, ref.model, tok, GoldTask(cfg.world, "heldout", cfg.judge_per_family),
+                                 cfg.world, out_dir, "dpo")
     return metrics
 
 
-def judge(model, ref_model, tok, world: str, per_family: int, out_dir: Path, stage: str) -> dict:
-    """The trained policy against the reference on the world's held-out prompts; written to win_rate.json."""
-    task = GoldTask(world, "heldout", per_family)
+def judge(model, ref_model, tok, task, world: str, out_dir: Path, stage: str) -> dict:
+    """The trained policy against the reference on a task's held-out prompts; written to win_rate.json."""
     tool = lambda call: run_tool(call, world_dir=world).text  # noqa: E731
     result = head_to_head(gold_replies(model, tok, task, tool), gold_replies(ref_model, tok, task, tool))
     (out_dir / "win_rate.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(f"{stage}: against the reference on held-out prompts (gold scorer): {result['wins']} wins, "
+    print(f"{stage}: against the reference on held-out prompts ({task.name}, exact scorer): {result['wins']} wins, "
           f"{result['losses']} losses, {result['ties']} ties: win rate {100 * result['win_rate']:.1f}%; "
           f"accuracy {100 * result['a_accuracy']:.1f}% vs {100 * result['b_accuracy']:.1f}%")
     return result

@@ -24,11 +24,10 @@ from pathlib import Path
 from llmlab import checkpoint
 from llmlab.alignment.judge import gold_replies
 from llmlab.alignment.losses import PolicyGradientLoss
-from llmlab.alignment.rollouts import Rollouts, parse_reward
+from llmlab.alignment.rollouts import TASKS, Rollouts, parse_reward, task_by_name
 from llmlab.engine import SamplingParams
 from llmlab.errors import LLMLabError
 from llmlab.stages.dpo import judge, policy_and_reference
-from llmlab.tasks.gold import GoldTask
 from llmlab.tools import run_tool
 from llmlab.training import TrainConfig, fit, setup
 
@@ -43,8 +42,10 @@ class Config(TrainConfig):
     """task:gold (the world's gold scorer), rm:PATH (a reward model of `llmlab rm`), or a weighted sum: rm:PATH*1,task:gold*0.5"""
     world: str = "runs/cpu/world"
     """the world whose prompts are asked (its train split; the held-out split judges)"""
+    prompts: str = "gold"
+    """the prompts: gold (the world's nine families) or chain (two-step word problems with the calculator)"""
     prompts_per_family: int = 80
-    """training prompts per family"""
+    """training prompts per family (chain: per template)"""
     group_size: int = 4
     """replies sampled per prompt; advantages are relative to the group's mean"""
     beta: float = 0.05
@@ -53,6 +54,9 @@ class Config(TrainConfig):
     """sampling temperature of the rollouts"""
     max_new_tokens: int = 48
     """longest reply of a rollout"""
+    scale_advantages: bool = False
+    """divide the advantages by the standard deviation of the batch's rewards (a reward model's scores have no
+    set unit; without it their scale multiplies the learning rate)"""
     max_kl: float = 20.0
     """stop when the mean KL to the reference passes this many nats per reply (a diverging run)"""
     eval_per_family: int = 16
@@ -67,6 +71,8 @@ class Config(TrainConfig):
         for name in ("beta", "temperature", "max_kl"):
             if not getattr(self, name) >= 0:
                 raise LLMLabError(f"--{name} must be >= 0 (got {getattr(self, name)})")
+        if self.prompts not in TASKS:
+            raise LLMLabError(f"--prompts must be one of {', '.join(TASKS)} (got {self.prompts!r})")
         if self.temperature == 0:
             raise LLMLabError("--temperature must be > 0: greedy replies to one prompt are all the same")
 
@@ -77,11 +83,13 @@ def main(cfg: Config) -> dict:
     reward = parse_reward(cfg.reward, tok, cfg.world, info.device)
     tool = lambda call: run_tool(call, world_dir=cfg.world).text  # noqa: E731
     params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature)
-    examples = GoldTask(cfg.world, "train", cfg.prompts_per_family).examples()
+    examples = task_by_name(cfg.prompts, cfg.world, "train", cfg.prompts_per_family).examples()
+    task_reward = f"task:{cfg.prompts}"
+    gold = None if cfg.reward == task_reward else parse_reward(task_reward, tok, cfg.world, info.device)
     rollouts = Rollouts(policy.model, ref.model, tok, list(examples), reward, tool, cfg.batch_size, cfg.group_size,
-                        params, cfg.seed, info.rank, info.world_size)
+                        params, cfg.seed, info.rank, info.world_size, cfg.scale_advantages, gold)
     objective = PolicyGradientLoss(cfg.beta, cfg.temperature)
-    heldout = GoldTask(cfg.world, "heldout", cfg.eval_per_family)
+    heldout = task_by_name(cfg.prompts, cfg.world, "heldout", cfg.eval_per_family)
     if info.is_main:
         print(f"rl: {len(rollouts.examples)} prompts x {cfg.group_size} replies, {cfg.batch_size} prompts per step; "
               f"reward {cfg.reward}; beta {cfg.beta}" + (f"; {rollouts.skipped} prompts too long skipped" if rollouts.skipped else ""))
@@ -95,7 +103,7 @@ def main(cfg: Config) -> dict:
     def step_metrics() -> dict:
         s = rollouts.stats
         row = {"reward": s.reward, "zero_spread": s.zero_spread, "reply_tokens": s.reply_tokens,
-               "finished": s.finished, **objective.metrics()}
+               "finished": s.finished, **objective.metrics(), **({"gold_reward": s.gold} if s.gold is not None else {})}
         if row.get("kl_per_reply", 0.0) > cfg.max_kl:
             kept = checkpoint.resolve(cfg.out_dir) if checkpoint.has_checkpoint(cfg.out_dir) else "none yet"
             raise LLMLabError(f"rl: the KL to the reference reached {row['kl_per_reply']:.1f} nats per reply "
@@ -107,5 +115,6 @@ def main(cfg: Config) -> dict:
                   tokenizer_path=policy.path,
                   meta={"stage": "rl", "policy": str(policy.path), "ref": str(ref.path), "reward": cfg.reward})
     if info.is_main and cfg.judge_per_family > 0:
-        metrics["judge"] = judge(policy.model, ref.model, tok, cfg.world, cfg.judge_per_family, Path(cfg.out_dir), "rl")
+        task = task_by_name(cfg.prompts, cfg.world, "heldout", cfg.judge_per_family)
+        metrics["judge"] = judge(policy.model, ref.model, tok, task, cfg.world, Path(cfg.out_dir), "rl")
     return metrics
