@@ -1,8 +1,8 @@
 """Reward-model overoptimization, measured (Gao, Schulman & Hilton 2022): optimising a proxy reward model past a
 point makes the gold reward fall while the proxy keeps rising.
 
-Proxies are reward models trained on few of the world's comparisons (the first N training pairs of `llmlab rm`,
-for each N of --proxy_pairs). Against each:
+Proxies are reward models trained on few of the world's comparisons (N training pairs of `llmlab rm` drawn at
+random, for each N of --proxy_pairs). Against each:
 
   best-of-n   the cpu assistant samples 64 replies to each held-out prompt; for n = 1, 2, 4, ..., 64 the reply
               the proxy scores best is kept (averaged over the 64/n disjoint groups of n); KL = log n - (n-1)/n
@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import random
 import sys
 import time
 from pathlib import Path
@@ -144,6 +145,7 @@ def main() -> int:
     sampled = sample_replies(Engine(assistant.model), tok, task, args.samples,
                              SamplingParams(max_new_tokens=48, temperature=1.0, seed=1), tool)
     all_pairs = [json.loads(line) for line in pairs_file.read_text().splitlines() if line.strip()]
+    random.Random(0).shuffle(all_pairs)  # the file lists prompts family by family: a proxy's few pairs mix them
     results: dict = {"prompts": len(sampled), "samples": args.samples, "proxies": {}}
     for n_pairs in [int(x) for x in args.proxy_pairs.split(",")]:
         name = str(n_pairs)
@@ -160,7 +162,7 @@ def main() -> int:
                           beta=0.0, temperature=1.0, group_size=8, batch_size=8, max_steps=args.rl_steps,
                           scale_advantages=True, warmdown_frac=0.0, momentum_warmup_steps=0, eval_every=0,
                           save_every=0, judge_per_family=0, max_kl=1e9,
-                          optim=OptimConfig(muon_lr=0.01, embed_lr=0.02, head_lr=0.002, scalar_lr=0.002)))
+                          optim=OptimConfig(muon_lr=0.004, embed_lr=0.01, head_lr=0.001, scalar_lr=0.001)))
         curve = rl_curve(rl_dir / "metrics.jsonl")
         accuracy = json.loads((proxy_dir / "rm_eval.json").read_text())["heldout"]["accuracy"]
         results["proxies"][name] = {

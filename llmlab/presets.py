@@ -99,6 +99,7 @@ def cpu(run: str = "runs/cpu") -> speedrun.Config:
     cfg.world.sft_conversations = 30000
     cfg.sft.max_steps, cfg.sft.eval_every, cfg.sft.save_every = 2000, 500, 250
     cfg.assistant = True
+    cfg.align = True  # then a reward model (rm) and RLHF (rl) from the assistant
     return cfg
 
 

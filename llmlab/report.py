@@ -154,6 +154,36 @@ def plot_rl(metrics_path: Path, out_png: Path) -> Path | None:
     return out_png
 
 
+def plot_dpo(metrics_path: Path, out_png: Path) -> Path | None:
+    """DPO's log-probabilities of the chosen and of the rejected answers (training batches, and held-out pairs
+    at each evaluation) against the step: when both fall, probability goes to answers in neither set."""
+    import matplotlib  # deferred: slow to import, needed only for the plots
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(metrics_path)
+    train = [r for r in rows if "logp_chosen" in r]
+    val = [r for r in rows if "val_logp_chosen" in r]
+    if not train:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    for key, color in (("chosen", "C2"), ("rejected", "C3")):
+        ax.plot([r["step"] for r in train], [r[f"logp_{key}"] for r in train], color=color, lw=0.7, alpha=0.5,
+                label=f"{key} (training batches)")
+        ax.plot([r["step"] for r in val], [r[f"val_logp_{key}"] for r in val], "o-", color=color,
+                label=f"{key} (held-out pairs)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("log-probability of the answer (nats)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title("DPO")
+    fig.tight_layout()
+    fig.savefig(out_png)
+    plt.close(fig)
+    return out_png
+
+
 def alignment_section(results: dict, cfg, run_dir: Path) -> list[str]:
     """The reward model's held-out accuracy per prompt family, RL's curves and its gold head-to-head."""
     rm_eval, rl = results["rm"], results["rl"]

@@ -211,6 +211,8 @@ def test_kill_and_resume_is_bit_identical(tiny_run, tmp_path, monkeypatch, stage
     cfg = _stage_cfg(tiny_run, tmp_path, stage)
     whole = module.main(dataclasses.replace(cfg, out_dir=str(tmp_path / "whole")))
     assert whole["step"] == 4
+    if stage == "dpo":
+        assert (tmp_path / "whole" / "dpo.png").is_file()
     source = {"rm": PairLoader, "dpo": PairLoader, "rl": Rollouts}[stage]
     real = source.next_batch
     calls = {"n": 0}

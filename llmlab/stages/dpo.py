@@ -22,6 +22,7 @@ from llmlab.alignment.judge import gold_replies, head_to_head
 from llmlab.alignment.losses import DPOLoss, dpo, sequence_logprobs
 from llmlab.alignment.pairs import PairLoader, encode_pairs, policy_batch
 from llmlab.errors import LLMLabError
+from llmlab.report import plot_dpo
 from llmlab.stages import rm
 from llmlab.tasks.gold import GoldTask
 from llmlab.tools import run_tool
@@ -97,6 +98,9 @@ def main(cfg: Config) -> dict:
     metrics = fit(cfg, info, policy.model, loader, evaluate=evaluate, objective=objective,
                   step_metrics=objective.metrics, tokenizer_path=policy.path,
                   meta={"stage": "dpo", "policy": str(policy.path), "ref": str(ref.path), "pairs": len(train)})
+    if info.is_main:
+        plot = plot_dpo(out_dir / "metrics.jsonl", out_dir / "dpo.png")
+        print(f"dpo: log-probabilities of chosen and rejected answers -> {plot}")
     if info.is_main and cfg.judge_per_family > 0:
         metrics["judge"] = judge(policy.model, ref.model, tok, GoldTask(cfg.world, "heldout", cfg.judge_per_family),
                                  cfg.world, out_dir, "dpo")
