@@ -7,12 +7,19 @@ from pathlib import Path
 from llmlab.training import read_metrics
 
 
-def plot_loss(metrics_path: Path, out_png: Path) -> Path | None:
-    """Training loss and validation bits-per-byte against tokens seen."""
+def _pyplot():
+    """matplotlib's pyplot without a display."""
     import matplotlib  # deferred: slow to import, needed only for the plots
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_loss(metrics_path: Path, out_png: Path) -> Path | None:
+    """Training loss and validation bits-per-byte against tokens seen."""
+    plt = _pyplot()
 
     rows = read_metrics(metrics_path)
     train = [r for r in rows if "loss" in r]
@@ -74,10 +81,7 @@ def _chat_rows(base: dict, chat: dict) -> list[tuple[str, float | None, float | 
 
 def plot_card(card: dict, out_png: Path) -> Path:
     """Horizontal bars: base and assistant on every measure of the report card."""
-    import matplotlib  # deferred: slow to import, needed only for the plots
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     rows = _card_rows(card)[::-1]
     steered = "rl" in card
@@ -129,10 +133,7 @@ def report_card(card: dict) -> list[str]:
 def plot_rl(metrics_path: Path, out_png: Path) -> Path | None:
     """RL's curves against the step: the reward of the rollouts, the KL to the reference per reply, and the
     held-out gold reward of greedy replies."""
-    import matplotlib  # deferred: slow to import, needed only for the plots
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     rows = read_metrics(metrics_path)
     train = [r for r in rows if "reward" in r]
@@ -157,10 +158,7 @@ def plot_rl(metrics_path: Path, out_png: Path) -> Path | None:
 def plot_dpo(metrics_path: Path, out_png: Path) -> Path | None:
     """DPO's log-probabilities of the chosen and of the rejected answers (training batches, and held-out pairs
     at each evaluation) against the step: when both fall, probability goes to answers in neither set."""
-    import matplotlib  # deferred: slow to import, needed only for the plots
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     rows = read_metrics(metrics_path)
     train = [r for r in rows if "logp_chosen" in r]
