@@ -43,7 +43,8 @@ def _pipeline(run: str, world_cfg: world.Config, vocab_size: int, model: GPTConf
                        pairs=str(run_dir / "rm" / "pairs" / "train.jsonl"),
                        heldout=str(run_dir / "rm" / "pairs" / "heldout.jsonl"), batch_size=16, max_steps=150,
                        warmdown_frac=0.5, momentum_warmup_steps=0, eval_every=50, save_every=50,
-                       optim=OptimConfig(muon_lr=0.002, embed_lr=0.01, head_lr=0.0005, scalar_lr=0.001)),
+                       # (at twice these rates both log-probabilities fall and DPO loses to its start)
+                       optim=OptimConfig(muon_lr=0.001, embed_lr=0.004, head_lr=0.0002, scalar_lr=0.0004)),
         rl=rl.Config(policy=str(run_dir / "sft"), world=str(run_dir / "world"), out_dir=str(run_dir / "rl"),
                      reward=f"rm:{run_dir / 'rm'}", temperature=1.5, group_size=8, batch_size=8, max_steps=80,
                      scale_advantages=True,

@@ -2,6 +2,7 @@
 checkpoints move between process counts, only rank 0 writes, and failures are clean. Marked `dist`."""
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -198,3 +199,51 @@ def test_sft_on_two_processes_reproduces_one(tiny_run, single, tmp_path):
            for n in (0, 2)]
     assert len(val[0]) == 2 and max(abs(a - b) for a, b in zip(*val)) < 1e-5
     assert checkpoint.read_info(runs[2])["stage"] == "sft"
+
+
+def _pairs(world_dir: str, path: Path, split: str, n: int) -> Path:
+    from llmlab.tasks.gold import gold_rows
+
+    rows = [{"prompt": r["messages"], "chosen": [{"role": "assistant", "content": r["expect"] or "I can't help with that."}],
+             "rejected": [{"role": "assistant", "content": "It is 7, in Oslo."}], "family": r["family"]}
+            for r in gold_rows(world_dir, split, n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.parametrize("stage", ["rm", "dpo"])
+def test_reward_model_and_dpo_on_two_processes_reproduce_one(tiny_run, single, tmp_path, stage):
+    """Pairs are sharded by rank (pair r, r+W, ... of the global batch) and the loss is normalised by the global
+    number of pairs: 2 processes x 2 pairs give the single process's 4."""
+    cfg, _ = tiny_run
+    train = _pairs(cfg.world.out_dir, tmp_path / "train.jsonl", "train", 4)
+    heldout = _pairs(cfg.world.out_dir, tmp_path / "heldout.jsonl", "heldout", 2)
+    runs = {}
+    for nproc, batch in ((0, 4), (2, 2)):
+        out = tmp_path / f"{stage}{nproc}"
+        flags = dict(policy=single, world=cfg.world.out_dir, pairs=train, heldout=heldout, out_dir=out, max_steps=4,
+                     batch_size=batch, save_every=2, eval_every=2, threads=1, judge_per_family=0)
+        if stage == "rm":
+            del flags["judge_per_family"]
+        _launch(nproc, [stage, "--preset", "tiny"] + [a for k, v in flags.items() for a in (f"--{k}", str(v))],
+                tmp_path / f"log{nproc}", tmp_path)
+        runs[nproc] = out
+    ref, got = _losses(runs[0]), _losses(runs[2])
+    assert len(ref) == len(got) == 4 and max(abs(a - b) for a, b in zip(ref, got)) < 1e-5, (ref, got)
+    assert checkpoint.read_info(runs[2])["stage"] == stage
+
+
+def test_rl_on_two_processes_shards_the_rollouts(tiny_run, single, tmp_path):
+    """Each rank samples replies to its own prompts of the global batch; the run trains and saves like one
+    process (the samples differ from a single process's: each rank draws from its own seed)."""
+    cfg, _ = tiny_run
+    out = tmp_path / "rl"
+    flags = dict(policy=single, world=cfg.world.out_dir, reward="task:gold", out_dir=out, max_steps=3, batch_size=2, group_size=2,
+                 save_every=0, eval_every=0, threads=1, judge_per_family=0, prompts_per_family=2, max_new_tokens=8)
+    log = _launch(2, ["rl", "--preset", "tiny"] + [a for k, v in flags.items() for a in (f"--{k}", str(v))],
+                  tmp_path / "log", tmp_path)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3] and all(math.isfinite(r["loss"]) for r in rows if "loss" in r)
+    assert checkpoint.read_info(out)["step"] == 3, log[-2000:]
+    writes = (tmp_path / "log.writes.1").read_text()
+    assert str(out) not in writes  # rank 1 wrote nothing of the run
