@@ -347,3 +347,44 @@ def test_the_demonstrator_is_mostly_wrong_on_its_blind_spot_only_and_the_reward_
     task = ChainTask("heldout", 14)
     ex = task.examples()[0]
     assert task.reward(ex, f"The answer is {ex.answer}.") == 1.0 and task.reward(ex, "The answer is 1.") == 0.0
+
+
+def test_the_feedback_flywheel_runs_end_to_end(tiny_run, tmp_path):
+    """serve -> users compare two answers and correct one -> feedback export -> rm and dpo on the exported pairs
+    -> rl against that reward model -> the RL'd checkpoint served and answering."""
+    import httpx
+    from serving import LiveServer, make_app
+
+    from llmlab.stages import dpo, feedback, rl, rm
+
+    run, _ = tiny_run
+    db = tmp_path / "feedback.db"
+    live = LiveServer(make_app(checkpoint.resolve(run.sft.out_dir), db))
+    try:
+        http = httpx.Client(base_url=live.url, timeout=60)
+        for i, question in enumerate(["Hello!", "Who is Ada?", "What is 2 + 3?", "Tell me a story.", "Hi", "Thanks!"]):
+            cid = http.post("/api/conversations", json={}).json()["id"]
+            r = http.post(f"/api/conversations/{cid}/reply", json={"content": question, "compare": True,
+                                                                   "temperature": 1.0, "max_tokens": 12, "seed": i})
+            done = json.loads([line for line in r.text.splitlines() if line.startswith("data: {")][-1][len("data: "):])
+            a, b = done["messages"]
+            http.post(f"/api/comparisons/{done['comparison_id']}/choose", json={"message_id": b["id"]})
+            http.post(f"/api/messages/{b['id']}/flag", json={"reason": "wrong", "correction": "I don't know."})
+    finally:
+        live.stop()
+    exported = feedback.main(feedback.Config(db=str(db), out_dir=str(tmp_path / "feedback")))
+    assert exported["preference_pairs"] >= 6  # the corrections at least; comparisons whose answers differ too
+    prefs = str(tmp_path / "feedback" / "preferences.jsonl")
+    common = dict(world=run.world.out_dir, pairs=prefs, heldout=prefs, max_steps=2, save_every=0, eval_every=0)
+    rm.main(dataclasses.replace(run.rm, out_dir=str(tmp_path / "rm"), **common))
+    dpo.main(dataclasses.replace(run.dpo, out_dir=str(tmp_path / "dpo"), judge_per_family=0, **common))
+    rl.main(dataclasses.replace(run.rl, out_dir=str(tmp_path / "rl"), reward=f"rm:{tmp_path / 'rm'}", max_steps=2,
+                                save_every=0, eval_every=0, judge_per_family=0))
+    served = LiveServer(make_app(checkpoint.resolve(tmp_path / "rl"), tmp_path / "again.db"))
+    try:
+        r = httpx.post(served.url + "/v1/chat/completions", timeout=60, json={
+            "model": "test-model", "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 4})
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["role"] == "assistant"
+    finally:
+        served.stop()
+    assert checkpoint.read_info(tmp_path / "rl")["stage"] == "rl"
