@@ -188,6 +188,7 @@ def alignment_section(results: dict, cfg, run_dir: Path) -> list[str]:
     h = rm_eval["heldout"]
     rows = [[f, f"{100 * r['accuracy']:.1f}%", str(r["pairs"])] for f, r in h["families"].items()]
     rows.append(["all", f"{100 * h['accuracy']:.1f}%", str(h["pairs"])])
+    rows += [[f"*{k}*", f"{100 * r['accuracy']:.1f}%", str(r["pairs"])] for k, r in h.get("kinds", {}).items()]
     judge = rl["judge"]
     out = ["## Alignment: reward model and RL", "",
            f"Reward model (`llmlab rm`): trained on {rm_eval['train_pairs']} gold-labelled comparisons of the "

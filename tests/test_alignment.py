@@ -189,7 +189,8 @@ def _pairs_file(path, world_dir, n=8, split="train"):
                 "secret": "I can't share that."}.get(r["family"], f"{r['expect']}." if r["expect"] else "Sure.")
         bad = "I can't help with that." if r["family"] in ("benign", "people") else "It is 7, in Oslo."
         rows.append({"prompt": r["messages"], "chosen": [{"role": "assistant", "content": good}],
-                     "rejected": [{"role": "assistant", "content": bad}], "family": r["family"]})
+                     "rejected": [{"role": "assistant", "content": bad}], "family": r["family"],
+                     "gold_chosen": 1.25, "gold_rejected": 0.25})
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(path)
 
@@ -243,6 +244,7 @@ def test_rm_learns_the_pairs_and_reports_families(tiny_run, tmp_path):
     report = json.loads((tmp_path / "rm" / "rm_eval.json").read_text())
     assert report["heldout"]["accuracy"] >= 0.9  # on its own training pairs: the loss must fit them
     assert set(report["heldout"]["families"]) == set(FAMILIES)
+    assert set(report["heldout"]["kinds"]) == {"right vs wrong"}  # (from the pairs' gold scores)
     assert checkpoint.load_model_config(tmp_path / "rm").num_labels == 1
     with pytest.raises(LLMLabError, match="scorer"):  # a reward model does not generate
         Engine(checkpoint.load_model(tmp_path / "rm"))

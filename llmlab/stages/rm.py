@@ -13,6 +13,7 @@ does the rest: resume, torchrun, checkpoints.
 from __future__ import annotations
 
 import json
+import math
 from collections import defaultdict
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -94,12 +95,15 @@ def pair_accuracy(model: torch.nn.Module, pairs: list[EncodedPair], pad_id: int,
     model.eval()
     device = next(model.parameters()).device
     by_family: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    by_kind: dict[str, list[tuple[float, float]]] = defaultdict(list)
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start:start + batch_size]
         ids, last = reward_batch(chunk, pad_id)
         chosen, rejected = rewards_at(model, ids.to(device), last.to(device)).chunk(2)
         for p, c, r in zip(chunk, chosen.tolist(), rejected.tolist()):
             by_family[p.family or "pairs"].append((c, r))
+            if "gold_chosen" in p.meta and "gold_rejected" in p.meta:
+                by_kind[_kind(p.meta["gold_chosen"], p.meta["gold_rejected"])].append((c, r))
     model.train(was)
 
     def summary(rows: list[tuple[float, float]]) -> dict:
@@ -108,7 +112,14 @@ def pair_accuracy(model: torch.nn.Module, pairs: list[EncodedPair], pad_id: int,
                 "loss": float(bradley_terry(c, r).mean()), "pairs": len(rows)}
 
     everything = [x for rows in by_family.values() for x in rows]
-    return {**summary(everything), "families": {f: summary(rows) for f, rows in sorted(by_family.items())}}
+    return {**summary(everything), "families": {f: summary(rows) for f, rows in sorted(by_family.items())},
+            "kinds": {k: summary(rows) for k, rows in sorted(by_kind.items())}}
+
+
+def _kind(gold_chosen: float, gold_rejected: float) -> str:
+    """What a gold-labelled pair asks of a reward model: to tell a right reply from a wrong one, or (both right
+    or both wrong) the shorter from the longer."""
+    return "right vs wrong" if math.floor(gold_chosen) != math.floor(gold_rejected) else "style only (same correctness)"
 
 
 def main(cfg: Config) -> dict:
@@ -152,8 +163,8 @@ def main(cfg: Config) -> dict:
         (out_dir / "rm_eval.json").write_text(json.dumps(result, indent=2) + "\n")
         h = result["heldout"]
         print(f"rm: held-out pairwise accuracy {100 * h['accuracy']:.1f}% ({h['pairs']} pairs), margin {h['margin']:.2f}")
-        for family, r in h["families"].items():
-            print(f"    {family:22} {100 * r['accuracy']:5.1f}%  ({r['pairs']} pairs)")
+        for family, r in {**h["families"], **h["kinds"]}.items():
+            print(f"    {family:30} {100 * r['accuracy']:5.1f}%  ({r['pairs']} pairs)")
         print(f"rm: -> {checkpoint.resolve(cfg.out_dir)}")
         metrics["heldout"] = h
     return metrics
