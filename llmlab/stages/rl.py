@@ -43,7 +43,7 @@ class Config(TrainConfig):
     world: str = "runs/cpu/world"
     """the world whose prompts are asked (its train split; the held-out split judges)"""
     prompts: str = "gold"
-    """the prompts: gold (the world's nine families) or chain (two-step word problems with the calculator)"""
+    """the prompts: gold (the world's ten families) or chain (two-step word problems with the calculator)"""
     prompts_per_family: int = 80
     """training prompts per family (chain: per template)"""
     group_size: int = 4
