@@ -28,7 +28,7 @@ from llmlab.alignment.rollouts import Rollouts, TaskReward
 from llmlab.engine import Engine, SamplingParams
 from llmlab.optim import OptimConfig, build_optimizers
 from llmlab.tasks.gold import GoldTask
-from llmlab.tools import run_tool
+from llmlab.tools import tool_runner
 from llmlab.training import configure_torch, train_step
 
 
@@ -50,7 +50,7 @@ def main() -> int:
     reference = checkpoint.load_model(args.policy)
     task = GoldTask(args.world, "train", 20)
     params = SamplingParams(max_new_tokens=48, temperature=1.5)
-    tool = lambda call: run_tool(call, world_dir=args.world).text  # noqa: E731
+    tool = tool_runner(args.world)
     source = Rollouts(policy, reference, tok, list(task.examples()), TaskReward(task, tok), tool, args.prompts,
                       args.group, params)
     optimizers = build_optimizers(policy, OptimConfig(muon_lr=0.002, embed_lr=0.01, head_lr=0.0005, scalar_lr=0.001))

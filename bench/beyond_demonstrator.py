@@ -27,11 +27,11 @@ from llmlab.data.preferences import write_jsonl
 from llmlab.optim import OptimConfig
 from llmlab.stages import rl, sft
 from llmlab.tasks.chain import BLIND, ChainTask, demonstration, demonstrator_accuracy, problems
-from llmlab.tools import run_tool
+from llmlab.tools import tool_runner
 
 
 def accuracy(model, tok, task, world: str) -> dict:
-    rows = gold_replies(model, tok, task, lambda call: run_tool(call, world_dir=world).text)
+    rows = gold_replies(model, tok, task, tool_runner(world))
     blind = [r for r in rows if r["family"] == "blind spot"]
     return {"all": sum(r["correct"] for r in rows) / len(rows), "blind spot": sum(r["correct"] for r in blind) / len(blind)}
 

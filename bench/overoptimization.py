@@ -37,7 +37,7 @@ from llmlab.engine import Engine, SamplingParams
 from llmlab.optim import OptimConfig
 from llmlab.stages import rl, rm
 from llmlab.tasks.gold import GoldTask
-from llmlab.tools import run_tool
+from llmlab.tools import tool_runner
 from llmlab.training import read_metrics
 
 
@@ -141,7 +141,7 @@ def main() -> int:
     assistant = checkpoint.load(run / "sft")
     tok = assistant.tokenizer
     task = GoldTask(world, "heldout", args.prompts_per_family)
-    tool = lambda call: run_tool(call, world_dir=world).text  # noqa: E731
+    tool = tool_runner(world)
     sampled = sample_replies(Engine(assistant.model), tok, task, args.samples,
                              SamplingParams(max_new_tokens=48, temperature=1.0, seed=1), tool)
     all_pairs = [json.loads(line) for line in pairs_file.read_text().splitlines() if line.strip()]

@@ -6,10 +6,10 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Callable
 
-from llmlab.chat import final_answer, render_prompt, reply_stop_ids
-from llmlab.engine import Engine, SamplingParams, generate_with_tools
+from llmlab.alignment.pairs import sample_replies
+from llmlab.chat import final_answer
+from llmlab.engine import Engine, SamplingParams
 from llmlab.model import GPT
-from llmlab.tasks import that_fit
 from llmlab.tasks.gold import GoldTask
 from llmlab.tokenizer import Tokenizer
 
@@ -17,17 +17,12 @@ from llmlab.tokenizer import Tokenizer
 def gold_replies(model: GPT, tok: Tokenizer, task: GoldTask, run_tool: Callable[[str], str] | None,
                  max_new_tokens: int = 48, batch_size: int = 64) -> list[dict]:
     """Greedy replies to every example that fits: {"family", "reply", "reward", "correct", "words"} each."""
-    engine = Engine(model)
-    examples, prompts, _ = that_fit(task, lambda e: render_prompt(tok, e.meta["messages"]), model.config.context_len)
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
-    tool_start = tok.special_id("<|tool_start|>")
     out = []
-    for start in range(0, len(examples), batch_size):
-        replies, _ = generate_with_tools(engine, tok, prompts[start:start + batch_size], params, reply_stop_ids(tok), run_tool)
-        for example, ids in zip(examples[start:start + batch_size], replies):
-            text, called = final_answer(tok, ids), tool_start in ids
-            out.append({"family": example.group, "reply": text, "reward": task.reward(example, text, called),
-                        "correct": task.score(example, text, called), "words": len(text.split())})
+    for example, [(ids, reward, correct)] in sample_replies(Engine(model), tok, task, 1, params, run_tool, batch_size):
+        text = final_answer(tok, ids)
+        out.append({"family": example.group, "reply": text, "reward": reward, "correct": correct,
+                    "words": len(text.split())})
     return out
 
 

@@ -1,8 +1,9 @@
 """Comparisons: sampling them from an assistant and labelling them with the gold scorer, and feeding pairs to
 the training loop (`PairLoader`: reward models and DPO).
 
-`sample_comparisons` asks the assistant each prompt `k` times at temperature > 0 (the engine runs its tool
-calls), scores every reply with the gold reward (llmlab.tasks.gold) and pairs a better reply with a worse one:
+`sample_replies` asks the assistant each prompt `k` times at temperature > 0 (the engine runs its tool calls)
+and scores every reply with the task's reward (the gold scorer, llmlab.tasks.gold); `comparisons` pairs a better
+reply with a worse one:
 the best against the worst, then the next widest gaps, up to `per_prompt` pairs, equal scores never paired.
 Rows are written in TRL's conversational format (llmlab.data.preferences), with the family and both gold scores
 beside, so users' pairs (`llmlab feedback export`'s preferences.jsonl) and the world's train the same way.
@@ -10,6 +11,7 @@ beside, so users' pairs (`llmlab feedback export`'s preferences.jsonl) and the w
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import random
@@ -33,7 +35,8 @@ from llmlab.tokenizer import Tokenizer
 def sample_replies(engine: Engine, tok: Tokenizer, task: GoldTask, k: int, params: SamplingParams,
                    run_tool: Callable[[str], str] | None, batch_prompts: int = 16,
                    progress: Callable[[int], None] | None = None) -> list[tuple]:
-    """[(example, [(reply ids, gold reward, correct), ... k of them]), ...] for every example that fits."""
+    """[(example, [(reply ids, reward, correct), ... k of them]), ...] for every example of `task` (any task with
+    `reward` and `score`) that fits, `batch_prompts` prompts per engine call."""
     examples, prompts, _ = that_fit(task, lambda e: render_prompt(tok, e.meta["messages"]), engine.model.config.context_len)
     stop = reply_stop_ids(tok)
     tool_start = tok.special_id("<|tool_start|>")
@@ -41,7 +44,7 @@ def sample_replies(engine: Engine, tok: Tokenizer, task: GoldTask, k: int, param
     for start in range(0, len(examples), batch_prompts):
         chunk, chunk_prompts = examples[start:start + batch_prompts], prompts[start:start + batch_prompts]
         rows = [p for p in chunk_prompts for _ in range(k)]
-        seeded = SamplingParams(**{**params.__dict__, "seed": params.seed + start})
+        seeded = dataclasses.replace(params, seed=params.seed + start)
         replies, _ = generate_with_tools(engine, tok, rows, seeded, stop, run_tool)
         for i, example in enumerate(chunk):
             scored = []

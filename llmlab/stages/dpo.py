@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from llmlab import checkpoint, dist
+from llmlab import checkpoint
 from llmlab.alignment.judge import gold_replies, head_to_head
 from llmlab.alignment.losses import DPOLoss, dpo, sequence_logprobs
 from llmlab.alignment.pairs import PairLoader, encode_pairs, policy_batch
@@ -25,7 +25,7 @@ from llmlab.errors import LLMLabError
 from llmlab.report import plot_dpo
 from llmlab.stages import rm
 from llmlab.tasks.gold import GoldTask
-from llmlab.tools import run_tool
+from llmlab.tools import tool_runner
 from llmlab.training import fit, setup
 
 
@@ -64,13 +64,7 @@ def main(cfg: Config) -> dict:
     out_dir = Path(cfg.out_dir)
     T = policy.model.config.context_len
 
-    if info.is_main:
-        train_pairs = rm.load_pairs(cfg.pairs, "train", cfg, ref.model, tok, out_dir)
-        heldout_pairs = rm.load_pairs(cfg.heldout, "heldout", cfg, ref.model, tok, out_dir)
-    dist.barrier()
-    if not info.is_main:
-        train_pairs = rm.load_pairs(cfg.pairs, "train", cfg, ref.model, tok, out_dir)
-        heldout_pairs = rm.load_pairs(cfg.heldout, "heldout", cfg, ref.model, tok, out_dir)
+    train_pairs, heldout_pairs = rm.load_pair_sets(cfg, ref.model, tok, info)
     train, skipped = encode_pairs(train_pairs, tok, T)
     heldout, _ = encode_pairs(heldout_pairs, tok, T)
     if info.is_main:
@@ -109,7 +103,7 @@ def main(cfg: Config) -> dict:
 
 def judge(model, ref_model, tok, task, world: str, out_dir: Path, stage: str) -> dict:
     """The trained policy against the reference on a task's held-out prompts; written to win_rate.json."""
-    tool = lambda call: run_tool(call, world_dir=world).text  # noqa: E731
+    tool = tool_runner(world)
     result = head_to_head(gold_replies(model, tok, task, tool), gold_replies(ref_model, tok, task, tool))
     (out_dir / "win_rate.json").write_text(json.dumps(result, indent=2) + "\n")
     print(f"{stage}: against the reference on held-out prompts ({task.name}, exact scorer): {result['wins']} wins, "

@@ -24,7 +24,7 @@ from llmlab.tasks.assistant import (
 from llmlab.tasks.knowledge import stored_knowledge
 from llmlab.tasks.world_qa import WorldArithmetic, WorldQA
 from llmlab.tokenizer import Tokenizer
-from llmlab.tools import run_tool
+from llmlab.tools import tool_runner
 from llmlab.training import configure_torch
 
 
@@ -87,9 +87,7 @@ def evaluate_base(engine: Engine, tok: Tokenizer, world: str, per_group: int) ->
 
 def evaluate_chat(engine: Engine, tok: Tokenizer, world: str, per_group: int) -> dict:
     """Every task as a conversation; the engine runs tool calls (but not for arithmetic without tools)."""
-    def tool(call: str) -> str:
-        return run_tool(call, world_dir=world).text
-
+    tool = tool_runner(world)
     return {
         "world_qa": run_chat_task(AssistantQA(world, per_group=per_group), engine, tok, tool),
         "arithmetic_with_tools": run_chat_task(AssistantArithmetic(world, tools=True, per_group=per_group // 2), engine, tok, tool),

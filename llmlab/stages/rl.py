@@ -28,7 +28,7 @@ from llmlab.alignment.rollouts import TASKS, Rollouts, parse_reward, task_by_nam
 from llmlab.engine import SamplingParams
 from llmlab.errors import LLMLabError
 from llmlab.stages.dpo import judge, policy_and_reference
-from llmlab.tools import run_tool
+from llmlab.tools import tool_runner
 from llmlab.training import TrainConfig, fit, setup
 
 
@@ -81,7 +81,7 @@ def main(cfg: Config) -> dict:
     info = setup(cfg)
     policy, tok, ref = policy_and_reference(cfg.policy, cfg.ref, info.device, "rl")
     reward = parse_reward(cfg.reward, tok, cfg.world, info.device)
-    tool = lambda call: run_tool(call, world_dir=cfg.world).text  # noqa: E731
+    tool = tool_runner(cfg.world)
     params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature)
     examples = task_by_name(cfg.prompts, cfg.world, "train", cfg.prompts_per_family).examples()
     task_reward = f"task:{cfg.prompts}"

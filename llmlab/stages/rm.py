@@ -28,7 +28,7 @@ from llmlab.engine import Engine, SamplingParams
 from llmlab.errors import LLMLabError
 from llmlab.model import GPT
 from llmlab.tokenizer import Tokenizer
-from llmlab.tools import run_tool
+from llmlab.tools import tool_runner
 from llmlab.training import TrainConfig, fit, setup
 
 
@@ -80,12 +80,24 @@ def load_pairs(spec: str, split: str, cfg: Config, policy: GPT, tok: Tokenizer, 
             params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed)
             per_family = cfg.prompts_per_family if split == "train" else max(cfg.prompts_per_family // 2, 1)
             rows = world_comparisons(Engine(policy), tok, cfg.world, split, per_family, cfg.samples, params,
-                                     lambda call: run_tool(call, world_dir=cfg.world).text, cfg.pairs_per_prompt,
+                                     tool_runner(cfg.world), cfg.pairs_per_prompt,
                                      out_dir / "pairs" / f"{split}.jsonl")
             pairs += pairs_from_rows(rows, f"world comparisons ({split})")
         else:
             pairs += load_preference_pairs(item)
     return pairs
+
+
+def load_pair_sets(cfg: Config, policy: GPT, tok: Tokenizer, info: dist.DistInfo) -> tuple[list, list]:
+    """(training pairs, held-out pairs) of cfg.pairs and cfg.heldout: rank 0 samples any world comparisons and
+    caches them under out_dir/pairs/ while the other ranks wait, then they read the cache."""
+    if not info.is_main:
+        dist.barrier()
+    sets = tuple(load_pairs(spec, split, cfg, policy, tok, Path(cfg.out_dir))
+                 for spec, split in ((cfg.pairs, "train"), (cfg.heldout, "heldout")))
+    if info.is_main:
+        dist.barrier()
+    return sets
 
 
 @torch.no_grad()
@@ -130,13 +142,7 @@ def main(cfg: Config) -> dict:
     out_dir = Path(cfg.out_dir)
 
     # ---- data: comparisons, sampled once (rank 0) and cached, then read by every rank ---------------------
-    if info.is_main:
-        train_pairs = load_pairs(cfg.pairs, "train", cfg, source.model, tok, out_dir)
-        heldout_pairs = load_pairs(cfg.heldout, "heldout", cfg, source.model, tok, out_dir)
-    dist.barrier()
-    if not info.is_main:
-        train_pairs = load_pairs(cfg.pairs, "train", cfg, source.model, tok, out_dir)
-        heldout_pairs = load_pairs(cfg.heldout, "heldout", cfg, source.model, tok, out_dir)
+    train_pairs, heldout_pairs = load_pair_sets(cfg, source.model, tok, info)
     train, skipped = encode_pairs(train_pairs, tok, T)
     heldout, heldout_skipped = encode_pairs(heldout_pairs, tok, T)
     if not heldout:

@@ -14,6 +14,7 @@ read and correct. Every result is cut to `MAX_OUTPUT_CHARS` so that no call can 
 from __future__ import annotations
 
 import textwrap
+from typing import Callable
 
 from llmlab.chat import split_call
 from llmlab.errors import LLMLabError
@@ -22,7 +23,7 @@ from llmlab.tools.result import MAX_OUTPUT_CHARS, TRUNCATION_MARKER, ToolResult,
 from llmlab.tools.sandbox import run_python
 from llmlab.tools.search import load_index
 
-__all__ = ["MAX_OUTPUT_CHARS", "TOOL_NAMES", "TRUNCATION_MARKER", "ToolResult", "run_tool", "truncate"]
+__all__ = ["MAX_OUTPUT_CHARS", "TOOL_NAMES", "TRUNCATION_MARKER", "ToolResult", "run_tool", "tool_runner", "truncate"]
 
 TOOL_NAMES = ("calculator", "python", "search")
 
@@ -32,6 +33,11 @@ def run_tool(call: str, *, world_dir: str | None = None) -> ToolResult:
     name, args = split_call(call)
     result = _dispatch(name, args, world_dir)
     return ToolResult(truncate(result.text), result.ok)
+
+
+def tool_runner(world_dir: str | None) -> Callable[[str], str]:
+    """`run_tool` over one world as the engine takes it: call text in, result text out."""
+    return lambda call: run_tool(call, world_dir=world_dir).text
 
 
 def _dispatch(name: str, args: str, world_dir: str | None) -> ToolResult:
