@@ -390,3 +390,13 @@ def test_the_feedback_flywheel_runs_end_to_end(tiny_run, tmp_path):
     finally:
         served.stop()
     assert checkpoint.read_info(tmp_path / "rl")["stage"] == "rl"
+
+
+def test_a_runaway_kl_stops_rl_with_the_flag_to_change_and_keeps_the_last_good_checkpoint(tiny_run, tmp_path):
+    from llmlab.stages import rl
+
+    cfg = dataclasses.replace(_stage_cfg(tiny_run, tmp_path, "rl"), max_kl=0.0, save_every=1, max_steps=4,
+                              optim=dataclasses.replace(tiny_run[0].rl.optim, muon_lr=0.05))
+    with pytest.raises(LLMLabError, match=r"--max_kl 0.0\).*raise --beta.*last good checkpoint: .*step-000001"):
+        rl.main(cfg)  # step 1 samples from the reference itself (KL 0); step 2's policy has moved
+    assert checkpoint.read_info(cfg.out_dir)["step"] == 1
