@@ -28,6 +28,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "rm": ("llmlab.stages.rm", "train a reward model on comparisons (the world's gold-labelled ones, or users')"),
     "dpo": ("llmlab.stages.dpo", "Direct Preference Optimization of an assistant from comparisons"),
     "rl": ("llmlab.stages.rl", "on-policy RL of an assistant against a reward model or a verifiable reward"),
+    "think": ("llmlab.stages.think", "answer with more inference compute (vote, verifiers, search), or measure what it buys"),
     "eval": ("llmlab.stages.evaluate", "evaluate a checkpoint on the world's tasks (base and assistant framings)"),
     "chat": ("llmlab.stages.chat", "talk to an assistant in the terminal (streaming, tools, /help)"),
     "export": ("llmlab.stages.export", "export a checkpoint to Hugging Face, GGUF, a standalone run.py, or a tokenizer folder"),
@@ -113,7 +114,8 @@ def build_parser(stage: str, base_cfg: Any) -> argparse.ArgumentParser:
         else:
             target = groups[owner]
         kind = _parse_bool if typ is bool else typ
-        target.add_argument(flag, dest=path, type=kind, default=_get_path(base_cfg, path), help=doc or " ",
+        target.add_argument(flag, dest=path, type=kind, default=_get_path(base_cfg, path),
+                            help=doc.replace("%", "%%") or " ",  # (argparse formats help with %)
                             metavar=typ.__name__.upper())
     return parser
 

@@ -338,8 +338,9 @@ class Engine:
                 return
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
-                 stop_ids: Sequence[int] = ()) -> list[list[int]]:
-        """The new tokens of each row, without the stop token that ended it."""
+                 stop_ids: Sequence[int] = (), keep_stop: bool = False) -> list[list[int]]:
+        """The new tokens of each row, without the stop token that ended it (with it: keep_stop, for callers
+        with several kinds of stop, such as the end of a line or of the reply)."""
         out: list[list[int]] = [[] for _ in prompts]
         stops = set(stop_ids)
         finished = [False] * len(prompts)
@@ -347,9 +348,8 @@ class Engine:
             for row, token in enumerate(column):
                 if token is None or finished[row]:
                     continue
-                if token in stops:
-                    finished[row] = True
-                else:
+                finished[row] = token in stops
+                if keep_stop or not finished[row]:
                     out[row].append(token)
         return out
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from llmlab.training import read_metrics
 
 
-def _pyplot():
+def pyplot():
     """matplotlib's pyplot without a display."""
     import matplotlib  # deferred: slow to import, needed only for the plots
 
@@ -19,7 +19,7 @@ def _pyplot():
 
 def plot_loss(metrics_path: Path, out_png: Path) -> Path | None:
     """Training loss and validation bits-per-byte against tokens seen."""
-    plt = _pyplot()
+    plt = pyplot()
 
     rows = read_metrics(metrics_path)
     train = [r for r in rows if "loss" in r]
@@ -72,6 +72,7 @@ def _chat_rows(base: dict, chat: dict) -> list[tuple[str, float | None, float | 
     rows += [(f"places: {g}", base.get("places", {}).get("groups", {}).get(g), a)
              for g, a in chat.get("places", {}).get("groups", {}).items()]
     rows += [(f"{g}, with tools", None, a) for g, a in chat.get("python", {}).get("groups", {}).items()]
+    rows += [(f"{g} (greedy, no tools)", None, a) for g, a in chat.get("puzzles", {}).get("groups", {}).items()]
     rows += [(g, base["policy"]["groups"].get(g), a) for g, a in chat["policy"]["groups"].items()]
     if "knowledge" in chat:  # (eval.json files written before the knowledge probe lack it)
         rows += [(f"stored knowledge: {g}", base.get("knowledge", {}).get("groups", {}).get(g), a)
@@ -81,7 +82,7 @@ def _chat_rows(base: dict, chat: dict) -> list[tuple[str, float | None, float | 
 
 def plot_card(card: dict, out_png: Path) -> Path:
     """Horizontal bars: base and assistant on every measure of the report card."""
-    plt = _pyplot()
+    plt = pyplot()
 
     rows = _card_rows(card)[::-1]
     steered = "rl" in card
@@ -123,7 +124,7 @@ def report_card(card: dict) -> list[str]:
            "model chooses to say.", "",
            _table(["measure", "base", "assistant"] + (["assistant after RL"] if steered else []), rows), "",
            "Example conversations:", ""]
-    for name in ("world_qa", "places", "arithmetic_with_tools", "python", "policy"):
+    for name in ("world_qa", "places", "arithmetic_with_tools", "python", "puzzles", "policy"):
         for smp in chat.get(name, {}).get("samples", []):  # one per group
             calls = "".join(f" [tool: {c} -> {r}]" for c, r in smp["tool_calls"])
             out.append(f"- user: `{smp['prompt']}` -> assistant:{calls} `{smp['reply'].strip()}`")
@@ -133,7 +134,7 @@ def report_card(card: dict) -> list[str]:
 def plot_rl(metrics_path: Path, out_png: Path) -> Path | None:
     """RL's curves against the step: the reward of the rollouts, the KL to the reference per reply, and the
     held-out gold reward of greedy replies."""
-    plt = _pyplot()
+    plt = pyplot()
 
     rows = read_metrics(metrics_path)
     train = [r for r in rows if "reward" in r]
@@ -158,7 +159,7 @@ def plot_rl(metrics_path: Path, out_png: Path) -> Path | None:
 def plot_dpo(metrics_path: Path, out_png: Path) -> Path | None:
     """DPO's log-probabilities of the chosen and of the rejected answers (training batches, and held-out pairs
     at each evaluation) against the step: when both fall, probability goes to answers in neither set."""
-    plt = _pyplot()
+    plt = pyplot()
 
     rows = read_metrics(metrics_path)
     train = [r for r in rows if "logp_chosen" in r]

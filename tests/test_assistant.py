@@ -253,13 +253,14 @@ def test_tiny_sft_and_report_card(tiny_run):
     assert len(losses) == cfg.sft.max_steps and min(losses[-2:]) < losses[0]
     card = results["card"]
     assert set(card["chat"]) == {"world_qa", "arithmetic_with_tools", "arithmetic_without_tools", "policy", "knowledge",
-                                 "places", "python"}
+                                 "places", "python", "puzzles"}
     assert set(card["base"]) == {"world_qa", "arithmetic", "policy", "knowledge", "places"}
     assert set(card["chat"]["policy"]["groups"]) == set(AssistantPolicy.GROUPS.values())
     assert len(card["chat"]["places"]["groups"]) == 3 and len(card["chat"]["python"]["groups"]) == 6
     report = (Path(cfg.run_dir) / "report.md").read_text()
     assert "Report card" in report and "places: places and companies, pretraining only" in report
-    assert "python: sort numbers, with tools" in report
+    assert "python: sort numbers, with tools" in report and "puzzles: hard (greedy, no tools)" in report
+    assert set(card["chat"]["puzzles"]["groups"]) == {f"puzzles: {g}" for g in ("easy", "medium", "hard", "no solution")}
     ckpt = checkpoint.resolve(cfg.sft.out_dir)
     tok_cfg = json.loads((ckpt / "tokenizer_config.json").read_text())
     assert tok_cfg["eos_token"] == "<|assistant_end|>" and "chat_template" in tok_cfg

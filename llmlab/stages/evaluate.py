@@ -22,6 +22,7 @@ from llmlab.tasks.assistant import (
     AssistantArithmetic, AssistantPlaces, AssistantPolicy, AssistantPython, AssistantQA, run_chat_task,
 )
 from llmlab.tasks.knowledge import stored_knowledge
+from llmlab.tasks.puzzles import PuzzleTask
 from llmlab.tasks.world_qa import WorldArithmetic, WorldQA
 from llmlab.tokenizer import Tokenizer
 from llmlab.tools import tool_runner
@@ -96,6 +97,8 @@ def evaluate_chat(engine: Engine, tok: Tokenizer, world: str, per_group: int) ->
         "places": run_chat_task(AssistantPlaces(world, per_group=per_group), engine, tok, tool),
         "python": run_chat_task(AssistantPython(world, per_group=max(per_group // 5, 1)), engine, tok, tool,
                                 max_new_tokens=96),
+        "puzzles": run_chat_task(PuzzleTask(world, per_group=max(per_group // 2, 1)), engine, tok, None,
+                                 max_new_tokens=64),
     }
 
 

@@ -5,7 +5,8 @@ initialised at zero, so every answer starts equal), trained with the Bradley-Ter
 (llmlab.alignment.losses): the score is read at each conversation's last real token. The pairs are the world's
 (`--pairs world`: the assistant answers the world's prompts `--samples` times, the gold scorer labels the
 replies, llmlab.alignment.pairs), users' (`llmlab feedback export`'s preferences.jsonl) or both
-(`world,PATH`). Accuracy and margin are measured on held-out pairs (`--heldout`: the world's held-out prompts,
+(`world,PATH`); with `--pairs puzzles:outcome` or `puzzles:process` it is a verifier of puzzle attempts
+(llmlab.think.verifiers). Accuracy and margin are measured on held-out pairs (`--heldout`: the world's held-out prompts,
 or a file), overall and per prompt family, and written to `rm_eval.json`. The shared loop (llmlab.training.fit)
 does the rest: resume, torchrun, checkpoints.
 """
@@ -27,6 +28,8 @@ from llmlab.data.preferences import load_preference_pairs
 from llmlab.engine import Engine, SamplingParams
 from llmlab.errors import LLMLabError
 from llmlab.model import GPT
+from llmlab.tasks.puzzles import PuzzleTask
+from llmlab.think.verifiers import puzzle_comparisons
 from llmlab.tokenizer import Tokenizer
 from llmlab.tools import tool_runner
 from llmlab.training import TrainConfig, fit, setup
@@ -39,9 +42,11 @@ class Config(TrainConfig):
     world: str = "runs/cpu/world"
     """the world whose prompts and gold scorer make comparisons"""
     pairs: str = "world"
-    """training pairs: `world` (sampled and gold-labelled), preferences.jsonl path(s), or both: `world,PATH`"""
+    """training pairs: `world` (sampled and gold-labelled), preferences.jsonl path(s), or both: `world,PATH`;
+    `puzzles:outcome` / `puzzles:process` make a verifier of puzzle attempts (llmlab.think.verifiers)"""
     heldout: str = "world"
-    """pairs to measure accuracy on: `world` (held-out prompts, gold-labelled) or a preferences.jsonl path"""
+    """pairs to measure accuracy on: `world` (held-out prompts, gold-labelled), `puzzles:KIND` or a
+    preferences.jsonl path"""
     prompts_per_family: int = 80
     """world prompts per family for training pairs (held-out: half as many)"""
     samples: int = 4
@@ -83,6 +88,14 @@ def load_pairs(spec: str, split: str, cfg: Config, policy: GPT, tok: Tokenizer, 
                                      tool_runner(cfg.world), cfg.pairs_per_prompt,
                                      out_dir / "pairs" / f"{split}.jsonl")
             pairs += pairs_from_rows(rows, f"world comparisons ({split})")
+        elif item.startswith("puzzles:"):
+            params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed)
+            per_size = cfg.prompts_per_family if split == "train" else max(cfg.prompts_per_family // 2, 1)
+            kind = item.split(":", 1)[1]
+            rows = puzzle_comparisons(Engine(policy), tok, PuzzleTask.generated(cfg.seed, split, per_size), kind,
+                                      cfg.samples, params, cfg.pairs_per_prompt,
+                                      out_dir / "pairs" / f"puzzles-{kind}-{split}.jsonl")
+            pairs += pairs_from_rows(rows, f"puzzle comparisons ({kind}, {split})")
         else:
             pairs += load_preference_pairs(item)
     return pairs

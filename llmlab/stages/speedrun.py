@@ -83,8 +83,11 @@ def _done(cfg) -> bool:
 
 
 def main(cfg: Config) -> dict:
-    info = dist.init(cfg.pretrain.device)
     run_dir = Path(cfg.run_dir)
+    if Path(cfg.pretrain.out_dir).parent != run_dir:  # (the stages' paths come from the preset's --run)
+        raise LLMLabError(f"--run_dir {run_dir} is not where the stages write ({Path(cfg.pretrain.out_dir).parent}): "
+                          f"use --run {run_dir} to put every stage of the run there")
+    info = dist.init(cfg.pretrain.device)
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
     results: dict = {"preset_config": to_dict(cfg), "seconds": {}, "earlier": []}

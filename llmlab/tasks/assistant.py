@@ -44,7 +44,8 @@ def refuses(reply: str) -> bool:
     return any(m in reply.lower() for m in REFUSAL_MARKERS)
 
 
-def _rows(path: Path) -> list[dict]:
+def read_rows(path: Path) -> list[dict]:
+    """The rows of a jsonl file of the world's evaluation (a clear error if the world predates it)."""
     if not path.is_file():
         raise LLMLabError(f"no evaluation rows at {path}: regenerate the world with `llmlab world`")
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -70,7 +71,7 @@ class AssistantQA(ChatTask):
     def __init__(self, world_dir: str | Path, per_group: int = 100):
         counts: dict[str, int] = defaultdict(int)
         self._examples = []
-        for r in _rows(Path(world_dir) / "eval" / "qa.jsonl"):
+        for r in read_rows(Path(world_dir) / "eval" / "qa.jsonl"):
             group = GROUP_NAMES.get((r["group"], r["phrasing"]))
             if group is not None and counts[group] < per_group:
                 counts[group] += 1
@@ -95,7 +96,7 @@ class AssistantArithmetic(ChatTask):
         self.tools, self.name = tools, f"arithmetic_{'with' if tools else 'without'}_tools"
         counts: dict[str, int] = defaultdict(int)
         self._examples = []
-        for r in _rows(Path(world_dir) / "eval" / "arithmetic.jsonl"):
+        for r in read_rows(Path(world_dir) / "eval" / "arithmetic.jsonl"):
             group = r.get("group", "1-3 digits" if r["digits"] <= 3 else "4-6 digits")
             if group not in ("1-3 digits", "5-6 digit multiplication"):
                 continue  # the measures: in-range numbers, and products of two 5-6 digit numbers
@@ -124,7 +125,7 @@ class _QuestionRows(ChatTask):
         path = Path(world_dir) / "eval" / f"{self.FILE}.jsonl"
         counts: dict[str, int] = defaultdict(int)
         self._examples = []
-        for r in _rows(path) if path.is_file() else []:
+        for r in read_rows(path) if path.is_file() else []:
             if counts[r["group"]] < per_group:
                 counts[r["group"]] += 1
                 self._examples.append(Example(prompt=r["question"], answer=r[self.ANSWER], group=r["group"],
@@ -175,7 +176,7 @@ class AssistantPolicy(ChatTask):
     def __init__(self, world_dir: str | Path, per_group: int = 100):
         counts: dict[str, int] = defaultdict(int)
         self._examples = []
-        for r in _rows(Path(world_dir) / "eval" / "assistant.jsonl"):
+        for r in read_rows(Path(world_dir) / "eval" / "assistant.jsonl"):
             if counts[r["kind"]] < per_group:
                 counts[r["kind"]] += 1
                 self._examples.append(Example(prompt=r["messages"][-1]["content"], answer=r.get("expect", ""),

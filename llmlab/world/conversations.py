@@ -26,6 +26,9 @@ answering about them afterwards shows knowledge extracted from pretraining):
     python        the python tool: counting letters, sorting numbers, dates, arithmetic asked "with python"
     callback      a question about a person, an unrelated exchange, then a follow-up that says "she"/"he"
     no_antecedent "she"/"he" with no person named before it (as after the oldest turns are dropped): asks who
+    puzzle        reach a target from a few numbers with + - * / (llmlab.world.puzzles), solved step by step, a
+                  line per step stating the numbers left; "There is no solution." for the tenth that have none
+                  (only in worlds whose `sft_puzzles` weight is above 0)
 
 Three in ten conversations of any kind open with an unrelated exchange (TOPIC_SWITCH), as chats do.
 
@@ -38,6 +41,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+from llmlab.world import puzzles
 from llmlab.world.core import World
 from llmlab.world.entities import FOODS, OCCUPATIONS, PETS
 from llmlab.world.skills import (
@@ -259,6 +263,12 @@ def conversation(world: World, kind: str, rng: random.Random, pools: Pools) -> l
         return python_messages(python_task(rng, rng.choice(PYTHON_TASKS), "seen", pools.words))
     if kind == "callback":
         return _callback(world, rng, pools, person)[0]
+    if kind == "puzzle":
+        while True:
+            p = puzzles.random_puzzle(rng, rng.choice([3, 4]), solvable_p=0.9)
+            if puzzles.puzzle_split(p) == "train":
+                return [{"role": "user", "content": p.question(rng)},
+                        {"role": "assistant", "content": puzzles.solution_text(p, rng)}]
     if kind == "no_antecedent":
         before = [] if rng.random() < 0.5 else rng.choice([_small_talk, lambda r: _place_exchange(r, pools, "seen")])(rng)
         q = rng.choice(FOLLOW_UPS[attribute]).format(pronoun=rng.choice(["she", "he"]))
@@ -273,7 +283,7 @@ def conversation(world: World, kind: str, rng: random.Random, pools: Pools) -> l
 # miscopied); about 5,500 calls with large numbers (three in four with two operands of 4-6 digits) gave 98-100%.
 MIX = {"qa": 0.20, "multiturn": 0.10, "callback": 0.05, "multistep": 0.05, "arithmetic": 0.34, "no_tools": 0.03,
        "unknown": 0.08, "unknown_place": 0.04, "identity": 0.02, "small_talk": 0.06, "no_antecedent": 0.02,
-       "forbidden": 0.05, "benign": 0.06, "secret": 0.05, "place_qa": 0.14, "python": 0.18}
+       "forbidden": 0.05, "benign": 0.06, "secret": 0.05, "place_qa": 0.14, "python": 0.18, "puzzle": 0.0}
 
 
 # A share of the conversations opens with an unrelated exchange, so that a question is answered the same way
@@ -284,10 +294,12 @@ OPENERS = ["qa", "multistep", "arithmetic", "unknown", "identity", "benign", "pl
 
 def sft_conversations(world: World, n: int, seed: int) -> list[dict]:
     """n conversations {"kind", "messages"} in the proportions of MIX (with the world's `sft_dont_know` weight for
-    "unknown"), about training people only, the fine-tuned places and the first half of the unknown names."""
+    "unknown" and `sft_puzzles` for "puzzle"), about training people only, the fine-tuned places and the first
+    half of the unknown names."""
     rng = random.Random(f"{seed}-sft")
     pools = Pools.for_sft(world)
-    mix = dict(MIX, unknown=world.config.get("sft_dont_know", MIX["unknown"]))
+    mix = dict(MIX, unknown=world.config.get("sft_dont_know", MIX["unknown"]),
+               puzzle=world.config.get("sft_puzzles", MIX["puzzle"]))
     if not pools.unknown_places:  # (a world without unknown places)
         mix["unknown_place"] = 0.0
     openers = [kind for kind in OPENERS if mix[kind] > 0]
@@ -295,7 +307,7 @@ def sft_conversations(world: World, n: int, seed: int) -> list[dict]:
     rows = []
     for kind in kinds:
         messages = conversation(world, kind, rng, pools)
-        if kind not in ("no_tools", "no_antecedent", "python") and rng.random() < TOPIC_SWITCH:
+        if kind not in ("no_tools", "no_antecedent", "python", "puzzle") and rng.random() < TOPIC_SWITCH:
             # (no calculator opener under "tools are disabled"; no person named before a "she" with no one; a
             # python call with its dates or numbers fills a small context alone)
             earlier = conversation(world, rng.choice(openers), rng, pools)
@@ -357,9 +369,10 @@ def _new_skill_rows(world: World, rng: random.Random, n: int) -> list[dict]:
 
 
 def skill_eval_rows(world: World, seed: int, per_group: int = 100) -> dict[str, list[dict]]:
-    """{"places": rows, "python": rows}: questions about the countries, cities and companies (the fine-tuned
+    """{"places": rows, "python": rows, "puzzles": rows}: questions about the countries, cities and companies (the fine-tuned
     ones in seen and in held-out phrasings, and those fine-tuning never asks about), and the python tool's tasks
-    in held-out phrasings, on other numbers and dates than fine-tuning's (words: see below)."""
+    in held-out phrasings, on other numbers and dates than fine-tuning's (words: see below), and held-out number
+    puzzles of each level (llmlab.world.puzzles) and without a solution."""
     rng = random.Random(f"{seed}-skills-eval")
     places = []
     for part, phrasing, group in ((0, "seen", "places and companies, fine-tuned, seen phrasing"),
@@ -381,7 +394,13 @@ def skill_eval_rows(world: World, seed: int, per_group: int = 100) -> dict[str, 
         for _ in range(max(per_group // len(PYTHON_TASKS), 1)):
             item = python_task(rng, task, "heldout", words)
             python.append({"question": item["question"], "expect": item["expect"], "group": group})
-    return {"places": places, "python": python}
+    rows = []
+    for group, n_numbers, want, solvable_p in (("easy", 3, "easy", 1.0), ("medium", 4, "medium", 1.0),
+                                               ("hard", 4, "hard", 1.0), ("no solution", 4, None, 0.0)):
+        for p in puzzles.puzzles(seed, "heldout", per_group if want else per_group // 2, n_numbers, want, solvable_p):
+            rows.append({"question": p.question(rng), "numbers": list(p.numbers), "target": p.target,
+                         "group": f"puzzles: {group}"})
+    return {"places": places, "python": python, "puzzles": rows}
 
 
 def _recombined_rows(world: World, rng: random.Random, n: int) -> list[dict]:

@@ -1,0 +1,198 @@
+"""Strategies that trade inference compute for accuracy, behind one interface: `Thinker.answer(messages,
+strategy, budget)`. The budget N counts sampled replies (for beam search, next steps proposed per level).
+
+    greedy      one reply at temperature 0, the budget ignored: System 1
+    vote        N sampled replies; the most common conclusion wins, replies that conclude nothing do not vote
+                (self-consistency, Wang et al. 2022)
+    orm         N sampled replies; an outcome verifier picks the best (best-of-N, Cobbe et al. 2021)
+    prm         N sampled replies; a process verifier scores every prefix of each, a reply ranks by its weakest
+                step (Lightman et al. 2023)
+    beam        step-level search: `width` partial replies are kept; each proposes N // width next lines; the
+                process verifier scores every extended reply and the best `width` unfinished ones go on, until
+                none is left or max_steps lines are written; the best finished reply wins (the breadth-first
+                search of Tree of Thoughts, Yao et al. 2023, with a learned value)
+
+Every answer reports its compute: tokens generated, tokens the generator processed (prompts once per distinct
+prompt of a call, plus the generated ones) and tokens the verifier read; FLOPs are 2 x parameters per token of
+each model. A search that finishes no reply answers `give_up` (for puzzles "There is no solution."), so every
+strategy ends within its budget.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable
+
+from llmlab.alignment.rollouts import ModelReward
+from llmlab.chat import render_conversation, render_prompt, reply_stop_ids
+from llmlab.engine import Engine, SamplingParams, newline_ids
+from llmlab.errors import LLMLabError
+from llmlab.model import GPT
+from llmlab.tokenizer import Tokenizer
+
+STRATEGIES = ("greedy", "vote", "orm", "prm", "beam")
+MAX_BUDGET = 4096
+
+
+@dataclass
+class Compute:
+    generated: int = 0
+    """tokens sampled"""
+    processed: int = 0
+    """tokens the generator ran over: each distinct prompt of a call once, and every generated token"""
+    scored: int = 0
+    """tokens the verifier read"""
+
+    def add(self, other: Compute) -> Compute:
+        return Compute(self.generated + other.generated, self.processed + other.processed, self.scored + other.scored)
+
+    def flops(self, generator_params: int, verifier_params: int) -> float:
+        return 2.0 * generator_params * self.processed + 2.0 * verifier_params * self.scored
+
+
+@dataclass
+class Answer:
+    text: str
+    compute: Compute
+    candidates: list[tuple[str, float]] = field(default_factory=list)
+    """the replies weighed, each with its score (votes, or the verifier's), best first: the search to show"""
+
+
+def check_budget(strategy: str, budget: int) -> None:
+    if strategy not in STRATEGIES:
+        raise LLMLabError(f"unknown strategy {strategy!r}: choose one of {', '.join(STRATEGIES)}")
+    if not 1 <= budget <= MAX_BUDGET:
+        raise LLMLabError(f"the budget must be from 1 to {MAX_BUDGET} samples (got {budget})")
+
+
+class Thinker:
+    """A generator (the assistant), optional verifiers (reward models of `llmlab rm`), and how to sample."""
+
+    def __init__(self, engine: Engine, tok: Tokenizer, *, outcome: GPT | None = None, process: GPT | None = None,
+                 temperature: float = 1.0, max_new_tokens: int = 64, step_tokens: int = 24, max_steps: int = 6,
+                 give_up: str = "", conclude: Callable[[str], str | None] | None = None, seed: int = 0):
+        if temperature <= 0:
+            raise LLMLabError("the sampling temperature of a search must be above 0 (greedy is its own strategy)")
+        self.engine, self.tok = engine, tok
+        self.outcome = ModelReward(outcome, tok) if outcome is not None else None
+        self.process = ModelReward(process, tok) if process is not None else None
+        self.temperature, self.max_new_tokens = temperature, max_new_tokens
+        self.step_tokens, self.max_steps = step_tokens, max_steps
+        self.give_up, self.conclude, self.seed = give_up, conclude or (lambda text: text.strip() or None), seed
+        self.reply_stops = reply_stop_ids(tok)
+        self.line_stops = newline_ids(tok)
+        self.generator_params = engine.model.num_params()
+        self.verifier_params = max((m.model.num_params() for m in (self.outcome, self.process) if m), default=0)
+
+    # ---- the one interface ------------------------------------------------------------------------------------
+
+    def answer(self, messages: list[dict], strategy: str, budget: int, seed: int | None = None) -> Answer:
+        check_budget(strategy, budget)
+        seed = self.seed if seed is None else seed
+        if strategy == "greedy":
+            texts, compute = self.sample(messages, 1, seed, temperature=0.0)
+            return Answer(texts[0], compute, [(texts[0], 0.0)])
+        if strategy == "beam":
+            return self.beam(messages, budget, seed)
+        texts, compute = self.sample(messages, budget, seed)
+        return self.pick(messages, texts, strategy, compute)
+
+    def pick(self, messages: list[dict], texts: list[str], strategy: str, compute: Compute | None = None,
+             scored: tuple[list[float], list[int]] | None = None) -> Answer:
+        """The answer of `vote`, `orm` or `prm` among replies already sampled; `compute` is what sampling them
+        cost, the verifier's reading is added. `scored` (each reply's score and tokens read, from `score`) lets
+        curves score one set of samples once and pick among any subset of them."""
+        compute = compute or Compute()
+        if strategy == "vote":
+            conclusions = [self.conclude(t) for t in texts]
+            votes = Counter(c for c in conclusions if c is not None)
+            if not votes:
+                return Answer(texts[0] if texts else self.give_up, compute)
+            ranked = [(t, float(votes[c])) for t, c in zip(texts, conclusions) if c is not None]
+            ranked.sort(key=lambda ts: -ts[1])  # stable: the first sample of the winning conclusion leads
+            return Answer(ranked[0][0], compute, ranked)
+        scores, read = scored if scored is not None else self.score(messages, texts, strategy)
+        ranked = sorted(zip(texts, scores), key=lambda ts: -ts[1])
+        return Answer(ranked[0][0], compute.add(Compute(scored=sum(read))), ranked)
+
+    # ---- sampling ------------------------------------------------------------------------------------------
+
+    def sample(self, messages: list[dict], n: int, seed: int, temperature: float | None = None) -> tuple[list[str], Compute]:
+        prompt = render_prompt(self.tok, messages)
+        params = SamplingParams(max_new_tokens=self.max_new_tokens, seed=seed,
+                                temperature=self.temperature if temperature is None else temperature)
+        replies = self.engine.generate([prompt] * n, params, self.reply_stops)
+        generated = sum(map(len, replies))
+        return [self.tok.decode(r).strip() for r in replies], Compute(generated, len(prompt) + generated)
+
+    # ---- verifiers -----------------------------------------------------------------------------------------
+
+    def _reply_ids(self, messages: list[dict], text: str) -> list[int]:
+        return render_conversation(self.tok, messages + [{"role": "assistant", "content": text or self.give_up}])[0]
+
+    def score(self, messages: list[dict], texts: list[str], strategy: str) -> tuple[list[float], list[int]]:
+        """(each reply's score, tokens the verifier read for it): the outcome verifier's, or (prm) the process
+        verifier's lowest score over the reply's prefixes of one, two, ... lines."""
+        verifier = self.outcome if strategy == "orm" else self.process
+        if verifier is None:
+            kind = "outcome" if strategy == "orm" else "process"
+            raise LLMLabError(f"strategy {strategy} needs {'an' if kind == 'outcome' else 'a'} {kind} verifier: "
+                              f"train one with `llmlab rm --pairs puzzles:{kind}`")
+        prefixes = [[t] if strategy == "orm" else _prefixes(t) for t in texts]
+        rows = [self._reply_ids(messages, p) for ps in prefixes for p in ps]
+        flat = verifier.score(rows)
+        scores, read, at = [], [], 0
+        for ps in prefixes:
+            scores.append(min(flat[at:at + len(ps)]))
+            read.append(sum(len(r) for r in rows[at:at + len(ps)]))
+            at += len(ps)
+        return scores, read
+
+    # ---- step-level search ---------------------------------------------------------------------------------
+
+    def beam(self, messages: list[dict], budget: int, seed: int, expand: int = 4) -> Answer:
+        if self.process is None:
+            raise LLMLabError("beam search needs a process verifier: train one with `llmlab rm --pairs puzzles:process`")
+        expand = min(expand, budget)
+        width = max(budget // expand, 1)
+        prompt = render_prompt(self.tok, messages)
+        stops = self.line_stops + self.reply_stops
+        beams, finished, compute = [""], {}, Compute()
+        for depth in range(self.max_steps):
+            prompts = [prompt + self.tok.encode(b + "\n") if b else prompt for b in beams]
+            params = SamplingParams(max_new_tokens=self.step_tokens, temperature=self.temperature,
+                                    seed=seed + 7919 * depth)
+            outs = self.engine.generate([p for p in prompts for _ in range(expand)], params, stops, keep_stop=True)
+            compute = compute.add(Compute(sum(map(len, outs)), sum(map(len, prompts)) + sum(map(len, outs))))
+            candidates: dict[str, bool] = {}
+            for i, out in enumerate(outs):
+                ended = not out or out[-1] not in self.line_stops  # the reply's end, or the step's length ran out
+                line = self.tok.decode([t for t in out if t not in self.reply_stops]).split("\n")[0].strip()
+                base = beams[i // expand]
+                text = f"{base}\n{line}" if base else line
+                if line and text not in finished:
+                    candidates[text] = candidates.get(text, False) or ended
+            if not candidates:
+                break
+            texts = list(candidates)
+            rows = [self._reply_ids(messages, t) for t in texts]
+            scores = self.process.score(rows)
+            compute = compute.add(Compute(scored=sum(map(len, rows))))
+            going = []
+            for t, s in sorted(zip(texts, scores), key=lambda ts: -ts[1]):
+                if candidates[t] or depth == self.max_steps - 1:
+                    finished[t] = s
+                elif len(going) < width:
+                    going.append(t)
+            beams = going
+            if not beams:
+                break
+        ranked = sorted(finished.items(), key=lambda ts: -ts[1])
+        return Answer(ranked[0][0] if ranked else self.give_up, compute, ranked)
+
+
+def _prefixes(text: str) -> list[str]:
+    lines = [line for line in text.strip().split("\n") if line.strip()]
+    return ["\n".join(lines[:d + 1]) for d in range(len(lines))] or [""]
+

@@ -1,0 +1,177 @@
+"""System 2: the number puzzles' ground truth, the verifiers' labels, and the strategies' budgets and compute."""
+
+import dataclasses
+import itertools
+import json
+import random
+from fractions import Fraction
+
+import pytest
+
+from llmlab import checkpoint
+from llmlab.alignment.rollouts import load_reward_model
+from llmlab.engine import Engine
+from llmlab.data.preferences import write_jsonl
+from llmlab.errors import LLMLabError
+from llmlab.stages import rm, think
+from llmlab.tasks.puzzles import PuzzleTask, claimed, puzzle_example
+from llmlab.think.strategies import Thinker
+from llmlab.think.verifiers import attempt_pairs
+from llmlab.world.puzzles import (
+    MAX_VALUE, NO_SOLUTION, Puzzle, check, level, moves, puzzles, random_puzzle, solution_text, solvable,
+)
+
+
+def _brute(numbers: tuple, target: int) -> bool:
+    """Reachability by trying every order of combining, independently of the solver's memoised search."""
+    if len(numbers) == 1:
+        return numbers[0] == target
+    for i, j in itertools.combinations(range(len(numbers)), 2):
+        a, b = max(numbers[i], numbers[j]), min(numbers[i], numbers[j])
+        rest = [n for k, n in enumerate(numbers) if k not in (i, j)]
+        for c in (a + b, a - b, a * b, Fraction(a, b)):
+            if c.denominator == 1 if isinstance(c, Fraction) else True:
+                c = int(c)
+                if 1 <= c <= MAX_VALUE and _brute(tuple(rest + [c]), target):
+                    return True
+    return False
+
+
+def test_the_solver_agrees_with_brute_force_and_its_solutions_check():
+    rng = random.Random(0)
+    for _ in range(60):
+        p = Puzzle(tuple(sorted(rng.randint(1, 9) for _ in range(rng.choice([3, 4])))), rng.randint(10, 60))
+        assert solvable(p.numbers, p.target) == _brute(p.numbers, p.target), p
+        text = solution_text(p, rng)
+        verdict = check(p, text)
+        assert verdict.solved
+        if text == NO_SOLUTION:
+            assert verdict.says_no_solution
+        else:
+            assert verdict.steps == [True] * (len(p.numbers) - 1) and verdict.answer == str(p.target)
+
+
+def test_check_labels_each_step_and_stops_trusting_after_the_first_bad_one():
+    p = Puzzle((2, 3, 4, 9), 25)  # 9 - 2 = 7 keeps it solvable (7 * 3 + 4); 7 and 12 cannot make 25
+    assert check(p, "9 - 2 = 7, left 3 4 7\n4 * 3 = 12, left 7 12\n12 + 7 = 19, left 19").steps == [True, False, False]
+    # a wrong sum: invalid even though the later lines are arithmetic that holds
+    assert check(p, "9 + 2 = 12, left 3 4 12\n12 + 4 = 16, left 3 16\n16 + 3 = 19, left 19").steps == [False] * 3
+    # a number it does not have, and a "left" list that lies
+    assert check(p, "8 - 2 = 6, left 3 4 6").steps == [False]
+    assert check(p, "9 - 2 = 7, left 3 7").steps == [False]
+    right = check(p, "9 - 2 = 7, left 3 4 7\n4 - 3 = 1, left 1 7\n7 * 1 = 7, left 7")
+    assert right.steps == [True, False, False] and not right.solved  # valid arithmetic, wrong end
+    assert check(p, NO_SOLUTION).says_no_solution and not check(p, NO_SOLUTION).solved
+    assert check(Puzzle((1, 1, 1), 50), "There is no solution.").solved
+
+
+def test_rules_keep_every_number_a_whole_number_from_1_to_max():
+    for numbers in [(1, 2, 3), (5, 5, 9, 9), (1, 1, 7, 8)]:
+        for s in moves(numbers):
+            assert s.a >= s.b and 1 <= s.result <= MAX_VALUE and len(s.left) == len(numbers) - 1
+            assert s.left == tuple(sorted(s.left))
+    assert not any(s.op == "-" for s in moves((4, 4)))  # 4 - 4 = 0 is not allowed
+    assert [s.result for s in moves((3, 7)) if s.op == "/"] == []  # 7 / 3 leaves a remainder
+
+
+def test_levels_and_splits_are_what_they_say(tiny_world_dir):
+    hard = puzzles(0, "heldout", 20, 4, "hard", 1.0)
+    assert len(hard) == 20 and all(level(p) == "hard" and solvable(p.numbers, p.target) for p in hard)
+    train = set(puzzles(0, "train", 200, 4))
+    assert not train & set(puzzles(0, "heldout", 200, 4))
+    rows = [json.loads(line) for line in open(f"{tiny_world_dir}/eval/puzzles.jsonl")]
+    groups = {r["group"] for r in rows}
+    assert groups == {"puzzles: easy", "puzzles: medium", "puzzles: hard", "puzzles: no solution"}
+    assert all(solvable(tuple(r["numbers"]), r["target"]) == (r["group"] != "puzzles: no solution") for r in rows)
+    assert not {(tuple(r["numbers"]), r["target"]) for r in rows} & {(p.numbers, p.target) for p in train}
+
+
+def test_claimed_reads_the_conclusion_without_checking_it():
+    p = Puzzle((2, 3, 4, 9), 21)
+    a = "9 - 2 = 7, left 3 4 7\n4 - 3 = 1, left 1 7\n7 * 3 = 21, left 21"  # wrong arithmetic, claims 21
+    b = "4 - 3 = 1, left 1 7 9\n9 - 2 = 7, left 3 4 7\n7 * 3 = 21, left 21"
+    assert claimed(p, a) is not None and claimed(p, "9 - 2 = 7, left 3 4 7") is None
+    first, second, last = a.split("\n")
+    assert claimed(p, a) == claimed(p, "\n".join([second, first, last]))  # order aside
+    assert claimed(p, a) != claimed(p, b)
+    assert claimed(p, NO_SOLUTION) == "no solution"
+
+
+def test_verifier_pairs_put_the_exactly_better_attempt_first(tiny_run):
+    cfg, _ = tiny_run
+    tok = checkpoint.load(cfg.sft.out_dir).require_tokenizer("test")
+    e = puzzle_example("Make 25 from 2, 3, 4 and 9.", (2, 3, 4, 9), 25, "puzzles: hard")
+    good = "9 - 2 = 7, left 3 4 7\n4 - 1 = 3, left 3 3 7\n3 * 7 = 21, left 21"  # second step uses a 1 it lacks
+    solved = "4 * 3 = 12, left 2 9 12\n12 + 9 = 21, left 2 21"
+    steps = ["9 - 2 = 7, left 3 4 7", "4 - 3 = 1, left 1 7", "7 + 1 = 8, left 8"]
+    attempts = [good, "\n".join(steps), solved]
+    sampled = [(e, [(tok.encode(t), 0.0, 0.0) for t in attempts])]
+    task = PuzzleTask(None)
+    outcome = attempt_pairs(task, sampled, tok, "outcome", 10)
+    assert outcome == []  # no attempt solves it (the last leaves two numbers)
+    process = attempt_pairs(task, sampled, tok, "process", 10)
+    assert process, "the first steps differ in label"
+    for row in process:
+        chosen, rejected = row["chosen"][0]["content"], row["rejected"][0]["content"]
+        assert chosen.count("\n") == rejected.count("\n")  # same depth
+        assert check(Puzzle((2, 3, 4, 9), 25), chosen).steps[-1] and not check(Puzzle((2, 3, 4, 9), 25), rejected).steps[-1]
+
+
+def _verifier(tiny_run, tmp_path, kind):
+    """A verifier of `kind` trained by `llmlab rm` on pairs made from solutions and corrupted solutions (the tiny
+    assistant's own attempts are rarely valid enough to pair)."""
+    cfg, _ = tiny_run
+    tok = checkpoint.load(cfg.sft.out_dir).require_tokenizer("test")
+    rng = random.Random(0)
+    sampled = []
+    for p in puzzles(0, "train", 12, 3):
+        if solvable(p.numbers, p.target):
+            good = solution_text(p, rng)
+            bad = good.replace(" = ", " = 1", 1)
+            e = puzzle_example(p.question(rng), p.numbers, p.target, "puzzles: easy")
+            sampled.append((e, [(tok.encode(t), 0.0, 0.0) for t in (good, bad)]))
+    path = tmp_path / f"{kind}.jsonl"
+    write_jsonl(path, attempt_pairs(PuzzleTask(None), sampled, tok, kind, 4))
+    rcfg = dataclasses.replace(rm.Config(), policy=cfg.sft.out_dir, world=cfg.world.out_dir,
+                               out_dir=str(tmp_path / kind), pairs=str(path), heldout=str(path),
+                               max_steps=3, batch_size=4, eval_every=0, save_every=0)
+    rm.main(rcfg)
+    return rcfg.out_dir
+
+
+def test_strategies_stay_within_budget_and_count_their_compute(tiny_run, tmp_path):
+    cfg, _ = tiny_run
+    prm = _verifier(tiny_run, tmp_path, "process")
+    ckpt = checkpoint.load(cfg.sft.out_dir)
+    tok = ckpt.require_tokenizer("test")
+    thinker = Thinker(Engine(ckpt.model), tok, process=load_reward_model(prm, tok, "cpu"), give_up=NO_SOLUTION,
+                      max_new_tokens=24, step_tokens=8, max_steps=3)
+    messages = [{"role": "user", "content": "Make 21 from 2, 3, 4 and 9."}]
+    texts, c = thinker.sample(messages, 5, seed=1)
+    assert len(texts) == 5 and c.generated <= 5 * 24
+    for n in (1, 4, 8):
+        a = thinker.answer(messages, "beam", n, seed=3)
+        width = max(n // min(4, n), 1)
+        # at most width x expand proposals of at most step_tokens each, per level, for max_steps levels
+        assert a.compute.generated <= 3 * width * min(4, n) * 8
+        assert a.compute.scored > 0 and a.text  # a reply, or the give-up answer
+        assert all(t.count("\n") < 3 for t, _ in a.candidates)
+    vote = thinker.pick(messages, ["x", "There is no solution.", "There is no solution."], "vote")
+    assert vote.text == "There is no solution." and vote.candidates[0][1] == 2.0
+    with pytest.raises(LLMLabError, match="outcome"):
+        thinker.answer(messages, "orm", 4)
+    for bad in (0, 10 ** 6):
+        with pytest.raises(LLMLabError, match="budget"):
+            thinker.answer(messages, "vote", bad)
+
+
+def test_think_stage_refuses_bad_input(tiny_run, tmp_path):
+    with pytest.raises(LLMLabError, match="budget"):
+        think.Config(budget=0)
+    with pytest.raises(LLMLabError, match="unknown"):
+        think.Config(eval=True, strategies="vote,mcts")
+    with pytest.raises(LLMLabError, match="budgets"):
+        think.Config(eval=True, budgets="1,two")
+    cfg, _ = tiny_run
+    with pytest.raises(LLMLabError, match="not a reward model"):  # a verifier must be a scorer
+        think.main(think.Config(checkpoint=cfg.sft.out_dir, process=cfg.sft.out_dir, prompt="Make 5 from 1, 2 and 3."))
