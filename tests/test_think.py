@@ -175,3 +175,20 @@ def test_think_stage_refuses_bad_input(tiny_run, tmp_path):
     cfg, _ = tiny_run
     with pytest.raises(LLMLabError, match="not a reward model"):  # a verifier must be a scorer
         think.main(think.Config(checkpoint=cfg.sft.out_dir, process=cfg.sft.out_dir, prompt="Make 5 from 1, 2 and 3."))
+
+
+def test_the_compute_optimal_policy_spends_samples_only_where_the_problem_is_hard():
+    from llmlab.think.curves import compute_optimal
+
+    def row(hard: bool) -> dict:
+        pts = [{"strategy": "vote", "budget": 1, "correct": 0.0 if hard else 1.0, "tokens": 10.0, "flops": 1.0},
+               {"strategy": "vote", "budget": 8, "correct": 1.0, "tokens": 80.0, "flops": 8.0}]
+        return {"group": "g", "difficulty": 1.0 if hard else -1.0, "pilot_tokens": 0.0, "points": pts}
+
+    rows = [row(hard) for hard in (False, False, True, True) * 2]  # calibration and test halves alike
+    levels = {r["tokens"]: r for r in compute_optimal(rows, bins=2)}
+    assert levels[10.0]["fixed"]["accuracy"] == 0.5 and levels[10.0]["policy"]["accuracy"] == 0.5
+    top = levels[80.0]
+    assert top["fixed"]["choice"] == ["vote", 8] and top["fixed"]["tokens"] == 80.0
+    assert top["policy"]["accuracy"] == 1.0 and top["policy"]["tokens"] == 45.0  # 1 sample for easy, 8 for hard
+    assert top["policy"]["choice"] == {"0": ["vote", 1], "1": ["vote", 8]}

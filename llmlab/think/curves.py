@@ -111,21 +111,26 @@ def compute_optimal(rows: list[dict], bins: int = 3) -> list[dict]:
     if not scored:
         return []
     edges = [scored[int(len(scored) * k / bins)] for k in range(1, bins)]
-    bin_of = lambda r: sum(r["difficulty"] > e for e in edges)  # noqa: E731
+    bin_of = lambda r: sum(r["difficulty"] >= e for e in edges)  # noqa: E731  (edge k opens bin k)
     options = sorted({(p["strategy"], p["budget"]) for r in rows for p in r["points"]})
 
-    def table(part: list[dict]) -> dict[int, dict[tuple[str, int], tuple[float, float]]]:
-        per: dict[int, dict[tuple[str, int], list[tuple[float, float]]]] = defaultdict(lambda: defaultdict(list))
+    def means(part: list[dict]) -> dict[tuple[str, int], tuple[float, float]]:
+        """(strategy, budget) -> (accuracy, generated tokens), averaged over the problems of `part`."""
+        per: dict[tuple[str, int], list[tuple[float, float]]] = defaultdict(list)
         for r in part:
             for p in r["points"]:
-                per[bin_of(r)][(p["strategy"], p["budget"])].append((p["correct"], p["tokens"]))
-        return {b: {o: tuple(statistics.fmean(col) for col in zip(*v)) for o, v in d.items()} for b, d in per.items()}
+                per[(p["strategy"], p["budget"])].append((p["correct"], p["tokens"]))
+        return {o: tuple(statistics.fmean(col) for col in zip(*v)) for o, v in per.items()}
+
+    def table(part: list[dict]) -> dict[int, dict[tuple[str, int], tuple[float, float]]]:
+        return {b: means([r for r in part if bin_of(r) == b]) for b in sorted({bin_of(r) for r in part})}
 
     cal, tst = table(calib), table(test)
     share = {b: sum(bin_of(r) == b for r in calib) / len(calib) for b in cal}
     pilot = statistics.fmean(r["pilot_tokens"] for r in rows)
-    overall = lambda part, o: statistics.fmean(p["correct"] for r in part for p in r["points"] if (p["strategy"], p["budget"]) == o)  # noqa: E731
-    cost = lambda part, o: statistics.fmean(p["tokens"] for r in part for p in r["points"] if (p["strategy"], p["budget"]) == o)  # noqa: E731
+    whole = {id(calib): means(calib), id(test): means(test)}
+    overall = lambda part, o: whole[id(part)][o][0]  # noqa: E731
+    cost = lambda part, o: whole[id(part)][o][1]  # noqa: E731
     out = []
     for level in sorted({cost(calib, o) for o in options}):
         fixed = max((o for o in options if cost(calib, o) <= level), key=lambda o: overall(calib, o))

@@ -139,7 +139,7 @@ class Thinker:
             kind = "outcome" if strategy == "orm" else "process"
             raise LLMLabError(f"strategy {strategy} needs {'an' if kind == 'outcome' else 'a'} {kind} verifier: "
                               f"train one with `llmlab rm --pairs puzzles:{kind}`")
-        prefixes = [[t] if strategy == "orm" else _prefixes(t) for t in texts]
+        prefixes = [[t] if strategy == "orm" else step_prefixes(t) for t in texts]
         rows = [self._reply_ids(messages, p) for ps in prefixes for p in ps]
         flat = verifier.score(rows)
         scores, read, at = [], [], 0
@@ -192,7 +192,8 @@ class Thinker:
         return Answer(ranked[0][0] if ranked else self.give_up, compute, ranked)
 
 
-def _prefixes(text: str) -> list[str]:
+def step_prefixes(text: str) -> list[str]:
+    """A reply's first line, first two lines, ... (its partial attempts, as a process verifier reads them)."""
     lines = [line for line in text.strip().split("\n") if line.strip()]
     return ["\n".join(lines[:d + 1]) for d in range(len(lines))] or [""]
 

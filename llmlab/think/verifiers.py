@@ -31,6 +31,7 @@ from llmlab.data.preferences import write_jsonl
 from llmlab.engine import Engine, SamplingParams
 from llmlab.errors import LLMLabError
 from llmlab.tasks.puzzles import PuzzleTask, puzzle_of
+from llmlab.think.strategies import step_prefixes
 from llmlab.world.puzzles import Puzzle, Step, moves, solvable, solve
 from llmlab.tokenizer import Tokenizer
 
@@ -39,10 +40,9 @@ KINDS = ("outcome", "process")
 
 def _prefixes(text: str, labels: list[bool]) -> list[tuple[int, str, bool]]:
     """(depth, the attempt's first depth+1 lines, label of that step) up to and including the first bad step."""
-    lines = [line for line in text.strip().split("\n") if line.strip()]
     out = []
-    for d, ok in enumerate(labels):
-        out.append((d, "\n".join(lines[:d + 1]), ok))
+    for d, (prefix, ok) in enumerate(zip(step_prefixes(text), labels)):
+        out.append((d, prefix, ok))
         if not ok:
             break
     return out
