@@ -251,7 +251,7 @@ def test_rm_learns_the_pairs_and_reports_families(tiny_run, tmp_path):
 
 
 def test_a_tiny_rl_run_increases_a_verifiable_reward(tiny_run, tmp_path):
-    """Reward: the reply's first token is a chosen token; a few steps of RL make it more likely."""
+    """Reward: the reply starts with one of a chosen set of tokens; a few steps of RL make that more likely."""
     from llmlab.training import setup
 
     cfg, _ = tiny_run
@@ -263,14 +263,18 @@ def test_a_tiny_rl_run_increases_a_verifiable_reward(tiny_run, tmp_path):
     prompt_ids = [Rollouts(policy, reference, tok, examples, None, None, 1, 2, SamplingParams()).prompts[i] for i in range(4)]
     with torch.no_grad():
         first = torch.stack([policy(torch.tensor([p]))[0, -1].softmax(-1) for p in prompt_ids]).mean(0)
-    target = int(first.argsort(descending=True)[3])  # a token it sometimes starts with, not its favourite
+    # tokens it sometimes starts with, not its favourites: a set, so that a few of 32 samples per step hit it
+    # (the tiny model's first-token distribution is nearly flat, about 1% at most per token)
+    target = first.argsort(descending=True)[3:23]
+    hits = set(target.tolist())
 
     def reward(examples, prompts, replies, finished):
-        return [float(bool(r) and r[0] == target) for r in replies]
+        return [float(bool(r) and r[0] in hits) for r in replies]
 
     def p_target(model):
         with torch.no_grad():
-            return float(torch.stack([model(torch.tensor([p]))[0, -1].softmax(-1)[target] for p in prompt_ids]).mean())
+            return float(torch.stack([model(torch.tensor([p]))[0, -1].softmax(-1)[target].sum()
+                                      for p in prompt_ids]).mean())
 
     before = p_target(policy)
     train = TrainConfig(out_dir=str(tmp_path / "rl"), batch_size=4, max_steps=12, eval_every=0, save_every=0,
@@ -280,7 +284,9 @@ def test_a_tiny_rl_run_increases_a_verifiable_reward(tiny_run, tmp_path):
                       SamplingParams(max_new_tokens=4, temperature=1.0), seed=0)
     fit(train, setup(train), policy, source, evaluate=lambda m: {}, meta={"stage": "rl"}, tokenizer_path=ckpt.path,
         objective=PolicyGradientLoss(beta=0.01))
-    assert p_target(policy) > 2 * before + 0.05
+    after = p_target(policy)
+    print(f"p(target) {before:.3f} -> {after:.3f}")
+    assert after > 2 * before + 0.05
 
 
 def test_bad_pairs_are_counted_or_named(tiny_run, tmp_path):
@@ -392,9 +398,13 @@ def test_the_feedback_flywheel_runs_end_to_end(tiny_run, tmp_path):
     assert checkpoint.read_info(tmp_path / "rl")["stage"] == "rl"
 
 
-def test_a_runaway_kl_stops_rl_with_the_flag_to_change_and_keeps_the_last_good_checkpoint(tiny_run, tmp_path):
+def test_a_runaway_kl_stops_rl_with_the_flag_to_change_and_keeps_the_last_good_checkpoint(tiny_run, tmp_path,
+                                                                                         monkeypatch):
     from llmlab.stages import rl
 
+    # a reward that differs within every group (the reply's length), so that step 1 certainly moves the policy;
+    # the tiny model's gold rewards are often all equal, which teaches nothing and leaves the KL at 0
+    monkeypatch.setattr(rl, "parse_reward", lambda *a, **k: lambda ex, prompts, replies, fin: [float(len(r)) for r in replies])
     cfg = dataclasses.replace(_stage_cfg(tiny_run, tmp_path, "rl"), max_kl=0.0, save_every=1, max_steps=4,
                               optim=dataclasses.replace(tiny_run[0].rl.optim, muon_lr=0.05))
     with pytest.raises(LLMLabError, match=r"--max_kl 0.0\).*raise --beta.*last good checkpoint: .*step-000001"):

@@ -158,13 +158,16 @@ def python_task(rng: random.Random, task: str, phrasing: str, words: list[str]) 
     if task == "count letters":
         w = rng.choice(words)
         out = str(len(w))
-        return {"question": ask.format(w=w), "code": f'print(len("{w}"))', "output": out + "\n",
+        # " {w}" keeps the word the single token it is in the question (a quote before it splits it into
+        # pieces the model must spell out); the copy is then one token, the count a lookup the model can learn.
+        return {"question": ask.format(w=w), "code": f'print(len(" {w}".strip()))',
+                "output": out + "\n",
                 "answer": f"It has {out} letters.", "expect": out}
     if task == "sort numbers":
         xs = [number(rng, rng.randint(1, 2)) for _ in range(rng.randint(3, 5))]
         listed = ", ".join(map(str, sorted(xs)))
-        return {"question": ask.format(xs=", ".join(map(str, xs))), "code": f"print(sorted({xs}))",
-                "output": f"{sorted(xs)}\n", "answer": f"In order: {listed}.", "expect": listed}
+        return {"question": ask.format(xs=", ".join(map(str, xs))), "code": f'print(*sorted({xs}), sep=", ")',
+                "output": listed + "\n", "answer": f"In order: {listed}.", "expect": listed}
     if task == "days between dates":
         a = _date(rng)
         b = a + datetime.timedelta(days=rng.randint(1, 2000))
