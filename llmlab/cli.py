@@ -34,6 +34,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "export": ("llmlab.stages.export", "export a checkpoint to Hugging Face, GGUF, a standalone run.py, or a tokenizer folder"),
     "serve": ("llmlab.stages.serve", "serve a checkpoint: OpenAI-compatible API, web chat UI, feedback store"),
     "feedback": ("llmlab.stages.feedback", "`llmlab feedback export`: the web UI's ratings, flags and comparisons as training data"),
+    "scale": ("llmlab.stages.scale", "scaling laws: isoFLOP sweeps, Chinchilla fits, a predicted run, the emergence ledger"),
     "speedrun": ("llmlab.stages.speedrun", "run every stage of a preset in order and write report.md"),
 }
 
@@ -132,8 +133,14 @@ def stage_config(stage: str, argv: list[str]) -> Any:
     pre.add_argument("--preset", default="cpu")
     pre.add_argument("--run", default=None)
     known, _ = pre.parse_known_args(argv)
-    pipeline = presets.get(known.preset, run=known.run)
-    base = pipeline if stage == "speedrun" else getattr(pipeline, stage, None)
+    own = presets.STAGE_PRESETS.get(stage)
+    if own is not None:  # a stage outside the speedrun pipeline with presets of its own (`llmlab scale`)
+        if known.preset not in own:
+            raise LLMLabError(f"unknown preset {known.preset!r} for {stage}: choose one of {', '.join(own)}")
+        base = own[known.preset]() if known.run is None else own[known.preset](known.run)
+    else:
+        pipeline = presets.get(known.preset, run=known.run)
+        base = pipeline if stage == "speedrun" else getattr(pipeline, stage, None)
     if base is None:  # a stage outside the preset pipeline starts from its own Config defaults
         base = importlib.import_module(STAGES[stage][0]).Config()
     parser = build_parser(stage, base)

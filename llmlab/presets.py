@@ -8,13 +8,14 @@ flags override single fields.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Callable
 
 from llmlab.errors import LLMLabError
 from llmlab.model import GPTConfig
 from llmlab.optim import OptimConfig
-from llmlab.stages import chat, dpo, evaluate, feedback, pretrain, rl, rm, sample, serve, sft, speedrun, tokenizer, world
+from llmlab.stages import chat, dpo, evaluate, feedback, pretrain, rl, rm, sample, scale, serve, sft, speedrun, tokenizer, world
 
 
 def _pipeline(run: str, world_cfg: world.Config, vocab_size: int, model: GPTConfig, **pretrain_kwargs) -> speedrun.Config:
@@ -126,6 +127,49 @@ def gpu_small(run: str = "runs/gpu-small") -> speedrun.Config:
 
 
 PRESETS: dict[str, Callable[..., speedrun.Config]] = {"tiny": tiny, "cpu": cpu, "gpu-small": gpu_small}
+
+
+# ---- scaling sweeps (`llmlab scale`): not part of a speedrun, each with its own world and tokenizer ----------
+
+def scale_tiny(run: str = "runs/scale-tiny") -> scale.Config:
+    """A sweep in a minute, for the tests: 4 budgets x 3 sizes on a small world (the fits of runs this short are
+    noise; the tests check the machinery)."""
+    world_cfg = world.Config(n_people=80, n_heldout=20, n_unknown=4, n_countries=4, n_cities=8, n_companies=6,
+                             bios_per_person=8, stories_per_person=1, qa_pages=400, n_arithmetic=1500, val_docs=60,
+                             sft_conversations=0, arithmetic_digits=6)
+    base = pretrain.Config(batch_size=4, eval_rows=8, model=GPTConfig(context_len=128, qk_norm=True),
+                           optim=OptimConfig(muon_lr=0.04, embed_lr=0.3, head_lr=0.01))
+    return scale.Config(run_dir=run, world=world_cfg, vocab_size=300, pretrain=base, budgets="2e9,4e9,8e9,1.6e10",
+                        depths="1,2,3", aspect=16, head_dim=16, min_steps=4, bootstrap=20, ledger_items=4)
+
+
+def scale_cpu(run: str = "runs/scale-cpu") -> scale.Config:
+    """The laptop sweep: 4 budgets, 2x apart, x 4 sizes each (depth 1-7 of width 16 per block, 2x apart in N;
+    at each budget the 4 nearest a first guess of 8 tokens per parameter, which a pilot at 1e12 FLOPs put the
+    optimum near) on a world three times the cpu preset's (its arithmetic up to 6 digits, for the ledger), with
+    a 1,024-token vocabulary so that the LM head does not dwarf the smallest models. The largest budget's
+    smallest model reads the world about 3 times."""
+    world_cfg = world.Config(n_people=600, n_heldout=150, n_unknown=50, bios_per_person=40, stories_per_person=4,
+                             qa_pages=12000, n_arithmetic=30000, val_docs=600, sft_conversations=0, arithmetic_digits=6)
+    base = pretrain.Config(batch_size=16, eval_rows=128, model=GPTConfig(context_len=128, qk_norm=True),
+                           optim=OptimConfig(muon_lr=0.04, embed_lr=0.3, head_lr=0.01))
+    return scale.Config(run_dir=run, world=world_cfg, vocab_size=1024, pretrain=base, budgets="2.5e11,5e11,1e12,2e12",
+                        depths="1,2,3,4,5,6,7", sizes_per_budget=4, tokens_per_param=8.0, aspect=16, head_dim=16)
+
+
+def scale_gpu(run: str = "runs/scale-gpu") -> scale.Config:
+    """A GPU sweep on the same world, 4 budgets x 6 sizes of width 64 per block (nanochat's aspect), one run
+    per GPU at a time: `llmlab scale --preset gpu-small --jobs 8`."""
+    cfg = scale_cpu(run)
+    cfg.pretrain = dataclasses.replace(cfg.pretrain, batch_size=64, model=GPTConfig(context_len=512, qk_norm=True))
+    cfg.budgets, cfg.depths, cfg.aspect, cfg.head_dim = "1e15,3e15,1e16,3e16", "2,4,6,8,10,12,14,16", 64, 64
+    cfg.sizes_per_budget, cfg.tokens_per_param = 5, 20.0
+    return cfg
+
+
+STAGE_PRESETS: dict[str, dict[str, Callable[..., object]]] = {
+    "scale": {"tiny": scale_tiny, "cpu": scale_cpu, "gpu-small": scale_gpu}}
+"""stages outside the speedrun's pipeline whose presets are their own"""
 
 
 def get(name: str, run: str | None = None) -> speedrun.Config:

@@ -67,16 +67,6 @@ class Config:
             raise LLMLabError(f"speedrun: eval_questions must be positive (got {self.eval_questions})")
 
 
-def _world_done(cfg: world.Config) -> bool:
-    path = Path(cfg.out_dir) / "world.json"
-    if not path.is_file():
-        return False
-    try:
-        return json.loads(path.read_text()).get("config") == cfg.content()
-    except json.JSONDecodeError:
-        return False
-
-
 def _done(cfg) -> bool:
     """A training stage is done when its latest checkpoint is at max_steps."""
     return checkpoint.has_checkpoint(cfg.out_dir) and checkpoint.read_info(cfg.out_dir)["step"] >= cfg.max_steps
@@ -115,7 +105,7 @@ def main(cfg: Config) -> dict:
             results["earlier"].append(name)
         return out
 
-    results["world"] = stage("world", _world_done(cfg.world), lambda: world.main(cfg.world))
+    results["world"] = stage("world", world.is_done(cfg.world), lambda: world.main(cfg.world))
     tok_done = (Path(cfg.tokenizer.out_dir) / "tokenizer.json").is_file()
     results["tokenizer"] = stage("tokenizer", tok_done, lambda: tokenizer.main(cfg.tokenizer))
     stage("pretrain", _done(cfg.pretrain), lambda: pretrain.main(cfg.pretrain), every_rank=True)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from llmlab import world
 from llmlab.world import WorldConfig
@@ -13,6 +15,17 @@ from llmlab.world import WorldConfig
 class Config(WorldConfig):
     out_dir: str = "runs/cpu/world"
     """where the world is written (world.json, pretrain/*.jsonl, sft/*.jsonl, eval/*.jsonl)"""
+
+
+def is_done(cfg: Config) -> bool:
+    """Whether cfg.out_dir holds the world these settings make (its world.json records them)."""
+    path = Path(cfg.out_dir) / "world.json"
+    if not path.is_file():
+        return False
+    try:
+        return json.loads(path.read_text()).get("config") == cfg.content()
+    except json.JSONDecodeError:
+        return False
 
 
 def main(cfg: Config) -> dict:

@@ -22,16 +22,22 @@ GROUPS = {"train": "train people, facts ranked by likelihood", "heldout": "held-
 
 
 @torch.no_grad()
-def candidate_logprobs(model: nn.Module, tok: Tokenizer, prefix: list[int], candidates: list[str]) -> torch.Tensor:
-    """Total log-likelihood of each candidate's tokens (after a space) following `prefix`, one batched forward."""
+def continuation_logprobs(model: nn.Module, tok: Tokenizer, pairs: list[tuple[list[int], list[int]]]) -> torch.Tensor:
+    """Total log-likelihood of each (prefix, continuation) pair's continuation tokens after its prefix, one
+    batched forward (sequences padded on the right)."""
     device = next(model.parameters()).device
-    seqs = [prefix + tok.encode(" " + c) for c in candidates]
+    seqs = [prefix + cont for prefix, cont in pairs]
     ids = torch.full((len(seqs), max(map(len, seqs))), tok.pad_id, dtype=torch.long)
     for i, s in enumerate(seqs):
         ids[i, : len(s)] = torch.tensor(s)
     logp = torch.log_softmax(model(ids.to(device)).float(), -1).cpu()
-    return torch.tensor([sum(logp[i, t - 1, s[t]].item() for t in range(len(prefix), len(s))) for i, s in enumerate(seqs)],
-                        dtype=torch.float64)
+    return torch.tensor([sum(logp[i, t - 1, s[t]].item() for t in range(len(prefix), len(s)))
+                         for i, (s, (prefix, _)) in enumerate(zip(seqs, pairs))], dtype=torch.float64)
+
+
+def candidate_logprobs(model: nn.Module, tok: Tokenizer, prefix: list[int], candidates: list[str]) -> torch.Tensor:
+    """Total log-likelihood of each candidate's tokens (after a space) following `prefix`, one batched forward."""
+    return continuation_logprobs(model, tok, [(prefix, tok.encode(" " + c)) for c in candidates])
 
 
 def attribute_values(world, attribute: str) -> list[str]:

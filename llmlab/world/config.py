@@ -38,6 +38,9 @@ class WorldConfig:
     """`Q: ... A: ...` pages (a few questions each, seen phrasings only)"""
     n_arithmetic: int = 3000
     """arithmetic worked examples"""
+    arithmetic_digits: int = 3
+    """the most digits of an operand in the worked examples (the scaling sweep's world goes to 6, for the
+    emergence ledger's k-digit additions)"""
     val_docs: int = 400
     """documents of every kind in the validation split (fresh samples, never in train)"""
     sft_conversations: int = 4000
@@ -62,6 +65,8 @@ class WorldConfig:
                      "val_docs", "sft_conversations", "sft_dont_know", "sft_puzzles"):
             if getattr(self, name) < 0:
                 raise LLMLabError(f"world: {name} must be >= 0 (got {getattr(self, name)})")
+        if self.arithmetic_digits < 1:
+            raise LLMLabError(f"world: arithmetic_digits must be at least 1 (got {self.arithmetic_digits})")
         if self.n_cities < self.n_countries:
             raise LLMLabError(f"world: n_cities ({self.n_cities}) must be >= n_countries ({self.n_countries}): each country needs a capital")
 

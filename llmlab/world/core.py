@@ -60,7 +60,8 @@ class World:
             docs += [{"kind": "encyclopedia", "text": country_entry(rng, c, cities_of[c.name])} for c in self.countries]
             docs += [{"kind": "encyclopedia", "text": city_entry(rng, c.name, c.country, c.name in capitals)} for c in self.cities]
             docs += [{"kind": "encyclopedia", "text": company_entry(rng, c)} for c in self.companies]
-        docs += [{"kind": "arithmetic", "text": arithmetic_document(rng)} for _ in range(counts["arithmetic"])]
+        docs += [{"kind": "arithmetic", "text": arithmetic_document(rng, self.config.get("arithmetic_digits", 3))}
+                 for _ in range(counts["arithmetic"])]
         train_people = self.group("train")
         for _ in range(counts["qa_pages"] if train_people else 0):
             pairs = []

@@ -160,15 +160,15 @@ def arithmetic_problem(rng: random.Random, max_digits: int, min_digits: int = 1,
     return *problem(a, op, b), op, digits
 
 
-def arithmetic_document(rng: random.Random) -> str:
+def arithmetic_document(rng: random.Random, max_digits: int = 3) -> str:
     """A worked example: a Q/A pair whose answer restates the problem (`A: 328 * 15 = 4920`, so the model
-    also learns to copy numbers), or a few equations; in-range numbers (up to 3 digits)."""
+    also learns to copy numbers), or a few equations; operands of up to `max_digits` digits (in range: 3)."""
     if rng.random() < 0.5:
-        q, a, _, _ = arithmetic_problem(rng, 3)
+        q, a, _, _ = arithmetic_problem(rng, max_digits)
         return f"Q: {q}\nA: {q[8:-1]} = {a}"
     lines = []
     for _ in range(rng.randint(2, 4)):
-        q, a, _, _ = arithmetic_problem(rng, 3)
+        q, a, _, _ = arithmetic_problem(rng, max_digits)
         lines.append(f"{q[8:-1]} = {a}")
     return "\n".join(lines)
 
