@@ -139,8 +139,9 @@ def scale_tiny(run: str = "runs/scale-tiny") -> scale.Config:
                              sft_conversations=0, arithmetic_digits=6)
     base = pretrain.Config(batch_size=4, eval_rows=8, model=GPTConfig(context_len=128, qk_norm=True),
                            optim=OptimConfig(muon_lr=0.04, embed_lr=0.3, head_lr=0.01))
-    return scale.Config(run_dir=run, world=world_cfg, vocab_size=300, pretrain=base, budgets="2e9,4e9,8e9,1.6e10",
-                        depths="1,2,3", aspect=16, head_dim=16, min_steps=4, bootstrap=20, ledger_items=4)
+    return scale.Config(run_dir=run, world=world_cfg, vocab_size=300, pretrain=base, budgets="1.5e9,3e9,6e9,1.2e10",
+                        depths="1,2,3", aspect=16, head_dim=16, min_steps=4, bootstrap=20, ledger_items=4,
+                        predict_factor=2.0)
 
 
 def scale_cpu(run: str = "runs/scale-cpu") -> scale.Config:
