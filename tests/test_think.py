@@ -172,6 +172,10 @@ def test_think_stage_refuses_bad_input(tiny_run, tmp_path):
         think.Config(eval=True, strategies="vote,mcts")
     with pytest.raises(LLMLabError, match="budgets"):
         think.Config(eval=True, budgets="1,two")
+    with pytest.raises(LLMLabError, match="verify_budgets.*12 probes"):
+        think.Config(verify=True, verify_budgets="4,13")
+    with pytest.raises(LLMLabError, match="max_flagged"):
+        think.Config(verify=True, max_flagged=1.0)
     cfg, _ = tiny_run
     with pytest.raises(LLMLabError, match="not a reward model"):  # a verifier must be a scorer
         think.main(think.Config(checkpoint=cfg.sft.out_dir, process=cfg.sft.out_dir, prompt="Make 5 from 1, 2 and 3."))
@@ -192,3 +196,63 @@ def test_the_compute_optimal_policy_spends_samples_only_where_the_problem_is_har
     assert top["fixed"]["choice"] == ["vote", 8] and top["fixed"]["tokens"] == 80.0
     assert top["policy"]["accuracy"] == 1.0 and top["policy"]["tokens"] == 45.0  # 1 sample for easy, 8 for hard
     assert top["policy"]["choice"] == {"0": ["vote", 1], "1": ["vote", 8]}
+
+
+# ---- verify-then-answer ------------------------------------------------------------------------------------------
+
+def test_the_name_is_read_from_every_question_phrasing():
+    from llmlab.think.recall import name_in
+    from llmlab.world.text import QUESTIONS
+
+    for phrasings in QUESTIONS.values():
+        for question in phrasings["seen"] + phrasings["heldout"]:
+            assert name_in(question.format(name="Oranddriaa Teilridge")) == "Oranddriaa Teilridge", question
+    assert name_in("What is 12 + 30?") is None and name_in("Hello!") is None
+
+
+def _recall_thinker(tiny_run):
+    from llmlab import world as world_lib
+    from llmlab.think.recall import Recall
+
+    cfg, _ = tiny_run
+    ckpt = checkpoint.load(cfg.sft.out_dir)
+    world = world_lib.load(cfg.world.out_dir)
+    thinker = Thinker(Engine(ckpt.model), ckpt.tokenizer)
+    return thinker, Recall(ckpt.model, ckpt.tokenizer, world), world
+
+
+def test_recall_confidence_is_the_mean_of_its_probes_and_calibration_lets_through_the_known(tiny_run):
+    from llmlab.think.recall import PROBES, calibrate, recombined_names
+
+    _, recall, world = _recall_thinker(tiny_run)
+    known = [p.name for p in world.people[:10]]
+    for name in known[:3] + recombined_names(world, 3, "t", set()):
+        values = [p for p, _ in recall.probe(name)]
+        assert len(values) == len(PROBES) and all(0 < p <= 1 for p in values)
+        for k in (1, 4, len(PROBES)):
+            assert recall.confidence(name, k)[0] == pytest.approx(sum(values[:k]) / k)
+    for max_flagged in (0.0, 0.2):
+        t = calibrate(recall, known, 6, max_flagged)
+        assert sum(recall.confidence(n, 6)[0] < t for n in known) <= max_flagged * len(known)
+    strangers = recombined_names(world, 5, "t", set())
+    assert len(set(strangers)) == 5 and not set(strangers) & {p.name for p in world.people}
+
+
+def test_verify_says_dont_know_below_the_threshold_and_answers_greedily_above_it(tiny_run):
+    from llmlab.think.recall import DONT_KNOW
+
+    thinker, recall, world = _recall_thinker(tiny_run)
+    question = [{"role": "user", "content": f"Where does {world.people[0].name} live?"}]
+    with pytest.raises(LLMLabError, match="calibrated"):
+        thinker.answer(question, "verify", 4)
+    greedy = thinker.answer(question, "greedy", 1).text
+    thinker.calibrate(recall, [p.name for p in world.people[:4]], 4)
+    thinker.thresholds[4] = 1.01  # nobody is that sure: every named person is a stranger
+    a = thinker.answer(question, "verify", 4)
+    assert a.text == DONT_KNOW and a.compute.generated == 0 and a.compute.processed > 0
+    thinker.thresholds[4] = 0.0  # everybody passes: the greedy answer, the probes' reading added
+    a = thinker.answer(question, "verify", 4)
+    assert a.text == greedy and a.compute.processed > thinker.answer(question, "greedy", 1).compute.processed
+    unnamed = [{"role": "user", "content": "What is 2 + 3?"}]
+    thinker.thresholds[4] = 1.01
+    assert thinker.answer(unnamed, "verify", 4).text == thinker.answer(unnamed, "greedy", 1).text

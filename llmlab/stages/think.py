@@ -2,10 +2,12 @@
 
     llmlab think --prompt "Make 21 from 3, 9, 4 and 2." --strategy beam --budget 16 --show_search true
     llmlab think --eval true            accuracy against compute on the world's held-out puzzles, per level
+    llmlab think --prompt "Where does Ada Smith live?" --strategy verify --budget 12
+    llmlab think --verify true          verify-then-answer against greedy on people real and recombined
 
 Strategies (llmlab.think.strategies): greedy, vote (self-consistency), orm (best-of-N with an outcome
-verifier), prm (best-of-N with a process verifier), beam (step-level search guided by the process verifier).
-The verifiers are reward models of `llmlab rm` trained on puzzle attempts:
+verifier), prm (best-of-N with a process verifier), beam (step-level search guided by the process verifier),
+verify (for a question about a person, recall the person's facts first; llmlab.think.recall). The verifiers are reward models of `llmlab rm` trained on puzzle attempts:
 
     llmlab rm --pairs puzzles:outcome --heldout puzzles:outcome --out_dir runs/cpu/orm
     llmlab rm --pairs puzzles:process --heldout puzzles:process --out_dir runs/cpu/prm
@@ -21,13 +23,18 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from tqdm import tqdm
+
 from llmlab import checkpoint
+from llmlab import world as world_lib
 from llmlab.alignment.rollouts import load_reward_model
 from llmlab.engine import Engine
 from llmlab.errors import LLMLabError
+from llmlab.tasks.assistant import read_rows, says_dont_know
 from llmlab.tasks.puzzles import PuzzleTask
 from llmlab.think import curves
-from llmlab.think.strategies import MAX_BUDGET, STRATEGIES, Thinker, check_budget
+from llmlab.think.recall import PROBES, Recall, recombined_names
+from llmlab.think.strategies import MAX_BUDGET, SEARCHES, STRATEGIES, Thinker, check_budget
 from llmlab.training import configure_torch
 from llmlab.world.puzzles import NO_SOLUTION
 
@@ -43,9 +50,10 @@ class Config:
     prompt: str = ""
     """a question to answer (else --eval)"""
     strategy: str = "vote"
-    """greedy, vote, orm, prm or beam (the last three need a verifier)"""
+    """greedy, vote, orm, prm, beam (the last three need a verifier) or verify (a question about a person: recall
+    the person's facts first, calibrated on --world's people)"""
     budget: int = 16
-    """replies sampled (beam: next steps proposed per level)"""
+    """replies sampled (beam: next steps proposed per level; verify: recall probes, at most 12)"""
     show_search: bool = False
     """print the candidates weighed, with their scores"""
     eval: bool = False
@@ -58,12 +66,23 @@ class Config:
     """levels --eval measures"""
     budgets: str = "1,2,4,8,16,32,64"
     """budgets of --eval"""
-    strategies: str = ",".join(STRATEGIES)
+    strategies: str = ",".join(SEARCHES)
     """strategies of --eval (those whose verifier is missing are left out)"""
     temperature: float = 1.0
     """sampling temperature of the attempts"""
     max_new_tokens: int = 64
     """longest reply"""
+    verify: bool = False
+    """measure verify-then-answer: "I don't know" on names recombined from real people's, and right answers about
+    held-out and training people, against greedy (verify.json)"""
+    verify_budgets: str = "2,6,12"
+    """recall probes of --verify"""
+    max_flagged: float = 0.02
+    """verify's threshold lets through all but this share of the known people it is calibrated on"""
+    recall: str = "runs/cpu/base"
+    """the model whose recall verify probes (same tokenizer): the assistant's pretrained base by default, whose
+    recall separates strangers best (fine-tuning on conversations blurs the biographies' framing the probes use;
+    "" probes the assistant itself)"""
     seed: int = 0
     out_dir: str = "runs/cpu/think"
     """where --eval writes think.json and the plots"""
@@ -72,8 +91,12 @@ class Config:
     """CPU threads (0: adapt to the free cores)"""
 
     def __post_init__(self) -> None:
-        if not self.eval:
+        if not (self.eval or self.verify):
             check_budget(self.strategy, self.budget)
+        if not 0 <= self.max_flagged < 1:
+            raise LLMLabError(f"--max_flagged is a share of people, from 0 to below 1 (got {self.max_flagged})")
+        if any(not 1 <= b <= len(PROBES) for b in self.probe_list()):
+            raise LLMLabError(f"--verify_budgets: from 1 to {len(PROBES)} probes each (got {self.verify_budgets!r})")
         for b in self.budget_list():
             if not 1 <= b <= MAX_BUDGET:
                 raise LLMLabError(f"--budgets: each budget must be from 1 to {MAX_BUDGET} (got {b})")
@@ -86,6 +109,12 @@ class Config:
             return sorted({int(b) for b in self.budgets.split(",") if b.strip()})
         except ValueError:
             raise LLMLabError(f"--budgets must be integers separated by commas (got {self.budgets!r})") from None
+
+    def probe_list(self) -> list[int]:
+        try:
+            return sorted({int(b) for b in self.verify_budgets.split(",") if b.strip()})
+        except ValueError:
+            raise LLMLabError(f"--verify_budgets must be integers separated by commas (got {self.verify_budgets!r})") from None
 
     def strategy_list(self) -> list[str]:
         return [s.strip() for s in self.strategies.split(",") if s.strip()]
@@ -100,14 +129,86 @@ def thinker_of(cfg: Config) -> Thinker:
                    max_new_tokens=cfg.max_new_tokens, give_up=NO_SOLUTION, seed=cfg.seed)
 
 
+def _calibration_names(world) -> list[str]:
+    """Known people verify is calibrated on: every other training and held-out person; the others are left for
+    the evaluation."""
+    return [p.name for p in world.group("train")[0::2] + world.group("heldout")[0::2]]
+
+
+def _recall(cfg: Config, thinker: Thinker, world) -> Recall:
+    model = checkpoint.load_model(cfg.recall, cfg.device) if cfg.recall else thinker.engine.model
+    return Recall(model, thinker.tok, world)
+
+
+def measure_verify(cfg: Config, thinker: Thinker) -> dict:
+    """Greedy vs verify at each probe budget: "I don't know" on the world's recombined-name questions, right
+    answers about the held-out people verify was not calibrated on and about training people (seen phrasings)."""
+    world = world_lib.load(cfg.world)
+    recall = _recall(cfg, thinker, world)
+    calibration = _calibration_names(world)
+    evaluated = {p.name for p in world.group("train")[1::2] + world.group("heldout")[1::2]}
+    one_each: dict[tuple[str, str], dict] = {}  # one question per person: a rate over people, not over a few people's questions
+    for r in read_rows(Path(cfg.world) / "eval" / "qa.jsonl"):
+        if r["person"] in evaluated and r["phrasing"] == "seen":
+            one_each.setdefault((r["group"], r["person"]), r)
+    items = {"recombined": [(r["messages"], r["expect"]) for r in read_rows(Path(cfg.world) / "eval" / "assistant.jsonl")
+                            if r["kind"] == "recombined"][:cfg.per_group]}
+    for group, label in (("heldout", "held-out people"), ("train", "train people")):
+        items[label] = [([{"role": "user", "content": r["question"]}], r["answer"])
+                        for (g, _), r in one_each.items() if g == group][:cfg.per_group]
+
+    def rate(group: str, texts: list[str]) -> float:
+        if group == "recombined":
+            return sum(says_dont_know(t) for t in texts) / len(texts)
+        return sum(answer.lower() in t.lower() for t, (_, answer) in zip(texts, items[group])) / len(texts)
+
+    greedy = {g: [thinker.answer(m, "greedy", 1).text for m, _ in rows] for g, rows in tqdm(items.items(), desc="greedy")}
+    out = {"greedy": {g: rate(g, t) for g, t in greedy.items()}, "n": {g: len(v) for g, v in items.items()},
+           "calibrated_on": len(calibration), "budgets": {}}
+    for probes in cfg.probe_list():
+        threshold = thinker.calibrate(recall, calibration, probes, cfg.max_flagged)
+        texts = {g: [thinker.answer(m, "verify", probes).text for m, _ in tqdm(rows, desc=f"verify, {probes} probes")]
+                 for g, rows in items.items()}
+        out["budgets"][probes] = {"threshold": threshold, **{g: rate(g, t) for g, t in texts.items()}}
+    return out
+
+
+def print_verify(result: dict) -> None:
+    n = result["n"]
+    print(f"verify-then-answer ({n['recombined']} recombined names; one question each about {n['held-out people']} "
+          f"held-out and {n['train people']} training people, none of them calibrated on):")
+    print(f"  {'':<22} {'dont know (recombined)':>24} {'held-out right':>16} {'train right':>13}")
+    g = result["greedy"]
+    print(f"  {'greedy':<22} {100 * g['recombined']:23.1f}% {100 * g['held-out people']:15.1f}% {100 * g['train people']:12.1f}%")
+    for probes, r in result["budgets"].items():
+        label = f"verify, {probes} probes"
+        print(f"  {label:<22} {100 * r['recombined']:23.1f}% {100 * r['held-out people']:15.1f}% "
+              f"{100 * r['train people']:12.1f}%   (threshold {r['threshold']:.3f})")
+
+
 def main(cfg: Config) -> dict:
     configure_torch(cfg.threads)
     thinker = thinker_of(cfg)
+    if cfg.verify:
+        t0 = time.perf_counter()
+        result = measure_verify(cfg, thinker)
+        result["seconds"] = time.perf_counter() - t0
+        out = Path(cfg.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "verify.json").write_text(json.dumps(result, indent=1) + "\n")
+        print_verify(result)
+        print(f"think: {result['seconds']:.0f} s -> {out / 'verify.json'}")
+        return result
     if not cfg.eval:
         if not cfg.prompt:
             raise LLMLabError("give --prompt QUESTION to answer, or --eval true to measure the strategies")
+        if cfg.strategy == "verify":
+            world = world_lib.load(cfg.world)
+            thinker.calibrate(_recall(cfg, thinker, world), _calibration_names(world),
+                              min(cfg.budget, len(PROBES)), cfg.max_flagged)
         t0 = time.perf_counter()
-        a = thinker.answer([{"role": "user", "content": cfg.prompt}], cfg.strategy, cfg.budget)
+        budget = min(cfg.budget, len(PROBES)) if cfg.strategy == "verify" else cfg.budget
+        a = thinker.answer([{"role": "user", "content": cfg.prompt}], cfg.strategy, budget)
         if cfg.show_search:
             for text, score in a.candidates[:20]:
                 print(f"[{score:+.3f}] " + text.replace("\n", " | "))

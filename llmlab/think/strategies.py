@@ -11,6 +11,9 @@ strategy, budget)`. The budget N counts sampled replies (for beam search, next s
                 process verifier scores every extended reply and the best `width` unfinished ones go on, until
                 none is left or max_steps lines are written; the best finished reply wins (the breadth-first
                 search of Tree of Thoughts, Yao et al. 2023, with a learned value)
+    verify      for a question about a person: N probes of the model's recall of that person's facts first
+                (llmlab.think.recall); "I don't know who that is." when the recall is less sure than a threshold
+                calibrated on known people, else greedy
 
 Every answer reports its compute: tokens generated, tokens the generator processed (prompts once per distinct
 prompt of a call, plus the generated ones) and tokens the verifier read; FLOPs are 2 x parameters per token of
@@ -29,9 +32,12 @@ from llmlab.chat import render_conversation, render_prompt, reply_stop_ids
 from llmlab.engine import Engine, SamplingParams, newline_ids
 from llmlab.errors import LLMLabError
 from llmlab.model import GPT
+from llmlab.think.recall import DONT_KNOW, Recall, calibrate, name_in
 from llmlab.tokenizer import Tokenizer
 
-STRATEGIES = ("greedy", "vote", "orm", "prm", "beam")
+STRATEGIES = ("greedy", "vote", "orm", "prm", "beam", "verify")
+SEARCHES = STRATEGIES[:5]
+"""the strategies that sample and search (the puzzles' curves); verify checks a person's facts before answering"""
 MAX_BUDGET = 4096
 
 
@@ -82,6 +88,8 @@ class Thinker:
         self.give_up, self.conclude, self.seed = give_up, conclude or (lambda text: text.strip() or None), seed
         self.reply_stops = reply_stop_ids(tok)
         self.line_stops = newline_ids(tok)
+        self.recall: Recall | None = None
+        self.thresholds: dict[int, float] = {}
         self.generator_params = engine.model.num_params()
         self.verifier_params = max((m.model.num_params() for m in (self.outcome, self.process) if m), default=0)
 
@@ -95,6 +103,8 @@ class Thinker:
             return Answer(texts[0], compute, [(texts[0], 0.0)])
         if strategy == "beam":
             return self.beam(messages, budget, seed)
+        if strategy == "verify":
+            return self.verified(messages, budget)
         texts, compute = self.sample(messages, budget, seed)
         return self.pick(messages, texts, strategy, compute)
 
@@ -115,6 +125,30 @@ class Thinker:
         scores, read = scored if scored is not None else self.score(messages, texts, strategy)
         ranked = sorted(zip(texts, scores), key=lambda ts: -ts[1])
         return Answer(ranked[0][0], compute.add(Compute(scored=sum(read))), ranked)
+
+    # ---- verify-then-answer ------------------------------------------------------------------------------
+
+    def verified(self, messages: list[dict], probes: int) -> Answer:
+        """Greedy, unless the question names a person whose recall over `probes` probes is less sure than the
+        calibrated threshold: then "I don't know who that is." (llmlab.think.recall)."""
+        if self.recall is None or probes not in self.thresholds:
+            raise LLMLabError("verify needs a recall of the world's people and a threshold calibrated for "
+                              f"{probes} probes (Thinker.calibrate; `llmlab think` does it from --world)")
+        name = name_in(messages[-1]["content"])
+        if name is None:  # (no person named: nothing to verify)
+            texts, compute = self.sample(messages, 1, self.seed, temperature=0.0)
+            return Answer(texts[0], compute, [(texts[0], 0.0)])
+        confidence, read = self.recall.confidence(name, probes)
+        if confidence < self.thresholds[probes]:
+            return Answer(DONT_KNOW, Compute(processed=read), [(DONT_KNOW, confidence)])
+        texts, compute = self.sample(messages, 1, self.seed, temperature=0.0)
+        return Answer(texts[0], compute.add(Compute(processed=read)), [(texts[0], confidence)])
+
+    def calibrate(self, recall: Recall, known: list[str], probes: int, max_flagged: float = 0.05) -> float:
+        """Set (and return) the threshold of verify at `probes` probes from names of known people."""
+        self.recall = recall
+        self.thresholds[probes] = calibrate(recall, known, probes, max_flagged)
+        return self.thresholds[probes]
 
     # ---- sampling ------------------------------------------------------------------------------------------
 
