@@ -98,7 +98,8 @@ def build_parser(stage: str, base_cfg: Any) -> argparse.ArgumentParser:
     module, description = STAGES[stage]
     parser = _Parser(prog=f"llmlab {stage}", description=description, formatter_class=_HelpFormatter)
     parser.add_argument("--preset", default="cpu", help=f"starting values: one of {', '.join(presets.PRESETS)}")
-    parser.add_argument("--run", default=None, help="run directory (default: runs/<preset>)")
+    where = f"runs/{stage}-<preset>" if stage in presets.STAGE_PRESETS else "runs/<preset>"
+    parser.add_argument("--run", default=None, help=f"run directory (default: {where})")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
     cls = type(base_cfg)
     groups: dict[type, argparse._ArgumentGroup] = {}
