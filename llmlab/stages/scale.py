@@ -209,13 +209,6 @@ def _read_sweep(cfg: Config) -> list[dict]:
     return rows
 
 
-def _interval(boot: fit.Bootstrap | None, name: str) -> str:
-    if boot is None or name not in boot.intervals:
-        return ""
-    lo, hi = boot.intervals[name]
-    return f" [{lo:.3g}, {hi:.3g}]"
-
-
 def fit_summary(points: fit.Points, bootstrap: int, isoflop: bool) -> dict:
     """Approach 3 (and approach 2 when the points are an isoFLOP sweep) with bootstrap intervals, as JSON."""
     out: dict = {}
