@@ -52,7 +52,7 @@ def _pipeline(run: str, world_cfg: world.Config, vocab_size: int, model: GPTConf
                      warmdown_frac=0.5, momentum_warmup_steps=0, eval_every=20, save_every=40,
                      optim=OptimConfig(muon_lr=0.002, embed_lr=0.01, head_lr=0.0005, scalar_lr=0.001)),
         eval=evaluate.Config(checkpoint=str(run_dir / "sft"), world=str(run_dir / "world")),
-        chat=chat.Config(checkpoint=str(run_dir / "sft"), world=str(run_dir / "world")),
+        chat=chat.Config(checkpoint=str(run_dir / "sft"), world=str(run_dir / "world"), recall=str(run_dir / "base")),
         serve=serve.Config(checkpoint=str(run_dir / "sft"), world=str(run_dir / "world"),
                            db=str(run_dir / "feedback.db")),
         feedback=feedback.Config(db=str(run_dir / "feedback.db"), out_dir=str(run_dir / "feedback")),

@@ -40,6 +40,9 @@ class ScriptedModel(torch.nn.Module):
                                                            "<|assistant_end|>", "<|output_start|>", "<|output_end|>")}
         self.seen: list[list[int]] = []
 
+    def num_params(self, embedding: bool = True) -> int:  # (what the thinker counts FLOPs with)
+        return 1
+
     def _next(self, seq: list[int]) -> int:
         sp, end = self.sp, self.sp["<|assistant_end|>"]
         start = max(i for i, t in enumerate(seq) if t == sp["<|assistant_start|>"])
@@ -393,3 +396,34 @@ def test_a_conversation_longer_than_the_context_is_counted_not_scored(tok, tiny_
     result = run_chat_task(task, engine, tok, None)
     assert result["skipped"] == sum(n >= cut for n in prompt_lens) > 0
     assert result["n"] == len(prompt_lens) - result["skipped"]
+
+
+def test_think_votes_over_replies_whose_tools_ran(tiny_run, tok):
+    session = _session(tiny_run, tok, _calculator_user(tok))
+    session.set_think("4")
+    out = io.StringIO()
+    assert session.reply("What is 6 * 7?", out) == "42"  # each sample's call ran: the answer, not the call
+    assert out.getvalue() == "(4 replies, 4 agree on this answer)\n42\n"
+    assert session.messages[-1] == {"role": "assistant", "content": "42"}
+    with pytest.raises(LLMLabError, match="/think takes a budget"):
+        session.set_think("-1")
+    session.set_think("0")
+    assert session.reply("What is 6 * 7?", io.StringIO()) == "42" and session.think == 0
+
+
+def test_think_about_a_person_recalls_before_answering(tiny_run, tok):
+    from llmlab import world as world_lib
+    from llmlab.think.recall import DONT_KNOW
+
+    cfg, _ = tiny_run
+    person = world_lib.load(cfg.world.out_dir).people[0].name
+    session = _session(tiny_run, tok, lambda user: tok.encode("Paris"), recall=cfg.pretrain.out_dir)
+    session.set_think("3 show")
+    out = io.StringIO()
+    answer = session.reply(f"Where does {person} live?", out)
+    threshold = session.thinker().thresholds[3]
+    sure = session.thinker().recall.confidence(person, 3)[0]
+    assert answer == (DONT_KNOW if sure < threshold else "Paris")
+    assert out.getvalue().startswith(f"(recalled {person} with 3 probes: confidence {sure:.2f}")
+    session.thinker().thresholds[3] = 1.01  # nobody is that sure
+    assert session.reply(f"Where does {person} live?", io.StringIO()) == DONT_KNOW

@@ -1,8 +1,14 @@
 """`llmlab chat`: talk to an assistant checkpoint in the terminal, streaming, with its tools.
 
 Multi-turn; tool calls and their outputs are shown as they happen. Commands: /clear (forget the
-conversation), /system TEXT (set the system prompt and start over), /temperature X, /help, /quit.
-`--prompt "..."` answers one message and exits (for scripts).
+conversation), /system TEXT (set the system prompt and start over), /temperature X, /think N [show], /help,
+/quit. `--prompt "..."` answers one message and exits (for scripts).
+
+`/think N` (or `--think N`) answers with more compute (llmlab.think): a question that names a person is
+answered only after N probes of the model's recall of that person (at most 12; verify-then-answer: "I don't
+know who that is." for a name whose facts it cannot recall with confidence); any other message gets N sampled
+replies, tools run in each, and the most common answer (self-consistency). A line before the answer says what
+was weighed; `/think N show` lists the candidates too. `/think 0` goes back to one greedy pass.
 """
 
 from __future__ import annotations
@@ -14,12 +20,21 @@ from dataclasses import dataclass
 from llmlab import checkpoint
 from llmlab.chat import final_answer, render_prompt, reply_stop_ids
 from llmlab.engine import SEED_LIMIT, Engine, SamplingParams, ToolCalls
+from llmlab import world as world_lib
 from llmlab.errors import LLMLabError
+from llmlab.think.recall import PROBES, Recall, name_in
+from llmlab.think.strategies import MAX_BUDGET, Thinker
 from llmlab.tokenizer import SPECIAL_TOKENS
 from llmlab.tools import run_tool
 
+
+def check_think(budget: int) -> None:
+    if not 0 <= budget <= MAX_BUDGET:
+        raise LLMLabError(f"/think takes a budget from 0 (off) to {MAX_BUDGET} (got {budget})")
+
 TOOL_MARKS = {"<|tool_start|>": "\n[tool: ", "<|tool_end|>": "", "<|output_start|>": " -> ", "<|output_end|>": "]\n"}
-HELP = "/clear  forget the conversation   /system TEXT  set the system prompt   /temperature X   /help   /quit"
+HELP = ("/clear  forget the conversation   /system TEXT  set the system prompt   /temperature X   "
+        "/think N [show]  answer with N samples or recall probes (0: off)   /help   /quit")
 
 
 @dataclass
@@ -37,6 +52,14 @@ class Config:
     tokens; reply n is seeded with seed + n)"""
     tools: bool = True
     """run the assistant's tool calls (calculator, python, search)"""
+    think: int = 0
+    """System 2 budget of every reply (`/think N`): N samples voted, or N recall probes before answering about a
+    person; 0 = one greedy pass"""
+    recall: str = "runs/cpu/base"
+    """the model whose recall /think probes about people (the assistant's pretrained base; "" = the assistant)"""
+
+    def __post_init__(self) -> None:
+        check_think(self.think)
 
 
 class Session:
@@ -53,6 +76,8 @@ class Session:
         self.messages: list[dict] = []
         self.turns = 0
         self.stops = reply_stop_ids(self.tok)
+        self.think, self.show_search = cfg.think, False
+        self._thinker: Thinker | None = None
 
     def clear(self) -> None:
         self.messages = []
@@ -63,6 +88,43 @@ class Session:
 
     def run_tool(self, call: str) -> str:
         return run_tool(call, world_dir=self.cfg.world).text
+
+    def set_think(self, text: str) -> None:
+        """/think N [show]: a ValueError or LLMLabError (one line) for a budget that is not one."""
+        budget, _, show = text.partition(" ")
+        check_think(int(budget))
+        self.think, self.show_search = int(budget), show.strip() == "show"
+
+    def thinker(self) -> Thinker:
+        if self._thinker is None:
+            self._thinker = Thinker(self.engine, self.tok, temperature=max(self.sampling.temperature, 1.0),
+                                    max_new_tokens=self.sampling.max_new_tokens, seed=self.sampling.seed,
+                                    run_tool=self.run_tool if self.cfg.tools else None)
+        return self._thinker
+
+    def thought(self, messages: list[dict], text: str, out) -> str:
+        """The answer of /think: verify for a question naming a person, else a vote over self.think samples."""
+        thinker, name = self.thinker(), name_in(text)
+        if name is not None:
+            probes = min(self.think, len(PROBES))
+            if probes not in thinker.thresholds:
+                world = world_lib.load(self.cfg.world)
+                model = checkpoint.load_model(self.cfg.recall) if self.cfg.recall else self.engine.model
+                known = [p.name for p in world.group("train")[0::2] + world.group("heldout")[0::2]]
+                thinker.calibrate(Recall(model, self.tok, world), known, probes, max_flagged=0.02)
+            a = thinker.answer(messages, "verify", probes)
+            sure = a.candidates[0][1]
+            out.write(f"(recalled {name} with {probes} probes: confidence {sure:.2f}, threshold "
+                      f"{thinker.thresholds[probes]:.2f})\n")
+        else:
+            a = thinker.answer(messages, "vote", self.think, seed=(self.sampling.seed + self.turns) % SEED_LIMIT)
+            top = a.candidates[0][1] if a.candidates else 0
+            out.write(f"({self.think} replies, {top:.0f} agree on this answer)\n")
+        if self.show_search:
+            for candidate, score in a.candidates:
+                out.write(f"  [{score:.2f}] {candidate}\n")
+        out.write(a.text + "\n")
+        return a.text
 
     def reply(self, text: str, out=None) -> str:
         out = out or sys.stdout  # looked up at call time (it may have been replaced since import)
@@ -87,6 +149,11 @@ class Session:
         if budget < 8:
             raise LLMLabError(f"the message leaves no room for a reply in the model's {context}-token context "
                               f"({len(prompt)} tokens): shorten it" + (" or the system prompt" if system else ""))
+        if self.think:
+            answer = self.thought(system + messages, text, out)
+            self.turns += 1
+            self.messages = messages + [{"role": "assistant", "content": answer}]
+            return answer
         params = dataclasses.replace(self.sampling, max_new_tokens=min(longest, budget),
                                      seed=(self.sampling.seed + self.turns) % SEED_LIMIT)
         tools = ToolCalls(self.tok, 1, self.run_tool) if self.cfg.tools else None
@@ -145,6 +212,14 @@ def main(cfg: Config) -> dict:
                 session.system = arg
                 session.clear()
                 print("(system prompt set; conversation cleared)")
+            elif command == "/think":
+                try:
+                    session.set_think(arg)
+                    print(f"(thinking with a budget of {session.think})" if session.think else "(one greedy pass)")
+                except ValueError:
+                    print("usage: /think 16   (0: off; add `show` to list the candidates)")
+                except LLMLabError as e:
+                    print(f"error: {e}")
             elif command == "/temperature":
                 try:
                     session.set_temperature(arg)

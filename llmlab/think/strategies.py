@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from llmlab.alignment.rollouts import ModelReward
-from llmlab.chat import render_conversation, render_prompt, reply_stop_ids
-from llmlab.engine import Engine, SamplingParams, newline_ids
+from llmlab.chat import final_answer, render_conversation, render_prompt, reply_stop_ids
+from llmlab.engine import Engine, SamplingParams, generate_with_tools, newline_ids
 from llmlab.errors import LLMLabError
 from llmlab.model import GPT
 from llmlab.think.recall import DONT_KNOW, Recall, calibrate, name_in
@@ -77,7 +77,8 @@ class Thinker:
 
     def __init__(self, engine: Engine, tok: Tokenizer, *, outcome: GPT | None = None, process: GPT | None = None,
                  temperature: float = 1.0, max_new_tokens: int = 64, step_tokens: int = 24, max_steps: int = 6,
-                 give_up: str = "", conclude: Callable[[str], str | None] | None = None, seed: int = 0):
+                 give_up: str = "", conclude: Callable[[str], str | None] | None = None, seed: int = 0,
+                 run_tool: Callable[[str], str] | None = None):
         if temperature <= 0:
             raise LLMLabError("the sampling temperature of a search must be above 0 (greedy is its own strategy)")
         self.engine, self.tok = engine, tok
@@ -88,6 +89,7 @@ class Thinker:
         self.give_up, self.conclude, self.seed = give_up, conclude or (lambda text: text.strip() or None), seed
         self.reply_stops = reply_stop_ids(tok)
         self.line_stops = newline_ids(tok)
+        self.run_tool = run_tool
         self.recall: Recall | None = None
         self.thresholds: dict[int, float] = {}
         self.generator_params = engine.model.num_params()
@@ -153,12 +155,19 @@ class Thinker:
     # ---- sampling ------------------------------------------------------------------------------------------
 
     def sample(self, messages: list[dict], n: int, seed: int, temperature: float | None = None) -> tuple[list[str], Compute]:
+        """n replies; with `run_tool` the engine runs their tool calls and each reply is what the assistant says
+        after its last tool output."""
         prompt = render_prompt(self.tok, messages)
         params = SamplingParams(max_new_tokens=self.max_new_tokens, seed=seed,
                                 temperature=self.temperature if temperature is None else temperature)
-        replies = self.engine.generate([prompt] * n, params, self.reply_stops)
+        if self.run_tool is None:
+            replies = self.engine.generate([prompt] * n, params, self.reply_stops)
+            texts = [self.tok.decode(r).strip() for r in replies]
+        else:
+            replies, _ = generate_with_tools(self.engine, self.tok, [prompt] * n, params, self.reply_stops, self.run_tool)
+            texts = [final_answer(self.tok, r).strip() for r in replies]
         generated = sum(map(len, replies))
-        return [self.tok.decode(r).strip() for r in replies], Compute(generated, len(prompt) + generated)
+        return texts, Compute(generated, len(prompt) + generated)
 
     # ---- verifiers -----------------------------------------------------------------------------------------
 
