@@ -53,7 +53,7 @@ def _pipeline(run: str, world_cfg: world.Config, vocab_size: int, model: GPTConf
                      optim=OptimConfig(muon_lr=0.002, embed_lr=0.01, head_lr=0.0005, scalar_lr=0.001)),
         eval=evaluate.Config(checkpoint=str(run_dir / "sft"), world=str(run_dir / "world")),
         chat=chat.Config(checkpoint=str(run_dir / "sft"), world=str(run_dir / "world"), recall=str(run_dir / "base")),
-        serve=serve.Config(checkpoint=str(run_dir / "sft"), world=str(run_dir / "world"),
+        serve=serve.Config(checkpoint=str(run_dir / "sft"), world=str(run_dir / "world"), recall=str(run_dir / "base"),
                            db=str(run_dir / "feedback.db")),
         feedback=feedback.Config(db=str(run_dir / "feedback.db"), out_dir=str(run_dir / "feedback")),
     )

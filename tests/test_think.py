@@ -256,3 +256,38 @@ def test_verify_says_dont_know_below_the_threshold_and_answers_greedily_above_it
     unnamed = [{"role": "user", "content": "What is 2 + 3?"}]
     thinker.thresholds[4] = 1.01
     assert thinker.answer(unnamed, "verify", 4).text == thinker.answer(unnamed, "greedy", 1).text
+
+
+# ---- reasoning_effort on the API ----------------------------------------------------------------------------------
+
+def test_the_api_thinks_at_the_effort_asked_and_reports_its_compute(tiny_run, tmp_path):
+    import httpx
+
+    from llmlab import world as world_lib
+    from llmlab.server.app import ServerConfig, create_app
+    from serving import LiveServer
+
+    cfg, _ = tiny_run
+    app = create_app(ServerConfig(checkpoint=cfg.sft.out_dir, world=cfg.world.out_dir, recall=cfg.pretrain.out_dir,
+                                  db=str(tmp_path / "f.db"), model_name="m"))
+    live = LiveServer(app)
+    url = live.url + "/v1/chat/completions"
+    person = world_lib.load(cfg.world.out_dir).people[0].name
+    try:
+        def ask(content, **extra):
+            body = {"model": "m", "messages": [{"role": "user", "content": content}], "max_tokens": 16, "seed": 3, **extra}
+            return httpx.post(url, json=body, timeout=120)
+
+        r = ask("Tell me a story.", reasoning_effort="low").json()
+        thought = r["reasoning"]
+        assert (thought["strategy"], thought["budget"]) == ("vote", 4) and len(thought["candidates"]) <= 4
+        assert r["choices"][0]["message"]["content"] == thought["candidates"][0]["text"]  # the most voted reply
+        assert r["usage"]["completion_tokens_details"]["reasoning_tokens"] == thought["generated_tokens"] > 0
+        r = ask(f"Where does {person} live?", reasoning_effort="high").json()
+        assert (r["reasoning"]["strategy"], r["reasoning"]["budget"]) == ("verify", 12)
+        streamed = ask("Tell me a story.", reasoning_effort="low", stream=True).text
+        assert json.dumps(thought["candidates"][0]["text"])[1:-1] in streamed and streamed.endswith("data: [DONE]\n\n")
+        assert ask("Hi", reasoning_effort="low", n=2).status_code == 422
+        assert ask("Hi", reasoning_effort="extreme").status_code == 422
+    finally:
+        live.stop()

@@ -58,6 +58,8 @@ def add_routes(app: FastAPI, service: Service) -> None:
         max_new = service.budget(body.budget(), len(prompt))
         service.check_room(body.n)
         params = sampling(body, max_new)
+        if body.reasoning_effort is not None:
+            return await _reasoned(service, body, messages, len(prompt), params[0].seed)
         gen = service.generate(CHAT, prompt, params, tools=True, min_new_tokens=body.min_tokens)
         texts = [ChoiceText(service.tokenizer, body.stops(), lstrip=True, stop_ids=frozenset(service.stop_ids))
                  for _ in range(body.n)]
@@ -177,6 +179,43 @@ def _chat_message(text: ChoiceText) -> dict:
     if text.tool_calls:
         message["executed_tool_calls"] = _executed(text.tool_calls)
     return message
+
+
+async def _reasoned(service: Service, body: schemas.ChatCompletionRequest, messages: list[dict], prompt_len: int,
+                    seed: int):
+    """A chat completion by `reasoning_effort` (llmlab.server.reasoning): thought out in the scheduler's thread,
+    the answer sent whole (one content chunk when streaming), the compute reported."""
+    if body.n != 1:
+        raise APIError(422, "reasoning_effort answers with one choice: n must be 1", param="n", code="invalid_value")
+    effort = body.reasoning_effort
+    a, strategy, budget = await asyncio.wrap_future(
+        service.scheduler.call(lambda model: service.reasoner.answer(model, messages, effort, seed)))
+    completion = len(service.tokenizer.encode(a.text))
+    usage = {"prompt_tokens": prompt_len, "completion_tokens": completion, "total_tokens": prompt_len + completion,
+             "completion_tokens_details": {"reasoning_tokens": a.compute.generated}}
+    reasoning = {"effort": effort, "strategy": strategy, "budget": budget, "generated_tokens": a.compute.generated,
+                 "processed_tokens": a.compute.processed, "flops": a.compute.flops(service.model.num_params(), 0),
+                 "candidates": [{"text": t, "score": score} for t, score in a.candidates[:8]]}
+    rid, created = f"chatcmpl-{secrets.token_hex(12)}", int(time.time())
+    head = {"id": rid, "created": created, "model": service.name}
+    if not body.stream:
+        return {**head, "object": "chat.completion", "usage": usage, "reasoning": reasoning,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": a.text}, "logprobs": None,
+                             "finish_reason": "stop"}]}
+
+    async def chunks() -> AsyncIterator[str]:
+        def chunk(delta: dict, finish: str | None = None, **extra) -> str:
+            return sse({**head, "object": "chat.completion.chunk", **extra,
+                        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]})
+
+        yield chunk({"role": "assistant", "content": ""}, reasoning=reasoning)
+        yield chunk({"content": a.text})
+        yield chunk({}, "stop")
+        if body.stream_options and body.stream_options.include_usage:
+            yield sse({**head, "object": "chat.completion.chunk", "choices": [], "usage": usage})
+        yield SSE_DONE
+
+    return StreamingResponse(chunks(), media_type="text/event-stream")
 
 
 def _usage(prompt_len: int, texts: list[ChoiceText]) -> dict:

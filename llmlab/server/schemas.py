@@ -170,6 +170,9 @@ class ChatCompletionRequest(OpenAIFields):
     """most tokens in the answer (default: the server's default_max_tokens; always cut to the context)"""
     max_completion_tokens: int | None = Field(None, ge=1)
     """OpenAI's newer name for max_tokens; wins when both are given"""
+    reasoning_effort: Literal["low", "medium", "high"] | None = None
+    """think before answering (llmlab.server.reasoning): low, medium, high = a budget of 4, 16, 64 samples (or
+    recall probes, at most 12, for a question about a person); n must be 1"""
 
     def budget(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens

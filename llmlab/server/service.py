@@ -18,6 +18,7 @@ from llmlab.scheduler import Scheduler
 from llmlab.server.generation import Generation
 from llmlab.server.http import APIError
 from llmlab.server.metrics import Metrics
+from llmlab.server.reasoning import Reasoner
 from llmlab.server.store import FeedbackStore
 from llmlab.tools import TOOL_NAMES, run_tool
 
@@ -42,6 +43,9 @@ class ServerConfig:
     """world directory for the search tool"""
     tools: bool = True
     """run the assistant's tool calls (calculator, python, search) in chat completions"""
+    recall: str = ""
+    """the model whose recall `reasoning_effort` probes before answering about a person (same tokenizer; the
+    assistant's pretrained base separates strangers best; "" = the served model)"""
     max_batch: int = 32
     """rows decoded together (concurrent requests beyond it wait)"""
     max_waiting: int = 256
@@ -92,6 +96,8 @@ class Service:
         self.name = cfg.model_name or "-".join(Path(cfg.checkpoint).resolve().parts[-2:])
         self.stop_ids = reply_stop_ids(self.tokenizer)  # chats and completions alike
         self.scheduler = Scheduler(self.model, self.tokenizer, max_batch=cfg.max_batch)
+        self.reasoner = Reasoner(self.tokenizer, cfg.world, cfg.recall, self.run_tool if cfg.tools else None,
+                                 max_new_tokens=cfg.default_max_tokens)
         self.store = FeedbackStore(cfg.db)
         self.metrics = Metrics(lambda: self.scheduler)
         self.created = int(time.time())
