@@ -222,11 +222,12 @@ def _recall_thinker(tiny_run):
 
 
 def test_recall_confidence_is_the_mean_of_its_probes_and_calibration_lets_through_the_known(tiny_run):
-    from llmlab.think.recall import PROBES, calibrate, recombined_names
+    from llmlab.think.recall import PROBES, calibrate
+    from llmlab.world.conversations import recombined_names
 
     _, recall, world = _recall_thinker(tiny_run)
     known = [p.name for p in world.people[:10]]
-    for name in known[:3] + recombined_names(world, 3, "t", set()):
+    for name in known[:3] + list(recombined_names(world, random.Random("t"), 60))[:3]:
         values = [p for p, _ in recall.probe(name)]
         assert len(values) == len(PROBES) and all(0 < p <= 1 for p in values)
         for k in (1, 4, len(PROBES)):
@@ -234,8 +235,9 @@ def test_recall_confidence_is_the_mean_of_its_probes_and_calibration_lets_throug
     for max_flagged in (0.0, 0.2):
         t = calibrate(recall, known, 6, max_flagged)
         assert sum(recall.confidence(n, 6)[0] < t for n in known) <= max_flagged * len(known)
-    strangers = recombined_names(world, 5, "t", set())
-    assert len(set(strangers)) == 5 and not set(strangers) & {p.name for p in world.people}
+    strangers = list(recombined_names(world, random.Random("t"), 60))
+    assert len(strangers) >= 5 and len(set(strangers)) == len(strangers)
+    assert not set(strangers) & ({p.name for p in world.people} | set(world.unknown_people))
 
 
 def test_verify_says_dont_know_below_the_threshold_and_answers_greedily_above_it(tiny_run):

@@ -16,11 +16,8 @@ from __future__ import annotations
 
 import threading
 
-from llmlab import checkpoint
-from llmlab import world as world_lib
 from llmlab.engine import Engine
 from llmlab.model import GPT
-from llmlab.think.recall import PROBES, Recall, name_in
 from llmlab.think.strategies import Answer, Thinker
 
 EFFORTS = {"low": 4, "medium": 16, "high": 64}
@@ -36,18 +33,9 @@ class Reasoner:
         self._lock = threading.Lock()
 
     def answer(self, model: GPT, messages: list[dict], effort: str, seed: int) -> tuple[Answer, str, int]:
-        """(the answer, the strategy, the budget) for `messages` at `effort`."""
+        """(the answer, the strategy, the budget) for `messages` at `effort` (Thinker.respond)."""
         with self._lock:
             if self._thinker is None:
                 self._thinker = Thinker(Engine(model), self.tok, temperature=1.0, max_new_tokens=self.max_new_tokens,
-                                        seed=seed, run_tool=self.run_tool)
-            thinker, budget = self._thinker, EFFORTS[effort]
-            if name_in(messages[-1]["content"]) is None:
-                return thinker.answer(messages, "vote", budget, seed=seed), "vote", budget
-            probes = min(budget, len(PROBES))
-            if probes not in thinker.thresholds:
-                world = world_lib.load(self.world)
-                recaller = checkpoint.load_model(self.recall) if self.recall else model
-                known = [p.name for p in world.group("train")[0::2] + world.group("heldout")[0::2]]
-                thinker.calibrate(Recall(recaller, self.tok, world), known, probes, max_flagged=0.02)
-            return thinker.answer(messages, "verify", probes), "verify", probes
+                                        seed=seed, run_tool=self.run_tool, world=self.world, recall=self.recall)
+            return self._thinker.respond(messages, EFFORTS[effort], seed)

@@ -20,9 +20,8 @@ from dataclasses import dataclass
 from llmlab import checkpoint
 from llmlab.chat import final_answer, render_prompt, reply_stop_ids
 from llmlab.engine import SEED_LIMIT, Engine, SamplingParams, ToolCalls
-from llmlab import world as world_lib
 from llmlab.errors import LLMLabError
-from llmlab.think.recall import PROBES, Recall, name_in
+from llmlab.think.recall import name_in
 from llmlab.think.strategies import MAX_BUDGET, Thinker
 from llmlab.tokenizer import SPECIAL_TOKENS
 from llmlab.tools import run_tool
@@ -99,27 +98,20 @@ class Session:
         if self._thinker is None:
             self._thinker = Thinker(self.engine, self.tok, temperature=max(self.sampling.temperature, 1.0),
                                     max_new_tokens=self.sampling.max_new_tokens, seed=self.sampling.seed,
-                                    run_tool=self.run_tool if self.cfg.tools else None)
+                                    run_tool=self.run_tool if self.cfg.tools else None, world=self.cfg.world,
+                                    recall=self.cfg.recall)
         return self._thinker
 
     def thought(self, messages: list[dict], text: str, out) -> str:
-        """The answer of /think: verify for a question naming a person, else a vote over self.think samples."""
-        thinker, name = self.thinker(), name_in(text)
-        if name is not None:
-            probes = min(self.think, len(PROBES))
-            if probes not in thinker.thresholds:
-                world = world_lib.load(self.cfg.world)
-                model = checkpoint.load_model(self.cfg.recall) if self.cfg.recall else self.engine.model
-                known = [p.name for p in world.group("train")[0::2] + world.group("heldout")[0::2]]
-                thinker.calibrate(Recall(model, self.tok, world), known, probes, max_flagged=0.02)
-            a = thinker.answer(messages, "verify", probes)
-            sure = a.candidates[0][1]
-            out.write(f"(recalled {name} with {probes} probes: confidence {sure:.2f}, threshold "
-                      f"{thinker.thresholds[probes]:.2f})\n")
+        """The answer of /think (Thinker.respond): verify for a question naming a person, else a vote."""
+        thinker = self.thinker()
+        a, strategy, budget = thinker.respond(messages, self.think, seed=(self.sampling.seed + self.turns) % SEED_LIMIT)
+        if strategy == "verify":
+            out.write(f"(recalled {name_in(text)} with {budget} probes: confidence {a.candidates[0][1]:.2f}, "
+                      f"threshold {thinker.thresholds[budget]:.2f})\n")
         else:
-            a = thinker.answer(messages, "vote", self.think, seed=(self.sampling.seed + self.turns) % SEED_LIMIT)
             top = a.candidates[0][1] if a.candidates else 0
-            out.write(f"({self.think} replies, {top:.0f} agree on this answer)\n")
+            out.write(f"({budget} replies, {top:.0f} agree on this answer)\n")
         if self.show_search:
             for candidate, score in a.candidates:
                 out.write(f"  [{score:.2f}] {candidate}\n")

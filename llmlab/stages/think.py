@@ -26,14 +26,13 @@ from pathlib import Path
 from tqdm import tqdm
 
 from llmlab import checkpoint
-from llmlab import world as world_lib
 from llmlab.alignment.rollouts import load_reward_model
 from llmlab.engine import Engine
 from llmlab.errors import LLMLabError
 from llmlab.tasks.assistant import read_rows, says_dont_know
 from llmlab.tasks.puzzles import PuzzleTask
 from llmlab.think import curves
-from llmlab.think.recall import PROBES, Recall, recombined_names
+from llmlab.think.recall import PROBES, calibration_names
 from llmlab.think.strategies import MAX_BUDGET, SEARCHES, STRATEGIES, Thinker, check_budget
 from llmlab.training import configure_torch
 from llmlab.world.puzzles import NO_SOLUTION
@@ -59,7 +58,7 @@ class Config:
     eval: bool = False
     """measure every strategy at every budget on the world's held-out puzzles"""
     world: str = "runs/cpu/world"
-    """the world whose puzzles --eval measures on"""
+    """the world whose puzzles --eval measures on, and whose people verify recalls"""
     per_group: int = 40
     """puzzles per level for --eval"""
     groups: str = "puzzles: easy,puzzles: medium,puzzles: hard"
@@ -126,27 +125,16 @@ def thinker_of(cfg: Config) -> Thinker:
     outcome = load_reward_model(cfg.outcome, tok, cfg.device) if cfg.outcome else None
     process = load_reward_model(cfg.process, tok, cfg.device) if cfg.process else None
     return Thinker(Engine(ckpt.model), tok, outcome=outcome, process=process, temperature=cfg.temperature,
-                   max_new_tokens=cfg.max_new_tokens, give_up=NO_SOLUTION, seed=cfg.seed)
-
-
-def _calibration_names(world) -> list[str]:
-    """Known people verify is calibrated on: every other training and held-out person; the others are left for
-    the evaluation."""
-    return [p.name for p in world.group("train")[0::2] + world.group("heldout")[0::2]]
-
-
-def _recall(cfg: Config, thinker: Thinker, world) -> Recall:
-    model = checkpoint.load_model(cfg.recall, cfg.device) if cfg.recall else thinker.engine.model
-    return Recall(model, thinker.tok, world)
+                   max_new_tokens=cfg.max_new_tokens, give_up=NO_SOLUTION, seed=cfg.seed, world=cfg.world,
+                   recall=cfg.recall)
 
 
 def measure_verify(cfg: Config, thinker: Thinker) -> dict:
     """Greedy vs verify at each probe budget: "I don't know" on the world's recombined-name questions, right
     answers about the held-out people verify was not calibrated on and about training people (seen phrasings)."""
-    world = world_lib.load(cfg.world)
-    recall = _recall(cfg, thinker, world)
-    calibration = _calibration_names(world)
-    evaluated = {p.name for p in world.group("train")[1::2] + world.group("heldout")[1::2]}
+    world = thinker.recaller().world
+    calibration = calibration_names(world)
+    evaluated = {p.name for p in world.people} - set(calibration)
     one_each: dict[tuple[str, str], dict] = {}  # one question per person: a rate over people, not over a few people's questions
     for r in read_rows(Path(cfg.world) / "eval" / "qa.jsonl"):
         if r["person"] in evaluated and r["phrasing"] == "seen":
@@ -166,7 +154,7 @@ def measure_verify(cfg: Config, thinker: Thinker) -> dict:
     out = {"greedy": {g: rate(g, t) for g, t in greedy.items()}, "n": {g: len(v) for g, v in items.items()},
            "calibrated_on": len(calibration), "budgets": {}}
     for probes in cfg.probe_list():
-        threshold = thinker.calibrate(recall, calibration, probes, cfg.max_flagged)
+        threshold = thinker.calibrated(probes, cfg.max_flagged)
         texts = {g: [thinker.answer(m, "verify", probes).text for m, _ in tqdm(rows, desc=f"verify, {probes} probes")]
                  for g, rows in items.items()}
         out["budgets"][probes] = {"threshold": threshold, **{g: rate(g, t) for g, t in texts.items()}}
@@ -203,9 +191,7 @@ def main(cfg: Config) -> dict:
         if not cfg.prompt:
             raise LLMLabError("give --prompt QUESTION to answer, or --eval true to measure the strategies")
         if cfg.strategy == "verify":
-            world = world_lib.load(cfg.world)
-            thinker.calibrate(_recall(cfg, thinker, world), _calibration_names(world),
-                              min(cfg.budget, len(PROBES)), cfg.max_flagged)
+            thinker.calibrated(min(cfg.budget, len(PROBES)), cfg.max_flagged)
         t0 = time.perf_counter()
         budget = min(cfg.budget, len(PROBES)) if cfg.strategy == "verify" else cfg.budget
         a = thinker.answer([{"role": "user", "content": cfg.prompt}], cfg.strategy, budget)

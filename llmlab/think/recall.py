@@ -13,7 +13,6 @@ apart from the evaluation: it lets through all but `max_flagged` of known people
 
 from __future__ import annotations
 
-import random
 import re
 
 import torch
@@ -31,6 +30,8 @@ PROBES: list[tuple[str, str]] = [
     ("university", "{name} graduated from the")]
 """(fact, opening) in the order a budget takes them: the six facts once, then a second opening of each"""
 DONT_KNOW = "I don't know who that is."
+MAX_FLAGGED = 0.02
+"""the share of the known people calibrated on that verify's threshold may leave below it"""
 _NAME = re.compile(r"\b([A-Z][a-z]+ [A-Z][a-z]+)\b")
 
 
@@ -45,8 +46,10 @@ class Recall:
     """The probes of a model's recall of people, with the world's values of each fact as the candidates."""
 
     def __init__(self, model: nn.Module, tok: Tokenizer, world):
-        self.model, self.tok = model, tok
+        self.model, self.tok, self.world = model, tok, world
         self.candidates = {fact: attribute_values(world, fact) for fact, _ in PROBES}
+        self._candidate_tokens = {fact: sum(len(tok.encode(" " + v)) for v in values)
+                                  for fact, values in self.candidates.items()}
         self._cache: dict[str, list[tuple[float, int]]] = {}
 
     @torch.no_grad()
@@ -58,7 +61,7 @@ class Recall:
                 prefix = [self.tok.bos_id] + self.tok.encode(opening.format(name=name))
                 values = self.candidates[fact]
                 logp = candidate_logprobs(self.model, self.tok, prefix, values)
-                read = len(prefix) * len(values) + sum(len(self.tok.encode(" " + v)) for v in values)
+                read = len(prefix) * len(values) + self._candidate_tokens[fact]
                 out.append((float(torch.softmax(logp, 0).max()), read))
             self._cache[name] = out
         return self._cache[name]
@@ -69,23 +72,13 @@ class Recall:
         return sum(p for p, _ in first) / len(first), sum(r for _, r in first)
 
 
-def calibrate(recall: Recall, known: list[str], probes: int, max_flagged: float = 0.05) -> float:
+def calibration_names(world) -> list[str]:
+    """The known people a threshold is calibrated on: every other training and held-out person (the others are
+    left for an evaluation)."""
+    return [p.name for p in world.group("train")[0::2] + world.group("heldout")[0::2]]
+
+
+def calibrate(recall: Recall, known: list[str], probes: int, max_flagged: float = MAX_FLAGGED) -> float:
     """The threshold below which at most `max_flagged` of the known names' confidences fall."""
     scores = sorted(recall.confidence(n, probes)[0] for n in known)
     return scores[int(max_flagged * len(scores))]
-
-
-def recombined_names(world, n: int, seed: str, avoid: set[str]) -> list[str]:
-    """`n` names made of one person's first name and another's surname, none a real person's or in `avoid`."""
-    rng = random.Random(seed)
-    taken = {p.name for p in world.people} | set(avoid)
-    out: list[str] = []
-    for _ in range(50 * n):
-        if len(out) == n:
-            break
-        a, b = rng.sample(world.people, 2)
-        name = f"{a.name.split()[0]} {b.name.split()[-1]}"
-        if name not in taken:
-            taken.add(name)
-            out.append(name)
-    return out

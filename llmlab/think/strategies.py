@@ -27,12 +27,14 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
 
+from llmlab import checkpoint
+from llmlab import world as world_lib
 from llmlab.alignment.rollouts import ModelReward
 from llmlab.chat import final_answer, render_conversation, render_prompt, reply_stop_ids
 from llmlab.engine import Engine, SamplingParams, generate_with_tools, newline_ids
 from llmlab.errors import LLMLabError
 from llmlab.model import GPT
-from llmlab.think.recall import DONT_KNOW, Recall, calibrate, name_in
+from llmlab.think.recall import DONT_KNOW, MAX_FLAGGED, PROBES, Recall, calibrate, calibration_names, name_in
 from llmlab.tokenizer import Tokenizer
 
 STRATEGIES = ("greedy", "vote", "orm", "prm", "beam", "verify")
@@ -78,7 +80,7 @@ class Thinker:
     def __init__(self, engine: Engine, tok: Tokenizer, *, outcome: GPT | None = None, process: GPT | None = None,
                  temperature: float = 1.0, max_new_tokens: int = 64, step_tokens: int = 24, max_steps: int = 6,
                  give_up: str = "", conclude: Callable[[str], str | None] | None = None, seed: int = 0,
-                 run_tool: Callable[[str], str] | None = None):
+                 run_tool: Callable[[str], str] | None = None, world: str = "", recall: str = ""):
         if temperature <= 0:
             raise LLMLabError("the sampling temperature of a search must be above 0 (greedy is its own strategy)")
         self.engine, self.tok = engine, tok
@@ -90,6 +92,7 @@ class Thinker:
         self.reply_stops = reply_stop_ids(tok)
         self.line_stops = newline_ids(tok)
         self.run_tool = run_tool
+        self.world, self.recall_path = world, recall
         self.recall: Recall | None = None
         self.thresholds: dict[int, float] = {}
         self.generator_params = engine.model.num_params()
@@ -130,23 +133,52 @@ class Thinker:
 
     # ---- verify-then-answer ------------------------------------------------------------------------------
 
+    def respond(self, messages: list[dict], budget: int, seed: int | None = None) -> tuple[Answer, str, int]:
+        """System 2 for any conversation, as chat's /think and the API's reasoning_effort use it: (the answer, the
+        strategy, its budget). A last message naming a person gets verify with min(budget, 12) probes, any other
+        a vote over `budget` replies."""
+        if name_in(messages[-1]["content"]) is None:
+            return self.answer(messages, "vote", budget, seed), "vote", budget
+        probes = min(budget, len(PROBES))
+        return self.answer(messages, "verify", probes), "verify", probes
+
     def verified(self, messages: list[dict], probes: int) -> Answer:
         """Greedy, unless the question names a person whose recall over `probes` probes is less sure than the
-        calibrated threshold: then "I don't know who that is." (llmlab.think.recall)."""
-        if self.recall is None or probes not in self.thresholds:
-            raise LLMLabError("verify needs a recall of the world's people and a threshold calibrated for "
-                              f"{probes} probes (Thinker.calibrate; `llmlab think` does it from --world)")
+        calibrated threshold (calibrated here on first use, from `world`): then "I don't know who that is."
+        (llmlab.think.recall)."""
+        threshold = self.calibrated(probes)
         name = name_in(messages[-1]["content"])
         if name is None:  # (no person named: nothing to verify)
             texts, compute = self.sample(messages, 1, self.seed, temperature=0.0)
             return Answer(texts[0], compute, [(texts[0], 0.0)])
         confidence, read = self.recall.confidence(name, probes)
-        if confidence < self.thresholds[probes]:
+        if confidence < threshold:
             return Answer(DONT_KNOW, Compute(processed=read), [(DONT_KNOW, confidence)])
         texts, compute = self.sample(messages, 1, self.seed, temperature=0.0)
         return Answer(texts[0], compute.add(Compute(processed=read)), [(texts[0], confidence)])
 
-    def calibrate(self, recall: Recall, known: list[str], probes: int, max_flagged: float = 0.05) -> float:
+    def recaller(self) -> Recall:
+        """The recall verify probes, made on first use from `world` and the model at `recall` ("" = the
+        generator's)."""
+        if self.recall is None:
+            if not self.world:
+                raise LLMLabError("verify needs a threshold calibrated on the people of a world: give the Thinker "
+                                  "world= (`llmlab think` and `llmlab chat` take --world), or calibrate it")
+            model = self.engine.model
+            if self.recall_path:
+                model = checkpoint.load_model(self.recall_path, next(model.parameters()).device)
+            self.recall = Recall(model, self.tok, world_lib.load(self.world))
+        return self.recall
+
+    def calibrated(self, probes: int, max_flagged: float = MAX_FLAGGED) -> float:
+        """The threshold of verify at `probes` probes, calibrated on first use on the world's people
+        (`calibration_names`)."""
+        if probes not in self.thresholds:
+            recall = self.recaller()
+            self.calibrate(recall, calibration_names(recall.world), probes, max_flagged)
+        return self.thresholds[probes]
+
+    def calibrate(self, recall: Recall, known: list[str], probes: int, max_flagged: float = MAX_FLAGGED) -> float:
         """Set (and return) the threshold of verify at `probes` probes from names of known people."""
         self.recall = recall
         self.thresholds[probes] = calibrate(recall, known, probes, max_flagged)

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from typing import Iterator
 
 from llmlab.world import puzzles
 from llmlab.world.core import World
@@ -403,20 +404,27 @@ def skill_eval_rows(world: World, seed: int, per_group: int = 100) -> dict[str, 
     return {"places": places, "python": python, "puzzles": rows}
 
 
-def _recombined_rows(world: World, rng: random.Random, n: int) -> list[dict]:
-    """Questions about people who do not exist but whose names are made of real ones: one person's first name
-    and another's surname. Harder than the unknown names, whose parts the model never read."""
+def recombined_names(world: World, rng: random.Random, attempts: int) -> Iterator[str]:
+    """Names of people who do not exist but are made of real ones, one person's first name and another's
+    surname, none a real person's or an unknown name, none twice; drawn from `attempts` random pairs (not the
+    whole product: a large world has millions of them). Lazy, so a caller may draw from `rng` between names."""
     taken = {p.name for p in world.people} | set(world.unknown_people)
-    rows = []
-    for _ in range(20 * n):  # (drawn pairs, not the whole product: a large world has millions of them)
-        if len(rows) == n or len(world.people) < 2:
-            break
+    for _ in range(attempts if len(world.people) >= 2 else 0):
         a, b = rng.sample(world.people, 2)
         name = f"{a.name.split()[0]} {b.name.split()[-1]}"
-        if name in taken:
-            continue
-        taken.add(name)
+        if name not in taken:
+            taken.add(name)
+            yield name
+
+
+def _recombined_rows(world: World, rng: random.Random, n: int) -> list[dict]:
+    """Questions about people whose names recombine real ones (`recombined_names`). Harder than the unknown
+    names, whose parts the model never read."""
+    rows: list[dict] = []
+    for name in recombined_names(world, rng, 20 * n if n > 0 else 0):
         attribute = rng.choice(list(QUESTIONS))
         q = rng.choice(QUESTIONS[attribute]["seen"] + QUESTIONS[attribute]["heldout"]).format(name=name)
         rows.append({"kind": "recombined", "messages": [{"role": "user", "content": q}], "expect": name})
+        if len(rows) == n:
+            break
     return rows
