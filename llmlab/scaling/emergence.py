@@ -80,16 +80,17 @@ def measure(model: nn.Module, tok: Tokenizer, items: dict[str, list[Item]], batc
     context = model.config.context_len
     for name, rows in items.items():
         # (a small model's context may be too short for a question and its answer: those are left out, and n says so)
-        kept = [(r, p) for r in rows if len(p := [tok.bos_id] + tok.encode(r.prompt)) + len(tok.encode(" " + r.answer)) <= context]
+        kept = [(r, p, a) for r in rows
+                if len(p := [tok.bos_id] + tok.encode(r.prompt)) + len(a := tok.encode(" " + r.answer)) <= context]
         if not kept:
             continue
-        rows, prompts = [r for r, _ in kept], [p for _, p in kept]
+        rows, prompts, answers = [r for r, _, _ in kept], [p for _, p, _ in kept], [a for _, _, a in kept]
         right, logps = 0, []
         for start in range(0, len(rows), batch_size):
             chunk, ids = rows[start:start + batch_size], prompts[start:start + batch_size]
             replies = engine.generate(ids, params, stops)
             right += sum(normalize(tok.decode(r)) == normalize(item.answer) for r, item in zip(replies, chunk))
-            logps += continuation_logprobs(model, tok, [(p, tok.encode(" " + item.answer)) for p, item in zip(ids, chunk)]).tolist()
+            logps += continuation_logprobs(model, tok, list(zip(ids, answers[start:start + batch_size]))).tolist()
         out[name] = {"exact": right / len(rows), "logprob": sum(logps) / len(logps), "n": len(rows)}
     return out
 

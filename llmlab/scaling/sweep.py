@@ -33,13 +33,15 @@ from llmlab.model import GPT, GPTConfig
 from llmlab.stages import pretrain
 
 
-def shape(base: GPTConfig, depth: int, aspect: int, head_dim: int) -> GPTConfig:
-    """The model of one size: `depth` blocks of width aspect x depth, full (not grouped) heads of head_dim."""
+def shape(base: GPTConfig, depth: int, aspect: int, head_dim: int, vocab_size: int) -> GPTConfig:
+    """The model of one size: `depth` blocks of width aspect x depth, full (not grouped) heads of head_dim, the
+    sweep's vocabulary."""
     width = aspect * depth
     if width % head_dim:
         raise LLMLabError(f"scale: width {width} (aspect {aspect} x depth {depth}) is not a multiple of --head_dim {head_dim}")
     heads = width // head_dim
-    return dataclasses.replace(base, n_layer=depth, d_model=width, n_head=heads, n_kv_head=heads, head_dim=0, ffn_hidden=0)
+    return dataclasses.replace(base, n_layer=depth, d_model=width, n_head=heads, n_kv_head=heads, head_dim=0, ffn_hidden=0,
+                               vocab_size=vocab_size)
 
 
 def compute_params(model: GPTConfig) -> int:
@@ -84,8 +86,8 @@ def plan(base: pretrain.Config, budgets: list[float], depths: list[int], *, aspe
     that the sizes move up with the budget as the optimum does; cells of fewer than min_steps steps are left
     out. A budget that no size can train for min_steps steps is an error naming the budget that would do."""
     tokens_per_step = base.batch_size * base.grad_accum * base.model.context_len
-    sizes = {d: compute_params(dataclasses.replace(shape(base.model, d, aspect, head_dim), vocab_size=vocab_size))
-             for d in depths}
+    models = {d: shape(base.model, d, aspect, head_dim, vocab_size) for d in depths}
+    sizes = {d: compute_params(m) for d, m in models.items()}
     cells, skipped = [], []
     for budget in budgets:
         kept = 0
@@ -94,8 +96,7 @@ def plan(base: pretrain.Config, budgets: list[float], depths: list[int], *, aspe
             guess = math.sqrt(budget / (6 * tokens_per_param))
             chosen = sorted(sorted(depths, key=lambda d: abs(math.log(sizes[d] / guess)))[:per_budget])
         for depth in chosen:
-            model = dataclasses.replace(shape(base.model, depth, aspect, head_dim), vocab_size=vocab_size)
-            n = sizes[depth]
+            model, n = models[depth], sizes[depth]
             steps = round(budget / (6 * n * tokens_per_step))
             name = cell_name(budget, depth)
             if steps < min_steps:

@@ -294,21 +294,25 @@ def do_predict(cfg: Config) -> dict:
     prediction down, then train that run and compare."""
     p = _paths(cfg)
     rows = _read_sweep(cfg)
-    path = p["prediction"]
+    path, vocab = p["prediction"], _vocab(cfg)
+
+    def cell_of(budget: float, depth: int) -> sweep.Cell:
+        return sweep.plan(_base(cfg), [budget], [depth], aspect=cfg.aspect, head_dim=cfg.head_dim, vocab_size=vocab,
+                          runs_dir=p["predict"], min_steps=1)[0][0]
+
     if path.is_file():
         prediction = json.loads(path.read_text())
+        cell = cell_of(prediction["budget"], prediction["depth"])
     else:
         points = _points(rows, str(p["sweep"]))
         para = fit.fit_parametric(points)
         budget = cfg.predict_factor * max(r["budget"] for r in rows)
         n_opt, source = _optimum(points, para, budget, rows)
-        vocab = _vocab(cfg)
         # the depth whose N is nearest the optimum (in log N): any depth, not only the sweep's
         depth = min(range(1, 4 * max(cfg.depth_list()) + 1),
-                    key=lambda d: abs(math.log(sweep.compute_params(_shape(cfg, d, vocab)) / n_opt)))
-        cells, _ = sweep.plan(_base(cfg), [budget], [depth], aspect=cfg.aspect, head_dim=cfg.head_dim, vocab_size=vocab,
-                              runs_dir=p["predict"], min_steps=1)
-        cell = cells[0]
+                    key=lambda d: abs(math.log(sweep.compute_params(
+                        sweep.shape(cfg.pretrain.model, d, cfg.aspect, cfg.head_dim, vocab)) / n_opt)))
+        cell = cell_of(budget, depth)
         predicted = float(para.predict(cell.params, cell.tokens))
         prediction = {"budget": budget, "depth": depth, "params": cell.params, "tokens": cell.tokens, "n_opt": n_opt,
                       "n_opt_from": source,
@@ -318,12 +322,10 @@ def do_predict(cfg: Config) -> dict:
         print(f"scale predict: at C = {budget:.3g} {source} puts the optimum at N = {n_opt:,.0f}; the nearest size, depth "
               f"{depth} (N = {cell.params:,}) on D = {cell.tokens:,} tokens, should reach a loss of {predicted:.4f} "
               f"(written to {path} before training)")
-    cells, _ = sweep.plan(_base(cfg), [prediction["budget"]], [prediction["depth"]], aspect=cfg.aspect,
-                          head_dim=cfg.head_dim, vocab_size=_vocab(cfg), runs_dir=p["predict"], min_steps=1)
-    sweep.run(cells, jobs=1)
-    row = sweep.results(cells)[0]
+    sweep.run([cell], jobs=1)
+    row = sweep.results([cell])[0]
     if row["tokenizer"] != rows[0]["tokenizer"]:
-        raise LLMLabError(f"scale predict: {cells[0].out_dir} was trained with another tokenizer than the sweep")
+        raise LLMLabError(f"scale predict: {cell.out_dir} was trained with another tokenizer than the sweep")
     prediction["measured_loss"] = row["loss"]
     prediction["row"] = row
     prediction["error"] = row["loss"] / prediction["predicted_loss"] - 1
@@ -347,16 +349,13 @@ def _optimum(points: fit.Points, para: fit.ParametricFit, budget: float, rows: l
         return float(best["params"]), "the largest budget's best size (neither fit has an optimum)"
 
 
-def _shape(cfg: Config, depth: int, vocab: int):
-    return dataclasses.replace(sweep.shape(cfg.pretrain.model, depth, cfg.aspect, cfg.head_dim), vocab_size=vocab)
-
-
 def do_ledger(cfg: Config) -> dict:
     """Every model of the sweep (and the predicted run) on the abilities; cached per run in ledger.json."""
     p = _paths(cfg)
     rows = _read_sweep(cfg)
-    if p["prediction"].is_file() and "row" in json.loads(p["prediction"].read_text()):
-        rows = rows + [{**json.loads(p["prediction"].read_text())["row"], "predicted_run": True}]
+    prediction = json.loads(p["prediction"].read_text()) if p["prediction"].is_file() else {}
+    if "row" in prediction:
+        rows = rows + [{**prediction["row"], "predicted_run": True}]
     items = emergence.abilities(str(p["world"]), cfg.ledger_items)
     ledger = json.loads(p["ledger"].read_text()) if p["ledger"].is_file() else {"runs": {}}
     if ledger.get("items") != cfg.ledger_items:
