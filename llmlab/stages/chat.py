@@ -100,6 +100,7 @@ class Session:
                                     max_new_tokens=self.sampling.max_new_tokens, seed=self.sampling.seed,
                                     run_tool=self.run_tool if self.cfg.tools else None, world=self.cfg.world,
                                     recall=self.cfg.recall)
+        self._thinker.temperature = max(self.sampling.temperature, 1.0)  # (/temperature may have changed since)
         return self._thinker
 
     def thought(self, messages: list[dict], text: str, out) -> str:
