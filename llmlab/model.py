@@ -312,19 +312,23 @@ class GPT(nn.Module):
             if isinstance(module, RMSNorm):
                 module.weight.fill_(1.0)
 
-    def forward(self, ids: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor | None, kv_cache: KVCache | None = None, *,
+                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """ids (B, T) -> logits (B, T, V) in fp32 (a scorer: scores (B, T, num_labels)). With a cache, ids
-        continue the cached sequences."""
-        B, T = ids.shape
+        continue the cached sequences. `inputs_embeds` (B, T, d_model) replaces the embedding of ids (ids None):
+        a gradient with respect to a one-hot choice of tokens flows through it (llmlab.redteam.gcg)."""
+        if (ids is None) == (inputs_embeds is None):
+            raise ValueError("give exactly one of ids and inputs_embeds")
+        x = self.embed_tokens(ids) if ids is not None else inputs_embeds  # (B, T, d)
+        T = x.shape[1]
         start = kv_cache.length if kv_cache is not None else 0
         if start + T > self.config.context_len:
             raise LLMLabError(f"sequence of {start + T} tokens exceeds the model's context of {self.config.context_len}")
         if kv_cache is not None:
             positions, mask = kv_cache.positions(T), kv_cache.attn_mask(T)
         else:
-            positions, mask = torch.arange(T, device=ids.device), None
+            positions, mask = torch.arange(T, device=x.device), None
         cos, sin = self.rotary(positions)
-        x = self.embed_tokens(ids)  # (B, T, d)
         for block in self.layers:
             x = block(x, cos, sin, kv_cache, mask)
         logits = (self.score if self.config.num_labels else self.lm_head)(self.norm(x))  # (B, T, V or num_labels)
