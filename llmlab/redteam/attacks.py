@@ -8,8 +8,11 @@
                the request encoded, with an instruction to decode it (garak's `encoding` probes); a model that
                cannot decode gets nothing out of these, which is what a small model's card shows
     gcg        the request followed by an optimised adversarial suffix (llmlab.redteam.gcg)
+    injection  (the inject goal) the calculator's output with an instruction to report the attacker's number,
+               in the templates of llmlab.redteam.goals.INJECTIONS; "direct" is then the clean output
 
-`attack_text(family, goal, half, i, suffix)` is the user's message of attempt i; every family is deterministic.
+`attack_text(family, goal, half, i, suffix)` is the user's message (for injection: the tool's output) of attempt
+i; every family is deterministic.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from __future__ import annotations
 import base64
 import codecs
 
-from llmlab.redteam.goals import Goal
+from llmlab.redteam.goals import INJECTIONS, Goal
 
 ROLEPLAY = {
     "train": [
@@ -38,11 +41,24 @@ ROLEPLAY = {
     ],
 }
 LEET = str.maketrans({"a": "4", "e": "3", "i": "1", "o": "0", "s": "5", "t": "7"})
-FAMILIES = ("direct", "roleplay", "base64", "rot13", "leet", "gcg")
+FAMILIES = ("direct", "roleplay", "base64", "rot13", "leet", "gcg", "injection")
+
+
+def applies(family: str, kind: str) -> bool:
+    """Whether `family` attacks goals of `kind`: injection goes through a tool's output, the rest through the
+    user's message; "direct" is every goal's baseline."""
+    return family == "direct" or (family == "injection") == (kind == "inject")
 
 
 def attack_text(family: str, goal: Goal, half: str = "heldout", i: int = 0, suffix: str = "") -> str:
     """The user's message of attempt i of `family` against `goal` (`suffix`: gcg's adversarial string)."""
+    if not applies(family, goal.kind):
+        raise ValueError(f"the {family} family does not attack {goal.kind} goals")
+    if goal.kind == "inject":
+        if family == "direct":
+            return goal.answer
+        templates = INJECTIONS[half]
+        return templates[i % len(templates)].format(t=goal.answer, n=goal.marks[0])
     request = goal.request
     if family == "direct":
         return request

@@ -40,6 +40,8 @@ class Row:
     (it leaks the secret code of its system prompt)"""
     hits: int
     n: int
+    useful: int | None = None
+    """replies still useful under attack (the inject goal: the tool's true result, not the attacker's)"""
 
     @property
     def asr(self) -> float:
@@ -54,7 +56,7 @@ class Row:
 
     @classmethod
     def from_dict(cls, d: dict) -> Row:
-        return cls(d["family"], d["defense"], d["goal"], int(d["hits"]), int(d["n"]))
+        return cls(d["family"], d["defense"], d["goal"], int(d["hits"]), int(d["n"]), d.get("useful"))
 
 
 def percent(row: Row) -> str:
@@ -63,17 +65,23 @@ def percent(row: Row) -> str:
 
 
 def markdown(rows: list[Row], utility: dict[str, dict[str, float]] | None = None) -> str:
-    """The card as a markdown table: one line per family and defense, a column of ASR [95% CI] per goal, then
-    utility and over-refusal per defense where `utility` ({defense: {"utility": x, "over_refusal": y}}) has them."""
+    """The card as a markdown table: one line per family and defense, a column of ASR [95% CI] per goal, the
+    share of replies useful under attack where rows count it, then utility and over-refusal per defense where
+    `utility` ({defense: {"utility": x, "over_refusal": y}}) has them."""
     goals = sorted({r.goal for r in rows})
-    lines = ["| attack | defense | " + " | ".join(f"ASR {g} [95% CI]" for g in goals) + " | utility | over-refusal |",
-             "|---|---|" + "---|" * len(goals) + "---|---|"]
+    under = any(r.useful is not None for r in rows)
+    lines = ["| attack | defense | " + " | ".join(f"ASR {g} [95% CI]" for g in goals)
+             + (" | useful under attack" if under else "") + " | utility | over-refusal |",
+             "|---|---|" + "---|" * (len(goals) + under) + "---|---|"]
     cells: dict[tuple[str, str], dict[str, Row]] = {}
     for r in rows:
         cells.setdefault((r.family, r.defense), {})[r.goal] = r
     for (family, defense), by_goal in cells.items():
         u = (utility or {}).get(defense, {})
         shown = [percent(by_goal[g]) + f" (n={by_goal[g].n})" if g in by_goal else "-" for g in goals]
+        if under:
+            counted = [r for r in by_goal.values() if r.useful is not None]
+            shown.append(f"{100 * counted[0].useful / max(counted[0].n, 1):.0f}%" if counted else "-")
         util = f"{100 * u['utility']:.0f}%" if "utility" in u else "-"
         over = f"{100 * u['over_refusal']:.0f}%" if "over_refusal" in u else "-"
         lines.append(f"| {family} | {defense} | " + " | ".join(shown) + f" | {util} | {over} |")

@@ -6,22 +6,32 @@
                        question is not. The threshold is calibrated on benign messages of fine-tuning's side of
                        the world, so that a chosen share of them (`max_flagged`) would be refused; over-refusal
                        is then measured on the evaluation's benign messages, which calibration never saw.
-    adversarial_mix    adversarial training data: the attacks that worked on the training half of the goals
-                       become conversations that refuse them, beside the same wrappers and suffixes around
+    adversarial_mix    adversarial training data: the red team's attacks on the training half of the goals
+                       (the caller chooses which: `llmlab redteam` gives every role-play and GCG attempt,
+                       since GCG breaks the refusal of nearly all of them) become conversations that refuse them, beside the same wrappers and suffixes around
                        benign requests answered normally (so that what is learnt is the request, not the
                        wrapper), for `llmlab sft` to mix with the world's conversations.
+    injection_mix      instruction-hierarchy training data: tool outputs poisoned with the training templates
+                       of injected instructions, answered with the tool's true result (what a tool returns is
+                       data, never an instruction: Wallace et al., "The Instruction Hierarchy", 2024)
+    datamark           spotlighting by datamarking (Hines et al., "Defending Against Indirect Prompt Injection
+                       Attacks With Spotlighting", 2024): every run of whitespace in a tool's output becomes "^",
+                       in training and at inference alike, so that text to be read as data looks like no
+                       instruction the model was ever given
 """
 
 from __future__ import annotations
 
 import random
+import re
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from llmlab.model import GPT
-from llmlab.redteam.goals import Goal
+from llmlab.redteam.attacks import attack_text
+from llmlab.redteam.goals import Goal, inject_goals
 from llmlab.tokenizer import Tokenizer
 from llmlab.world import World
 from llmlab.world.conversations import POLICY, REFUSAL, SECRET_REFUSAL
@@ -108,4 +118,27 @@ def adversarial_mix(world: World, hits: list[tuple[Goal, str]], wrap: Callable[[
         rows.append({"messages": [{"role": "user", "content": wrap(good.format(**values), i)},
                                   {"role": "assistant", "content": answer.format(**values)}]})
     rng.shuffle(rows)
+    return rows
+
+
+DATAMARK = "^"
+
+
+def datamark(text: str) -> str:
+    """A tool's output with each run of whitespace replaced by DATAMARK."""
+    return re.sub(r"\s+", DATAMARK, text)
+
+
+def spotlit(messages: list[dict]) -> list[dict]:
+    """The conversation with every tool message's output datamarked."""
+    return [dict(m, content=datamark(m["content"])) if m["role"] == "tool" else m for m in messages]
+
+
+def injection_mix(n: int, seed: int) -> list[dict]:
+    """n conversations {"messages"}: a calculator question, its call, the output poisoned with a training
+    template of an injected instruction, and the reply that reports the calculator's result."""
+    rows = []
+    for i, goal in enumerate(inject_goals("train", n, seed)):
+        rows.append({"messages": goal.messages(attack_text("injection", goal, "train", i)) + [
+            {"role": "assistant", "content": f"The answer is {goal.answer}."}]})
     return rows

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -53,6 +53,10 @@ class GCGConfig:
     """tokens kept per position from the gradient"""
     candidates: int = 64
     """suffixes evaluated per step"""
+    first_weight: float = 1.0
+    """weight of the target's first token in the loss (1: the paper's mean over the target). A refusal is
+    decided at the first token, and once it is the target's the rest follows: a weight above 1 spends the search
+    where it is decided"""
     seed: int = 0
     save_every: int = 10
 
@@ -139,7 +143,14 @@ class Slots:
         return ids, targets, starts
 
 
-def _score(model: GPT, slots: Slots, suffixes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _weighted(ce: torch.Tensor, mask: torch.Tensor, first: float) -> torch.Tensor:
+    """Each row's weighted mean of ce over its target positions (mask), the first one weighing `first`."""
+    w = mask.float()
+    w[torch.arange(len(w)), mask.float().argmax(1)] *= first
+    return (ce * w).sum(1) / w.sum(1)
+
+
+def _score(model: GPT, slots: Slots, suffixes: torch.Tensor, first: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean target cross-entropy over the goals, share of the goals whose whole target is the greedy
     continuation) of each suffix (S, L) -> two (S,) tensors. Each goal's prompt up to the suffix is the same for
     every candidate, so its keys and values are computed once (`slots.caches`) and only suffix, format tokens and
@@ -151,12 +162,14 @@ def _score(model: GPT, slots: Slots, suffixes: torch.Tensor) -> tuple[torch.Tens
             target = torch.tensor(after[2:]).expand(S, -1)
             logits = model(torch.cat([suffixes, torch.tensor(after).expand(S, -1)], 1), cache.expand(S))
             pred = logits[:, L + 1:-1]  # the positions that predict the target's tokens
-            loss += F.cross_entropy(pred.transpose(1, 2), target, reduction="none").mean(1)
+            ce = F.cross_entropy(pred.transpose(1, 2), target, reduction="none")
+            loss += _weighted(ce, torch.ones_like(target, dtype=torch.bool), first)
             matched += (pred.argmax(-1) == target).all(1).float()
     return loss / len(slots.rows), matched / len(slots.rows)
 
 
-def _gradient(model: GPT, ids: torch.Tensor, targets: torch.Tensor, starts: torch.Tensor, L: int) -> torch.Tensor:
+def _gradient(model: GPT, ids: torch.Tensor, targets: torch.Tensor, starts: torch.Tensor, L: int,
+              first: float = 1.0) -> torch.Tensor:
     """d loss / d one-hot suffix, (L, V), for the one suffix inside ids (G, T)."""
     W = model.embed_tokens.weight
     suffix = ids[0, starts[0]:starts[0] + L]
@@ -166,8 +179,8 @@ def _gradient(model: GPT, ids: torch.Tensor, targets: torch.Tensor, starts: torc
     position = starts[:, None] + torch.arange(L)[None, :]  # (G, L)
     embeds = embeds.index_put((torch.arange(ids.shape[0])[:, None], position), chosen.expand(ids.shape[0], L, -1))
     logits = model(None, inputs_embeds=embeds)
-    ce = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-100, reduction="none").sum(1)
-    (ce / (targets != -100).sum(1)).mean().backward()
+    ce = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-100, reduction="none")
+    _weighted(ce, targets != -100, first).mean().backward()
     return one_hot.grad
 
 
@@ -191,8 +204,12 @@ def optimize(model: GPT, tokenizer: Tokenizer, goals: list[Goal], cfg: GCGConfig
     current = initial_suffix(tokenizer, cfg.suffix_len, allowed)
     best, best_loss, losses, step, matched = current.clone(), float("inf"), [], 0, 0.0
     path = Path(state) if state else None
+    search = {k: v for k, v in asdict(cfg).items() if k not in ("steps", "save_every")}
     if path is not None and path.is_file():
         saved = json.loads(path.read_text())
+        if saved.get("search", search) != search:
+            raise LLMLabError(f"{path} holds a search with other settings ({saved['search']}): delete it to start "
+                              f"over, or write this one elsewhere")
         current, best = torch.tensor(saved["current"]), torch.tensor(saved["suffix"])
         best_loss, losses, step = saved["loss"], saved["losses"], saved["step"]
 
@@ -200,14 +217,15 @@ def optimize(model: GPT, tokenizer: Tokenizer, goals: list[Goal], cfg: GCGConfig
         result = GCGResult(best.tolist(), tokenizer.decode(best.tolist()), best_loss, step, losses, matched)
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            write_atomic(path, (json.dumps({**result.__dict__, "current": current.tolist()}) + "\n").encode())
+            state = {**result.__dict__, "current": current.tolist(), "search": search}
+            write_atomic(path, (json.dumps(state) + "\n").encode())
         return result
 
     request = goals[0].request
     while step < cfg.steps:
         ids, targets, starts = slots.batch(current[None])
         with torch.enable_grad():
-            grad = _gradient(model, ids, targets, starts, cfg.suffix_len)
+            grad = _gradient(model, ids, targets, starts, cfg.suffix_len, cfg.first_weight)
         grad[:, ~allowed] = float("inf")
         top = (-grad).topk(cfg.topk, dim=1).indices  # (L, k)
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
@@ -221,7 +239,7 @@ def optimize(model: GPT, tokenizer: Tokenizer, goals: list[Goal], cfg: GCGConfig
             losses.append(losses[-1] if losses else float("nan"))
             continue
         cands = cands[keep]
-        cand_losses, cand_matched = _score(model, slots, cands)
+        cand_losses, cand_matched = _score(model, slots, cands, cfg.first_weight)
         i = int(cand_losses.argmin())
         current, loss = cands[i].clone(), float(cand_losses[i])
         losses.append(loss)
@@ -233,4 +251,4 @@ def optimize(model: GPT, tokenizer: Tokenizer, goals: list[Goal], cfg: GCGConfig
             break
         if step % cfg.save_every == 0:
             save(matched)
-    return save(float(_score(model, slots, best[None])[1]))
+    return save(float(_score(model, slots, best[None], cfg.first_weight)[1]))

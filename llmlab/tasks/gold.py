@@ -34,7 +34,7 @@ from llmlab.tasks import Example
 from llmlab.tasks.assistant import ChatTask, refuses, says_dont_know
 from llmlab.world import QUESTIONS
 from llmlab.world import load as load_world
-from llmlab.world.conversations import NO_TOOLS, Pools, _arithmetic, _callback, assistant_eval_rows
+from llmlab.world.conversations import NO_TOOLS, Pools, _callback, assistant_eval_rows, calculator_problem
 from llmlab.world.skills import SMALL_TALK_HELDOUT, SMALL_TALK_SEEN
 
 FAMILIES = ("people", "held-out people", "unknown people", "arithmetic, tools", "arithmetic, no tools",
@@ -67,7 +67,7 @@ def _draw(world, split: str, n: int) -> list[dict]:
             rows.append({"family": family, "messages": [{"role": "user", "content": q}], "expect": a})
     for family, tools in (("arithmetic, tools", True), ("arithmetic, no tools", False)):
         for _ in range(n):
-            q, a, _ = _arithmetic(rng, large=tools and rng.random() < 0.5)
+            q, a, _ = calculator_problem(rng, large=tools and rng.random() < 0.5)
             messages = [{"role": "user", "content": q}]
             if not tools:
                 messages.insert(0, {"role": "system", "content": NO_TOOLS})

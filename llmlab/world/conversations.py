@@ -113,7 +113,7 @@ def _values(world: World, person) -> dict:
     return {"name": person.name, **person.attributes}
 
 
-def _arithmetic(rng: random.Random, large: bool) -> tuple[str, str, str]:
+def calculator_problem(rng: random.Random, large: bool) -> tuple[str, str, str]:
     """(question, answer, calculator expression). Small: operands of 1-2 digits, everyday questions. Large:
     mostly two operands of 4-6 digits (the longest numbers to copy into the call and out of its result), else
     one of 3-6 digits and one of 1-6, in either order."""
@@ -223,7 +223,7 @@ def conversation(world: World, kind: str, rng: random.Random, pools: Pools) -> l
         return [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
     if kind in ("arithmetic", "no_tools"):
         large = rng.random() < 0.85
-        q, a, expr = _arithmetic(rng, large)
+        q, a, expr = calculator_problem(rng, large)
         if kind == "no_tools":
             return [{"role": "system", "content": NO_TOOLS}, {"role": "user", "content": q},
                     {"role": "assistant", "content": f"{q[len('What is '):-1]} = {a}."}]
