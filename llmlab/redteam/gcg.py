@@ -24,6 +24,7 @@ The search is resumable: its state (step, suffix, best so far, the loss curve) i
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import asdict, dataclass, field
@@ -204,12 +205,14 @@ def optimize(model: GPT, tokenizer: Tokenizer, goals: list[Goal], cfg: GCGConfig
     current = initial_suffix(tokenizer, cfg.suffix_len, allowed)
     best, best_loss, losses, step, matched = current.clone(), float("inf"), [], 0, 0.0
     path = Path(state) if state else None
-    search = {k: v for k, v in asdict(cfg).items() if k not in ("steps", "save_every")}
+    wanted = json.dumps([[g.system, g.request, g.target] for g in goals]).encode()
+    search = {**{k: v for k, v in asdict(cfg).items() if k not in ("steps", "save_every")},
+              "goals": hashlib.sha256(wanted).hexdigest()[:16]}
     if path is not None and path.is_file():
         saved = json.loads(path.read_text())
         if saved.get("search", search) != search:
-            raise LLMLabError(f"{path} holds a search with other settings ({saved['search']}): delete it to start "
-                              f"over, or write this one elsewhere")
+            raise LLMLabError(f"{path} holds a search with other settings or goals ({saved['search']}): delete it "
+                              f"to start over, or write this one elsewhere")
         current, best = torch.tensor(saved["current"]), torch.tensor(saved["suffix"])
         best_loss, losses, step = saved["loss"], saved["losses"], saved["step"]
 

@@ -89,7 +89,7 @@ class Config:
     also tried on"""
     gcg_train: int = 12
     """training goals the universal suffix is optimised on (per goal kind)"""
-    gcg_steps: int = 150
+    gcg_steps: int = 300
     """GCG's budget: optimisation steps per suffix"""
     gcg_suffix_len: int = 10
     """tokens in the suffix"""
