@@ -323,6 +323,22 @@ def test_the_run_report_carries_the_security_card(tmp_path):
     assert section[0].startswith("## Security card") and section[2:-1] == table.strip().splitlines()
 
 
+def test_rows_read_back_survive_a_row_cut_short_and_refuse_a_corrupt_one(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    rows = redteam.Rows(path)
+    calls = []
+    first = rows.once("a", lambda: calls.append("a") or {"hits": 1})
+    assert rows.once("a", lambda: calls.append("again") or {}) == first and calls == ["a"]
+    path.write_text(path.read_text() + '{"key": "b", "hi')  # killed while writing row b
+    again = redteam.Rows(path)
+    assert again.once("a", dict) == first
+    assert again.once("b", lambda: {"hits": 2})["hits"] == 2  # measured again
+    assert [json.loads(line)["key"] for line in path.read_text().splitlines()] == ["a", "b"]
+    path.write_text('not json\n' + path.read_text())
+    with pytest.raises(LLMLabError, match="line 1"):
+        redteam.Rows(path)
+
+
 def test_redteam_bad_input_gives_clear_errors(assistant, tmp_path):
     _, _, _, cfg = assistant
     with pytest.raises(LLMLabError, match="pretrained base"):

@@ -170,11 +170,19 @@ class Rows:
     def __init__(self, path: Path):
         self.path = path
         self.done: dict[str, dict] = {}
-        if path.is_file():
-            for line in path.read_text().splitlines():
-                if line.strip():
-                    r = json.loads(line)
-                    self.done[r["key"]] = r
+        lines = path.read_text().split("\n") if path.is_file() else []
+        for i, line in enumerate(lines):
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:
+                if i == len(lines) - 1:  # a row cut short by a killed run: measured again, the file mended
+                    path.write_text("\n".join(lines[:i]) + ("\n" if i else ""))
+                    break
+                raise LLMLabError(f"{path}, line {i + 1}, is not JSON: delete the file to measure everything "
+                                  f"again") from None
+            self.done[r["key"]] = r
 
     def once(self, key: str, measure: Callable[[], dict]) -> dict:
         """The row of `key`: read back if a run measured it already, else `measure()`d now and appended."""
