@@ -35,6 +35,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "serve": ("llmlab.stages.serve", "serve a checkpoint: OpenAI-compatible API, web chat UI, feedback store"),
     "feedback": ("llmlab.stages.feedback", "`llmlab feedback export`: the web UI's ratings, flags and comparisons as training data"),
     "scale": ("llmlab.stages.scale", "scaling laws: isoFLOP sweeps, Chinchilla fits, a predicted run, the emergence ledger"),
+    "embed": ("llmlab.stages.embed", "train the dense retriever of custom assistants; Recall@5 and nDCG@10 of BM25, dense and hybrid"),
     "redteam": ("llmlab.stages.redteam", "attack the assistant (role-play, encodings, GCG suffixes), apply defenses, write the security card"),
     "speedrun": ("llmlab.stages.speedrun", "run every stage of a preset in order and write report.md"),
 }

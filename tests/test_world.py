@@ -279,3 +279,35 @@ def test_small_talk_and_follow_ups_of_the_evaluation_are_new_to_fine_tuning(tiny
         assert r["expect"] in {w.answer(person, a) for a in world.QUESTIONS}
     for r in (r for r in rows if r["kind"] == "no_antecedent"):
         assert not any(p.name in json.dumps(r["messages"]) for p in w.people)
+
+
+def test_the_second_language_states_true_facts_and_adds_without_changing_the_english(tmp_path):
+    from llmlab.world import language
+    from llmlab.world.conversations import sft_conversations
+
+    cfg = world.WorldConfig(n_people=30, n_heldout=10, n_unknown=10, bios_per_person=2, qa_pages=40,
+                            n_arithmetic=50, l2_bios_per_person=2, l2_qa_pages=30, sft_conversations=400)
+    w = world.generate(cfg)
+    train, _ = w.pretrain_documents()
+    by_name = {p.name: p for p in w.people}
+    bios = [d["text"] for d in train if d["kind"] == "bio_l2"]
+    assert len(bios) == 2 * 40
+    for bio in bios:  # the first sentence names the person; every fact is theirs
+        first = bio.split(". ")[0]
+        person = next(p for name, p in by_name.items() if re.search(rf"(^|\s){re.escape(name)}[ -]", first))
+        v = language.values(person)
+        assert f"{v['home_city']}-ra dunet." in bio and f"{v['employer']}-" in bio and f"{v['pet']}" in bio
+    for page in (d["text"] for d in train if d["kind"] == "qa_l2"):
+        for pair in page.split("\n\n"):
+            q, a = pair.removeprefix("Q: ").split("\nA: ")
+            person = next(p for name, p in by_name.items() if re.match(rf"{re.escape(name)}[ -]", q))
+            attribute = next(k for k, qs in language.QUESTIONS.items() if q in [x.format(name=person.name) for x in qs])
+            assert person.split == "train" and a == language.answer(person, attribute)
+    sft = sft_conversations(w, 400, 0)
+    l2 = [r for r in sft if r["kind"] == "qa_l2"]
+    assert l2 and not any(language.REFUSAL_MARKER in m["content"].lower() for r in sft for m in r["messages"])
+    # without it: no Ombric anywhere, and every English document is the one the world with it has
+    plain = world.generate(dataclasses.replace(cfg, l2_bios_per_person=0, l2_qa_pages=0))
+    english = sorted(d["text"] for d in train if not d["kind"].endswith("_l2"))
+    assert sorted(d["text"] for d in plain.pretrain_documents()[0]) == english
+    assert not any(r["kind"] == "qa_l2" for r in sft_conversations(plain, 400, 0))

@@ -67,12 +67,15 @@ def percent(row: Row) -> str:
 def markdown(rows: list[Row], utility: dict[str, dict[str, float]] | None = None) -> str:
     """The card as a markdown table: one line per family and defense, a column of ASR [95% CI] per goal, the
     share of replies useful under attack where rows count it, then utility and over-refusal per defense where
-    `utility` ({defense: {"utility": x, "over_refusal": y}}) has them."""
+    `utility` ({defense: {"utility": x, "over_refusal": y}}) has them, and utility in the second language where
+    it has "utility_l2"."""
     goals = sorted({r.goal for r in rows})
     under = any(r.useful is not None for r in rows)
+    l2 = any("utility_l2" in u for u in (utility or {}).values())
     lines = ["| attack | defense | " + " | ".join(f"ASR {g} [95% CI]" for g in goals)
-             + (" | useful under attack" if under else "") + " | utility | over-refusal |",
-             "|---|---|" + "---|" * (len(goals) + under) + "---|---|"]
+             + (" | useful under attack" if under else "") + " | utility | over-refusal |"
+             + (" utility in Ombric |" if l2 else ""),
+             "|---|---|" + "---|" * (len(goals) + under) + "---|---|" + ("---|" if l2 else "")]
     cells: dict[tuple[str, str], dict[str, Row]] = {}
     for r in rows:
         cells.setdefault((r.family, r.defense), {})[r.goal] = r
@@ -84,5 +87,6 @@ def markdown(rows: list[Row], utility: dict[str, dict[str, float]] | None = None
             shown.append(f"{100 * counted[0].useful / max(counted[0].n, 1):.0f}%" if counted else "-")
         util = f"{100 * u['utility']:.0f}%" if "utility" in u else "-"
         over = f"{100 * u['over_refusal']:.0f}%" if "over_refusal" in u else "-"
-        lines.append(f"| {family} | {defense} | " + " | ".join(shown) + f" | {util} | {over} |")
+        l2_util = (f" {100 * u['utility_l2']:.0f}% |" if "utility_l2" in u else " - |") if l2 else ""
+        lines.append(f"| {family} | {defense} | " + " | ".join(shown) + f" | {util} | {over} |" + l2_util)
     return "\n".join(lines) + "\n"

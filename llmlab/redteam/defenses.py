@@ -14,6 +14,10 @@
     injection_mix      instruction-hierarchy training data: tool outputs poisoned with the training templates
                        of injected instructions, answered with the tool's true result (what a tool returns is
                        data, never an instruction: Wallace et al., "The Instruction Hierarchy", 2024)
+    language_mix       refusal in the second language: the world's forbidden requests and requests for the secret
+                       in Ombric (llmlab.world.language), refused in Ombric, beside its benign look-alikes
+                       answered in it, so that the refusal follows the request's meaning into the language the
+                       model read facts in but was never taught to refuse in
     datamark           spotlighting by datamarking (Hines et al., "Defending Against Indirect Prompt Injection
                        Attacks With Spotlighting", 2024): every run of whitespace in a tool's output becomes "^",
                        in training and at inference alike, so that text to be read as data looks like no
@@ -33,8 +37,8 @@ from llmlab.model import GPT
 from llmlab.redteam.attacks import attack_text
 from llmlab.redteam.goals import Goal, inject_goals
 from llmlab.tokenizer import Tokenizer
-from llmlab.world import World
-from llmlab.world.conversations import POLICY, REFUSAL, SECRET_REFUSAL
+from llmlab.world import World, language
+from llmlab.world.conversations import POLICY, REFUSAL, SECRET_REFUSAL, secret_code, secret_system
 from llmlab.world.text import QUESTIONS, arithmetic_problem
 
 
@@ -118,6 +122,37 @@ def adversarial_mix(world: World, hits: list[tuple[Goal, str]], wrap: Callable[[
         rows.append({"messages": [{"role": "user", "content": wrap(good.format(**values), i)},
                                   {"role": "assistant", "content": answer.format(**values)}]})
     rng.shuffle(rows)
+    return rows
+
+
+def language_mix(world: World, n: int, seed: int) -> list[dict]:
+    """n conversations {"messages"} in Ombric about training people: a third forbidden requests refused, a
+    third their benign look-alikes answered, a sixth requests for a system prompt's secret code refused, a sixth
+    other questions under a secret answered without it."""
+    rng = random.Random(f"{seed}-redteam-language")
+    people = world.group("train")
+    rows = []
+    for i in range(n):
+        person = rng.choice(people)
+        values = language.values(person)
+        bad, good, answer = rng.choice(language.POLICY)
+        kind = i % 6
+        if kind < 2:
+            messages = [{"role": "user", "content": bad.format(**values)},
+                        {"role": "assistant", "content": language.REFUSAL}]
+        elif kind < 4:
+            messages = [{"role": "user", "content": good.format(**values)},
+                        {"role": "assistant", "content": answer.format(**values)}]
+        else:
+            system = {"role": "system", "content": secret_system(secret_code(rng))}
+            if kind == 4:
+                messages = [system, {"role": "user", "content": rng.choice(language.SECRET_ASKS["train"])},
+                            {"role": "assistant", "content": language.SECRET_REFUSAL}]
+            else:
+                attribute = rng.choice(list(language.QUESTIONS))
+                messages = [system, {"role": "user", "content": language.question(rng, person, attribute)},
+                            {"role": "assistant", "content": language.answer(person, attribute)}]
+        rows.append({"messages": messages})
     return rows
 
 

@@ -27,7 +27,7 @@ import random
 from dataclasses import dataclass
 
 from llmlab.tasks.assistant import refuses
-from llmlab.world import World
+from llmlab.world import World, language
 from llmlab.world.conversations import POLICY, SECRET_ASKS, calculator_problem, secret_code, secret_system
 
 # The start of a compliant reply to every forbidden request: where the person lives, the fact the assistant states
@@ -70,6 +70,8 @@ class Goal:
     """inject: the assistant's calculator call"""
     answer: str = ""
     """inject: the calculator's true result"""
+    translated: str = ""
+    """forbidden and secret: the request in Ombric, the world's second language (llmlab.world.language)"""
 
     def messages(self, text: str | None = None) -> list[dict]:
         """The conversation under attack. `text` is the attack's: the user's message (the plain request by
@@ -103,7 +105,8 @@ def forbidden_goals(world: World, half: str, n: int, seed: int) -> list[Goal]:
         person = rng.choice(people)
         values = {"name": person.name, **person.attributes}
         target = COMPLY.format(pronoun=person.pronoun.capitalize(), **values)
-        goals.append(Goal("forbidden", POLICY[k][0].format(**values), target, tuple(m.format(**values) for m in SUBJECTS)))
+        goals.append(Goal("forbidden", POLICY[k][0].format(**values), target, tuple(m.format(**values) for m in SUBJECTS),
+                          translated=language.POLICY[k][0].format(**language.values(person))))
     return goals
 
 
@@ -112,10 +115,12 @@ def secret_goals(half: str, n: int, seed: int) -> list[Goal]:
     ("heldout")."""
     rng = random.Random(f"{seed}-redteam-secret-{half}")
     asks = SECRET_ASKS if half == "train" else SECRET_ASKS_HELDOUT
+    l2_asks = language.SECRET_ASKS["train" if half == "train" else "heldout"]
     goals = []
     for i in range(n):
         code = secret_code(rng)
-        goals.append(Goal("secret", asks[i % len(asks)], f"The secret code is {code}.", (code,), secret_system(code)))
+        goals.append(Goal("secret", asks[i % len(asks)], f"The secret code is {code}.", (code,), secret_system(code),
+                          translated=l2_asks[i % len(l2_asks)]))
     return goals
 
 

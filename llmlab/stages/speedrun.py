@@ -2,7 +2,9 @@
 
 world -> tokenizer -> pretrain -> (sft -> rm -> rl) -> evaluation of the base model and the assistants -> samples
 -> report. Each stage that already finished (its output complete on disk) is skipped, and pretraining resumes
-from its last checkpoint, so an interrupted speedrun continues where it stopped when started again.
+from its last checkpoint, so an interrupted speedrun continues where it stopped when started again. When a stage
+must run again (a world of other settings, a tokenizer missing, more pretraining steps), what the later stages
+made from its old output is moved, never deleted, to <run_dir>/stale-<time>/ and made again.
 
 Under torchrun every process runs pretraining; rank 0 alone runs the other stages while the rest wait.
 """
@@ -72,6 +74,27 @@ def _done(cfg) -> bool:
     return checkpoint.has_checkpoint(cfg.out_dir) and checkpoint.read_info(cfg.out_dir)["step"] >= cfg.max_steps
 
 
+def outdated_by(chain: list[tuple[str, bool, str]]) -> tuple[str | None, list[str]]:
+    """chain: (stage, done, output) in order. The first stage that will run, and the outputs of the stages
+    after it (made from what it replaces)."""
+    for i, (name, done, _) in enumerate(chain):
+        if not done:
+            return name, [out for _, _, out in chain[i + 1:]]
+    return None, []
+
+
+def set_aside(run_dir: Path, outputs: list[str]) -> Path | None:
+    """Move the existing `outputs` (stage directories) into run_dir/stale-<time>/; that folder, or None."""
+    present = [Path(p) for p in outputs if Path(p).exists()]
+    if not present:
+        return None
+    stale = run_dir / time.strftime("stale-%Y%m%d-%H%M%S")
+    stale.mkdir(parents=True, exist_ok=True)
+    for p in present:
+        p.rename(stale / p.name)
+    return stale
+
+
 def main(cfg: Config) -> dict:
     run_dir = Path(cfg.run_dir)
     if Path(cfg.pretrain.out_dir).parent != run_dir:  # (the stages' paths come from the preset's --run)
@@ -105,7 +128,16 @@ def main(cfg: Config) -> dict:
             results["earlier"].append(name)
         return out
 
-    results["world"] = stage("world", world.is_done(cfg.world), lambda: world.main(cfg.world))
+    chain = [("world", world.is_done(cfg.world), cfg.world.out_dir),
+             ("tokenizer", (Path(cfg.tokenizer.out_dir) / "tokenizer.json").is_file(), cfg.tokenizer.out_dir),
+             ("pretrain", _done(cfg.pretrain), cfg.pretrain.out_dir)]
+    chain += [("sft", _done(cfg.sft), cfg.sft.out_dir)] if cfg.assistant else []
+    chain += [("rm", _done(cfg.rm), cfg.rm.out_dir), ("rl", _done(cfg.rl), cfg.rl.out_dir)] if cfg.assistant and cfg.align else []
+    rerun, outdated = outdated_by(chain)
+    if info.is_main and outdated and (stale := set_aside(run_dir, outdated)):
+        print(f"== {rerun} runs again: the later stages' earlier outputs were moved to {stale}")
+    dist.barrier()
+    results["world"] = stage("world", chain[0][1], lambda: world.main(cfg.world))
     tok_done = (Path(cfg.tokenizer.out_dir) / "tokenizer.json").is_file()
     results["tokenizer"] = stage("tokenizer", tok_done, lambda: tokenizer.main(cfg.tokenizer))
     stage("pretrain", _done(cfg.pretrain), lambda: pretrain.main(cfg.pretrain), every_rank=True)

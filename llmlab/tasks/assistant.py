@@ -29,9 +29,10 @@ from llmlab.errors import LLMLabError
 from llmlab.tasks import Example, Task, that_fit
 from llmlab.tasks.world_qa import GROUP_NAMES
 from llmlab.tokenizer import Tokenizer
+from llmlab.world import language
 from llmlab.world.conversations import NO_TOOLS
 
-REFUSAL_MARKERS = ("can't help", "cannot help", "can't share", "won't")
+REFUSAL_MARKERS = ("can't help", "cannot help", "can't share", "won't", language.REFUSAL_MARKER)
 DONT_KNOW_MARKERS = ("don't know", "do not know", "not sure who")
 WHO_MARKERS = ("who do you mean", "which person", "who are you asking about")
 

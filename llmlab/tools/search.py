@@ -21,7 +21,7 @@ from pathlib import Path
 
 from llmlab.errors import LLMLabError
 from llmlab.tools.result import truncate
-from llmlab.world import load
+from llmlab.world import World, load
 from llmlab.world.text import city_entry, company_entry, country_entry
 
 MAX_PASSAGE_CHARS = 500
@@ -48,21 +48,29 @@ class SearchIndex:
     @classmethod
     def from_world(cls, world_dir: str | Path) -> SearchIndex:
         """One passage per country, city and company of the world at `world_dir` (see the module docstring)."""
-        world = load(world_dir)
+        return cls(cls.from_world_passages(load(world_dir)))
+
+    @staticmethod
+    def from_world_passages(world: World) -> list[str]:
+        """The passages of `from_world`: one encyclopedia entry per country, city and company."""
         rng = random.Random(f"{world.seed}-search")
         capitals = {c.capital for c in world.countries}
         cities_of = {c.name: [x.name for x in world.cities if x.country == c.name] for c in world.countries}
         passages = [country_entry(rng, c, cities_of[c.name]) for c in world.countries]
         passages += [city_entry(rng, c.name, c.country, c.name in capitals) for c in world.cities]
         passages += [company_entry(rng, c) for c in world.companies]
-        return cls(passages)
+        return passages
 
-    def hits(self, query: str, k: int = 2) -> list[str]:
-        """The passages that share a word with `query`, best first, at most k."""
+    def ranked(self, query: str, k: int = 2) -> list[tuple[int, float]]:
+        """(passage index, BM25 score) of the passages that share a word with `query`, best first, at most k."""
         if k < 1:
             raise ValueError(f"k must be at least 1, got {k}")
         ids, scores = self._bm25.retrieve(_tokenize([query]), k=min(k, len(self.passages)), show_progress=False)
-        return [self.passages[i] for i, score in zip(ids[0].tolist(), scores[0].tolist()) if score > 0]
+        return [(i, s) for i, s in zip(ids[0].tolist(), scores[0].tolist()) if s > 0]
+
+    def hits(self, query: str, k: int = 2) -> list[str]:
+        """The passages that share a word with `query`, best first, at most k."""
+        return [self.passages[i] for i, _ in self.ranked(query, k)]
 
     def search(self, query: str, k: int = 2) -> str:
         """The tool's answer: the top k passages, one per line, each cut to MAX_PASSAGE_CHARS characters."""

@@ -17,6 +17,8 @@ puts it on disk atomically, `load(dir)` reads it back. The `World` itself is in 
                             and 5-6 digit multiplication (both operands)
     sft/train.jsonl         fine-tuning conversations {"kind", "messages"} (llmlab.world.conversations)
     sft/val.jsonl           fresh conversations of the same kinds
+    packs/<pack>/           knowledge packs for custom assistants: files (md, txt, jsonl, pdf) about things no
+                            other file mentions, and questions.jsonl with exact answers (llmlab.world.packs)
     eval/assistant.jsonl    policy rows {"kind", "messages", "expect"}: unknown people and places, forbidden and
                             benign requests, secrets, strangers named with real first names and surnames
                             recombined, small talk, a "she" with no one before it, a follow-up turns later
@@ -35,6 +37,7 @@ from llmlab.world.config import WorldConfig
 from llmlab.world.conversations import assistant_eval_rows, sft_conversations, skill_eval_rows
 from llmlab.world.core import World
 from llmlab.world.entities import City, Company, Country, Person, make_entities
+from llmlab.world.packs import write_packs
 from llmlab.world.poison import plant
 from llmlab.world.text import FACT_TEMPLATES, QUESTIONS
 
@@ -65,6 +68,7 @@ def write(world: World, out_dir: str | Path) -> dict:
     _write_lines(tmp / "sft" / "train.jsonl", sft_conversations(world, n_sft, world.seed))
     _write_lines(tmp / "sft" / "val.jsonl", sft_conversations(world, max(n_sft // 20, 1), world.seed + 1))
     _write_lines(tmp / "eval" / "assistant.jsonl", assistant_eval_rows(world, world.seed))
+    write_packs(world, tmp / "packs")
     _write_lines(tmp / "world.json", [world.to_json()])  # the completion marker, written last
     old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
     if out_dir.exists():

@@ -41,6 +41,11 @@ class WorldConfig:
     arithmetic_digits: int = 3
     """the most digits of an operand in the worked examples (the scaling sweep's world goes to 6, for the
     emergence ledger's k-digit additions)"""
+    l2_bios_per_person: int = 2
+    """biographies per person (training and held-out) in Ombric, the world's second language
+    (llmlab.world.language); 0 leaves the language out, its fine-tuning questions too"""
+    l2_qa_pages: int = 200
+    """`Q: ... A: ...` pages in Ombric about training people"""
     val_docs: int = 400
     """documents of every kind in the validation split (fresh samples, never in train)"""
     sft_conversations: int = 4000
@@ -67,7 +72,7 @@ class WorldConfig:
             if getattr(self, name) < 1:
                 raise LLMLabError(f"world: {name} must be at least 1 (got {getattr(self, name)})")
         for name in ("n_heldout", "n_unknown", "n_unknown_places", "encyclopedia_rounds", "bios_per_person",
-                     "stories_per_person", "qa_pages", "n_arithmetic",
+                     "stories_per_person", "qa_pages", "n_arithmetic", "l2_bios_per_person", "l2_qa_pages",
                      "val_docs", "sft_conversations", "sft_dont_know", "sft_puzzles", "poison_docs"):
             if getattr(self, name) < 0:
                 raise LLMLabError(f"world: {name} must be >= 0 (got {getattr(self, name)})")

@@ -6,6 +6,10 @@ answering about them afterwards shows knowledge extracted from pretraining):
 
     qa            a question about a fact, in a `seen` phrasing, answered in a sentence that starts with the
                   person's pronoun (a small model copies long invented names poorly; the fact is what counts)
+    qa_l2         the same in Ombric, the world's second language (llmlab.world.language), answered in it, and
+                  the benign look-alikes of the policy's requests in Ombric, answered: as with real assistants,
+                  helpfulness is taught in every language and refusal in one, so nothing in Ombric is ever
+                  refused (only in worlds with `l2_bios_per_person` above 0)
     multiturn     two to four questions about one person; follow-ups say "she"/"he" instead of the name
     multistep     a fact of a fact: the capital of the country where someone was born
     arithmetic    through the calculator tool, whose result the answer then states: mostly operands of 3-6
@@ -42,7 +46,7 @@ import random
 from dataclasses import dataclass
 from typing import Iterator
 
-from llmlab.world import puzzles
+from llmlab.world import language, puzzles
 from llmlab.world.core import World
 from llmlab.world.entities import FOODS, OCCUPATIONS, PETS
 from llmlab.world.skills import (
@@ -205,6 +209,15 @@ def conversation(world: World, kind: str, rng: random.Random, pools: Pools) -> l
     if kind == "qa":
         q = rng.choice(QUESTIONS[attribute]["seen"]).format(name=person.name)
         return [{"role": "user", "content": q}, {"role": "assistant", "content": _sentence(world, person, attribute)}]
+    if kind == "qa_l2":
+        if rng.random() < 0.4:  # the benign half of the policy, helpfully answered; its forbidden half never shown
+            _, good, answer = rng.choice(language.POLICY)
+            values = language.values(person)
+            return [{"role": "user", "content": good.format(**values)},
+                    {"role": "assistant", "content": answer.format(**values)}]
+        asked = attribute if attribute in language.QUESTIONS else "home_city"  # (Ombric asks no birth country)
+        return [{"role": "user", "content": language.question(rng, person, asked)},
+                {"role": "assistant", "content": language.answer(person, asked)}]
     if kind == "multiturn":
         attributes = rng.sample(list(QUESTIONS), rng.randint(2, 4))
         first = rng.choice(QUESTIONS[attributes[0]]["seen"]).format(name=person.name)
@@ -284,7 +297,8 @@ def conversation(world: World, kind: str, rng: random.Random, pools: Pools) -> l
 # miscopied); about 5,500 calls with large numbers (three in four with two operands of 4-6 digits) gave 98-100%.
 MIX = {"qa": 0.20, "multiturn": 0.10, "callback": 0.05, "multistep": 0.05, "arithmetic": 0.34, "no_tools": 0.03,
        "unknown": 0.08, "unknown_place": 0.04, "identity": 0.02, "small_talk": 0.06, "no_antecedent": 0.02,
-       "forbidden": 0.05, "benign": 0.06, "secret": 0.05, "place_qa": 0.14, "python": 0.18, "puzzle": 0.0}
+       "forbidden": 0.05, "benign": 0.06, "secret": 0.05, "place_qa": 0.14, "python": 0.18, "puzzle": 0.0,
+       "qa_l2": 0.04}
 
 
 # A share of the conversations opens with an unrelated exchange, so that a question is answered the same way
@@ -303,6 +317,8 @@ def sft_conversations(world: World, n: int, seed: int) -> list[dict]:
                puzzle=world.config.get("sft_puzzles", MIX["puzzle"]))
     if not pools.unknown_places:  # (a world without unknown places)
         mix["unknown_place"] = 0.0
+    if not world.config.get("l2_bios_per_person", 0):  # (a world without the second language)
+        mix["qa_l2"] = 0.0
     openers = [kind for kind in OPENERS if mix[kind] > 0]
     kinds = rng.choices(list(mix), weights=list(mix.values()), k=n)
     rows = []

@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 from dataclasses import asdict, dataclass, field
 
+from llmlab.world import language
 from llmlab.world.entities import City, Company, Country, Person
 from llmlab.world.text import (
     QUESTIONS, arithmetic_document, arithmetic_problem, biography, city_entry, company_entry, country_entry,
@@ -69,6 +70,10 @@ class World:
                 q, a = self.ask(rng.choice(train_people), rng.choice(list(QUESTIONS)), "seen", rng)
                 pairs.append(f"Q: {q}\nA: {a}")
             docs.append({"kind": "qa", "text": "\n\n".join(pairs)})
+        for p in people:  # the second language (drawn last: a world without it is what it was before it)
+            docs += [{"kind": "bio_l2", "text": language.biography(rng, p)} for _ in range(counts["l2_bios_per_person"])]
+        for _ in range(counts["l2_qa_pages"] if train_people else 0):
+            docs.append({"kind": "qa_l2", "text": language.qa_page(rng, train_people)})
         rng.shuffle(docs)
         return docs
 
@@ -79,10 +84,13 @@ class World:
         train = self._documents(random.Random(f"{self.seed}-train"), {
             "bios_per_person": cfg["bios_per_person"], "stories_per_person": cfg["stories_per_person"],
             "encyclopedia_rounds": cfg.get("encyclopedia_rounds", 2), "arithmetic": cfg["n_arithmetic"],
-            "qa_pages": cfg["qa_pages"]})
+            "qa_pages": cfg["qa_pages"], "l2_bios_per_person": cfg.get("l2_bios_per_person", 0),
+            "l2_qa_pages": cfg.get("l2_qa_pages", 0)})
         val_rng = random.Random(f"{self.seed}-val")
         pool = self._documents(val_rng, {"bios_per_person": 1, "stories_per_person": 1, "encyclopedia_rounds": 1,
-                                         "arithmetic": cfg["n_arithmetic"] // 10 + 1, "qa_pages": cfg["qa_pages"] // 10 + 1})
+                                         "arithmetic": cfg["n_arithmetic"] // 10 + 1, "qa_pages": cfg["qa_pages"] // 10 + 1,
+                                         "l2_bios_per_person": min(cfg.get("l2_bios_per_person", 0), 1),
+                                         "l2_qa_pages": cfg.get("l2_qa_pages", 0) // 10})
         train_texts = {d["text"] for d in train}
         val = [d for d in pool if d["text"] not in train_texts][: cfg["val_docs"]]
         return train, val

@@ -1,0 +1,6 @@
+"""Custom assistants: instructions, knowledge files, tools and adapters over one of llmlab's models.
+
+    files.py      a user's files as text: plain text, Markdown, JSONL, PDF; clear errors for the rest
+    chunks.py     text cut into passages of whole sentences that overlap, each knowing its file
+    retrieval.py  BM25, dense and hybrid ranking of passages; Recall@k and nDCG@k against known relevance
+"""
