@@ -35,6 +35,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "serve": ("llmlab.stages.serve", "serve a checkpoint: OpenAI-compatible API, web chat UI, feedback store"),
     "feedback": ("llmlab.stages.feedback", "`llmlab feedback export`: the web UI's ratings, flags and comparisons as training data"),
     "scale": ("llmlab.stages.scale", "scaling laws: isoFLOP sweeps, Chinchilla fits, a predicted run, the emergence ledger"),
+    "assistant": ("llmlab.stages.assistant", "custom assistants: create, list, show, delete (instructions, knowledge files, tools)"),
     "embed": ("llmlab.stages.embed", "train the dense retriever of custom assistants; Recall@5 and nDCG@10 of BM25, dense and hybrid"),
     "redteam": ("llmlab.stages.redteam", "attack the assistant (role-play, encodings, GCG suffixes), apply defenses, write the security card"),
     "speedrun": ("llmlab.stages.speedrun", "run every stage of a preset in order and write report.md"),
@@ -144,6 +145,8 @@ def stage_config(stage: str, argv: list[str]) -> Any:
     else:
         pipeline = presets.get(known.preset, run=known.run)
         base = pipeline if stage == "speedrun" else getattr(pipeline, stage, None)
+    if not dataclasses.is_dataclass(base):  # (speedrun's `assistant` is a switch, not the stage's config)
+        base = None
     if base is None:  # a stage outside the preset pipeline starts from its own Config defaults
         base = importlib.import_module(STAGES[stage][0]).Config()
     parser = build_parser(stage, base)
@@ -168,8 +171,10 @@ def main(argv: list[str] | None = None) -> None:
         print("\n`llmlab <stage> --help` lists a stage's flags with their defaults.")
         return
     stage, rest = argv[0], argv[1:]
-    if rest and not rest[0].startswith("-"):  # `llmlab feedback export`: a leading word is the stage's action
+    if rest and not rest[0].startswith("-"):  # `llmlab feedback export`: a leading word is the stage's action,
         rest = ["--action", rest[0], *rest[1:]]
+        if len(rest) > 2 and not rest[2].startswith("-"):  # and a second one its object (`assistant show shop`)
+            rest = [*rest[:2], "--name", rest[2], *rest[3:]]
     if stage not in STAGES:
         sys.stderr.write(f"error: unknown stage {stage!r}; choose one of {', '.join(STAGES)}\n")
         sys.exit(2)

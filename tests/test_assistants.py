@@ -183,3 +183,57 @@ def test_embedder_keeps_the_backbone_and_the_stage_writes_the_retrieval_table(ti
     assert set(saved["scores"]) == {"BM25", "dense", "hybrid"} and saved["questions"] == result["questions"] > 0
     assert all(0 <= s["recall@5"] <= 1 and 0 <= s["ndcg@10"] <= 1 for s in saved["scores"].values())
     assert checkpoint.read_info(checkpoint.resolve(tmp_path / "embed"))["stage"] == "embed"
+
+
+# ---- the store -------------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def pack_files(tiny_world_dir, tmp_path):
+    facts = make_packs(load(tiny_world_dir))["handbook"]
+    write_pack(facts, tmp_path / "pack")
+    return [tmp_path / "pack" / f for f in ("handbook.md", "policies.txt", "staff.jsonl")], facts
+
+
+def test_assistants_are_created_listed_shown_and_deleted_from_the_command_line(pack_files, tmp_path, capsys):
+    from llmlab import cli
+    from llmlab.assistants.store import AssistantStore
+
+    files, facts = pack_files
+    root = tmp_path / "store"
+    cli.main(["assistant", "create", "shop", "--store", str(root), "--instructions", "Answer about the handbook.",
+              "--files", ",".join(map(str, files)), "--tools", "calculator,search"])
+    store = AssistantStore(root)
+    a = store.get("shop")
+    assert a.tools == ["calculator", "search"] and [f["name"] for f in a.files] == [f.name for f in files]
+    chunks = store.chunks("shop")
+    assert sum(f["chunks"] for f in a.files) == len(chunks)
+    for fact in facts:  # every sentence of the files is whole in a passage that cites its file
+        assert any(fact.sentence in c.text and c.file == fact.file for c in chunks)
+    cli.main(["assistant", "list", "--store", str(root)])
+    assert "shop" in capsys.readouterr().out
+    store.delete("shop")
+    assert store.list() == [] and chunks  # what was loaded before stays usable
+    with pytest.raises(LLMLabError, match="no assistant named 'shop'"):
+        store.chunks("shop")
+
+
+def test_bad_assistants_leave_nothing_behind(pack_files, tmp_path):
+    from llmlab.assistants.store import AssistantStore
+
+    files, _ = pack_files
+    store = AssistantStore(tmp_path / "store")
+    store.create("shop", files=files[:1])
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "handbook.md").write_text("Another handbook.")
+    for kwargs, match in [(dict(name="shop"), "already exists"), (dict(name="Shop!"), "lowercase"),
+                          (dict(name="b", tools=["browser"]), "unknown tool"),
+                          (dict(name="c", files=[files[0], tmp_path / "empty.txt"]), "is empty"),
+                          (dict(name="d", files=[files[0], tmp_path / "other" / "handbook.md"]), "share a name"),
+                          (dict(name="e", files=[tmp_path / "missing.md"]), "no file at")]:
+        with pytest.raises(LLMLabError, match=match):
+            store.create(**kwargs)
+    assert [a.name for a in store.list()] == ["shop"] and sorted(p.name for p in store.root.iterdir()) == ["shop"]
+    (store.root / "shop" / "assistant.json").write_text("{not json")
+    with pytest.raises(LLMLabError, match="corrupt"):
+        store.get("shop")

@@ -3,4 +3,6 @@
     files.py      a user's files as text: plain text, Markdown, JSONL, PDF; clear errors for the rest
     chunks.py     text cut into passages of whole sentences that overlap, each knowing its file
     retrieval.py  BM25, dense and hybrid ranking of passages; Recall@k and nDCG@k against known relevance
+    embedder.py   the dense retriever: the model's own backbone as a bi-encoder, trained by InfoNCE
+    store.py      assistants on disk (instructions, files and their passages, tools)
 """
