@@ -54,7 +54,7 @@ def _pipeline(run: str, world_cfg: world.Config, vocab_size: int, model: GPTConf
         eval=evaluate.Config(checkpoint=str(run_dir / "sft"), world=str(run_dir / "world")),
         chat=chat.Config(checkpoint=str(run_dir / "sft"), world=str(run_dir / "world"), recall=str(run_dir / "base")),
         serve=serve.Config(checkpoint=str(run_dir / "sft"), world=str(run_dir / "world"), recall=str(run_dir / "base"),
-                           db=str(run_dir / "feedback.db")),
+                           db=str(run_dir / "feedback.db"), assistants=str(run_dir / "assistants")),
         feedback=feedback.Config(db=str(run_dir / "feedback.db"), out_dir=str(run_dir / "feedback")),
     )
 

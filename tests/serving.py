@@ -67,11 +67,13 @@ class LiveServer:
 
 
 def make_app(ckpt: str | Path, db: str | Path, **overrides):
-    """The app of `llmlab serve` over `ckpt`, its model named test-model, with no world for the search tool."""
+    """The app of `llmlab serve` over `ckpt`, its model named test-model, with no world for the search tool and
+    the custom assistants of db's folder."""
     from llmlab.server.app import ServerConfig, create_app
 
-    return create_app(ServerConfig(checkpoint=str(ckpt), db=str(db), model_name="test-model",
-                                   world=str(Path(db).parent / "no-world"), **overrides))
+    settings = dict(checkpoint=str(ckpt), db=str(db), model_name="test-model", world=str(Path(db).parent / "no-world"),
+                    assistants=str(Path(db).parent / "assistants"))
+    return create_app(ServerConfig(**{**settings, **overrides}))
 
 
 def script_the_model(service, **scheduler_kw) -> None:

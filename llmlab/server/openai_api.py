@@ -1,6 +1,6 @@
 """The OpenAI-compatible routes of `llmlab serve`: models, chat completions and completions.
 
-    GET  /v1/models                 the one model served
+    GET  /v1/models                 the model served, and the custom assistants over it (by name)
     POST /v1/chat/completions       chat, streaming (SSE) or not; the engine runs the assistant's tool calls
     POST /v1/completions            raw text completion with logprobs and echo (log-likelihood evaluators)
 
@@ -43,35 +43,40 @@ def add_routes(app: FastAPI, service: Service) -> None:
 
     @app.get("/v1/models")
     def models() -> dict:
-        return {"object": "list", "data": [service.model_card()]}
+        return {"object": "list", "data": service.model_cards()}
 
     @app.get("/v1/models/{model_id:path}")
     def model(model_id: str) -> dict:
-        service.check_model(model_id)
-        return service.model_card()
+        return service.model_card(service.assistant(model_id))
 
     @app.post(CHAT)
     async def chat_completions(body: schemas.ChatCompletionRequest, request: Request):
-        service.check_model(body.model)
+        assistant = service.assistant(body.model)  # a custom assistant, or None for the model itself
+        name = assistant.name if assistant else service.name
         messages = [m.to_llmlab() for m in body.messages]
+        if assistant is not None:
+            messages = service.as_assistant(assistant, messages)
         prompt = service.chat_prompt(messages)
         max_new = service.budget(body.budget(), len(prompt))
         service.check_room(body.n)
         params = sampling(body, max_new)
         if body.reasoning_effort is not None:
+            if assistant is not None:
+                raise APIError(400, "reasoning_effort is not available for custom assistants yet",
+                               param="reasoning_effort")
             return await _reasoned(service, body, messages, len(prompt), params[0].seed)
-        gen = service.generate(CHAT, prompt, params, tools=True, min_new_tokens=body.min_tokens)
+        gen = service.generate(CHAT, prompt, params, tools=True, min_new_tokens=body.min_tokens, assistant=assistant)
         texts = [ChoiceText(service.tokenizer, body.stops(), lstrip=True, stop_ids=frozenset(service.stop_ids))
                  for _ in range(body.n)]
         rid, created = f"chatcmpl-{secrets.token_hex(12)}", int(time.time())
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(_chat_stream(service, gen, texts, rid, created, len(prompt), include_usage),
-                                     media_type="text/event-stream")
+            return StreamingResponse(_chat_stream(service, gen, texts, rid, created, len(prompt), include_usage,
+                                                  name), media_type="text/event-stream")
         await _collect(gen, texts, request)
         choices = [{"index": i, "message": _chat_message(t), "logprobs": None, "finish_reason": t.finish}
                    for i, t in enumerate(texts)]
-        return {"id": rid, "object": "chat.completion", "created": created, "model": service.name,
+        return {"id": rid, "object": "chat.completion", "created": created, "model": name,
                 "choices": choices, "usage": _usage(len(prompt), texts)}
 
     @app.post(COMPLETIONS)
@@ -229,9 +234,9 @@ def _error_chunk(reason: str) -> str:
 
 
 async def _chat_stream(service: Service, gen: Generation, texts: list[ChoiceText], rid: str, created: int,
-                       prompt_len: int, include_usage: bool) -> AsyncIterator[str]:
+                       prompt_len: int, include_usage: bool, name: str) -> AsyncIterator[str]:
     def chunk(i: int, delta: dict, finish: str | None = None) -> str:
-        return sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": service.name,
+        return sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": name,
                     "choices": [{"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}]})
 
     yield "".join(chunk(i, {"role": "assistant", "content": ""}) for i in range(len(texts)))
@@ -252,7 +257,7 @@ async def _chat_stream(service: Service, gen: Generation, texts: list[ChoiceText
         if out:
             yield "".join(out)
     if include_usage:
-        yield sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": service.name,
+        yield sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": name,
                    "choices": [], "usage": _usage(prompt_len, texts)})
     yield SSE_DONE
 

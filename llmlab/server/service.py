@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Sequence
 
 from llmlab import checkpoint
+from llmlab.assistants.retrieval import BM25
+from llmlab.assistants.store import Assistant, AssistantStore
 from llmlab.chat import render_prompt, reply_stop_ids
 from llmlab.engine import SamplingParams
 from llmlab.errors import LLMLabError
@@ -37,6 +39,11 @@ class ServerConfig:
     """require `Authorization: Bearer KEY` on the API (default: the LLMLAB_API_KEY environment variable)"""
     db: str = "runs/cpu/feedback.db"
     """the feedback store (SQLite): the web UI's conversations, ratings, flags and comparisons"""
+    assistants: str = "runs/cpu/assistants"
+    """the custom assistants (`llmlab assistant create`), each served by its name: its instructions and the
+    passages of its files that best match the user's last message lead the conversation, and only its tools run"""
+    passages: int = 3
+    """most passages of an assistant's files put before a conversation (fewer when the context is short)"""
     model_name: str = ""
     """the model's id in the API (default: the checkpoint's run and stage, e.g. cpu-sft)"""
     world: str = "runs/cpu/world"
@@ -99,6 +106,8 @@ class Service:
         self.reasoner = Reasoner(self.tokenizer, cfg.world, cfg.recall, self.run_tool if cfg.tools else None,
                                  max_new_tokens=cfg.default_max_tokens)
         self.store = FeedbackStore(cfg.db)
+        self.assistants = AssistantStore(cfg.assistants)
+        self._indexes: dict[tuple[str, float], tuple[list, BM25 | None]] = {}
         self.metrics = Metrics(lambda: self.scheduler)
         self.created = int(time.time())
 
@@ -121,16 +130,74 @@ class Service:
         return result.text
 
     def generate(self, route: str, prompt: Sequence[int], params: list[SamplingParams], *, tools: bool,
-                 logprobs: bool = False, min_new_tokens: int = 0) -> Generation:
+                 logprobs: bool = False, min_new_tokens: int = 0, assistant: Assistant | None = None) -> Generation:
         """Start the choices of one request in the scheduler (in the event loop), observed for `route`'s
-        metrics; with `tools`, the assistant's tool calls run (when the server allows them)."""
+        metrics; with `tools`, the assistant's tool calls run (when the server allows them; a custom
+        assistant's, only its own)."""
+        run = self.run_tool if assistant is None else self.assistant_tool(assistant)
         return Generation(self.scheduler, prompt, params, stop_ids=self.stop_ids,
-                          run_tool=self.run_tool if tools and self.cfg.tools else None, logprobs=logprobs,
+                          run_tool=run if tools and self.cfg.tools else None, logprobs=logprobs,
                           min_new_tokens=min_new_tokens, observer=self.metrics.observer(route))
 
-    def model_card(self) -> dict:
-        return {"id": self.name, "object": "model", "created": self.created, "owned_by": "llmlab",
-                "context_length": self.context_len}
+    def model_card(self, assistant: Assistant | None = None) -> dict:
+        if assistant is None:
+            return {"id": self.name, "object": "model", "created": self.created, "owned_by": "llmlab",
+                    "context_length": self.context_len}
+        return {"id": assistant.name, "object": "model", "created": int(assistant.created), "owned_by": "llmlab",
+                "context_length": self.context_len, "parent": self.name, "tools": assistant.tools,
+                "files": [f["name"] for f in assistant.files]}
+
+    def model_cards(self) -> list[dict]:
+        return [self.model_card()] + [self.model_card(a) for a in self.assistants.list() if a.name != self.name]
+
+    # ---- custom assistants ---------------------------------------------------------------------------
+
+    def assistant(self, model: str) -> Assistant | None:
+        """The custom assistant a request names (None: the model itself); a 404 for neither."""
+        if model == self.name:
+            return None
+        try:
+            return self.assistants.get(model)
+        except LLMLabError:
+            served = ", ".join(c["id"] for c in self.model_cards())
+            raise APIError(404, f"the model {model!r} does not exist: this server serves {served}",
+                           param="model", code="model_not_found") from None
+
+    def passages(self, assistant: Assistant, query: str, k: int) -> list:
+        """The k passages of the assistant's files that best match `query` (BM25), best first."""
+        key = (assistant.name, assistant.created)
+        if key not in self._indexes:
+            try:
+                chunks = self.assistants.chunks(assistant.name)
+            except LLMLabError:  # deleted since the request named it: answered without its files
+                chunks = []
+            self._indexes[key] = (chunks, BM25([c.text for c in chunks]) if chunks else None)
+        chunks, index = self._indexes[key]
+        return [chunks[i] for i in index.rank(query, k)] if index and query.strip() else []
+
+    def as_assistant(self, assistant: Assistant, messages: list[dict]) -> list[dict]:
+        """The conversation as the assistant sees it: a system message of its instructions and the passages of
+        its files that best match the user's last message, each cited as [file#passage], as many of
+        --passages as leave a quarter of the context for the reply; then the request's messages (a system
+        message of its own follows the assistant's)."""
+        query = next((m.get("content") or "" for m in reversed(messages) if m["role"] == "user"), "")
+        found = self.passages(assistant, query, self.cfg.passages)
+        while True:
+            system = "\n".join([assistant.instructions] * bool(assistant.instructions)
+                               + [f"[{c.cite}] {c.text}" for c in found])
+            out = ([{"role": "system", "content": system}] if system else []) + messages
+            if not found or len(render_prompt(self.tokenizer, out)) <= self.context_len * 3 // 4:
+                return out
+            found = found[:-1]
+
+    def assistant_tool(self, assistant: Assistant):
+        """run_tool for the assistant: its own tools run, any other call is answered with an error."""
+        def run(call: str) -> str:
+            name = call.split(maxsplit=1)[0] if call.strip() else ""
+            if name not in assistant.tools:
+                return f"error: the {name or 'unnamed'} tool is not enabled for {assistant.name}"
+            return self.run_tool(call)
+        return run
 
     # ---- checks shared by the routes ---------------------------------------------------------------
 
