@@ -45,6 +45,7 @@ from llmlab.chat import write_tokenizer_config
 from llmlab.errors import LLMLabError
 from llmlab.fileio import fsync_dir, fsync_file, write_atomic, write_durably
 from llmlab.hf import INDEX, gpt_config_from_hf, is_hf_folder, read_hf_weights
+from llmlab.lora import add_lora, merge_lora
 from llmlab.model import GPT, GPTConfig
 from llmlab.tokenizer import Tokenizer
 
@@ -292,9 +293,15 @@ def load_weights(model: GPT, ckpt: str | Path, *, verify: bool = True) -> None:
 
 
 def load_model(ckpt: str | Path, device: str | torch.device = "cpu", *, verify: bool = True) -> GPT:
-    """A GPT with the checkpoint's shape and weights, in eval mode (`load` also gives its tokenizer)."""
+    """A GPT with the checkpoint's shape and weights, in eval mode (`load` also gives its tokenizer); a
+    checkpoint of LoRA fine-tuning comes with its adapter merged (llmlab.lora)."""
     model = GPT(load_model_config(ckpt))
+    lora = read_info(ckpt).get("lora") if (resolve(ckpt) / "llmlab.json").is_file() else None
+    if lora:
+        add_lora(model, lora["r"], lora["alpha"], tuple(lora["targets"]))
     load_weights(model, ckpt, verify=verify)
+    if lora:
+        merge_lora(model)
     return model.to(device).eval()
 
 

@@ -88,7 +88,8 @@ class OptimConfig:
 
 
 def build_optimizers(model: nn.Module, cfg) -> list[torch.optim.Optimizer]:
-    """[AdamW, Muon] over the model's parameters, partitioned by role (each parameter in exactly one group).
+    """[AdamW, Muon] over the model's trainable parameters, partitioned by role (each parameter in exactly one
+    group; an optimizer with no parameter is left out).
 
     Learning rates of AdamW groups scale with 1/sqrt(d_model / 768) as in nanochat, so the defaults carry
     across widths. Each group remembers its base lr in `initial_lr` for the schedule.
@@ -97,6 +98,8 @@ def build_optimizers(model: nn.Module, cfg) -> list[torch.optim.Optimizer]:
     scale = (d_model / 768) ** -0.5
     embed, head, scalars, matrices = [], [], [], []
     for name, p in model.named_parameters():
+        if not p.requires_grad:  # frozen (a LoRA adapter's base): no optimizer state, never updated
+            continue
         if name.startswith("embed_tokens"):
             (head if model.config.tie_embeddings else embed).append(p)
         elif name.startswith(("lm_head", "score")):  # the LM head, or a scorer's head
@@ -111,9 +114,11 @@ def build_optimizers(model: nn.Module, cfg) -> list[torch.optim.Optimizer]:
         dict(params=scalars, lr=cfg.scalar_lr, weight_decay=0.0),
     ]
     adam_groups = [g for g in adam_groups if g["params"]]
-    adamw = torch.optim.AdamW(adam_groups, betas=(0.8, 0.95), eps=1e-10, fused=False)
-    muon = Muon(matrices, lr=cfg.muon_lr)
-    optimizers = [adamw, muon]
+    optimizers: list[torch.optim.Optimizer] = []
+    if adam_groups:  # (a LoRA adapter is matrices only: no AdamW)
+        optimizers.append(torch.optim.AdamW(adam_groups, betas=(0.8, 0.95), eps=1e-10, fused=False))
+    if matrices:
+        optimizers.append(Muon(matrices, lr=cfg.muon_lr))
     for opt in optimizers:
         for group in opt.param_groups:
             group["initial_lr"] = group["lr"]

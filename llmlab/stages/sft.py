@@ -11,6 +11,7 @@ than pretraining's, steps, batch) are in llmlab.presets.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -18,6 +19,7 @@ from llmlab import checkpoint
 from llmlab.data import Mixture, parse_corpus
 from llmlab.data.conversations import ConversationLoader
 from llmlab.errors import LLMLabError
+from llmlab.lora import add_lora, lora_meta, save_adapter
 from llmlab.training import TrainConfig, bpb_evaluator, fit, setup
 
 
@@ -32,11 +34,20 @@ class Config(TrainConfig):
     conversations never ask about are not forgotten; empty = none"""
     replay_frac: float = 0.0
     """share of each batch's rows that are replayed pretraining documents (trained on every token)"""
+    lora_r: int = 0
+    """train a LoRA adapter of this rank instead of every weight (0: full fine-tuning); the adapter is also
+    written in PEFT's format to <out_dir>/adapter (llmlab.lora)"""
+    lora_alpha: float = 16.0
+    """LoRA's scale numerator: the update is (lora_alpha / lora_r) B A"""
+    lora_targets: str = "q_proj,k_proj,v_proj,o_proj"
+    """the layers of every block that get an adapter (also gate_proj, up_proj, down_proj)"""
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not 0.0 <= self.replay_frac < 1.0:
             raise LLMLabError(f"--replay_frac must be in [0, 1) (got {self.replay_frac})")
+        if self.lora_r < 0:
+            raise LLMLabError(f"--lora_r must be 0 (full fine-tuning) or a rank >= 1 (got {self.lora_r})")
         if self.replay_frac > 0 and not self.replay:
             raise LLMLabError("--replay_frac > 0 needs --replay, a pretraining corpus (e.g. the world dir)")
 
@@ -48,6 +59,9 @@ def main(cfg: Config) -> dict:
     base = checkpoint.load(cfg.base, info.device)
     net, tokenizer = base.model, base.require_tokenizer("fine-tuning (the chat format's special tokens)")
     T = net.config.context_len
+    if cfg.lora_r:
+        add_lora(net, cfg.lora_r, cfg.lora_alpha, tuple(t.strip() for t in cfg.lora_targets.split(",") if t.strip()),
+                 seed=cfg.seed)
 
     # ---- data: conversations, and pretraining documents to reread -----------------------------------------
     sources = parse_corpus(cfg.data, column="messages")
@@ -62,8 +76,13 @@ def main(cfg: Config) -> dict:
 
     # ---- loss: cross-entropy on the assistant's tokens (the targets the loader did not mask) --------------
     metrics = fit(cfg, info, net, loader, evaluate=bpb_evaluator(val_batches, torch.as_tensor(tokenizer.token_bytes()), info),
-                  meta={"stage": "sft", "base": str(base.path)}, tokenizer_path=base.path,
+                  meta={"stage": "sft", "base": str(base.path), **({"lora": lora_meta(net)} if cfg.lora_r else {})},
+                  tokenizer_path=base.path,
                   step_metrics=lambda: {"skipped": loader.skipped})
+    if cfg.lora_r and info.is_main:
+        adapter = save_adapter(net, Path(cfg.out_dir) / "adapter", base=str(base.path))
+        size = sum(p.numel() for n, p in net.named_parameters() if "lora_" in n)
+        print(f"sft: LoRA adapter of {size:,} parameters ({size / (net.num_params() - size):.1%} of the model) -> {adapter}")
     if info.is_main:
         print(f"sft: step {metrics['step']}, val loss {metrics['val_loss']:.4f} (assistant tokens), {loader.skipped} "
               f"conversations too long skipped, {loader.replayed} pretraining documents reread -> "

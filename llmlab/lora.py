@@ -1,0 +1,171 @@
+"""LoRA adapters (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models"), written here and
+saved in PEFT's format, so that an adapter trained by llmlab loads onto the Hugging Face export with `peft`.
+
+A linear layer y = W x, W frozen, learns a low-rank update: y = W x + (alpha / r) B A x, with A (r x in)
+initialised as PEFT does (Kaiming-uniform, a = sqrt(5)) and B (out x r) at zero, so training starts from the
+base model exactly. Only A and B train: an adapter is a few percent of the model's size, and several adapters
+share one base in memory.
+
+    targets = add_lora(model, r=8, alpha=16)        # wraps q_proj, k_proj, v_proj, o_proj of every block
+    ... train: only lora_A and lora_B have requires_grad ...
+    save_adapter(model, "out/adapter", base="runs/cpu/sft")
+    load_adapter(model, "out/adapter")              # onto a fresh copy of the base
+    merge_lora(model)                               # W += (alpha / r) B A; the plain GPT again
+
+On disk (PEFT's layout): adapter_config.json ({"peft_type": "LORA", "r", "lora_alpha", "target_modules", ...})
+and adapter_model.safetensors with keys `base_model.model.<Hugging Face module name>.lora_A.weight` /
+`.lora_B.weight`; beside them llmlab_adapter.json, the base's shape, to refuse an adapter for another base.
+
+A checkpoint of `llmlab sft --lora_r N` holds the base's frozen weights and the adapter under the wrapped
+names, for resuming; its llmlab.json records {"lora": {"r", "alpha", "targets"}}, and llmlab.checkpoint loads it
+merged, a plain GPT for every stage.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+from llmlab.errors import LLMLabError
+from llmlab.model import GPT
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+ALL_LINEAR = TARGETS + ("gate_proj", "up_proj", "down_proj")
+CONFIG, WEIGHTS, BASE = "adapter_config.json", "adapter_model.safetensors", "llmlab_adapter.json"
+
+
+class LoRALinear(nn.Module):
+    """`base` (frozen) plus the low-rank update (alpha / r) B A."""
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float):
+        super().__init__()
+        self.base_layer = base.requires_grad_(False)
+        self.r, self.alpha, self.scaling = r, alpha, alpha / r
+        self.lora_A = nn.Linear(base.in_features, r, bias=False, device=base.weight.device)
+        self.lora_B = nn.Linear(r, base.out_features, bias=False, device=base.weight.device)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base_layer(x) + self.lora_B(self.lora_A(x)) * self.scaling
+
+
+def add_lora(model: GPT, r: int = 8, alpha: float = 16.0, targets: tuple[str, ...] = TARGETS,
+             seed: int = 0) -> list[str]:
+    """Freeze `model` and wrap its linear layers named in `targets` with LoRA; the wrapped modules' names."""
+    if r < 1:
+        raise LLMLabError(f"LoRA's rank must be at least 1 (got {r})")
+    unknown = set(targets) - set(ALL_LINEAR)
+    if unknown:
+        raise LLMLabError(f"LoRA targets {sorted(unknown)} are not layers of the model; choose from {', '.join(ALL_LINEAR)}")
+    model.requires_grad_(False)
+    torch.manual_seed(seed)
+    wrapped = []
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if child_name in targets and isinstance(child, nn.Linear):
+                setattr(module, child_name, LoRALinear(child, r, alpha))
+                wrapped.append(f"{name}.{child_name}" if name else child_name)
+    if not wrapped:
+        raise LLMLabError(f"no layer named {', '.join(targets)} in the model: nothing to adapt")
+    return wrapped
+
+
+def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def _hf(name: str) -> str:
+    return name if name.startswith("lm_head") else "model." + name
+
+
+def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter's tensors under PEFT's saved names."""
+    out = {}
+    for name, m in lora_modules(model).items():
+        out[f"base_model.model.{_hf(name)}.lora_A.weight"] = m.lora_A.weight.detach().cpu().contiguous()
+        out[f"base_model.model.{_hf(name)}.lora_B.weight"] = m.lora_B.weight.detach().cpu().contiguous()
+    return out
+
+
+def _base_shape(model: GPT) -> dict:
+    c = model.config
+    return {"vocab_size": c.vocab_size, "n_layer": c.n_layer, "d_model": c.d_model, "n_head": c.n_head,
+            "n_kv_head": c.n_kv_head, "head_dim": c.hdim, "ffn": c.ffn}
+
+
+def save_adapter(model: GPT, out_dir: str | Path, base: str = "") -> Path:
+    """adapter_config.json and adapter_model.safetensors (PEFT's format) of the model's LoRA layers."""
+    mods = lora_modules(model)
+    if not mods:
+        raise LLMLabError("the model has no LoRA layers to save")
+    first = next(iter(mods.values()))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": first.r, "lora_alpha": first.alpha,
+              "target_modules": sorted({n.rsplit(".", 1)[-1] for n in mods}), "lora_dropout": 0.0, "bias": "none",
+              "fan_in_fan_out": False, "inference_mode": True, "base_model_name_or_path": str(base)}
+    save_file(adapter_state(model), str(out / WEIGHTS), metadata={"format": "pt"})
+    (out / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    (out / BASE).write_text(json.dumps({"base": _base_shape(model)}, indent=2) + "\n")
+    return out
+
+
+def read_adapter_config(adapter_dir: str | Path) -> dict:
+    path = Path(adapter_dir) / CONFIG
+    if not path.is_file() or not (Path(adapter_dir) / WEIGHTS).is_file():
+        raise LLMLabError(f"no adapter at {adapter_dir}: it needs {CONFIG} and {WEIGHTS} (`llmlab sft --lora_r N`)")
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise LLMLabError(f"{path} is not JSON ({e})") from None
+    if config.get("peft_type") != "LORA":
+        raise LLMLabError(f"{path}: not a LoRA adapter (peft_type {config.get('peft_type')!r})")
+    return config
+
+
+def load_adapter(model: GPT, adapter_dir: str | Path) -> GPT:
+    """Wrap `model` (the base the adapter was trained on) with the adapter's LoRA layers and load them."""
+    config = read_adapter_config(adapter_dir)
+    shape_file = Path(adapter_dir) / BASE  # (absent from adapters trained by PEFT itself)
+    want = json.loads(shape_file.read_text())["base"] if shape_file.is_file() else None
+    have = _base_shape(model)
+    if want is not None and want != have:
+        diff = ", ".join(f"{k} {want.get(k)} vs {have[k]}" for k in have if want.get(k) != have[k])
+        raise LLMLabError(f"the adapter at {adapter_dir} was trained on another base ({diff}): load it onto "
+                          f"{config.get('base_model_name_or_path') or 'its own base'}")
+    add_lora(model, config["r"], config["lora_alpha"], tuple(config["target_modules"]))
+    tensors = load_file(str(Path(adapter_dir) / WEIGHTS))
+    expected = adapter_state(model)
+    if set(tensors) != set(expected):
+        raise LLMLabError(f"{adapter_dir}/{WEIGHTS} does not hold the layers its config names")
+    for name, m in lora_modules(model).items():
+        for part in ("lora_A", "lora_B"):
+            t = tensors[f"base_model.model.{_hf(name)}.{part}.weight"]
+            getattr(m, part).weight.data.copy_(t)
+    return model
+
+
+@torch.no_grad()
+def lora_meta(model: nn.Module) -> dict | None:
+    """What a checkpoint records of the model's adapter ({"r", "alpha", "targets"}), or None without one."""
+    mods = lora_modules(model)
+    if not mods:
+        return None
+    first = next(iter(mods.values()))
+    return {"r": first.r, "alpha": first.alpha, "targets": sorted({n.rsplit(".", 1)[-1] for n in mods})}
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every LoRA update into its base layer and put the plain layer back."""
+    for name, m in lora_modules(model).items():
+        parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+        base = m.base_layer
+        base.weight.data.add_(m.scaling * m.lora_B.weight @ m.lora_A.weight)
+        setattr(parent, name.rsplit(".", 1)[-1], base)
+    return model
