@@ -537,3 +537,37 @@ def test_a_stored_empty_answer_leaves_its_exchange_out_of_the_next_prompt():
     messages = history(conversation)
     validate(messages)
     assert messages == [msg("system", "Be brief."), msg("user", "b"), msg("assistant", "B1"), msg("user", "d")]
+
+
+def test_a_tool_call_the_model_never_closes_is_reported_not_hidden(files):
+    """The model writes `<|tool_start|>calculator 1 +` and ends its turn: no tool runs, the content is empty,
+    and the reply says what the model began instead of looking empty for no reason."""
+    from llmlab.scheduler import Scheduler
+    from serving import ScriptModel
+
+    app, live = _start(files, "unclosed")
+    service = app.state.service
+    tok = service.tokenizer
+    sp = tok.special_id
+    plan = [sp("<|tool_start|>")] + tok.encode("calculator 1 +") + [sp("<|assistant_end|>")]
+
+    def script(seq):
+        start = len(seq) - 1 - seq[::-1].index(sp("<|assistant_start|>")) if sp("<|assistant_start|>") in seq else None
+        if start is None:
+            return tok.bos_id
+        written = seq[start + 1:]
+        return plan[len(written)] if len(written) < len(plan) else sp("<|assistant_end|>")
+
+    service.scheduler.shutdown()
+    service.scheduler = Scheduler(ScriptModel(tok.vocab_size, script, context_len=service.context_len), tok, max_batch=4)
+    try:
+        body = {"model": "test-model", "messages": [{"role": "user", "content": "Hi"}]}
+        message = httpx.post(live.url + "/v1/chat/completions", json=body, timeout=60).json()["choices"][0]["message"]
+        assert message["content"] == "" and message["unfinished_tool_call"] == "calculator 1 +"
+        assert "executed_tool_calls" not in message
+        stream = httpx.post(live.url + "/v1/chat/completions", json={**body, "stream": True}, timeout=60).text
+        deltas = [json.loads(line[6:])["choices"][0]["delta"] for line in stream.splitlines()
+                  if line.startswith("data: {")]
+        assert {"unfinished_tool_call": "calculator 1 +"} in deltas
+    finally:
+        live.stop()

@@ -211,6 +211,14 @@ class ChoiceText:
         # else: inside a call or an output, or an end token (the scheduler stops the row) or one without text
         return self._release(final=False) + pieces
 
+    @property
+    def unfinished_call(self) -> str | None:
+        """The text of a tool call the model began and never closed (the turn ended, or ran out of tokens,
+        inside `<|tool_start|>...`): no tool ran, and the reply would otherwise look empty for no reason."""
+        if self.finish is None or self._spans.span != "call":
+            return None
+        return self.tokenizer.decode(self._spans.call).strip()
+
     def _add(self, text: str) -> None:
         self.content += text.lstrip() if self.lstrip and not self.content else text
 

@@ -7,7 +7,10 @@
 Sampling settings a request leaves out are OpenAI's defaults (`DEFAULTS`); `top_k` and `min_tokens` are
 extensions, as in vLLM. Tool calls the engine ran are reported in an extension field, `executed_tool_calls`
 (OpenAI's `tool_calls` asks the client to run them; these already ran): `[{"id", "type": "function",
-"function": {"name", "arguments"}, "output"}]` on the message, and one per chunk in a stream's deltas.
+"function": {"name", "arguments"}, "output"}]` on the message, and one per chunk in a stream's deltas. A call
+the model began and never closed (its turn ended, or its tokens ran out, inside it) ran no tool; its text is
+`unfinished_tool_call` on the message (in a stream: on the delta of the finishing chunk), so that an empty
+reply says why.
 """
 
 from __future__ import annotations
@@ -183,6 +186,8 @@ def _chat_message(text: ChoiceText) -> dict:
     message = {"role": "assistant", "content": text.content}
     if text.tool_calls:
         message["executed_tool_calls"] = _executed(text.tool_calls)
+    if text.unfinished_call is not None:  # a call the model never closed: shown, not silently dropped
+        message["unfinished_tool_call"] = text.unfinished_call
     return message
 
 
@@ -253,7 +258,8 @@ async def _chat_stream(service: Service, gen: Generation, texts: list[ChoiceText
                 yield "".join(out) + _error_chunk(value)
                 return
             else:
-                out.append(chunk(i, {}, value))
+                unfinished = texts[i].unfinished_call
+                out.append(chunk(i, {} if unfinished is None else {"unfinished_tool_call": unfinished}, value))
         if out:
             yield "".join(out)
     if include_usage:
