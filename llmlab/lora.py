@@ -151,7 +151,6 @@ def load_adapter(model: GPT, adapter_dir: str | Path) -> GPT:
     return model
 
 
-@torch.no_grad()
 def lora_meta(model: nn.Module) -> dict | None:
     """What a checkpoint records of the model's adapter ({"r", "alpha", "targets"}), or None without one."""
     mods = lora_modules(model)
@@ -161,11 +160,12 @@ def lora_meta(model: nn.Module) -> dict | None:
     return {"r": first.r, "alpha": first.alpha, "targets": sorted({n.rsplit(".", 1)[-1] for n in mods})}
 
 
+@torch.no_grad()
 def merge_lora(model: nn.Module) -> nn.Module:
     """Fold every LoRA update into its base layer and put the plain layer back."""
     for name, m in lora_modules(model).items():
         parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
         base = m.base_layer
-        base.weight.data.add_(m.scaling * m.lora_B.weight @ m.lora_A.weight)
+        base.weight.add_(m.scaling * m.lora_B.weight @ m.lora_A.weight)
         setattr(parent, name.rsplit(".", 1)[-1], base)
     return model

@@ -22,6 +22,8 @@ def test_each_format_reads_as_its_text(tmp_path):
     assert read_text(tmp_path / "a.md").split() == "Leave Staff get 25 days of paid leave. Badges are red.".split()
     (tmp_path / "b.jsonl").write_text('{"text": "One."}\n\n{"content": "Two."}\n')
     assert read_text(tmp_path / "b.jsonl") == "One.\nTwo."
+    (tmp_path / "c.jsonl").write_text(json.dumps({"text": "A\u2028B\x85C"}, ensure_ascii=False) + "\n", encoding="utf-8")
+    assert read_text(tmp_path / "c.jsonl") == "A\u2028B\x85C"  # a row is a line at "\n" only, not at U+2028
     long = " ".join(f"Sentence number {i} (of many) says\\ nothing." for i in range(200))
     write_pdf(tmp_path / "c.pdf", long, lines_per_page=20)  # several pages
     assert read_text(tmp_path / "c.pdf").split() == long.split()

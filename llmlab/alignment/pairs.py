@@ -118,15 +118,18 @@ def encode_pairs(pairs: list[PreferencePair], tok: Tokenizer, max_len: int) -> t
     return encoded, skipped
 
 
-def reward_batch(pairs: list[EncodedPair], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids (2P, T) right-padded, last (2P,)): the chosen rows, then the rejected rows, and each row's last
-    real token (where a reward model's score is read)."""
-    rows = [p.chosen[0] for p in pairs] + [p.rejected[0] for p in pairs]
-    T = max(len(r) for r in rows)
-    ids = torch.full((len(rows), T), pad_id, dtype=torch.int64)
+def right_padded(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids (B, T) right-padded with pad_id, last (B,)): each row's last real token, where a scorer reads it."""
+    ids = torch.full((len(rows), max(len(r) for r in rows)), pad_id, dtype=torch.int64)
     for i, r in enumerate(rows):
         ids[i, :len(r)] = torch.tensor(r)
     return ids, torch.tensor([len(r) - 1 for r in rows])
+
+
+def reward_batch(pairs: list[EncodedPair], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids (2P, T) right-padded, last (2P,)): the chosen rows, then the rejected rows, and each row's last
+    real token (where a reward model's score is read)."""
+    return right_padded([p.chosen[0] for p in pairs] + [p.rejected[0] for p in pairs], pad_id)
 
 
 def policy_batch(pairs: list[EncodedPair], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

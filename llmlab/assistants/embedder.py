@@ -29,8 +29,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from llmlab.alignment.pairs import EncodedPair
+from llmlab.alignment.pairs import EncodedPair, right_padded
 from llmlab.assistants.chunks import chunk_text
+from llmlab.assistants.retrieval import pack_chunks
 from llmlab.model import GPT
 from llmlab.tokenizer import Tokenizer
 from llmlab.world.core import World
@@ -69,11 +70,8 @@ def encoder(model: GPT, tok: Tokenizer, batch_size: int = 64):
         model.eval()
         out = []
         for i in range(0, len(texts), batch_size):
-            rows = [encode_text(tok, t, T) for t in texts[i:i + batch_size]]
-            ids = torch.full((len(rows), max(len(r) for r in rows)), tok.pad_id, dtype=torch.long)
-            for j, r in enumerate(rows):
-                ids[j, :len(r)] = torch.tensor(r)
-            out.append(embed_rows(model, ids, torch.tensor([len(r) - 1 for r in rows])))
+            ids, last = right_padded([encode_text(tok, t, T) for t in texts[i:i + batch_size]], tok.pad_id)
+            out.append(embed_rows(model, ids, last))
         return torch.cat(out)
 
     return encode
@@ -116,8 +114,7 @@ def training_pairs(world: World, n_packs: int, max_words: int, seed: int = 0) ->
             pairs.append((rng.choice(phrasings["seen"]).format(name=person.name), rng.choice(holding)))
     for draw in range(n_packs):
         for facts in make_packs(world, seed=1 + draw).values():
-            chunks = [c for file in dict.fromkeys(f.file for f in facts)
-                      for c in chunk_text(" ".join(f.sentence for f in facts if f.file == file), file, max_words)]
+            chunks = pack_chunks(facts, max_words)
             for f in facts:
                 pairs.append((f.seen, rng.choice([c.text for c in chunks if f.sentence in c.text])))
     rng.shuffle(pairs)

@@ -29,7 +29,7 @@ def _markdown(text: str) -> str:
 
 def _jsonl(path: Path, raw: str) -> str:
     texts = []
-    for i, line in enumerate(raw.splitlines(), 1):
+    for i, line in enumerate(raw.split("\n"), 1):  # not splitlines(): it also splits at U+2028 inside a string
         if not line.strip():
             continue
         try:

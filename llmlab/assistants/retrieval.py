@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from llmlab.assistants.chunks import Chunk, chunk_text
 from llmlab.tools.search import SearchIndex
 from llmlab.world.core import World
-from llmlab.world.packs import Fact, make_packs
+from llmlab.world.packs import Fact, file_text, make_packs
 
 DISTRACTOR_SEED = 1_000_000  # the distractor packs' draws: far above any the embedder trains on
 
@@ -88,6 +88,13 @@ def evaluate(retriever: Retriever, questions: list[tuple[str, set[int]]], recall
             "n": len(questions)}
 
 
+def pack_chunks(facts: list[Fact], max_words: int, prefix: str = "") -> list[Chunk]:
+    """The passages of a knowledge pack's files (their text as llmlab.world.packs.file_text gives it), each
+    citing `prefix` + its file."""
+    return [c for file in dict.fromkeys(f.file for f in facts)
+            for c in chunk_text(file_text(facts, file), prefix + file, max_words)]
+
+
 def pack_benchmark(world: World, max_words: int = 25, distractor_packs: int = 5,
                    phrasing: str = "question") -> tuple[list[Chunk], list[tuple[str, set[int]]]]:
     """The retrieval benchmark of the world's knowledge packs: (passages, [(question, relevant indices)]).
@@ -96,15 +103,11 @@ def pack_benchmark(world: World, max_words: int = 25, distractor_packs: int = 5,
     names and values; drawn with seeds no training uses) and the world's encyclopedia. Questions: the world's
     packs' facts in `phrasing` ("question": other words than the files'; "seen": the files' own words); a
     passage is relevant when it holds the fact's sentence."""
-    def chunks_of(facts: list[Fact], pack: str) -> list[Chunk]:
-        return [c for file in dict.fromkeys(f.file for f in facts)
-                for c in chunk_text(" ".join(f.sentence for f in facts if f.file == file), f"{pack}/{file}", max_words)]
-
     own = make_packs(world)
-    passages = [c for pack, facts in own.items() for c in chunks_of(facts, pack)]
+    passages = [c for pack, facts in own.items() for c in pack_chunks(facts, max_words, f"{pack}/")]
     for draw in range(distractor_packs):
         for pack, facts in make_packs(world, seed=DISTRACTOR_SEED + draw).items():
-            passages += chunks_of(facts, f"other-{draw}/{pack}")
+            passages += pack_chunks(facts, max_words, f"other-{draw}/{pack}/")
     passages += [Chunk("encyclopedia", i, text) for i, text in enumerate(SearchIndex.from_world_passages(world))]
     questions = []
     for facts in own.values():

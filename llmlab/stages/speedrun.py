@@ -74,6 +74,10 @@ def _done(cfg) -> bool:
     return checkpoint.has_checkpoint(cfg.out_dir) and checkpoint.read_info(cfg.out_dir)["step"] >= cfg.max_steps
 
 
+def _tokenized(cfg) -> bool:
+    return (Path(cfg.out_dir) / "tokenizer.json").is_file()
+
+
 def outdated_by(chain: list[tuple[str, bool, str]]) -> tuple[str | None, list[str]]:
     """chain: (stage, done, output) in order. The first stage that will run, and the outputs of the stages
     after it (made from what it replaces)."""
@@ -129,7 +133,7 @@ def main(cfg: Config) -> dict:
         return out
 
     chain = [("world", world.is_done(cfg.world), cfg.world.out_dir),
-             ("tokenizer", (Path(cfg.tokenizer.out_dir) / "tokenizer.json").is_file(), cfg.tokenizer.out_dir),
+             ("tokenizer", _tokenized(cfg.tokenizer), cfg.tokenizer.out_dir),
              ("pretrain", _done(cfg.pretrain), cfg.pretrain.out_dir)]
     chain += [("sft", _done(cfg.sft), cfg.sft.out_dir)] if cfg.assistant else []
     chain += [("rm", _done(cfg.rm), cfg.rm.out_dir), ("rl", _done(cfg.rl), cfg.rl.out_dir)] if cfg.assistant and cfg.align else []
@@ -138,8 +142,7 @@ def main(cfg: Config) -> dict:
         print(f"== {rerun} runs again: the later stages' earlier outputs were moved to {stale}")
     dist.barrier()
     results["world"] = stage("world", chain[0][1], lambda: world.main(cfg.world))
-    tok_done = (Path(cfg.tokenizer.out_dir) / "tokenizer.json").is_file()
-    results["tokenizer"] = stage("tokenizer", tok_done, lambda: tokenizer.main(cfg.tokenizer))
+    results["tokenizer"] = stage("tokenizer", _tokenized(cfg.tokenizer), lambda: tokenizer.main(cfg.tokenizer))
     stage("pretrain", _done(cfg.pretrain), lambda: pretrain.main(cfg.pretrain), every_rank=True)
     if cfg.assistant:
         stage("sft", _done(cfg.sft), lambda: sft.main(cfg.sft), every_rank=True)
