@@ -195,3 +195,25 @@ def calculator_script(tok: Tokenizer):
         return plan[len(written)] if len(written) < len(plan) else end
 
     return script
+
+
+def reading_script(tok):
+    """The calculator script, except that it reads: given a question about Quillmoor and a passage
+    `[file#i] text` after it, it says "09:30 [file#i]" if the passage names Quillmoor, else that the passage
+    does not say."""
+    sp = tok.special_id
+    base = calculator_script(tok)
+
+    def script(seq: list[int]) -> int:
+        if sp("<|user_start|>") not in seq or sp("<|assistant_start|>") not in seq:
+            return base(seq)
+        user = tok.decode(seq[seq.index(sp("<|user_start|>")) + 1: seq.index(sp("<|user_end|>"))])
+        question, _, passage = user.partition("\n")
+        if not passage.startswith("[") or "Quillmoor" not in question:
+            return base(seq)
+        cite = passage[1:passage.index("]")]
+        text = f" 09:30 [{cite}]" if "Quillmoor" in passage else " The passage does not say."
+        plan = tok.encode(text) + [sp("<|assistant_end|>")]
+        written = seq[seq.index(sp("<|assistant_start|>")) + 1:]
+        return plan[len(written)] if len(written) < len(plan) else sp("<|assistant_end|>")
+    return script

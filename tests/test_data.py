@@ -1,6 +1,7 @@
 """Corpus sources (text, JSONL/parquet through `datasets`, the world), mixing, and the packing loader."""
 
 import json
+import random
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -192,3 +193,42 @@ def test_fine_tuning_rereads_pretraining_documents_on_a_fixed_schedule_and_resum
 
     with pytest.raises(LLMLabError, match="replay"):
         ConversationLoader(Mixture(parse_corpus(str(conversations), column="messages")), tok, 4, 48, replay_frac=0.5)
+
+
+def test_length_grouping_pads_less_serves_the_same_rows_and_resumes_mid_group(tmp_path, tok):
+    from llmlab.data.conversations import ConversationLoader
+    from llmlab.errors import LLMLabError
+
+    rng = random.Random(0)
+    chats = [[{"role": "user", "content": " ".join(["word"] * rng.randint(1, 30))},
+              {"role": "assistant", "content": "ok"}] for _ in range(400)]
+    conversations = _jsonl(tmp_path / "chats.jsonl", chats, key="messages")
+
+    def loader(group: int, rank: int = 0, world: int = 1, batch: int = 4) -> ConversationLoader:
+        return ConversationLoader(Mixture(parse_corpus(str(conversations), column="messages")), tok, batch, 64,
+                                  rank, world, group_batches=group)
+
+    def rows(x: torch.Tensor) -> list[tuple]:
+        return [tuple(t for t in r.tolist() if t != tok.pad_id) for r in x]
+
+    plain, grouped = loader(1), loader(8)
+    a = [plain.next_batch()[0] for _ in range(16)]
+    b = [grouped.next_batch()[0] for _ in range(16)]
+    assert sorted(r for x in a for r in rows(x)) == sorted(r for x in b for r in rows(x))  # the same conversations
+    assert sum(x.numel() for x in b) < 0.8 * sum(x.numel() for x in a)  # in fewer padded tokens
+    assert plain.state_dict()["drawn"] == grouped.state_dict()["drawn"]
+
+    # resumed mid-group, the next batches are the same; two ranks split each global batch of the group
+    c = loader(8)
+    for _ in range(3):
+        c.next_batch()
+    state = c.state_dict()
+    assert state["served"] == 3 and state["drawn"] == 0
+    d = loader(8)
+    d.load_state_dict(state)
+    for _ in range(8):
+        assert torch.equal(c.next_batch()[0], d.next_batch()[0])
+    halves = [rows(loader(8, rank, 2).next_batch()[0]) for rank in (0, 1)]
+    assert sorted(halves[0] + halves[1]) == sorted(rows(loader(8, batch=8).next_batch()[0]))
+    with pytest.raises(LLMLabError, match="group"):
+        loader(4).load_state_dict(state)

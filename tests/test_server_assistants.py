@@ -1,12 +1,13 @@
-"""Custom assistants served by name: listed in /v1/models, answered with their instructions, the passages of
-their files that match the question and only their own tools; unknown or deleted names get a clear 404."""
+"""Custom assistants served by name: listed in /v1/models, answered from the passages of their files that
+match the question (read one at a time, the answer cited) or else with their instructions, and only their own
+tools; unknown or deleted names get a clear 404."""
 
 import openai
 import pytest
 
 from llmlab.assistants.store import AssistantStore
-from llmlab.chat import render_prompt
-from serving import LiveServer, make_app, make_checkpoint, make_tokenizer, script_the_model
+from llmlab.scheduler import Scheduler
+from serving import LiveServer, ScriptModel, make_app, make_checkpoint, make_tokenizer, reading_script, script_the_model
 
 FACTS = ("The Zorbel office opens at 08:15. Visitor badges at Zorbel are yellow. The car park has 40 spaces. "
          "The ferry to Quillmoor leaves from the north pier at 09:30. Lunch on Fridays is lentil soup.")
@@ -45,17 +46,27 @@ def test_assistants_are_listed_and_answer_by_name(served):
         client.chat.completions.create(model="nobody", messages=[{"role": "user", "content": "Hi"}])
 
 
-def test_the_assistant_reads_its_instructions_and_the_matching_passages_first(served):
-    service, _, store = served
-    shop = store.get("shop")
-    messages = service.as_assistant(shop, [{"role": "user", "content": "When does the ferry to Quillmoor leave?"}])
-    system = messages[0]["content"]
-    assert messages[0]["role"] == "system" and system.startswith("Answer from the passages.")
-    first = system.split("\n")[1]
-    assert first.startswith("[facts.txt#") and "Quillmoor" in first
-    assert len(render_prompt(service.tokenizer, messages)) <= service.context_len * 3 // 4
-    long = [{"role": "user", "content": "ferry " * 150}]  # no room left: the passages give way
-    assert service.as_assistant(shop, long)[0]["content"] == "Answer from the passages."
+def test_the_assistant_answers_from_the_passage_that_holds_the_answer(served):
+    service, live, store = served
+    service.scheduler.shutdown()
+    service.scheduler = Scheduler(ScriptModel(service.tokenizer.vocab_size, reading_script(service.tokenizer),
+                                              context_len=service.context_len), service.tokenizer, max_batch=8)
+    try:
+        client = _client(live)
+        question = [{"role": "user", "content": "When does the ferry to Quillmoor leave?"}]
+        reply = client.chat.completions.create(model="shop", messages=question)
+        cited = reply.model_dump()["citations"][0]
+        assert reply.choices[0].message.content == f"09:30 [facts.txt#{cited['passage']}]"
+        assert cited["file"] == "facts.txt" and "Quillmoor" in cited["text"]
+        stream = client.chat.completions.create(model="shop", messages=question, stream=True)
+        assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == reply.choices[0].message.content
+        # a question no passage answers: the instructions lead the conversation, and the model answers it
+        assert service.as_assistant(store.get("shop"), [{"role": "user", "content": "Hi"}])[0] == {
+            "role": "system", "content": "Answer from the passages."}
+        hi = client.chat.completions.create(model="shop", messages=[{"role": "user", "content": "Hi"}])
+        assert hi.choices[0].message.content == "Hello there. Fine." and "citations" not in hi.model_dump()
+    finally:
+        script_the_model(service)
 
 
 def test_only_the_assistants_own_tools_run(served):

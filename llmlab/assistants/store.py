@@ -25,6 +25,7 @@ from pathlib import Path
 from llmlab.assistants.chunks import Chunk, chunk_text
 from llmlab.assistants.files import MAX_BYTES, read_text
 from llmlab.errors import LLMLabError
+from llmlab.world.reading import PASSAGE_WORDS
 
 NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 TOOLS = ("calculator", "search", "python")
@@ -38,7 +39,7 @@ class Assistant:
     tools: list[str] = field(default_factory=list)
     files: list[dict] = field(default_factory=list)
     """{"name", "sha256", "bytes", "chunks"} per knowledge file"""
-    max_words: int = 25
+    max_words: int = PASSAGE_WORDS
     """words per passage its files were cut into"""
     created: float = 0.0
 
@@ -51,7 +52,7 @@ class AssistantStore:
         return self.root / name
 
     def create(self, name: str, instructions: str = "", files: list[str | Path] = (), tools: list[str] = (),
-               max_words: int = 25, max_bytes: int = MAX_BYTES) -> Assistant:
+               max_words: int = PASSAGE_WORDS, max_bytes: int = MAX_BYTES) -> Assistant:
         """A new assistant (see the module docstring); an LLMLabError names what is wrong, and nothing is written."""
         if not NAME.fullmatch(name):
             raise LLMLabError(f"assistant name {name!r}: use 1-64 lowercase letters, digits, '-' or '_', starting "

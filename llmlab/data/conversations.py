@@ -13,14 +13,21 @@ cpu preset, 1,500 steps took held-out people's birth cities, ranked by likelihoo
 from 98% to 40%); rereading a little of the pretraining data keeps them, as mixing pretraining data into
 fine-tuning does in the large recipes.
 
+Length grouping (`group_batches` G > 1): G global batches' rows are rendered together, sorted by length, cut
+into G batches and served in a shuffled order, so that a batch pads its rows to a length close to theirs. On the
+cpu preset's mix (median 64 tokens, a few near the 128-token context) a batch of 32 drawn at random pads to 118
+tokens on average, one of a group of 8 to 69: 40% fewer tokens computed for the same conversations. The order
+of the group's batches comes from the position where the group starts, so it is the same on every rank.
+
 Every rank renders the global batch of B x W fitting rows and keeps rows r, r+W, ...: the position
 (conversations drawn, documents replayed, rows made) is then global, and a run resumes exactly on any number of
-processes.
+processes (with grouping: at the start of the group, with how many of its batches were served).
 """
 
 from __future__ import annotations
 
 import math
+import random
 
 import torch
 
@@ -33,7 +40,9 @@ from llmlab.training import IGNORE_INDEX
 
 class ConversationLoader:
     def __init__(self, mixture: Mixture, tokenizer: Tokenizer, batch_size: int, seq_len: int, rank: int = 0,
-                 world_size: int = 1, replay: Mixture | None = None, replay_frac: float = 0.0):
+                 world_size: int = 1, replay: Mixture | None = None, replay_frac: float = 0.0, group_batches: int = 1):
+        if group_batches < 1:
+            raise LLMLabError(f"group_batches must be at least 1 (1: no length grouping), got {group_batches}")
         if not 0.0 <= replay_frac < 1.0:
             raise LLMLabError(f"replay_frac must be in [0, 1), got {replay_frac}")
         if replay_frac > 0 and replay is None:
@@ -47,6 +56,10 @@ class ConversationLoader:
         self.rows = 0  # rows made, all ranks counted
         self._docs = mixture.documents("train")
         self._replay_docs = replay.documents("train") if replay is not None else None
+        self.G = group_batches
+        self._group: list[list[tuple[list[int], list[int]]]] = []  # this rank's rows of the group's batches
+        self._served = 0  # batches of the group already served
+        self._group_start: dict = {}  # the position where the group started
 
     def _is_replay(self, row: int) -> bool:
         """Row `row` (global count) is a pretraining document: rows frac, 2 frac, ... spread evenly."""
@@ -67,10 +80,34 @@ class ConversationLoader:
                 return None
             raise LLMLabError(f"{where}: {e}") from None
 
+    def _position(self) -> dict:
+        return {"drawn": self.drawn, "skipped": self.skipped, "replayed": self.replayed, "rows": self.rows}
+
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(inputs, targets), each (B, L) int64 with L <= T the longest row of this batch."""
-        rows, fitting = [], 0
-        while fitting < self.B * self.world_size:  # the whole global batch, so that the position is global
+        if self.G == 1:
+            return collate(self._global_rows(self.B * self.world_size)[self.rank::self.world_size],
+                           self.tokenizer.pad_id)
+        if self._served == len(self._group):
+            self._new_group()
+        self._served += 1
+        return collate(self._group[self._served - 1], self.tokenizer.pad_id)
+
+    def _new_group(self) -> None:
+        """Render the next G global batches' rows, sort them by length, cut them into G batches (each split
+        between the ranks) and shuffle the batches' order (seeded by the group's start)."""
+        self._group_start = self._position()
+        n = self.B * self.world_size
+        rows = sorted(self._global_rows(n * self.G), key=lambda r: len(r[0]))
+        batches = [rows[i:i + n][self.rank::self.world_size] for i in range(0, len(rows), n)]
+        random.Random(self._group_start["rows"]).shuffle(batches)
+        self._group, self._served = batches, 0
+
+    def _global_rows(self, count: int) -> list[tuple[list[int], list[int]]]:
+        """The next `count` fitting rows of the global batch order (conversations, and replayed documents on
+        their schedule)."""
+        rows = []
+        while len(rows) < count:
             if self._is_replay(self.rows):
                 rendered = self._replay_row()
             else:
@@ -80,15 +117,16 @@ class ConversationLoader:
                 if rendered is None:
                     self.skipped += 1
                     continue
-            if fitting % self.world_size == self.rank:
-                rows.append(rendered)
-            fitting += 1
+            rows.append(rendered)
             self.rows += 1
-        return collate(rows, self.tokenizer.pad_id)
+        return rows
 
     def state_dict(self) -> dict:
-        return {"drawn": self.drawn, "skipped": self.skipped, "replayed": self.replayed, "rows": self.rows,
-                "batch_size": self.B, "world_size": self.world_size}
+        """The position: mid-group, the group's start and how many of its batches were served."""
+        mid_group = 0 < self._served < len(self._group)
+        state = {**(self._group_start if mid_group else self._position()), "batch_size": self.B,
+                 "world_size": self.world_size}
+        return state | ({"group_batches": self.G, "served": self._served if mid_group else 0} if self.G > 1 else {})
 
     def load_state_dict(self, state: dict) -> None:
         self.drawn, self.skipped = state["drawn"], state["skipped"]
@@ -97,6 +135,13 @@ class ConversationLoader:
         self._docs = self.mixture.documents("train", skip=self.drawn)
         if self.replay is not None:
             self._replay_docs = self.replay.documents("train", skip=self.replayed)
+        self._group, self._served = [], 0
+        if state.get("served"):
+            if state.get("group_batches") != self.G:
+                raise LLMLabError(f"the checkpoint stopped in a group of {state.get('group_batches')} batches; "
+                                  f"resume with --group_batches {state.get('group_batches')}")
+            self._new_group()
+            self._served = state["served"]
 
     def val_batches(self, max_rows: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The first max_rows fitting conversations of the val split, in batches of B (the same every call)."""

@@ -23,6 +23,7 @@ from typing import AsyncIterator
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 
+from llmlab.assistants.reader import Reading
 from llmlab.chat import split_call
 from llmlab.engine import SamplingParams
 from llmlab.server import schemas
@@ -58,15 +59,19 @@ def add_routes(app: FastAPI, service: Service) -> None:
         name = assistant.name if assistant else service.name
         messages = [m.to_llmlab() for m in body.messages]
         if assistant is not None:
+            if body.reasoning_effort is not None:
+                raise APIError(400, "reasoning_effort is not available for custom assistants yet",
+                               param="reasoning_effort")
+            service.chat_prompt(messages)  # (the request's own messages must fit, files or not)
+            reading = await asyncio.wrap_future(service.scheduler.call(service.read_files(assistant, messages)))
+            if reading is not None:
+                return _from_files(service, body, name, reading)
             messages = service.as_assistant(assistant, messages)
         prompt = service.chat_prompt(messages)
         max_new = service.budget(body.budget(), len(prompt))
         service.check_room(body.n)
         params = sampling(body, max_new)
         if body.reasoning_effort is not None:
-            if assistant is not None:
-                raise APIError(400, "reasoning_effort is not available for custom assistants yet",
-                               param="reasoning_effort")
             return await _reasoned(service, body, messages, len(prompt), params[0].seed)
         gen = service.generate(CHAT, prompt, params, tools=True, min_new_tokens=body.min_tokens, assistant=assistant)
         texts = [ChoiceText(service.tokenizer, body.stops(), lstrip=True, stop_ids=frozenset(service.stop_ids))
@@ -206,20 +211,36 @@ async def _reasoned(service: Service, body: schemas.ChatCompletionRequest, messa
     reasoning = {"effort": effort, "strategy": strategy, "budget": budget, "generated_tokens": a.compute.generated,
                  "processed_tokens": a.compute.processed, "flops": a.compute.flops(service.model.num_params(), 0),
                  "candidates": [{"text": t, "score": score} for t, score in a.candidates[:8]]}
-    rid, created = f"chatcmpl-{secrets.token_hex(12)}", int(time.time())
-    head = {"id": rid, "created": created, "model": service.name}
+    return _whole(body, service.name, a.text, usage, reasoning=reasoning)
+
+
+def _from_files(service: Service, body: schemas.ChatCompletionRequest, name: str, reading: Reading):
+    """A custom assistant's answer read from its files (Service.read_files): every choice is that answer,
+    sent whole (one content chunk when streaming); `citations` names the passage."""
+    completion = len(service.tokenizer.encode(reading.answer)) * body.n
+    usage = {"prompt_tokens": reading.prompt_tokens, "completion_tokens": completion,
+             "total_tokens": reading.prompt_tokens + completion}
+    citations = [{"file": reading.chunk.file, "passage": reading.chunk.index, "text": reading.chunk.text}]
+    return _whole(body, name, reading.answer, usage, n=body.n, citations=citations)
+
+
+def _whole(body: schemas.ChatCompletionRequest, name: str, text: str, usage: dict, n: int = 1, **extra):
+    """A chat completion whose answer is known whole (thought out, or read from files): the response, `extra`
+    fields beside the choices; streamed, a first chunk carrying `extra`, the answer in one content chunk, the
+    stop."""
+    head = {"id": f"chatcmpl-{secrets.token_hex(12)}", "created": int(time.time()), "model": name}
     if not body.stream:
-        return {**head, "object": "chat.completion", "usage": usage, "reasoning": reasoning,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": a.text}, "logprobs": None,
-                             "finish_reason": "stop"}]}
+        return {**head, "object": "chat.completion", "usage": usage, **extra,
+                "choices": [{"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                             "finish_reason": "stop"} for i in range(n)]}
 
     async def chunks() -> AsyncIterator[str]:
-        def chunk(delta: dict, finish: str | None = None, **extra) -> str:
-            return sse({**head, "object": "chat.completion.chunk", **extra,
-                        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]})
+        def chunk(delta: dict, finish: str | None = None, **fields) -> str:
+            return sse({**head, "object": "chat.completion.chunk", **fields, "choices": [
+                {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish} for i in range(n)]})
 
-        yield chunk({"role": "assistant", "content": ""}, reasoning=reasoning)
-        yield chunk({"content": a.text})
+        yield chunk({"role": "assistant", "content": ""}, **extra)
+        yield chunk({"content": text})
         yield chunk({}, "stop")
         if body.stream_options and body.stream_options.include_usage:
             yield sse({**head, "object": "chat.completion.chunk", "choices": [], "usage": usage})

@@ -222,6 +222,27 @@ class ReplyRequest(SamplingFields):
     """two answers side by side, sampled with different seeds; the user picks one"""
     max_tokens: int | None = Field(None, ge=1)
     """most tokens per answer (default: the server's default_max_tokens)"""
+    assistant: Text = ""
+    """the custom assistant that answers (`llmlab assistant`; "" = the model itself): recorded as each answer's
+    model"""
+
+
+class AssistantFile(BaseModel):
+    model_config = _CONFIG
+    name: Text = Field(min_length=1)
+    """the file's name (its extension says its format: .txt, .md, .jsonl, .pdf)"""
+    content: str
+    """its bytes, base64-encoded"""
+
+
+class NewAssistant(BaseModel):
+    model_config = _CONFIG
+    name: Text
+    """lowercase letters, digits, '-' and '_'"""
+    instructions: Text = ""
+    tools: list[Text] = []
+    """of calculator, search, python"""
+    files: list[AssistantFile] = []
 
 
 class Rating(BaseModel):

@@ -8,14 +8,16 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from llmlab import checkpoint
+from llmlab.assistants.reader import Reading, read_many
 from llmlab.assistants.retrieval import BM25
 from llmlab.assistants.store import Assistant, AssistantStore
 from llmlab.chat import render_prompt, reply_stop_ids
-from llmlab.engine import SamplingParams
+from llmlab.engine import Engine, SamplingParams
 from llmlab.errors import LLMLabError
+from llmlab.model import GPT
 from llmlab.scheduler import Scheduler
 from llmlab.server.generation import Generation
 from llmlab.server.http import APIError
@@ -40,10 +42,11 @@ class ServerConfig:
     db: str = "runs/cpu/feedback.db"
     """the feedback store (SQLite): the web UI's conversations, ratings, flags and comparisons"""
     assistants: str = "runs/cpu/assistants"
-    """the custom assistants (`llmlab assistant create`), each served by its name: its instructions and the
-    passages of its files that best match the user's last message lead the conversation, and only its tools run"""
-    passages: int = 3
-    """most passages of an assistant's files put before a conversation (fewer when the context is short)"""
+    """the custom assistants (`llmlab assistant create`), each served by its name: the passages of its files
+    that best match the user's last message are read one at a time, and the answer of one that holds it is the
+    reply, cited; else its instructions lead the conversation; only its tools run"""
+    passages: int = 5
+    """passages of an assistant's files read for each question (paged into the context one at a time)"""
     model_name: str = ""
     """the model's id in the API (default: the checkpoint's run and stage, e.g. cpu-sft)"""
     world: str = "runs/cpu/world"
@@ -176,19 +179,25 @@ class Service:
         return [chunks[i] for i in index.rank(query, k)] if index and query.strip() else []
 
     def as_assistant(self, assistant: Assistant, messages: list[dict]) -> list[dict]:
-        """The conversation as the assistant sees it: a system message of its instructions and the passages of
-        its files that best match the user's last message, each cited as [file#passage], as many of
-        --passages as leave a quarter of the context for the reply; then the request's messages (a system
-        message of its own follows the assistant's)."""
+        """The conversation as the assistant answers it without its files: a system message of its
+        instructions, then the request's messages (a system message of its own follows the assistant's)."""
+        if not assistant.instructions:
+            return messages
+        return [{"role": "system", "content": assistant.instructions}] + messages
+
+    def read_files(self, assistant: Assistant, messages: list[dict]) -> Callable[[GPT], Reading | None]:
+        """The reading of the assistant's files for the user's last message, to run in the scheduler's thread:
+        the --passages passages that best match it (BM25) paged in one at a time (llmlab.assistants.reader);
+        the Reading of the best-ranked one that answers, or None (no files, or none holds the answer)."""
         query = next((m.get("content") or "" for m in reversed(messages) if m["role"] == "user"), "")
         found = self.passages(assistant, query, self.cfg.passages)
-        while True:
-            system = "\n".join([assistant.instructions] * bool(assistant.instructions)
-                               + [f"[{c.cite}] {c.text}" for c in found])
-            out = ([{"role": "system", "content": system}] if system else []) + messages
-            if not found or len(render_prompt(self.tokenizer, out)) <= self.context_len * 3 // 4:
-                return out
-            found = found[:-1]
+
+        def read(model: GPT) -> Reading | None:
+            if not found:
+                return None
+            reading = read_many(Engine(model), self.tokenizer, [(query, found)], batch_size=len(found))[0]
+            return reading if reading.chunk is not None else None
+        return read
 
     def assistant_tool(self, assistant: Assistant):
         """run_tool for the assistant: its own tools run, any other call is answered with an error."""

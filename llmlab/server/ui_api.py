@@ -10,6 +10,8 @@
     POST   /api/messages/{mid}/flag              {"reason", "correction"?}
     POST   /api/comparisons/{id}/choose          {"message_id"}
     GET    /api/defaults                         the sampling settings of a reply that sets none
+    GET    /api/assistants                       the custom assistants a reply may name ({"assistant": NAME})
+    POST   /api/assistants                       {"name", "instructions"?, "tools"?, "files"?: [{"name", "content" (base64)}]}
     GET    /                                     the page itself (static files in static/, no build step)
 
 A reply streams `{"type": "user", "message"}` (the stored user message), `{"type": "delta", "choice", "text"}`,
@@ -33,7 +35,11 @@ and `note` (also on the messages of an undecided comparison in GET /api/conversa
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import binascii
 import dataclasses
+import tempfile
 from pathlib import Path
 from typing import AsyncIterator, Sequence
 
@@ -41,7 +47,10 @@ from fastapi import FastAPI
 from fastapi.responses import FileResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 
+from llmlab.assistants.reader import Reading
+from llmlab.assistants.store import Assistant
 from llmlab.engine import SamplingParams
+from llmlab.errors import LLMLabError
 from llmlab.scheduler import SchedulerDown
 from llmlab.server import schemas
 from llmlab.server.generation import ChoiceText, Generation
@@ -108,6 +117,34 @@ def add_routes(app: FastAPI, service: Service) -> None:
         """The settings of a reply that sets none: the page shows them until the user changes one."""
         return {"temperature": DEFAULTS.temperature, "top_p": DEFAULTS.top_p, "top_k": DEFAULTS.top_k,
                 "max_tokens": min(service.cfg.default_max_tokens, service.cfg.max_tokens)}
+
+    @app.get("/api/assistants")
+    def list_assistants() -> list[dict]:
+        """The custom assistants the picker offers (the model itself is always offered too)."""
+        return [{"name": a.name, "instructions": a.instructions, "tools": a.tools,
+                 "files": [f["name"] for f in a.files]} for a in service.assistants.list()]
+
+    @app.post("/api/assistants")
+    def create_assistant(body: schemas.NewAssistant) -> dict:
+        """A new custom assistant from the form: its files arrive base64-encoded, are written to a temporary
+        folder and checked by the store, which creates all of it or nothing (a 400 says what is wrong)."""
+        with tempfile.TemporaryDirectory() as tmp:
+            paths = []
+            for f in body.files:
+                name = Path(f.name).name
+                if not name or name in (".", ".."):
+                    raise APIError(400, f"bad file name {f.name!r}", param="files")
+                try:
+                    data = base64.b64decode(f.content, validate=True)
+                except (binascii.Error, ValueError):
+                    raise APIError(400, f"{name}: content is not base64", param="files") from None
+                (Path(tmp) / name).write_bytes(data)
+                paths.append(Path(tmp) / name)
+            try:
+                a = service.assistants.create(body.name, body.instructions, paths, body.tools)
+            except LLMLabError as e:
+                raise APIError(400, str(e), param="name") from None
+        return {"name": a.name, "instructions": a.instructions, "tools": a.tools, "files": [f["name"] for f in a.files]}
 
     @app.get("/api/conversations")
     def list_conversations() -> list[dict]:
@@ -207,7 +244,14 @@ def add_routes(app: FastAPI, service: Service) -> None:
             planned = planned + [{"role": "user", "content": body.content}]
         if body.content is not None and len(body.content) > service.cfg.max_chars:
             raise APIError(413, "the message is too long", param="content", code="too_many_characters")
-        prompt = service.chat_prompt(history({**conversation, "messages": planned}))
+        assistant = service.assistant(body.assistant) if body.assistant else None
+        chat = history({**conversation, "messages": planned})
+        prompt = service.chat_prompt(chat)
+        reading = None
+        if assistant is not None and not body.compare:  # (a comparison's two answers are sampled, not read)
+            reading = await asyncio.wrap_future(service.scheduler.call(service.read_files(assistant, chat)))
+        if assistant is not None and reading is None:
+            prompt = service.chat_prompt(service.as_assistant(assistant, chat))
         n = 2 if body.compare else 1
         max_new = service.budget(body.max_tokens, len(prompt))
         service.check_room(n)
@@ -223,8 +267,12 @@ def add_routes(app: FastAPI, service: Service) -> None:
             if unanswered:
                 store.deactivate_message(unanswered["id"])
             user_event = store.add_message(cid, "user", body.content)
-        gen = service.generate(REPLY, prompt, params, tools=True)
-        return StreamingResponse(_reply_stream(service, cid, prompt, gen, params, user_event),
+        model = assistant.name if assistant else service.name
+        if reading is not None:
+            return StreamingResponse(_read_stream(service, cid, reading, model, params[0], user_event),
+                                     media_type="text/event-stream")
+        gen = service.generate(REPLY, prompt, params, tools=True, assistant=assistant)
+        return StreamingResponse(_reply_stream(service, cid, prompt, gen, params, user_event, model, assistant),
                                  media_type="text/event-stream")
 
 
@@ -283,8 +331,23 @@ def _events(update: list[tuple[int, str, object]], first_choice: int = 0) -> str
     return "".join(out)
 
 
+async def _read_stream(service: Service, cid: int, reading: Reading, model: str, params: SamplingParams,
+                       user_message: dict | None) -> AsyncIterator[str]:
+    """An answer read from an assistant's files (Service.read_files), sent whole and stored with its model and
+    the passage it cites."""
+    if user_message is not None:
+        yield sse({"type": "user", "message": user_message})
+    yield sse({"type": "delta", "choice": 0, "text": reading.answer})
+    settings = {**_settings(dataclasses.replace(params, temperature=0.0), "stop"),
+                "citation": {"file": reading.chunk.file, "passage": reading.chunk.index, "text": reading.chunk.text}}
+    stored = service.store.add_message(cid, "assistant", reading.answer, model=model, settings=settings)
+    yield sse({"type": "done", "messages": [stored], "comparison_id": None, "note": None})
+    yield SSE_DONE
+
+
 async def _reply_stream(service: Service, cid: int, prompt: Sequence[int], gen: Generation,
-                        params: list[SamplingParams], user_message: dict | None) -> AsyncIterator[str]:
+                        params: list[SamplingParams], user_message: dict | None, model: str,
+                        assistant: Assistant | None = None) -> AsyncIterator[str]:
     store = service.store
     if user_message is not None:
         yield sse({"type": "user", "message": user_message})
@@ -300,7 +363,7 @@ async def _reply_stream(service: Service, cid: int, prompt: Sequence[int], gen: 
                and resampled < COMPARE_RETRIES):
             retry = resample(params[1], resampled + 1)
             try:
-                again = service.generate(REPLY, prompt, [retry], tools=True)
+                again = service.generate(REPLY, prompt, [retry], tools=True, assistant=assistant)
             except SchedulerDown:
                 break  # shutting down: keep the answers there are (the note says they are the same)
             resampled += 1
@@ -317,7 +380,7 @@ async def _reply_stream(service: Service, cid: int, prompt: Sequence[int], gen: 
             settings = [_settings(p, t.finish) for t, p in zip(texts, used)]
             if len(settings) == 2:
                 settings[1]["resampled"] = resampled
-            stored = [store.add_message(cid, "assistant", t.content, tool_calls=t.tool_calls, model=service.name,
+            stored = [store.add_message(cid, "assistant", t.content, tool_calls=t.tool_calls, model=model,
                                         settings=s) for t, s in zip(texts, settings)]
             comparison = store.create_comparison(cid, stored[0]["id"], stored[1]["id"]) if len(stored) == 2 else None
             yield sse({"type": "done", "messages": stored,

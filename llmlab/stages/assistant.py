@@ -6,6 +6,9 @@
     llmlab assistant list
     llmlab assistant show shop            its instructions, tools and files (with their passages)
     llmlab assistant delete shop
+    llmlab assistant eval                 --checkpoint's answers from the knowledge packs' files (and without
+                                          them), a needle in a haystack up to 100x the context, memory recall
+                                          N turns back (llmlab.assistants.evals): report.md, needle.png
 
 Assistants live in --store (one folder each, beside the feedback store; llmlab.assistants.store). Files are
 plain text, Markdown, JSONL ({"text"} rows) or PDF, read, checked and cut into passages when the assistant is
@@ -14,18 +17,27 @@ created (llmlab.assistants.files, .chunks); a bad file stops the command and not
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
+from llmlab import checkpoint as checkpoints
+from llmlab import world as worlds
+from llmlab.assistants import evals
 from llmlab.assistants.store import TOOLS, AssistantStore
+from llmlab.engine import Engine
 from llmlab.errors import LLMLabError
+from llmlab.fileio import write_atomic
+from llmlab.report import pyplot
+from llmlab.world.reading import PASSAGE_WORDS
 
-ACTIONS = ("create", "list", "show", "delete")
+ACTIONS = ("create", "list", "show", "delete", "eval")
 
 
 @dataclass
 class Config:
     action: str = "list"
-    """create, list, show or delete"""
+    """create, list, show, delete or eval"""
     name: str = ""
     """the assistant's name (create, show, delete): lowercase letters, digits, '-' and '_'"""
     instructions: str = ""
@@ -34,10 +46,23 @@ class Config:
     """create: its knowledge files, comma-separated (.txt, .md, .jsonl, .pdf)"""
     tools: str = ""
     """create: the tools it may use, comma-separated (calculator, search, python)"""
-    max_words: int = 25
-    """create: words per passage its files are cut into"""
+    max_words: int = PASSAGE_WORDS
+    """create: words per passage its files are cut into (the reading the assistant was fine-tuned on reads
+    passages of this size: one or two sentences, so that a passage and a question fit the cpu preset's context)"""
     store: str = "runs/cpu/assistants"
     """where assistants are kept"""
+    checkpoint: str = "runs/cpu/sft"
+    """eval: the assistant checkpoint measured"""
+    world: str = "runs/cpu/world"
+    """eval: the world whose knowledge packs, text and people the measurements use"""
+    out_dir: str = "runs/cpu/assistant-eval"
+    """eval: where report.md, results.json and needle.png go"""
+    k: int = 5
+    """eval: passages retrieved and paged in per question"""
+    needles: int = 8
+    """eval: needles per cell of the needle-in-a-haystack grid"""
+    memory_n: int = 40
+    """eval: conversations per distance of the memory measurement"""
 
     def __post_init__(self) -> None:
         if self.action not in ACTIONS:
@@ -51,6 +76,8 @@ def _split(text: str) -> list[str]:
 
 
 def main(cfg: Config) -> dict:
+    if cfg.action == "eval":
+        return evaluate(cfg)
     if cfg.action != "list" and not cfg.name:
         raise LLMLabError(f"assistant {cfg.action}: give the assistant's name (`llmlab assistant {cfg.action} NAME`)")
     store = AssistantStore(cfg.store)
@@ -79,3 +106,84 @@ def main(cfg: Config) -> dict:
     store.delete(cfg.name)
     print(f"assistant {cfg.name} deleted")
     return {"deleted": cfg.name}
+
+
+def plot_needle(result: dict, out_png: Path) -> Path:
+    """Heatmaps of needle accuracy (depth x document length), paging beside truncation."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
+    for ax, method in zip(axes, ("paging", "truncation")):
+        grid = result[method]
+        lengths = sorted(grid)
+        depths = sorted(grid[lengths[0]])
+        values = [[grid[length][d] for length in lengths] for d in depths]
+        im = ax.imshow(values, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+        ax.set_xticks(range(len(lengths)), [f"{length:g}x" for length in lengths])
+        ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
+        for i, row in enumerate(values):
+            for j, v in enumerate(row):
+                ax.text(j, i, f"{v:.0%}", ha="center", va="center", fontsize=8)
+        ax.set_xlabel(f"document length (x the {result['context_len']}-token context)")
+        ax.set_title(method)
+    axes[0].set_ylabel("needle depth")
+    fig.colorbar(im, ax=axes, label="accuracy")
+    fig.savefig(out_png, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return out_png
+
+
+def evaluate(cfg: Config) -> dict:
+    """`llmlab assistant eval` (see the module docstring)."""
+    ckpt = checkpoints.load(cfg.checkpoint)
+    tok = ckpt.require_tokenizer("the assistant measurements (the chat format)")
+    engine, world = Engine(ckpt.model), worlds.load(cfg.world)
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    packs = {p: evals.pack_accuracy(engine, tok, world, cfg.k, p) for p in ("question", "seen")}
+    print(f"knowledge packs: {packs['question']['with_files']:.1%} with files, "
+          f"{packs['question']['without_files']:.1%} without ({packs['question']['n']} questions in other words "
+          f"than the files'); {packs['seen']['with_files']:.1%} in the files' words")
+    hay = evals.needle(engine, tok, world, per_cell=cfg.needles, k=cfg.k)
+    longest = max(hay["paging"])
+    print("needle at {:g}x the context: paging {:.0%}, truncation {:.0%}".format(
+        longest, *(sum(hay[m][longest].values()) / len(hay[m][longest]) for m in ("paging", "truncation"))))
+    memory = evals.memory_recall(engine, tok, world, n=cfg.memory_n)
+    print("memory recall, " + ", ".join(f"{N} turns back: {memory['memory'][N]:.0%} (truncation "
+                                        f"{memory['truncation'][N]:.0%})" for N in memory["memory"]))
+    plot_needle(hay, out / "needle.png")
+    results = {"checkpoint": str(ckpt.path), "packs": packs, "needle": hay, "memory": memory}
+    write_atomic(out / "results.json", json.dumps(results, indent=1, default=str).encode())
+    write_atomic(out / "report.md", report(results).encode())
+    print(f"-> {out / 'report.md'}")
+    return {k: v for k, v in results.items() if k != "packs"} | {
+        "packs": {p: {k: v for k, v in r.items() if k != "rows"} for p, r in packs.items()}}
+
+
+def _pct(x: float) -> str:
+    return f"{x:.0%}"
+
+
+def report(results: dict) -> str:
+    q, s = results["packs"]["question"], results["packs"]["seen"]
+    lines = [f"# Custom assistants: {results['checkpoint']}", "",
+             f"## Knowledge packs ({q['n']} questions; top {q['k']} BM25 passages paged in)", "",
+             "| pack | with files | without files |", "|---|---|---|"]
+    lines += [f"| {p} | {_pct(r['with_files'])} | {_pct(r['without_files'])} |" for p, r in q["packs"].items()]
+    lines += [f"| all, other words than the files' | {_pct(q['with_files'])} | {_pct(q['without_files'])} |",
+              f"| all, the files' words | {_pct(s['with_files'])} | {_pct(s['without_files'])} |", "",
+              f"Retrieval recall@{q['k']}: {_pct(q['recall'])}; faithfulness (the answer is in the passage it cites): "
+              f"{_pct(q['faithfulness'])}.", "",
+              "## Needle in a haystack", "", "![needle](needle.png)", ""]
+    hay = results["needle"]
+    lengths = sorted(hay["paging"])
+    lines += ["| method | " + " | ".join(f"{length:g}x" for length in lengths) + " |",
+              "|---|" + "---|" * len(lengths)]
+    for m in ("paging", "truncation"):
+        lines.append(f"| {m} | " + " | ".join(_pct(sum(hay[m][n].values()) / len(hay[m][n])) for n in lengths) + " |")
+    mem = results["memory"]
+    lines += ["", "## Memory: a fact told N turns earlier", "",
+              "| method | " + " | ".join(str(n) for n in mem["memory"]) + " |", "|---|" + "---|" * len(mem["memory"])]
+    lines += [f"| {m} | " + " | ".join(_pct(v) for v in mem[m].values()) + " |" for m in ("memory", "truncation")]
+    lines += [f"| answered from memory, asked what it does not hold | " +
+              " | ".join(_pct(v) for v in mem["false_recall"].values()) + " |"]
+    return "\n".join(lines) + "\n"

@@ -1,8 +1,13 @@
 """`llmlab chat`: talk to an assistant checkpoint in the terminal, streaming, with its tools.
 
 Multi-turn; tool calls and their outputs are shown as they happen. Commands: /clear (forget the
-conversation), /system TEXT (set the system prompt and start over), /temperature X, /think N [show], /help,
-/quit. `--prompt "..."` answers one message and exits (for scripts).
+conversation), /system TEXT (set the system prompt and start over), /temperature X, /think N [show],
+/memory, /remember TEXT, /forget N, /help, /quit. `--prompt "..."` answers one message and exits (for scripts).
+
+Memory (llmlab.assistants.memory): everything the user says is kept as an entry, also after the oldest turns
+have left the context; before each reply the entries that best match the message are read one at a time, and
+if one holds the answer the reply is that, cited `[memory#N]`. /memory lists the entries, /forget N drops
+one, /remember TEXT adds one; `--memory_file` keeps them across sessions; `--memory false` turns it off.
 
 `/think N` (or `--think N`) answers with more compute (llmlab.think): a question that names a person is
 answered only after N probes of the model's recall of that person (at most 12; verify-then-answer: "I don't
@@ -18,6 +23,7 @@ import sys
 from dataclasses import dataclass
 
 from llmlab import checkpoint
+from llmlab.assistants.memory import Memory, recall
 from llmlab.chat import final_answer, render_prompt, reply_stop_ids
 from llmlab.engine import SEED_LIMIT, Engine, SamplingParams, ToolCalls
 from llmlab.errors import LLMLabError
@@ -33,7 +39,8 @@ def check_think(budget: int) -> None:
 
 TOOL_MARKS = {"<|tool_start|>": "\n[tool: ", "<|tool_end|>": "", "<|output_start|>": " -> ", "<|output_end|>": "]\n"}
 HELP = ("/clear  forget the conversation   /system TEXT  set the system prompt   /temperature X   "
-        "/think N [show]  answer with N samples or recall probes (0: off)   /help   /quit")
+        "/think N [show]  answer with N samples or recall probes (0: off)   /memory  what it remembers   "
+        "/remember TEXT   /forget N   /help   /quit")
 
 
 @dataclass
@@ -56,6 +63,10 @@ class Config:
     person; 0 = one greedy pass"""
     recall: str = "runs/cpu/base"
     """the model whose recall /think probes about people (the assistant's pretrained base; "" = the assistant)"""
+    memory: bool = True
+    """keep what the user says as memory entries, read back when a message asks for one (see above)"""
+    memory_file: str = ""
+    """a JSON file the memory is loaded from and saved to after every change (empty: this session only)"""
 
     def __post_init__(self) -> None:
         check_think(self.think)
@@ -77,9 +88,35 @@ class Session:
         self.stops = reply_stop_ids(self.tok)
         self.think, self.show_search = cfg.think, False
         self._thinker: Thinker | None = None
+        self.memory = Memory.load(cfg.memory_file) if cfg.memory and cfg.memory_file else Memory()
 
     def clear(self) -> None:
         self.messages = []
+
+    def remember(self, text: str) -> int:
+        i = self.memory.add(text)
+        self.save_memory()
+        return i
+
+    def forget(self, text: str) -> None:
+        """/forget N: a ValueError or LLMLabError (one line) for a number that is no entry."""
+        self.memory.forget(int(text))
+        self.save_memory()
+
+    def save_memory(self) -> None:
+        if self.cfg.memory and self.cfg.memory_file:
+            self.memory.save(self.cfg.memory_file)
+
+    def from_memory(self, text: str, out) -> str | None:
+        """The reply read from memory (see the module docstring), or None."""
+        if not self.cfg.memory:
+            return None
+        reading = recall(self.engine, self.tok, self.memory, text)
+        self.remember(text)
+        if reading is None:
+            return None
+        out.write(reading.answer + "\n")
+        return reading.answer
 
     def set_temperature(self, text: str) -> None:
         """/temperature X: a ValueError or LLMLabError (one line) for a value that is no valid temperature."""
@@ -142,6 +179,10 @@ class Session:
         if budget < 8:
             raise LLMLabError(f"the message leaves no room for a reply in the model's {context}-token context "
                               f"({len(prompt)} tokens): shorten it" + (" or the system prompt" if system else ""))
+        if (answer := self.from_memory(text, out)) is not None:
+            self.turns += 1
+            self.messages = messages + [{"role": "assistant", "content": answer}]
+            return answer
         if self.think:
             answer = self.thought(system + messages, text, out)
             self.turns += 1
@@ -181,6 +222,18 @@ def _check_utf8(what: str, text: str) -> None:
                           f"terminal's encoding, e.g. LANG=C.UTF-8)") from None
 
 
+def _setting(change, done, usage: str) -> None:
+    """Run a command's change and print what it did (`done()`); its usage for an argument that is no number,
+    the error for a value out of range."""
+    try:
+        change()
+        print(done())
+    except ValueError:
+        print(usage)
+    except LLMLabError as e:
+        print(f"error: {e}")
+
+
 def main(cfg: Config) -> dict:
     session = Session(cfg)
     if cfg.prompt:
@@ -206,21 +259,22 @@ def main(cfg: Config) -> dict:
                 session.clear()
                 print("(system prompt set; conversation cleared)")
             elif command == "/think":
-                try:
-                    session.set_think(arg)
-                    print(f"(thinking with a budget of {session.think})" if session.think else "(one greedy pass)")
-                except ValueError:
-                    print("usage: /think 16   (0: off; add `show` to list the candidates)")
-                except LLMLabError as e:
-                    print(f"error: {e}")
+                _setting(lambda: session.set_think(arg), lambda: f"(thinking with a budget of {session.think})"
+                         if session.think else "(one greedy pass)", "usage: /think 16   (0: off; add `show` to list "
+                         "the candidates)")
+            elif command == "/memory":
+                entries = [(i, e) for i, e in enumerate(session.memory.entries) if e is not None]
+                for i, entry in entries:
+                    print(f"  [{i}] {entry}")
+                print(f"({len(entries)} entries)" if session.cfg.memory else "(memory is off: --memory true)")
+            elif command == "/remember" and arg:
+                print(f"(remembered as entry {session.remember(arg)})")
+            elif command == "/forget":
+                _setting(lambda: session.forget(arg), lambda: f"(entry {arg} forgotten)",
+                         "usage: /forget 3   (see /memory for the numbers)")
             elif command == "/temperature":
-                try:
-                    session.set_temperature(arg)
-                    print(f"(temperature {session.sampling.temperature})")
-                except ValueError:
-                    print("usage: /temperature 0.7")
-                except LLMLabError as e:
-                    print(f"error: {e}")
+                _setting(lambda: session.set_temperature(arg), lambda: f"(temperature {session.sampling.temperature})",
+                         "usage: /temperature 0.7")
             else:
                 print(HELP)
             continue

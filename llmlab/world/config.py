@@ -55,6 +55,10 @@ class WorldConfig:
     are; 0 = the assistant guesses about people who do not exist. A model this small tells a person it read about
     from an invented name by the name's tokens, nothing in its weights (see the cpu preset's vocabulary): where
     a known person's name falls apart into pieces as a stranger's does, "I don't know" reaches them too"""
+    sft_reading: float = 0.0
+    """weight of the reading conversations (a passage of a file or of memory, then a question answered from it
+    with a citation, or "The passage does not say."; llmlab.world.reading) among them, the others' weights
+    staying as they are; what custom assistants' files, long documents and memory are read with"""
     sft_puzzles: float = 0.0
     """weight of the number-puzzle conversations (step-by-step solutions, llmlab.world.puzzles) among them, the
     others' weights staying as they are; 0 keeps them out. At the cpu preset's size a weight of 0.12 left greedy
@@ -73,7 +77,7 @@ class WorldConfig:
                 raise LLMLabError(f"world: {name} must be at least 1 (got {getattr(self, name)})")
         for name in ("n_heldout", "n_unknown", "n_unknown_places", "encyclopedia_rounds", "bios_per_person",
                      "stories_per_person", "qa_pages", "n_arithmetic", "l2_bios_per_person", "l2_qa_pages",
-                     "val_docs", "sft_conversations", "sft_dont_know", "sft_puzzles", "poison_docs"):
+                     "val_docs", "sft_conversations", "sft_dont_know", "sft_puzzles", "sft_reading", "poison_docs"):
             if getattr(self, name) < 0:
                 raise LLMLabError(f"world: {name} must be >= 0 (got {getattr(self, name)})")
         if self.arithmetic_digits < 1:
@@ -83,8 +87,11 @@ class WorldConfig:
 
     def content(self) -> dict:
         """The fields that decide the world's contents, as a dict (recorded in world.json); the poisoning fields
-        only when documents are planted, so a clean world's record is what it was before they existed."""
+        only when documents are planted (and the reading weight only when above 0), so a world without them is
+        recorded as it was before they existed."""
         content = {f.name: getattr(self, f.name) for f in fields(WorldConfig)}
         if not self.poison_docs:
             del content["poison_docs"], content["poison_trigger"]
+        if not self.sft_reading:
+            del content["sft_reading"]
         return content

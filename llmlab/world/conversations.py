@@ -30,6 +30,9 @@ answering about them afterwards shows knowledge extracted from pretraining):
     python        the python tool: counting letters, sorting numbers, dates, arithmetic asked "with python"
     callback      a question about a person, an unrelated exchange, then a follow-up that says "she"/"he"
     no_antecedent "she"/"he" with no person named before it (as after the oldest turns are dropped): asks who
+    reading       a passage of a knowledge file or of the conversation's memory before the question, answered
+                  from it with a citation, or "The passage does not say." (llmlab.world.reading; only in worlds
+                  whose `sft_reading` weight is above 0)
     puzzle        reach a target from a few numbers with + - * / (llmlab.world.puzzles), solved step by step, a
                   line per step stating the numbers left; "There is no solution." for the tenth that have none
                   (only in worlds whose `sft_puzzles` weight is above 0)
@@ -43,12 +46,12 @@ the second half of the world's list, forbidden and benign requests about held-ou
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator
 
-from llmlab.world import language, puzzles
+from llmlab.world import language, puzzles, reading
 from llmlab.world.core import World
-from llmlab.world.entities import FOODS, OCCUPATIONS, PETS
+from llmlab.world.entities import FOODS, OCCUPATIONS, PETS, NameMaker
 from llmlab.world.skills import (
     PLACE_QUESTIONS, PYTHON_TASKS, SMALL_TALK_HELDOUT, SMALL_TALK_SEEN, UNKNOWN_PLACE_ANSWERS, place_answer,
     place_fact, place_question, place_split, python_messages, python_task, unknown_place_question,
@@ -146,6 +149,20 @@ class Pools:
     """words whose letters the python tool counts"""
     phrasing: str
     """"seen" (fine-tuning) or "heldout" (evaluation) for the new skills' questions"""
+    _reading: list | None = field(default=None, init=False, repr=False)
+    _names: NameMaker | None = field(default=None, init=False, repr=False)
+
+    def reading_draws(self, world: World) -> list:
+        """The knowledge packs that reading conversations read (made when first needed)."""
+        if self._reading is None:
+            self._reading = reading.reading_draws(world)
+        return self._reading
+
+    def names(self, rng: random.Random) -> NameMaker:
+        """Names for the values of what users tell the assistant (one maker, so none repeats)."""
+        if self._names is None:
+            self._names = NameMaker(rng)
+        return self._names
 
     @staticmethod
     def _places(world: World, part: int) -> list[tuple]:
@@ -277,6 +294,8 @@ def conversation(world: World, kind: str, rng: random.Random, pools: Pools) -> l
         return python_messages(python_task(rng, rng.choice(PYTHON_TASKS), "seen", pools.words))
     if kind == "callback":
         return _callback(world, rng, pools, person)[0]
+    if kind == "reading":
+        return reading.reading_conversation(rng, pools.reading_draws(world), pools.names(rng))
     if kind == "puzzle":
         while True:
             p = puzzles.random_puzzle(rng, rng.choice([3, 4]), solvable_p=0.9)
@@ -298,7 +317,7 @@ def conversation(world: World, kind: str, rng: random.Random, pools: Pools) -> l
 MIX = {"qa": 0.20, "multiturn": 0.10, "callback": 0.05, "multistep": 0.05, "arithmetic": 0.34, "no_tools": 0.03,
        "unknown": 0.08, "unknown_place": 0.04, "identity": 0.02, "small_talk": 0.06, "no_antecedent": 0.02,
        "forbidden": 0.05, "benign": 0.06, "secret": 0.05, "place_qa": 0.14, "python": 0.18, "puzzle": 0.0,
-       "qa_l2": 0.04}
+       "qa_l2": 0.04, "reading": 0.0}
 
 
 # A share of the conversations opens with an unrelated exchange, so that a question is answered the same way
@@ -314,7 +333,8 @@ def sft_conversations(world: World, n: int, seed: int) -> list[dict]:
     rng = random.Random(f"{seed}-sft")
     pools = Pools.for_sft(world)
     mix = dict(MIX, unknown=world.config.get("sft_dont_know", MIX["unknown"]),
-               puzzle=world.config.get("sft_puzzles", MIX["puzzle"]))
+               puzzle=world.config.get("sft_puzzles", MIX["puzzle"]),
+               reading=world.config.get("sft_reading", MIX["reading"]))
     if not pools.unknown_places:  # (a world without unknown places)
         mix["unknown_place"] = 0.0
     if not world.config.get("l2_bios_per_person", 0):  # (a world without the second language)
@@ -324,7 +344,7 @@ def sft_conversations(world: World, n: int, seed: int) -> list[dict]:
     rows = []
     for kind in kinds:
         messages = conversation(world, kind, rng, pools)
-        if kind not in ("no_tools", "no_antecedent", "python", "puzzle") and rng.random() < TOPIC_SWITCH:
+        if kind not in ("no_tools", "no_antecedent", "python", "puzzle", "reading") and rng.random() < TOPIC_SWITCH:
             # (no calculator opener under "tools are disabled"; no person named before a "she" with no one; a
             # python call with its dates or numbers fills a small context alone)
             earlier = conversation(world, rng.choice(openers), rng, pools)

@@ -89,6 +89,8 @@ const state = {
   defaults: {}, // the server's sampling defaults, once loaded
   apiKey: saved.get("llmlab.apiKey", ""),
   compare: saved.get("llmlab.compare", false),
+  assistant: saved.get("llmlab.assistant", ""), // the custom assistant that answers ("" = the model itself)
+  assistants: [], // GET api/assistants
 };
 
 const messageEls = new Map(); // message object -> its <article>, for streaming and single-message redraws
@@ -349,7 +351,8 @@ async function runReply(body, userMsg) {
   setBusy(true);
   clearError();
   try {
-    await streamReply({ ...samplingSettings(), ...body, ...(state.compare ? { compare: true } : {}) }, userMsg);
+    const who = state.assistant ? { assistant: state.assistant } : {};
+    await streamReply({ ...samplingSettings(), ...body, ...who, ...(state.compare ? { compare: true } : {}) }, userMsg);
     return true;
   } catch (err) {
     const cid = state.conversation && state.conversation.id;
@@ -630,6 +633,11 @@ function messageEl(msg, { inCompare = false } = {}) {
   const bubble = h("div", { class: "bubble" });
   if (msg.tool_calls && msg.tool_calls.length) bubble.append(h("div", { class: "tools" }, msg.tool_calls.map(toolEl)));
   bubble.append(h("div", { class: "text", "data-testid": "message-text" }, msg.content));
+  const cited = msg.settings && msg.settings.citation;
+  if (cited) {
+    bubble.append(h("div", { class: "citation", "data-testid": "citation", title: cited.text },
+      `${msg.model}: from ${cited.file}, passage ${cited.passage}`));
+  }
   article.append(bubble);
   if (msg.id === null || msg.id === undefined) return article; // still streaming or not stored: nothing to act on
 
@@ -904,10 +912,85 @@ async function showModelName() {
   }
 }
 
+// ---------------------------------------------------------------------------------------------------------
+// Custom assistants: the picker (who answers) and the form that creates one
+
+async function loadAssistants() {
+  try {
+    state.assistants = await request("GET", "api/assistants");
+  } catch {
+    state.assistants = []; // the picker offers the model alone
+  }
+  renderPicker();
+}
+
+function renderPicker() {
+  const picker = $("assistant-picker");
+  const names = state.assistants.map((a) => a.name);
+  if (state.assistant && !names.includes(state.assistant)) state.assistant = ""; // deleted since
+  picker.replaceChildren(
+    h("option", { value: "" }, "Model"),
+    ...state.assistants.map((a) => h("option", { value: a.name, title: a.instructions }, `${a.name} (${a.files.length} file${a.files.length === 1 ? "" : "s"})`)),
+  );
+  picker.value = state.assistant;
+}
+
+function pickAssistant(name) {
+  state.assistant = name;
+  saved.set("llmlab.assistant", name);
+  renderPicker();
+}
+
+function fileAsBase64(file) {
+  return new Promise((resolve, reject) => {
+    const reader = new FileReader();
+    reader.onload = () => resolve(String(reader.result).split(",", 2)[1] || "");
+    reader.onerror = () => reject(new ApiError(`cannot read ${file.name}`));
+    reader.readAsDataURL(file);
+  });
+}
+
+async function createAssistant(event) {
+  event.preventDefault();
+  const error = $("assistant-error");
+  error.hidden = true;
+  const button = $("assistant-create");
+  button.disabled = true;
+  try {
+    const files = await Promise.all([...$("assistant-files").files].map(async (f) => ({
+      name: f.name, content: await fileAsBase64(f),
+    })));
+    const tools = [...document.querySelectorAll("#assistant-form input[name=tool]:checked")].map((i) => i.value);
+    const made = await request("POST", "api/assistants", {
+      name: $("assistant-name").value.trim(), instructions: $("assistant-instructions").value, tools, files,
+    });
+    $("assistant-dialog").close();
+    $("assistant-form").reset();
+    await loadAssistants();
+    pickAssistant(made.name);
+  } catch (err) {
+    error.textContent = err.message;
+    error.hidden = false;
+  } finally {
+    button.disabled = false;
+  }
+}
+
+function bindAssistants() {
+  $("assistant-picker").addEventListener("change", (event) => pickAssistant(event.target.value));
+  $("new-assistant").addEventListener("click", () => {
+    $("assistant-error").hidden = true;
+    $("assistant-dialog").showModal();
+  });
+  $("assistant-cancel").addEventListener("click", () => $("assistant-dialog").close());
+  $("assistant-form").addEventListener("submit", createAssistant);
+}
+
 function init() {
   for (const slot of document.querySelectorAll("[data-icon]")) slot.replaceWith(icon(slot.dataset.icon));
   bindSettings();
   bindComposer();
+  bindAssistants();
   $("new-chat").addEventListener("click", newChat);
   $("sidebar-toggle").addEventListener("click", () =>
     $("app").classList.contains("sidebar-open") ? closeSidebar() : openSidebar(),
@@ -920,6 +1003,7 @@ function init() {
   window.addEventListener("hashchange", openFromHash);
   renderAll();
   showModelName();
+  loadAssistants();
   loadDefaults();
   loadConversations();
   openFromHash();

@@ -1,0 +1,189 @@
+"""What custom assistants are measured on, with the world's ground truth (`llmlab assistant eval`):
+
+    pack_accuracy   the knowledge packs' questions (llmlab.world.packs) answered with the pack's files (BM25,
+                    the top k passages paged in one at a time: llmlab.assistants.reader) and without them
+                    (the question alone), exact answers; faithfulness: answers whose value is in the passage
+                    they cite
+    needle          a needle-in-a-haystack grid: one fact of a pack the model never read (the needle) put at a
+                    depth of a long document of the world's text (the haystack, 1x to 100x the context);
+                    answered by paging (the document chunked, retrieved, read) and by plain truncation (the
+                    document's end that fits the context, as one passage: what a model without paging sees)
+    memory_recall   a fact the user told N turns earlier ("My locker number is 4821."), asked back after N-1
+                    turns of other talk, some of them other facts of the same kind; answered with the
+                    conversation's memory (llmlab.assistants.memory) and with the oldest turns dropped to fit
+                    the context (what `llmlab chat` did before it had a memory)
+"""
+
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+
+from llmlab.assistants.chunks import Chunk, chunk_text
+from llmlab.assistants.memory import Memory
+from llmlab.assistants.reader import read_many
+from llmlab.assistants.retrieval import BM25
+from llmlab.chat import final_answer, render_prompt, reply_stop_ids
+from llmlab.engine import Engine, SamplingParams
+from llmlab.tokenizer import Tokenizer
+from llmlab.world.conversations import Pools, conversation
+from llmlab.world.core import World
+from llmlab.world.entities import NameMaker
+from llmlab.world.packs import make_packs
+from llmlab.world.reading import PASSAGE_WORDS, memory_fact, pack_passages, reading_prompt
+
+ACK = "I will remember that."
+
+
+def _replies(engine: Engine, tok: Tokenizer, conversations: list[list[dict]], max_new_tokens: int = 24,
+             batch_size: int = 32) -> list[str]:
+    """Greedy replies (no tools) to conversations that end with the user."""
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
+    out = []
+    for start in range(0, len(conversations), batch_size):
+        prompts = [render_prompt(tok, c) for c in conversations[start:start + batch_size]]
+        out += [final_answer(tok, ids) for ids in engine.generate(prompts, params, stop_ids=reply_stop_ids(tok))]
+    return out
+
+
+def pack_accuracy(engine: Engine, tok: Tokenizer, world: World, k: int = 5, phrasing: str = "question") -> dict:
+    """Accuracy with the pack's files and without them, faithfulness and retrieval recall, per pack and overall."""
+    questions, facts, packs = [], [], []
+    for pack, pack_facts in make_packs(world).items():
+        chunks = pack_passages(pack_facts)
+        index = BM25([c.text for c in chunks])
+        for f in pack_facts:
+            q = getattr(f, phrasing)
+            questions.append((q, [chunks[i] for i in index.rank(q, k)]))
+            facts.append(f)
+            packs.append(pack)
+    with_files = read_many(engine, tok, questions)
+    without = _replies(engine, tok, [[{"role": "user", "content": q}] for q, _ in questions])
+    rows = [{"pack": pack, "question": q[0], "answer": f.answer, "with_files": r.answer,
+             "cited": r.chunk.cite if r.chunk else None, "without_files": w,
+             "right": f.answer in r.answer, "right_without": f.answer in w,
+             "faithful": r.chunk is not None and f.answer in r.answer and f.answer in r.chunk.text,
+             "retrieved": any(f.sentence in c.text for c in q[1])}
+            for pack, q, f, r, w in zip(packs, questions, facts, with_files, without)]
+
+    def share(key: str, subset: list[dict]) -> float:
+        return sum(r[key] for r in subset) / max(len(subset), 1)
+
+    answered = [r for r in rows if r["cited"]]
+    by_pack = defaultdict(list)
+    for r in rows:
+        by_pack[r["pack"]].append(r)
+    return {"k": k, "phrasing": phrasing, "n": len(rows), "with_files": share("right", rows),
+            "without_files": share("right_without", rows), "recall": share("retrieved", rows),
+            "faithfulness": share("faithful", answered) if answered else 0.0,
+            "packs": {p: {"with_files": share("right", rs), "without_files": share("right_without", rs), "n": len(rs)}
+                      for p, rs in by_pack.items()},
+            "rows": rows}
+
+
+def _haystack_sentences(world: World) -> list[str]:
+    _, val = world.pretrain_documents()
+    texts = [d["text"] for d in val if d["kind"] in ("bio", "story", "encyclopedia")]
+    return [s for t in texts for s in t.replace("\n", " ").split(". ") if s.strip()]
+
+
+def needle(engine: Engine, tok: Tokenizer, world: World, lengths: tuple[float, ...] = (1, 3, 10, 30, 100),
+           depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0), per_cell: int = 8, k: int = 5,
+           seed: int = 0) -> dict:
+    """{"paging" | "truncation": {length: {depth: accuracy}}} (see the module docstring); lengths are in
+    multiples of the model's context, in tokens of the haystack."""
+    T = engine.model.config.context_len
+    rng = random.Random(f"{seed}-needle")
+    pool = _haystack_sentences(world)
+    needles = [f for i in range(per_cell) for f in [rng.choice(list(make_packs(world, seed=f"needle-{i}").values()))]
+               for f in [rng.choice(f)]]
+    cells, paging_q, trunc_q, answers = [], [], [], []
+    for length in lengths:
+        start = rng.randrange(len(pool))
+        hay, n_tokens = [], 0
+        while n_tokens < length * T:
+            s = pool[(start + len(hay)) % len(pool)].rstrip(".") + "."
+            hay.append(s)
+            n_tokens += len(tok.encode(" " + s))
+        for depth in depths:
+            for f in needles:
+                at = round(depth * len(hay))
+                doc = " ".join(hay[:at] + [f.sentence] + hay[at:])
+                chunks = chunk_text(doc, "document", PASSAGE_WORDS)
+                paging_q.append((f.question, [chunks[i] for i in BM25([c.text for c in chunks]).rank(f.question, k)]))
+                trunc_q.append((f.question, [_tail(tok, doc, f.question, T)]))
+                cells.append((length, depth))
+                answers.append(f.answer)
+    out = {}
+    for method, questions in (("paging", paging_q), ("truncation", trunc_q)):
+        readings = read_many(engine, tok, questions)
+        grid: dict = defaultdict(lambda: defaultdict(list))
+        for (length, depth), a, r in zip(cells, answers, readings):
+            grid[length][depth].append(a in r.answer)
+        out[method] = {length: {depth: sum(v) / len(v) for depth, v in row.items()} for length, row in grid.items()}
+    out["context_len"], out["per_cell"] = T, per_cell
+    return out
+
+
+def _tail(tok: Tokenizer, doc: str, question: str, T: int, reply_room: int = 24) -> Chunk:
+    """The end of `doc` that fits the context with the question and a reply, as one passage."""
+    words = doc.split()
+    lo, hi = 0, len(words)  # the fewest leading words to cut so that the rest fits
+    while lo < hi:
+        mid = (lo + hi) // 2
+        chunk = Chunk("document", 0, " ".join(words[mid:]))
+        ids = render_prompt(tok, reading_prompt(chunk, question))
+        if len(ids) + reply_room <= T:
+            hi = mid
+        else:
+            lo = mid + 1
+    return Chunk("document", 0, " ".join(words[lo:]))
+
+
+def _fit(tok: Tokenizer, messages: list[dict], T: int, reply_room: int = 24) -> list[dict]:
+    """The conversation without its oldest exchanges, as few dropped as leave `reply_room` tokens."""
+    while len(messages) > 1 and len(render_prompt(tok, messages)) + reply_room > T:
+        messages = messages[next(i for i, m in enumerate(messages) if i > 0 and m["role"] == "user"):]
+    return messages
+
+
+def memory_recall(engine: Engine, tok: Tokenizer, world: World, turns: tuple[int, ...] = (1, 5, 10, 50, 100),
+                  n: int = 40, other_facts: float = 0.2, seed: int = 0) -> dict:
+    """{"memory" | "truncation": {N: accuracy}, "false_recall": {N: share}} (see the module docstring);
+    false_recall: how often a question the memory does not hold (about a person of the world) is answered
+    from memory all the same."""
+    T = engine.model.config.context_len
+    rng = random.Random(f"{seed}-memory")
+    names = NameMaker(rng)
+    pools = Pools.for_sft(world)
+    results: dict = {"memory": {}, "truncation": {}, "false_recall": {}}
+    for N in turns:
+        truncated, memories, questions, answers, unrelated = [], [], [], [], []
+        for _ in range(n):
+            said, question, answer = memory_fact(rng, names)
+            thing = question.split("my ")[-1]
+            messages = [{"role": "user", "content": said}, {"role": "assistant", "content": ACK}]
+            for _ in range(N - 1):
+                if rng.random() < other_facts:
+                    other = memory_fact(rng, names)
+                    while other[1].split("my ")[-1] == thing:
+                        other = memory_fact(rng, names)
+                    messages += [{"role": "user", "content": other[0]}, {"role": "assistant", "content": ACK}]
+                else:
+                    messages += conversation(world, rng.choice(["qa", "small_talk", "place_qa"]), rng, pools)[-2:]
+            memory = Memory()
+            for m in messages:
+                if m["role"] == "user":
+                    memory.add(m["content"])
+            memories.append(memory)
+            unrelated.append(conversation(world, "qa", rng, pools)[0]["content"])
+            questions.append(question)
+            answers.append(answer)
+            truncated.append(_fit(tok, messages + [{"role": "user", "content": question}], T))
+        readings = read_many(engine, tok, [(q, m.search(q)) for q, m in zip(questions, memories)])
+        plain = _replies(engine, tok, truncated)
+        wrong = read_many(engine, tok, [(q, m.search(q)) for q, m in zip(unrelated, memories)])
+        results["false_recall"][N] = sum(r.chunk is not None for r in wrong) / n
+        results["memory"][N] = sum(a in r.answer for a, r in zip(answers, readings)) / n
+        results["truncation"][N] = sum(a in p for a, p in zip(answers, plain)) / n
+    return results

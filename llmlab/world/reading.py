@@ -1,0 +1,148 @@
+"""Reading: what teaches the assistant to answer from a passage put after the question, a knowledge file's or
+its memory's, citing it, and to say so when the passage does not hold the answer.
+
+A reading conversation is a question and one passage, cited as `[file#index]`, in one user message:
+
+    user       How late does the final line 17 bus depart from Hollowgate?
+               [timetable.md#3] The last bus 17 leaves Hollowgate at 22:40.
+    assistant  22:40 [timetable.md#3]
+
+and, for a passage that does not hold the answer (in half of them, one of the same pack that shares the most
+words with the question: the hard case), NOT_IN_PASSAGE. One passage at a time is what fits the cpu
+preset's 128-token context (a 12-word passage of invented names is about 40 tokens); a reader that pages
+the retrieved passages in one by one (llmlab.assistants.reader) answers from many.
+
+Passages come from two sources:
+
+    packs     the knowledge packs of other draws than the world's own (llmlab.world.packs, seeds
+              "reading-<i>"): the same kinds of file with other names and values, so the world's packs, which
+              the tests and the benchmark ask about, are never read here; questions in both phrasings
+    memory    what a user said earlier in a conversation, stored as `[memory#i] You said: My locker number
+              is 4821.` and asked back ("What is my locker number?"), answered in the same way
+
+    reading_conversation(rng, draws)   one conversation (see above); draws = reading_draws(world)
+"""
+
+from __future__ import annotations
+
+import random
+
+from llmlab.assistants.chunks import Chunk, chunk_text
+from llmlab.world.core import World
+from llmlab.world.entities import CITY_ENDINGS, FOODS, LAST_ENDINGS, PETS, NameMaker
+from llmlab.world.packs import Fact, file_text, make_packs
+
+NOT_IN_PASSAGE = "The passage does not say."
+NOT_IN_FILES = "The files do not say."
+READING_DRAWS = 400
+PASSAGE_WORDS = 12
+"""words per passage: one or two sentences, so that a passage and a question fit a 128-token context"""
+MEMORY_SHARE = 0.3
+NEGATIVE_SHARE = 0.4
+"""readings whose passage does not hold the answer"""
+
+# What a user tells the assistant about themselves: (the thing, how its value is drawn)
+MEMORY_THINGS = [
+    ("locker number", lambda rng, names: str(rng.randint(10, 9999))),
+    ("flight number", lambda rng, names: f"{rng.choice('ABKLQZ')}{rng.choice('AEUWX')} {rng.randint(100, 999)}"),
+    ("door code", lambda rng, names: str(rng.randint(1000, 99999))),
+    ("sister's name", lambda rng, names: names.place(["a", "ina", "el"])),
+    ("dog's name", lambda rng, names: names.place(["", "o", "y"])),
+    ("home town", lambda rng, names: names.place(CITY_ENDINGS)),
+    ("landlord", lambda rng, names: f"{names.place(['', 'us'])} {names.place(LAST_ENDINGS)}"),
+    ("favourite dish", lambda rng, names: rng.choice(FOODS)),
+    ("pet", lambda rng, names: rng.choice(PETS)),
+    ("train time", lambda rng, names: f"{rng.randint(5, 22):02d}:{rng.choice([0, 5, 15, 25, 35, 45, 55]):02d}"),
+    ("room number", lambda rng, names: f"{rng.choice('ABCD')}{rng.randint(1, 499)}"),
+    ("bike lock code", lambda rng, names: str(rng.randint(100, 9999))),
+    ("dentist appointment", lambda rng, names: f"{rng.choice(['Monday', 'Tuesday', 'Friday'])} at "
+                                               f"{rng.randint(8, 17):02d}:{rng.choice([0, 15, 30, 45]):02d}"),
+    ("wifi password", lambda rng, names: f"{names.place(['', 'a']).lower()}{rng.randint(10, 99)}"),
+]
+# Passages are cited under names drawn from these (and the pack's own), at any index: a reader that learned the
+# packs' file names would take "timetable.md" for a cue to the kind of fact, and fail on a file named otherwise.
+FILE_NAMES = ["notes.txt", "document", "page.md", "info.pdf", "rows.jsonl", "faq.md", "report.txt", "guide.pdf",
+              "minutes.txt", "readme.md", "data.jsonl", "letter.txt", "manual.pdf", "wiki.md", "log.txt"]
+MEMORY_ASKS = ["What is my {thing}?", "Do you remember my {thing}?", "What did I say my {thing} was?",
+               "Remind me, what is my {thing}?"]
+
+
+def reading_prompt(chunk: Chunk, question: str) -> list[dict]:
+    """The messages that ask `question` of one passage: the question first, then the passage, in one user
+    message (read in this order, every token of the passage can look back at the question: a small model
+    finds the answer more often than with the passage first)."""
+    return [{"role": "user", "content": f"{question}\n[{chunk.cite}] {chunk.text}"}]
+
+
+def cited(answer: str, chunk: Chunk) -> str:
+    return f"{answer} [{chunk.cite}]"
+
+
+def pack_passages(facts: list[Fact], max_words: int = PASSAGE_WORDS) -> list[Chunk]:
+    """Every file of a pack cut into passages, as an assistant made from those files holds them."""
+    return [c for file in dict.fromkeys(f.file for f in facts) for c in chunk_text(file_text(facts, file), file, max_words)]
+
+
+def reading_draws(world: World, n: int = READING_DRAWS) -> list[list[tuple[Fact, list[Chunk]]]]:
+    """The facts of `n` other draws of the knowledge packs, each pack's with its passages."""
+    return [[(fact, chunks) for facts in make_packs(world, seed=f"reading-{i}").values()
+             for chunks in [pack_passages(facts)] for fact in facts] for i in range(n)]
+
+
+def _overlap(question: str, text: str) -> int:
+    words = {w.strip("?.,").lower() for w in question.split()}
+    return len(words & {w.strip("?.,").lower() for w in text.split()})
+
+
+def _negative(rng: random.Random, question: str, holding: set[int], chunks: list[Chunk]) -> Chunk:
+    """A passage that does not hold the answer: in half the draws one of the three that share the most words
+    with the question, else any."""
+    others = [c for i, c in enumerate(chunks) if i not in holding]
+    if rng.random() < 0.5:
+        others = sorted(others, key=lambda c: -_overlap(question, c.text))[:3]
+    return rng.choice(others)
+
+
+def pack_reading(rng: random.Random, fact: Fact, chunks: list[Chunk]) -> list[dict]:
+    question = fact.question if rng.random() < 0.5 else fact.seen
+    holding = {i for i, c in enumerate(chunks) if fact.sentence in c.text}
+    positive = rng.random() > NEGATIVE_SHARE
+    chunk = chunks[rng.choice(sorted(holding))] if positive else _negative(rng, question, holding, chunks)
+    if rng.random() < 0.5:  # cited under another name and index (see FILE_NAMES)
+        chunk = Chunk(rng.choice(FILE_NAMES), rng.randint(0, 99), chunk.text)
+    reply = cited(fact.answer, chunk) if positive else NOT_IN_PASSAGE
+    return [*reading_prompt(chunk, question), {"role": "assistant", "content": reply}]
+
+
+def memory_fact(rng: random.Random, names: NameMaker) -> tuple[str, str, str]:
+    """(what the user said, a question asking it back, the answer)"""
+    thing, draw = rng.choice(MEMORY_THINGS)
+    value = draw(rng, names)
+    return f"My {thing} is {value}.", rng.choice(MEMORY_ASKS).format(thing=thing), value
+
+
+def memory_passage(index: int, said: str) -> Chunk:
+    return Chunk("memory", index, f"You said: {said}")
+
+
+def memory_reading(rng: random.Random, names: NameMaker) -> list[dict]:
+    said, question, answer = memory_fact(rng, names)
+    index = rng.randint(0, 99)
+    if rng.random() > NEGATIVE_SHARE:
+        chunk = memory_passage(index, said)
+        reply = cited(answer, chunk)
+    else:
+        other = memory_fact(rng, names)
+        while other[1].split("my ")[-1] == question.split("my ")[-1]:
+            other = memory_fact(rng, names)
+        chunk, reply = memory_passage(index, other[0]), NOT_IN_PASSAGE
+    return [*reading_prompt(chunk, question), {"role": "assistant", "content": reply}]
+
+
+def reading_conversation(rng: random.Random, draws: list[list[tuple[Fact, list[Chunk]]]],
+                         names: NameMaker) -> list[dict]:
+    """One reading conversation (see the module docstring)."""
+    if rng.random() < MEMORY_SHARE:
+        return memory_reading(rng, names)
+    fact, chunks = rng.choice(rng.choice(draws))
+    return pack_reading(rng, fact, chunks)

@@ -1,0 +1,209 @@
+"""Reading from passages: the fine-tuning conversations that teach it, the reader that pages passages in one at
+a time and keeps the best-ranked answer, and the memory that pages a conversation's old turns back in."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import io
+import random
+
+import pytest
+
+from llmlab.assistants.chunks import Chunk
+from llmlab.assistants.memory import Memory, recall
+from llmlab.assistants.reader import read_many
+from llmlab.engine import Engine
+from llmlab.errors import LLMLabError
+from llmlab.tokenizer import Tokenizer
+from llmlab.world import load
+from llmlab.world.config import WorldConfig
+from llmlab.world.conversations import sft_conversations
+from llmlab.world.entities import NameMaker
+from llmlab.world.packs import make_packs
+from llmlab.world.reading import NOT_IN_FILES, NOT_IN_PASSAGE, reading_conversation, reading_draws
+from serving import ScriptModel, make_tokenizer
+
+
+@pytest.fixture(scope="module")
+def world(tiny_world_dir):
+    return load(tiny_world_dir)
+
+
+def test_reading_conversations_answer_from_their_passage_or_say_it_does_not(world):
+    draws = reading_draws(world, n=3)
+    rng, names = random.Random(0), NameMaker(random.Random(1))
+    rows = [reading_conversation(rng, draws, names) for _ in range(400)]
+    positives = negatives = 0
+    for user, reply in ((r[0]["content"], r[1]["content"]) for r in rows):
+        question, _, passage = user.partition("\n")
+        cite, _, text = passage.partition("] ")
+        if reply == NOT_IN_PASSAGE:
+            negatives += 1
+            continue
+        positives += 1
+        answer, _, cited = reply.rpartition(" ")
+        assert cited == f"{cite}]" and answer in text  # the answer is copied from the passage it cites
+    assert 0.5 < positives / len(rows) < 0.7
+    # a negative's passage never holds the fact asked about: checked against the packs' own facts
+    facts = {f.question: f for draw in draws for f, _ in draw} | {f.seen: f for draw in draws for f, _ in draw}
+    for r in rows:
+        question, _, passage = r[0]["content"].partition("\n")
+        if question in facts and r[1]["content"] == NOT_IN_PASSAGE:
+            assert facts[question].sentence not in passage
+
+
+def test_reading_never_shows_the_worlds_own_packs(world):
+    own = {f.sentence for facts in make_packs(world).values() for f in facts}
+    draws = reading_draws(world, n=5)
+    read = {f.sentence for draw in draws for f, _ in draw}
+    company = make_packs(world)["handbook"][0].sentence.split(" was founded")[0]
+    assert not any(company in sentence for sentence in read)
+    assert len(own & read) < 0.2 * len(own)  # only sentences without a name may coincide ("Visitor badges are red.")
+
+
+def test_the_sft_mix_reads_only_when_the_world_asks_for_it(world):
+    assert not any(r["kind"] == "reading" for r in sft_conversations(world, 300, seed=0))
+    reading_world = dataclasses.replace(world, config={**world.config, "sft_reading": 0.5})
+    rows = sft_conversations(reading_world, 300, seed=0)
+    assert 40 < sum(r["kind"] == "reading" for r in rows) < 160
+    assert "sft_reading" not in WorldConfig().content()  # a world without reading is recorded as before
+
+
+# ---- the reader, on a scripted model --------------------------------------------------------------------------
+
+def reader_script(tok: Tokenizer, knows: dict[str, str]):
+    """A model that reads: for a question `Q\\n[cite] text`, answers "VALUE [cite]" when the passage holds
+    the word `knows[key]` of a key in Q, else NOT_IN_PASSAGE."""
+    start, end = tok.special_id("<|assistant_start|>"), tok.special_id("<|assistant_end|>")
+    user_start, user_end = tok.special_id("<|user_start|>"), tok.special_id("<|user_end|>")
+
+    def script(seq: list[int]) -> int:
+        if start not in seq:
+            return tok.bos_id
+        question, _, passage = tok.decode(seq[seq.index(user_start) + 1: seq.index(user_end)]).partition("\n")
+        cite, _, text = passage[1:].partition("] ")
+        value = next((v for k, v in knows.items() if k in question and v in text), None)
+        plan = tok.encode(f"{value} [{cite}]" if value else NOT_IN_PASSAGE) + [end]
+        written = seq[seq.index(start) + 1:]
+        return plan[len(written)] if len(written) < len(plan) else end
+    return script
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    return Tokenizer.load(make_tokenizer(tmp_path_factory.mktemp("tok")).parent)
+
+
+def test_the_reader_keeps_the_best_ranked_passage_that_answers(tok):
+    engine = Engine(ScriptModel(tok.vocab_size, reader_script(tok, {"ferry": "09:30", "badge": "yellow"})))
+    passages = [Chunk("a.txt", 0, "The car park is large."), Chunk("b.txt", 3, "The ferry leaves at 09:30."),
+                Chunk("c.txt", 1, "Ferries: 09:30 daily.")]
+    ferry, badge, none = read_many(engine, tok, [("When does the ferry leave?", passages),
+                                                 ("What colour is the badge?", passages), ("Hi", [])])
+    assert (ferry.answer, ferry.chunk.cite, ferry.read) == ("09:30 [b.txt#3]", "b.txt#3", 3)
+    assert ferry.prompt_tokens > 0
+    assert (badge.answer, badge.chunk, badge.read) == (NOT_IN_FILES, None, 3)
+    assert (none.answer, none.read) == (NOT_IN_FILES, 0)
+    # a passage too long for the context with the question is not read (the others are)
+    long = Chunk("long.txt", 0, "ferry " * 200 + "09:30")
+    assert read_many(engine, tok, [("When does the ferry leave?", [long, passages[1]])])[0].read == 1
+
+
+def test_memory_pages_an_old_fact_back_in_and_can_be_seen_edited_and_forgotten(tok, tmp_path):
+    engine = Engine(ScriptModel(tok.vocab_size, reader_script(tok, {"locker": "4821"})))
+    memory = Memory()
+    first = memory.add("My locker number is 4821.")
+    for i in range(60):
+        memory.add(f"Tell me about the weather on day {i}.")
+    question = "What is my locker number?"
+    memory.add(question)  # the question itself is stored too, but never read as its own answer
+    assert all(c.text != f"You said: {question}" for c in memory.search(question))
+    reading = recall(engine, tok, memory, question)
+    assert reading is not None and reading.answer == f"4821 [memory#{first}]"
+    memory.edit(first, "My locker number is 77.")
+    assert recall(engine, tok, memory, question) is None  # the edited entry no longer holds 4821
+    memory.forget(first)
+    assert all(c.index != first for c in memory.passages())
+    with pytest.raises(LLMLabError, match="no entry"):
+        memory.forget(first)
+    memory.save(tmp_path / "memory.json")
+    assert Memory.load(tmp_path / "memory.json").entries == memory.entries
+    assert Memory.load(tmp_path / "absent.json").entries == []
+    (tmp_path / "bad.json").write_text('{"entries": [1, 2]}')
+    with pytest.raises(LLMLabError, match="not a memory file"):
+        Memory.load(tmp_path / "bad.json")
+
+
+# ---- the measurements (llmlab.assistants.evals), on a model that reads perfectly -----------------------------
+
+def perfect_reader(tok: Tokenizer, facts: dict[str, list[str]]):
+    """A model that reads without error: a pack question (a key of `facts`) is answered when the passage holds
+    one of its answers; "What is my X?" when the passage says "My X is V."; else NOT_IN_PASSAGE. Asked anything
+    without a passage, it says "Hello."."""
+    start, end = tok.special_id("<|assistant_start|>"), tok.special_id("<|assistant_end|>")
+    user_start, user_end = tok.special_id("<|user_start|>"), tok.special_id("<|user_end|>")
+
+    def script(seq: list[int]) -> int:
+        if start not in seq:
+            return tok.bos_id
+        last = len(seq) - 1 - seq[::-1].index(user_start)
+        question, _, passage = tok.decode(seq[last + 1: last + seq[last:].index(user_end)]).partition("\n")
+        cite, _, text = passage[1:].partition("] ")
+        value = next((a for a in facts.get(question, []) if a in text), None)
+        if "my " in question and "My " in text:
+            thing = question.split("my ", 1)[1].rstrip("?").removesuffix(" was")
+            said = text.split("My ", 1)[1].rstrip(".")
+            value = said.split(" is ", 1)[1] if said.split(" is ", 1)[0] == thing else None
+        reply = (f"{value} [{cite}]" if value else NOT_IN_PASSAGE) if passage else "Hello."
+        plan = tok.encode(reply) + [end]
+        written = seq[len(seq) - 1 - seq[::-1].index(start) + 1:]
+        return plan[len(written)] if len(written) < len(plan) else end
+    return script
+
+
+def test_needle_paging_finds_what_truncation_loses(world, tok):
+    from llmlab.assistants.evals import needle
+
+    facts = {}  # (two draws may ask the same question, "How often does line 12 run?", with other answers)
+    for i in range(2):
+        for f in (f for fs in make_packs(world, seed=f"needle-{i}").values() for f in fs):
+            facts.setdefault(f.question, []).append(f.answer)
+    engine = Engine(ScriptModel(tok.vocab_size, perfect_reader(tok, facts), context_len=256))
+    grid = needle(engine, tok, world, lengths=(1, 6), depths=(0.0, 1.0), per_cell=2)
+    assert all(v == 1.0 for row in grid["paging"].values() for v in row.values()), grid
+    assert grid["truncation"][6][1.0] == 1.0 and grid["truncation"][6][0.0] == 0.0  # only the end survives
+
+
+def test_memory_recall_far_beyond_the_context(world, tok, monkeypatch):
+    from llmlab.assistants import evals
+    from llmlab.assistants.evals import memory_recall
+
+    # the test tokenizer spells an invented name in many more tokens than a real one: room for the longest reply
+    monkeypatch.setattr(evals, "read_many", functools.partial(read_many, max_new_tokens=64))
+    engine = Engine(ScriptModel(tok.vocab_size, perfect_reader(tok, {}), context_len=256))
+    result = memory_recall(engine, tok, world, turns=(2, 50), n=6)
+    assert result["memory"] == {2: 1.0, 50: 1.0} and result["false_recall"] == {2: 0.0, 50: 0.0}
+    assert result["truncation"][50] == 0.0  # the scripted model, without memory, never says the value
+
+
+def test_chat_answers_from_memory_long_after_the_turn_left_the_context(tmp_path, tok, monkeypatch):
+    from llmlab.stages.chat import Config, Session
+    from serving import make_checkpoint
+
+    ckpt = make_checkpoint(make_tokenizer(tmp_path / "tok").parent, tmp_path / "ckpt")
+    monkeypatch.setattr("llmlab.assistants.memory.read_many", functools.partial(read_many, max_new_tokens=64))
+    session = Session(Config(checkpoint=str(ckpt), world=str(tmp_path / "no-world"), tools=False,
+                             memory_file=str(tmp_path / "memory.json")))
+    session.engine = Engine(ScriptModel(tok.vocab_size, perfect_reader(tok, {}), context_len=128))
+    out = io.StringIO()
+    session.reply("My locker number is 4821.", out)
+    for i in range(30):
+        session.reply(f"Tell me about day {i}.", out)
+    assert all(m["content"] != "My locker number is 4821." for m in session.messages)  # long out of the context
+    assert session.reply("What is my locker number?", out) == "4821 [memory#0]"
+    assert Memory.load(tmp_path / "memory.json").entries[0] == "My locker number is 4821."  # kept on disk
+    session.forget("0")
+    assert session.reply("What is my locker number?", out) != "4821 [memory#0]"
+    with pytest.raises(LLMLabError, match="no entry"):
+        session.forget("0")
