@@ -29,9 +29,11 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as tensors_to_bytes
 
 from llmlab.errors import LLMLabError
+from llmlab.fileio import write_durably
 from llmlab.model import GPT
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -110,7 +112,8 @@ def save_adapter(model: GPT, out_dir: str | Path, base: str = "") -> Path:
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": first.r, "lora_alpha": first.alpha,
               "target_modules": sorted({n.rsplit(".", 1)[-1] for n in mods}), "lora_dropout": 0.0, "bias": "none",
               "fan_in_fan_out": False, "inference_mode": True, "base_model_name_or_path": str(base)}
-    save_file(adapter_state(model), str(out / WEIGHTS), metadata={"format": "pt"})
+    # as bytes through open(), so that the file follows the umask as the others do (save_file makes it 0600)
+    write_durably(out / WEIGHTS, tensors_to_bytes(adapter_state(model), metadata={"format": "pt"}))
     (out / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
     (out / BASE).write_text(json.dumps({"base": _base_shape(model)}, indent=2) + "\n")
     return out

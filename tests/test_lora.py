@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import random
 
 import pytest
@@ -96,7 +97,13 @@ def test_only_the_adapter_trains_and_it_is_small(tok):
 def test_an_adapter_for_another_base_or_no_adapter_is_refused(tok, tmp_path):
     adapted = _base(tok)
     add_lora(adapted, r=2)
-    save_adapter(adapted, tmp_path / "a")
+    old = os.umask(0o022)
+    try:
+        save_adapter(adapted, tmp_path / "a")
+    finally:
+        os.umask(old)
+    assert {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "a").iterdir()} == {
+        "adapter_config.json": 0o644, "adapter_model.safetensors": 0o644, "llmlab_adapter.json": 0o644}
     with pytest.raises(LLMLabError, match="another base .*d_model 64 vs 32"):
         load_adapter(_base(tok, d_model=32), tmp_path / "a")
     with pytest.raises(LLMLabError, match="no adapter at"):
