@@ -2,12 +2,12 @@
 
 Multi-turn; tool calls and their outputs are shown as they happen. Commands: /clear (forget the
 conversation), /system TEXT (set the system prompt and start over), /temperature X, /think N [show],
-/memory, /remember TEXT, /forget N, /help, /quit. `--prompt "..."` answers one message and exits (for scripts).
+/memory, /remember TEXT, /edit N TEXT, /forget N, /help, /quit. `--prompt "..."` answers one message and exits (for scripts).
 
 Memory (llmlab.assistants.memory): everything the user says is kept as an entry, also after the oldest turns
 have left the context; before each reply the entries that best match the message are read one at a time, and
-if one holds the answer the reply is that, cited `[memory#N]`. /memory lists the entries, /forget N drops
-one, /remember TEXT adds one; `--memory_file` keeps them across sessions; `--memory false` turns it off.
+if one holds the answer the reply is that, cited `[memory#N]`. /memory lists the entries, /edit N TEXT
+rewrites one, /forget N drops one, /remember TEXT adds one; `--memory_file` keeps them across sessions; `--memory false` turns it off.
 
 `/think N` (or `--think N`) answers with more compute (llmlab.think): a question that names a person is
 answered only after N probes of the model's recall of that person (at most 12; verify-then-answer: "I don't
@@ -40,7 +40,7 @@ def check_think(budget: int) -> None:
 TOOL_MARKS = {"<|tool_start|>": "\n[tool: ", "<|tool_end|>": "", "<|output_start|>": " -> ", "<|output_end|>": "]\n"}
 HELP = ("/clear  forget the conversation   /system TEXT  set the system prompt   /temperature X   "
         "/think N [show]  answer with N samples or recall probes (0: off)   /memory  what it remembers   "
-        "/remember TEXT   /forget N   /help   /quit")
+        "/remember TEXT   /edit N TEXT   /forget N   /help   /quit")
 
 
 @dataclass
@@ -97,6 +97,14 @@ class Session:
         i = self.memory.add(text)
         self.save_memory()
         return i
+
+    def edit(self, text: str) -> None:
+        """/edit N TEXT: a ValueError or LLMLabError (one line) for a number that is no entry, or no text."""
+        number, _, new = text.strip().partition(" ")
+        if not new.strip():
+            raise ValueError("no text")
+        self.memory.edit(int(number), new)
+        self.save_memory()
 
     def forget(self, text: str) -> None:
         """/forget N: a ValueError or LLMLabError (one line) for a number that is no entry."""
@@ -269,6 +277,9 @@ def main(cfg: Config) -> dict:
                 print(f"({len(entries)} entries)" if session.cfg.memory else "(memory is off: --memory true)")
             elif command == "/remember" and arg:
                 print(f"(remembered as entry {session.remember(arg)})")
+            elif command == "/edit":
+                _setting(lambda: session.edit(arg), lambda: f"(entry {arg.split()[0]} rewritten)",
+                         "usage: /edit 3 My locker number is 12.   (see /memory for the numbers)")
             elif command == "/forget":
                 _setting(lambda: session.forget(arg), lambda: f"(entry {arg} forgotten)",
                          "usage: /forget 3   (see /memory for the numbers)")
