@@ -91,22 +91,23 @@ def needle(engine: Engine, tok: Tokenizer, world: World, lengths: tuple[float, .
            depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0), per_cell: int = 8, k: int = 5,
            seed: int = 0) -> dict:
     """{"paging" | "truncation": {length: {depth: accuracy}}} (see the module docstring); lengths are in
-    multiples of the model's context, in tokens of the haystack."""
+    multiples of the model's context, in tokens of the haystack. Each of the `per_cell` needles sits in a
+    stretch of text of its own (so that a cell is not one passage's luck), at every depth of it."""
     T = engine.model.config.context_len
     rng = random.Random(f"{seed}-needle")
     pool = _haystack_sentences(world)
     needles = [f for i in range(per_cell) for f in [rng.choice(list(make_packs(world, seed=f"needle-{i}").values()))]
                for f in [rng.choice(f)]]
+    pool = [s.rstrip(".") + "." for s in pool]
+    sizes = [len(tok.encode(" " + s)) for s in pool]
     cells, paging_q, trunc_q, answers = [], [], [], []
     for length in lengths:
-        start = rng.randrange(len(pool))
-        hay, n_tokens = [], 0
-        while n_tokens < length * T:
-            s = pool[(start + len(hay)) % len(pool)].rstrip(".") + "."
-            hay.append(s)
-            n_tokens += len(tok.encode(" " + s))
-        for depth in depths:
-            for f in needles:
+        for f in needles:  # each needle in its own stretch of the world's text, the same one at every depth
+            start, hay, n_tokens = rng.randrange(len(pool)), [], 0
+            while n_tokens < length * T:
+                hay.append(pool[(start + len(hay)) % len(pool)])
+                n_tokens += sizes[(start + len(hay) - 1) % len(pool)]
+            for depth in depths:
                 at = round(depth * len(hay))
                 doc = " ".join(hay[:at] + [f.sentence] + hay[at:])
                 chunks = chunk_text(doc, "document", PASSAGE_WORDS)
