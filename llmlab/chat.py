@@ -251,6 +251,18 @@ def render_prompt(tokenizer: Tokenizer, messages: list[dict]) -> list[int]:
 # ------------------------------------------------------------------------------------------------------- parsing
 
 
+def fit_context(tokenizer: Tokenizer, messages: list[dict], context_len: int, room: int,
+                system: list[dict] = ()) -> tuple[list[dict], int]:
+    """(messages, exchanges dropped): the conversation without as few of its oldest exchanges (a user message
+    and what follows it) as leave `room` tokens of the context after `system` + messages; the last user message
+    always stays."""
+    dropped = 0
+    while len(messages) > 1 and len(render_prompt(tokenizer, [*system, *messages])) + room > context_len:
+        first_reply = next(i for i, m in enumerate(messages) if i > 0 and m["role"] == "user")
+        messages, dropped = messages[first_reply:], dropped + 1
+    return messages, dropped
+
+
 def split_call(call: str) -> tuple[str, str]:
     """A tool call's text, "NAME ARGS", as (name, arguments): the name ends at the first whitespace of any kind
     (`python` is often followed by a newline and the program)."""

@@ -31,11 +31,10 @@ import torch.nn.functional as F
 
 from llmlab.alignment.pairs import EncodedPair, right_padded
 from llmlab.assistants.chunks import chunk_text
-from llmlab.assistants.retrieval import pack_chunks
 from llmlab.model import GPT
 from llmlab.tokenizer import Tokenizer
 from llmlab.world.core import World
-from llmlab.world.packs import make_packs
+from llmlab.world.packs import make_packs, pack_chunks
 from llmlab.world.text import QUESTIONS, biography
 
 

@@ -21,36 +21,30 @@ from collections import defaultdict
 
 from llmlab.assistants.chunks import Chunk, chunk_text
 from llmlab.assistants.memory import Memory
-from llmlab.assistants.reader import read_many
+from llmlab.assistants.reader import greedy_replies, read_many
 from llmlab.assistants.retrieval import BM25
-from llmlab.chat import final_answer, render_prompt, reply_stop_ids
-from llmlab.engine import Engine, SamplingParams
+from llmlab.chat import fit_context, render_prompt
+from llmlab.engine import Engine
 from llmlab.tokenizer import Tokenizer
 from llmlab.world.conversations import Pools, conversation
 from llmlab.world.core import World
 from llmlab.world.entities import NameMaker
-from llmlab.world.packs import make_packs
-from llmlab.world.reading import PASSAGE_WORDS, memory_fact, pack_passages, reading_prompt
+from llmlab.world.packs import make_packs, pack_chunks
+from llmlab.world.reading import PASSAGE_WORDS, memory_fact, reading_prompt
 
 ACK = "I will remember that."
 
 
-def _replies(engine: Engine, tok: Tokenizer, conversations: list[list[dict]], max_new_tokens: int = 24,
-             batch_size: int = 32) -> list[str]:
+def _replies(engine: Engine, tok: Tokenizer, conversations: list[list[dict]]) -> list[str]:
     """Greedy replies (no tools) to conversations that end with the user."""
-    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
-    out = []
-    for start in range(0, len(conversations), batch_size):
-        prompts = [render_prompt(tok, c) for c in conversations[start:start + batch_size]]
-        out += [final_answer(tok, ids) for ids in engine.generate(prompts, params, stop_ids=reply_stop_ids(tok))]
-    return out
+    return greedy_replies(engine, tok, [render_prompt(tok, c) for c in conversations], max_new_tokens=24)
 
 
 def pack_accuracy(engine: Engine, tok: Tokenizer, world: World, k: int = 5, phrasing: str = "question") -> dict:
     """Accuracy with the pack's files and without them, faithfulness and retrieval recall, per pack and overall."""
     questions, facts, packs = [], [], []
     for pack, pack_facts in make_packs(world).items():
-        chunks = pack_passages(pack_facts)
+        chunks = pack_chunks(pack_facts, PASSAGE_WORDS)
         index = BM25([c.text for c in chunks])
         for f in pack_facts:
             q = getattr(f, phrasing)
@@ -82,9 +76,11 @@ def pack_accuracy(engine: Engine, tok: Tokenizer, world: World, k: int = 5, phra
 
 
 def _haystack_sentences(world: World) -> list[str]:
+    """The sentences of the world's validation biographies, stories and encyclopedia entries, each ending in a
+    full stop."""
     _, val = world.pretrain_documents()
     texts = [d["text"] for d in val if d["kind"] in ("bio", "story", "encyclopedia")]
-    return [s for t in texts for s in t.replace("\n", " ").split(". ") if s.strip()]
+    return [s.rstrip(".") + "." for t in texts for s in t.replace("\n", " ").split(". ") if s.strip()]
 
 
 def needle(engine: Engine, tok: Tokenizer, world: World, lengths: tuple[float, ...] = (1, 3, 10, 30, 100),
@@ -98,15 +94,15 @@ def needle(engine: Engine, tok: Tokenizer, world: World, lengths: tuple[float, .
     pool = _haystack_sentences(world)
     needles = [f for i in range(per_cell) for f in [rng.choice(list(make_packs(world, seed=f"needle-{i}").values()))]
                for f in [rng.choice(f)]]
-    pool = [s.rstrip(".") + "." for s in pool]
     sizes = [len(tok.encode(" " + s)) for s in pool]
     cells, paging_q, trunc_q, answers = [], [], [], []
     for length in lengths:
         for f in needles:  # each needle in its own stretch of the world's text, the same one at every depth
-            start, hay, n_tokens = rng.randrange(len(pool)), [], 0
+            i, hay, n_tokens = rng.randrange(len(pool)), [], 0
             while n_tokens < length * T:
-                hay.append(pool[(start + len(hay)) % len(pool)])
-                n_tokens += sizes[(start + len(hay) - 1) % len(pool)]
+                hay.append(pool[i % len(pool)])
+                n_tokens += sizes[i % len(pool)]
+                i += 1
             for depth in depths:
                 at = round(depth * len(hay))
                 doc = " ".join(hay[:at] + [f.sentence] + hay[at:])
@@ -141,13 +137,6 @@ def _tail(tok: Tokenizer, doc: str, question: str, T: int, reply_room: int = 24)
     return Chunk("document", 0, " ".join(words[lo:]))
 
 
-def _fit(tok: Tokenizer, messages: list[dict], T: int, reply_room: int = 24) -> list[dict]:
-    """The conversation without its oldest exchanges, as few dropped as leave `reply_room` tokens."""
-    while len(messages) > 1 and len(render_prompt(tok, messages)) + reply_room > T:
-        messages = messages[next(i for i, m in enumerate(messages) if i > 0 and m["role"] == "user"):]
-    return messages
-
-
 def memory_recall(engine: Engine, tok: Tokenizer, world: World, turns: tuple[int, ...] = (1, 5, 10, 50, 100),
                   n: int = 40, other_facts: float = 0.2, seed: int = 0) -> dict:
     """{"memory" | "truncation": {N: accuracy}, "false_recall": {N: share}} (see the module docstring);
@@ -180,7 +169,7 @@ def memory_recall(engine: Engine, tok: Tokenizer, world: World, turns: tuple[int
             unrelated.append(conversation(world, "qa", rng, pools)[0]["content"])
             questions.append(question)
             answers.append(answer)
-            truncated.append(_fit(tok, messages + [{"role": "user", "content": question}], T))
+            truncated.append(fit_context(tok, messages + [{"role": "user", "content": question}], T, 24)[0])
         readings = read_many(engine, tok, [(q, m.search(q)) for q, m in zip(questions, memories)])
         plain = _replies(engine, tok, truncated)
         wrong = read_many(engine, tok, [(q, m.search(q)) for q, m in zip(unrelated, memories)])

@@ -6,8 +6,8 @@ match the user's new message (BM25) are paged in one at a time as `[memory#i] Yo
 (llmlab.assistants.reader, the format fine-tuning's reading conversations teach): if one holds the answer, it
 is the reply, cited; if none does, the model answers the conversation that fits the context as it always has.
 
-The user sees every entry and can edit or forget one (`llmlab chat`: /memory, /forget N, /remember TEXT);
-`save` writes the entries as JSON, atomically, so a memory outlives the session.
+The user sees every entry and can edit or forget one (`llmlab chat`: /memory, /remember TEXT, /edit N TEXT,
+/forget N); `save` writes the entries as JSON, atomically, so a memory outlives the session.
 
     memory = Memory(); memory.add("My locker number is 4821.")
     recall(engine, tokenizer, memory, "What is my locker number?")  -> Reading ("4821 [memory#0]") or None
@@ -59,8 +59,9 @@ class Memory:
     def search(self, query: str, k: int = PAGE_IN) -> list[Chunk]:
         """The k entries that best match `query` (BM25), best first; an entry that is the query itself (the
         question just asked) is not an answer to it."""
-        kept = [c for c in self.passages() if c.text != f"You said: {' '.join(query.split())}"]
-        if not kept or not query.strip():
+        asked = " ".join(query.split())
+        kept = [c for c in self.passages() if self.entries[c.index] != asked]
+        if not kept or not asked:
             return []
         return [kept[i] for i in BM25([c.text for c in kept]).rank(query, k)]
 

@@ -8,6 +8,7 @@ together. The same reader serves knowledge files, a document far longer than the
 haystack) and a conversation's memory (llmlab.assistants.memory).
 
     read_many(engine, tokenizer, [(question, passages), ...])  -> [Reading, ...]
+    greedy_replies(engine, tokenizer, prompts)                   -> the assistant's words for each prompt
 """
 
 from __future__ import annotations
@@ -32,6 +33,11 @@ class Reading:
     """passages read (prompts generated)"""
     prompt_tokens: int = 0
     """tokens of the prompts read"""
+
+    @property
+    def citation(self) -> dict:
+        """{"file", "passage", "text"} of the passage answered from (an answer that has one)."""
+        return {"file": self.chunk.file, "passage": self.chunk.index, "text": self.chunk.text}
 
 
 def _found(reply: str, chunk: Chunk) -> bool:
@@ -59,16 +65,23 @@ def read_many(engine: Engine, tokenizer: Tokenizer, questions: Sequence[tuple[st
     room = min(max_new_tokens, 24)
     jobs = [(q, chunk, ids) for q, (question, passages) in enumerate(questions)
             for chunk, ids in prompts_for(tokenizer, question, passages, T, room)]
-    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
-    stop = reply_stop_ids(tokenizer)
-    replies: list[str] = []
-    for start in range(0, len(jobs), batch_size):
-        batch = [ids for _, _, ids in jobs[start:start + batch_size]]
-        replies += [final_answer(tokenizer, out) for out in engine.generate(batch, params, stop_ids=stop)]
+    replies = greedy_replies(engine, tokenizer, [ids for _, _, ids in jobs], max_new_tokens, batch_size)
     out = [Reading(NOT_IN_FILES, None, 0) for _ in questions]
     for (q, chunk, ids), reply in zip(jobs, replies):
         out[q].read += 1
         out[q].prompt_tokens += len(ids)
         if out[q].chunk is None and _found(reply, chunk):
             out[q].answer, out[q].chunk = reply.strip(), chunk
+    return out
+
+
+def greedy_replies(engine: Engine, tokenizer: Tokenizer, prompts: Sequence[list[int]], max_new_tokens: int = 32,
+                   batch_size: int = 32) -> list[str]:
+    """The assistant's own words (no tools run) greedily generated for each prompt, in batches."""
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
+    stop = reply_stop_ids(tokenizer)
+    out: list[str] = []
+    for start in range(0, len(prompts), batch_size):
+        out += [final_answer(tokenizer, ids) for ids in engine.generate(prompts[start:start + batch_size], params,
+                                                                          stop_ids=stop)]
     return out

@@ -21,10 +21,10 @@ from typing import Callable, Protocol
 import torch
 import torch.nn.functional as F
 
-from llmlab.assistants.chunks import Chunk, chunk_text
+from llmlab.assistants.chunks import Chunk
 from llmlab.tools.search import SearchIndex
 from llmlab.world.core import World
-from llmlab.world.packs import Fact, file_text, make_packs
+from llmlab.world.packs import make_packs, pack_chunks
 
 DISTRACTOR_SEED = 1_000_000  # the distractor packs' draws: far above any the embedder trains on
 
@@ -86,13 +86,6 @@ def evaluate(retriever: Retriever, questions: list[tuple[str, set[int]]], recall
     return {f"recall@{recall_k}": sum(recall_at_k(r, rel, recall_k) for r, (_, rel) in zip(ranks, questions)) / len(questions),
             f"ndcg@{ndcg_k}": sum(ndcg_at_k(r, rel, ndcg_k) for r, (_, rel) in zip(ranks, questions)) / len(questions),
             "n": len(questions)}
-
-
-def pack_chunks(facts: list[Fact], max_words: int, prefix: str = "") -> list[Chunk]:
-    """The passages of a knowledge pack's files (their text as llmlab.world.packs.file_text gives it), each
-    citing `prefix` + its file."""
-    return [c for file in dict.fromkeys(f.file for f in facts)
-            for c in chunk_text(file_text(facts, file), prefix + file, max_words)]
 
 
 def pack_benchmark(world: World, max_words: int = 25, distractor_packs: int = 5,

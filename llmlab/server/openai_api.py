@@ -220,8 +220,7 @@ def _from_files(service: Service, body: schemas.ChatCompletionRequest, name: str
     completion = len(service.tokenizer.encode(reading.answer)) * body.n
     usage = {"prompt_tokens": reading.prompt_tokens, "completion_tokens": completion,
              "total_tokens": reading.prompt_tokens + completion}
-    citations = [{"file": reading.chunk.file, "passage": reading.chunk.index, "text": reading.chunk.text}]
-    return _whole(body, name, reading.answer, usage, n=body.n, citations=citations)
+    return _whole(body, name, reading.answer, usage, n=body.n, citations=[reading.citation])
 
 
 def _whole(body: schemas.ChatCompletionRequest, name: str, text: str, usage: dict, n: int = 1, **extra):

@@ -121,8 +121,7 @@ def add_routes(app: FastAPI, service: Service) -> None:
     @app.get("/api/assistants")
     def list_assistants() -> list[dict]:
         """The custom assistants the picker offers (the model itself is always offered too)."""
-        return [{"name": a.name, "instructions": a.instructions, "tools": a.tools,
-                 "files": [f["name"] for f in a.files]} for a in service.assistants.list()]
+        return [_assistant_card(a) for a in service.assistants.list()]
 
     @app.post("/api/assistants")
     def create_assistant(body: schemas.NewAssistant) -> dict:
@@ -144,7 +143,7 @@ def add_routes(app: FastAPI, service: Service) -> None:
                 a = service.assistants.create(body.name, body.instructions, paths, body.tools)
             except LLMLabError as e:
                 raise APIError(400, str(e), param="name") from None
-        return {"name": a.name, "instructions": a.instructions, "tools": a.tools, "files": [f["name"] for f in a.files]}
+        return _assistant_card(a)
 
     @app.get("/api/conversations")
     def list_conversations() -> list[dict]:
@@ -276,6 +275,11 @@ def add_routes(app: FastAPI, service: Service) -> None:
                                  media_type="text/event-stream")
 
 
+def _assistant_card(a: Assistant) -> dict:
+    """What the picker shows of a custom assistant."""
+    return {"name": a.name, "instructions": a.instructions, "tools": a.tools, "files": [f["name"] for f in a.files]}
+
+
 def sampling(body: schemas.ReplyRequest, max_new_tokens: int, n: int) -> list[SamplingParams]:
     """The SamplingParams of a reply's n answers: the settings it sets over `DEFAULTS`, a fresh random seed
     (answer i samples with seed + i); a 422 for a bad value."""
@@ -338,8 +342,7 @@ async def _read_stream(service: Service, cid: int, reading: Reading, model: str,
     if user_message is not None:
         yield sse({"type": "user", "message": user_message})
     yield sse({"type": "delta", "choice": 0, "text": reading.answer})
-    settings = {**_settings(dataclasses.replace(params, temperature=0.0), "stop"),
-                "citation": {"file": reading.chunk.file, "passage": reading.chunk.index, "text": reading.chunk.text}}
+    settings = {**_settings(dataclasses.replace(params, temperature=0.0), "stop"), "citation": reading.citation}
     stored = service.store.add_message(cid, "assistant", reading.answer, model=model, settings=settings)
     yield sse({"type": "done", "messages": [stored], "comparison_id": None, "note": None})
     yield SSE_DONE

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from llmlab import checkpoint
 from llmlab.assistants.memory import Memory, recall
-from llmlab.chat import final_answer, render_prompt, reply_stop_ids
+from llmlab.chat import final_answer, fit_context, render_prompt, reply_stop_ids
 from llmlab.engine import SEED_LIMIT, Engine, SamplingParams, ToolCalls
 from llmlab.errors import LLMLabError
 from llmlab.think.recall import name_in
@@ -169,17 +169,12 @@ class Session:
         _check_utf8("the message", text)
         _check_utf8("the system prompt", self.system)
         system = [{"role": "system", "content": self.system}] if self.system else []
-        messages = self.messages + [{"role": "user", "content": text}]
-        prompt = render_prompt(self.tok, system + messages)
         # The oldest exchanges make way when the reply would have less than half the context (or max_new_tokens)
         context = self.engine.model.config.context_len
         longest = self.sampling.max_new_tokens
-        room = min(longest, context // 2)
-        dropped = 0
-        while context - len(prompt) < room and len(messages) > 1:
-            first_reply = next(i for i, m in enumerate(messages) if i > 0 and m["role"] == "user")
-            messages, dropped = messages[first_reply:], dropped + 1
-            prompt = render_prompt(self.tok, system + messages)
+        messages, dropped = fit_context(self.tok, self.messages + [{"role": "user", "content": text}], context,
+                                        min(longest, context // 2), system)
+        prompt = render_prompt(self.tok, system + messages)
         if dropped:
             what = "the oldest exchange" if dropped == 1 else f"the {dropped} oldest exchanges"
             out.write(f"({what} left out to fit the model's {context}-token context)\n")

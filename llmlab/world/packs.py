@@ -14,6 +14,7 @@ is scored exactly. Files come in the formats a user uploads: Markdown, plain tex
 and PDF (written here with a text layer; `write_pdf`).
 
     make_packs(world)             {pack: facts}; make_packs(world, seed=s): the packs of another draw
+    pack_chunks(facts, max_words) the passages of a pack's files, as an assistant made from them holds them
     write_packs(world, out_dir)   -> out_dir/<pack>/<files> and out_dir/<pack>/questions.jsonl
 """
 
@@ -24,6 +25,7 @@ import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from llmlab.assistants.chunks import Chunk, chunk_text
 from llmlab.world.core import World
 from llmlab.world.entities import CITY_ENDINGS, LAST_ENDINGS, NameMaker
 
@@ -179,6 +181,13 @@ def make_packs(world: World, seed: int | None = None) -> dict[str, list[Fact]]:
 def file_text(facts: list[Fact], file: str) -> str:
     """The plain text of `file`: its facts' sentences, in order."""
     return " ".join(f.sentence for f in facts if f.file == file)
+
+
+def pack_chunks(facts: list[Fact], max_words: int, prefix: str = "") -> list[Chunk]:
+    """The passages of a knowledge pack's files (their text as `file_text` gives it), each citing `prefix` +
+    its file."""
+    return [c for file in dict.fromkeys(f.file for f in facts)
+            for c in chunk_text(file_text(facts, file), prefix + file, max_words)]
 
 
 def write_pdf(path: Path, text: str, width: int = 90, lines_per_page: int = 60) -> None:

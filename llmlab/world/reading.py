@@ -20,17 +20,17 @@ Passages come from two sources:
     memory    what a user said earlier in a conversation, stored as `[memory#i] You said: My locker number
               is 4821.` and asked back ("What is my locker number?"), answered in the same way
 
-    reading_conversation(rng, draws)   one conversation (see above); draws = reading_draws(world)
+    reading_conversation(rng, draws, names)   one conversation (see above); draws = reading_draws(world)
 """
 
 from __future__ import annotations
 
 import random
 
-from llmlab.assistants.chunks import Chunk, chunk_text
+from llmlab.assistants.chunks import Chunk
 from llmlab.world.core import World
 from llmlab.world.entities import CITY_ENDINGS, FOODS, LAST_ENDINGS, PETS, NameMaker
-from llmlab.world.packs import Fact, file_text, make_packs
+from llmlab.world.packs import Fact, make_packs, pack_chunks
 
 NOT_IN_PASSAGE = "The passage does not say."
 NOT_IN_FILES = "The files do not say."
@@ -78,15 +78,10 @@ def cited(answer: str, chunk: Chunk) -> str:
     return f"{answer} [{chunk.cite}]"
 
 
-def pack_passages(facts: list[Fact], max_words: int = PASSAGE_WORDS) -> list[Chunk]:
-    """Every file of a pack cut into passages, as an assistant made from those files holds them."""
-    return [c for file in dict.fromkeys(f.file for f in facts) for c in chunk_text(file_text(facts, file), file, max_words)]
-
-
 def reading_draws(world: World, n: int = READING_DRAWS) -> list[list[tuple[Fact, list[Chunk]]]]:
     """The facts of `n` other draws of the knowledge packs, each pack's with its passages."""
     return [[(fact, chunks) for facts in make_packs(world, seed=f"reading-{i}").values()
-             for chunks in [pack_passages(facts)] for fact in facts] for i in range(n)]
+             for chunks in [pack_chunks(facts, PASSAGE_WORDS)] for fact in facts] for i in range(n)]
 
 
 def _overlap(question: str, text: str) -> int:
