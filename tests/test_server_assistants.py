@@ -86,3 +86,32 @@ def test_a_deleted_assistant_is_gone_for_new_requests_and_harmless_to_old_ones(s
     assert service.passages(temp, "gate code", 3) == []  # a request that named it before: no files, no crash
     with pytest.raises(openai.NotFoundError):
         _client(live).chat.completions.create(model="temp", messages=[{"role": "user", "content": "Hi"}])
+
+
+def test_bad_assistants_from_the_web_ui_are_refused_and_nothing_is_created(served):
+    import base64
+
+    import httpx
+
+    service, live, store = served
+    api = httpx.Client(base_url=live.url, timeout=30)
+    before = [a["name"] for a in api.get("/api/assistants").json()]
+    on_disk = sorted(p.name for p in store.root.iterdir())
+    good = base64.b64encode(FACTS.encode()).decode()
+    for body, status, words in [
+        ({"name": "a", "files": [{"name": "f.txt", "content": "%%% not base64"}]}, 400, "not base64"),
+        ({"name": "b", "files": [{"name": "empty.txt", "content": ""}]}, 400, "is empty"),
+        ({"name": "c", "files": [{"name": "x.docx", "content": good}]}, 400, "not a supported format"),
+        ({"name": "Bad Name!", "files": [{"name": "f.txt", "content": good}]}, 400, "lowercase"),
+        ({"name": "shop", "files": [{"name": "f.txt", "content": good}]}, 400, "already exists"),
+        ({"name": "d", "files": [{"name": "..", "content": good}]}, 400, "bad file name"),
+    ]:
+        reply = api.post("/api/assistants", json=body)
+        assert reply.status_code == status and words in reply.json()["error"]["message"], (body, reply.text)
+    assert [a["name"] for a in api.get("/api/assistants").json()] == before
+    assert sorted(p.name for p in store.root.iterdir()) == on_disk  # no folder, not even a half-made one
+    # a reply naming an assistant that does not exist: a 404, and the conversation is left as it was
+    cid = api.post("/api/conversations", json={}).json()["id"]
+    reply = api.post(f"/api/conversations/{cid}/reply", json={"content": "Hi", "assistant": "nobody"})
+    assert reply.status_code == 404 and "calc, shop" in reply.json()["error"]["message"]
+    assert api.get(f"/api/conversations/{cid}").json()["messages"] == []
