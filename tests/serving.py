@@ -199,8 +199,8 @@ def calculator_script(tok: Tokenizer):
 
 def reading_script(tok):
     """The calculator script, except that it reads: given a question about Quillmoor and a passage
-    `[file#i] text` after it, it says "09:30 [file#i]" if the passage names Quillmoor, else that the passage
-    does not say."""
+    `[file#i] text` after it, it says "09:30 [file#i]" if the passage names Quillmoor and 09:30, else that
+    the passage does not say."""
     sp = tok.special_id
     base = calculator_script(tok)
 
@@ -212,7 +212,7 @@ def reading_script(tok):
         if not passage.startswith("[") or "Quillmoor" not in question:
             return base(seq)
         cite = passage[1:passage.index("]")]
-        text = f" 09:30 [{cite}]" if "Quillmoor" in passage else " The passage does not say."
+        text = f"09:30 [{cite}]" if "Quillmoor" in passage and "09:30" in passage else "The passage does not say."
         plan = tok.encode(text) + [sp("<|assistant_end|>")]
         written = seq[seq.index(sp("<|assistant_start|>")) + 1:]
         return plan[len(written)] if len(written) < len(plan) else sp("<|assistant_end|>")

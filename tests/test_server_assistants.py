@@ -20,7 +20,7 @@ def served(tmp_path_factory):
     ckpt = make_checkpoint(root / "tok", root / "ckpt", context_len=256)
     (root / "facts.txt").write_text(FACTS)
     store = AssistantStore(root / "assistants")
-    store.create("shop", "Answer from the passages.", [root / "facts.txt"], ["search"], max_words=8)
+    store.create("shop", "Answer from the passages.", [root / "facts.txt"], ["search"], max_words=12)
     store.create("calc", "", [root / "facts.txt"], ["calculator"], max_words=8)
     app = make_app(ckpt, root / "feedback.db")
     service = app.state.service

@@ -40,8 +40,10 @@ def _replies(engine: Engine, tok: Tokenizer, conversations: list[list[dict]]) ->
     return greedy_replies(engine, tok, [render_prompt(tok, c) for c in conversations], max_new_tokens=24)
 
 
-def pack_accuracy(engine: Engine, tok: Tokenizer, world: World, k: int = 5, phrasing: str = "question") -> dict:
-    """Accuracy with the pack's files and without them, faithfulness and retrieval recall, per pack and overall."""
+def pack_accuracy(engine: Engine, tok: Tokenizer, world: World, k: int = 5, phrasing: str = "question",
+                  extractive: bool = True) -> dict:
+    """Accuracy with the pack's files and without them, faithfulness and retrieval recall, per pack and overall;
+    `extractive`: how the reader words its answers (llmlab.assistants.reader)."""
     questions, facts, packs = [], [], []
     for pack, pack_facts in make_packs(world).items():
         chunks = pack_chunks(pack_facts, PASSAGE_WORDS)
@@ -51,7 +53,7 @@ def pack_accuracy(engine: Engine, tok: Tokenizer, world: World, k: int = 5, phra
             questions.append((q, [chunks[i] for i in index.rank(q, k)]))
             facts.append(f)
             packs.append(pack)
-    with_files = read_many(engine, tok, questions)
+    with_files = read_many(engine, tok, questions, extractive=extractive)
     without = _replies(engine, tok, [[{"role": "user", "content": q}] for q, _ in questions])
     rows = [{"pack": pack, "question": q[0], "answer": f.answer, "with_files": r.answer,
              "cited": r.chunk.cite if r.chunk else None, "without_files": w,
@@ -67,7 +69,7 @@ def pack_accuracy(engine: Engine, tok: Tokenizer, world: World, k: int = 5, phra
     by_pack = defaultdict(list)
     for r in rows:
         by_pack[r["pack"]].append(r)
-    return {"k": k, "phrasing": phrasing, "n": len(rows), "with_files": share("right", rows),
+    return {"k": k, "phrasing": phrasing, "extractive": extractive, "n": len(rows), "with_files": share("right", rows),
             "without_files": share("right_without", rows), "recall": share("retrieved", rows),
             "faithfulness": share("faithful", answered) if answered else 0.0,
             "packs": {p: {"with_files": share("right", rs), "without_files": share("right_without", rs), "n": len(rs)}

@@ -19,7 +19,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llmlab.assistants.chunks import Chunk
+from llmlab.assistants.chunks import Chunk, sentences
 from llmlab.assistants.reader import Reading, read_many
 from llmlab.assistants.retrieval import BM25
 from llmlab.engine import Engine
@@ -57,10 +57,11 @@ class Memory:
         return [memory_passage(i, text) for i, text in enumerate(self.entries) if text]
 
     def search(self, query: str, k: int = PAGE_IN) -> list[Chunk]:
-        """The k entries that best match `query` (BM25), best first; an entry that is the query itself (the
-        question just asked) is not an answer to it."""
+        """The k entries that best match `query` (BM25), best first. Neither the query itself (the message just
+        sent) nor a question is searched: a question holds no fact to answer from, and one much like the
+        question asked ("What does Anna do?" for "What does Ben do?") only invites an answer from it."""
         asked = " ".join(query.split())
-        kept = [c for c in self.passages() if self.entries[c.index] != asked]
+        kept = [c for c in self.passages() if self.entries[c.index] != asked and not is_question(self.entries[c.index])]
         if not kept or not asked:
             return []
         return [kept[i] for i in BM25([c.text for c in kept]).rank(query, k)]
@@ -80,6 +81,11 @@ class Memory:
         except (ValueError, KeyError, TypeError) as e:
             raise LLMLabError(f"{path} is not a memory file ({e}): move it away to start a new memory") from None
         return cls(entries)
+
+
+def is_question(text: str) -> bool:
+    """Whether every sentence of `text` is a question."""
+    return all(s.endswith("?") for s in sentences(text)) if text.strip() else False
 
 
 def recall(engine: Engine, tokenizer: Tokenizer, memory: Memory, question: str, k: int = PAGE_IN) -> Reading | None:

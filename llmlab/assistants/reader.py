@@ -1,11 +1,24 @@
 """Answering from more text than the context holds, by paging: the passages a retriever found are put after
 the question one at a time (llmlab.world.reading's format: `question\n[file#index] text`), each read in its
-own row of one batch, and the answer is that of the best-ranked passage whose reading answers, citing
-it (the assistant says NOT_IN_PASSAGE for one that does not hold the answer). When none does: NOT_IN_FILES.
+own row of one batch, and the answer comes from the best-ranked passage the assistant finds the answer in,
+citing it. When none: NOT_IN_FILES.
 
-The cpu preset's context holds one 12-word passage and a question; paging k passages costs k prompts, read
-together. The same reader serves knowledge files, a document far longer than the context (needle in a
-haystack) and a conversation's memory (llmlab.assistants.memory).
+Reading a passage is two decisions, each the model's:
+
+    whether    the probability that its reply opens as NOT_IN_PASSAGE does ("The passage ...": two words, so
+               that an answer that begins as it does, "Thelma" in a tokenizer with the token "The", is not
+               read as a refusal), read from one batched forward pass; below `abstain` (1/2: more likely to
+               answer than not) the passage holds the answer
+    what       `extractive` (the default): of the replies "SPAN [file#index]", for every span of the
+               passage's words (up to MAX_SPAN_WORDS), the one the model gives the highest probability (its
+               tokens' log-probabilities summed, in the chat format it was trained on), so every answer is the
+               passage's own words, the model choosing which; otherwise the reply as the model writes it,
+               greedily (a small model finds the right place in a passage more often than it copies an
+               invented name right: "Trundtoro Linstone" comes out as "Gino Smore")
+
+The cpu preset's context holds one 12-word passage and a question; paging k passages costs k prefills, and
+answering scores some 60 short spans of one passage. The same reader serves knowledge files, a document far longer than the
+context (needle in a haystack) and a conversation's memory (llmlab.assistants.memory).
 
     read_many(engine, tokenizer, [(question, passages), ...])  -> [Reading, ...]
     greedy_replies(engine, tokenizer, prompts)                   -> the assistant's words for each prompt
@@ -16,11 +29,28 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+import math
+
+import torch
+
 from llmlab.assistants.chunks import Chunk
-from llmlab.chat import final_answer, render_prompt, reply_stop_ids
+from llmlab.chat import final_answer, render_conversation, render_prompt, reply_stop_ids
+from llmlab.data.conversations import collate
 from llmlab.engine import Engine, SamplingParams
 from llmlab.tokenizer import Tokenizer
-from llmlab.world.reading import NOT_IN_FILES, NOT_IN_PASSAGE, reading_prompt
+from llmlab.training import token_losses
+from llmlab.world.reading import NOT_IN_FILES, NOT_IN_PASSAGE, cited, reading_prompt
+
+MAX_SPAN_WORDS = 6
+"""the longest answer an extractive reading writes, in words (the packs' longest value has three)"""
+NOT_OPENING = " ".join(NOT_IN_PASSAGE.split()[:2])
+SPAN_TRIM = ".,;:!?()\"'"
+"""what an answer span loses at its ends (a sentence's full stop, a parenthesis)"""
+FUNCTION_WORDS = frozenset(
+    "a an the is are was were be been am do does did has have had of in on at to for from by with and or but "
+    "as it its this that these those there he she they we you i me him her them us my your his our their "
+    "who what which where when how".split())
+"""words no answer is made of alone"""
 
 
 @dataclass
@@ -30,7 +60,7 @@ class Reading:
     chunk: Chunk | None
     """the passage the answer came from"""
     read: int
-    """passages read (prompts generated)"""
+    """passages read (prompts prefilled)"""
     prompt_tokens: int = 0
     """tokens of the prompts read"""
 
@@ -40,10 +70,21 @@ class Reading:
         return {"file": self.chunk.file, "passage": self.chunk.index, "text": self.chunk.text}
 
 
-def _found(reply: str, chunk: Chunk) -> bool:
-    """Whether a reading answered: it cites the passage it read (a reply without the citation, such as a tool
-    call or small talk, is no reading of it)."""
-    return f"[{chunk.cite}]" in reply and NOT_IN_PASSAGE.rstrip(".") not in reply
+def _word(w: str) -> str:
+    return w.strip(SPAN_TRIM).lower()
+
+
+def spans(text: str, question: str = "", max_words: int = MAX_SPAN_WORDS) -> list[str]:
+    """Every run of 1 to `max_words` consecutive words of `text`, trimmed of SPAN_TRIM at its ends, that has no
+    word of `question` (an answer is what the question does not already say: "my home town" is no answer to
+    "What is my home town?", nor "week 1" to "What is covered in week 1?") and is not FUNCTION_WORDS alone."""
+    asked = {_word(w) for w in question.split()}
+    words = text.split()
+    out = {" ".join(words[i:j]).strip(SPAN_TRIM) for i in range(len(words))
+           for j in range(i + 1, min(len(words), i + max_words) + 1)
+           if not any(_word(w) in asked for w in words[i:j])
+           and not all(_word(w) in FUNCTION_WORDS for w in words[i:j])}
+    return sorted(s for s in out if s)
 
 
 def prompts_for(tokenizer: Tokenizer, question: str, passages: Sequence[Chunk], context_len: int,
@@ -57,22 +98,69 @@ def prompts_for(tokenizer: Tokenizer, question: str, passages: Sequence[Chunk], 
     return out
 
 
+@torch.inference_mode()
+def reply_logprobs(model: torch.nn.Module, tokenizer: Tokenizer, conversations: Sequence[list[dict]],
+                   replies: Sequence[str], opening: bool = False, batch_size: int = 32) -> list[float]:
+    """log p of each reply to its conversation (ending with the user), its tokens summed, `<|assistant_end|>`
+    included; with `opening`, of the reply's words as the opening of a longer reply (the end not counted)."""
+    rows = []
+    for conversation, reply in zip(conversations, replies):
+        ids, mask = render_conversation(tokenizer, [*conversation, {"role": "assistant", "content": reply}])
+        rows.append((ids, mask[:-1] + [0] if opening else mask))
+    device = next(model.parameters()).device
+    out: list[float] = []
+    for start in range(0, len(rows), batch_size):
+        inputs, targets = collate(rows[start:start + batch_size], tokenizer.bos_id)
+        out += (-token_losses(model, inputs.to(device), targets.to(device)).sum(-1)).tolist()
+    return out
+
+
 def read_many(engine: Engine, tokenizer: Tokenizer, questions: Sequence[tuple[str, Sequence[Chunk]]],
-              max_new_tokens: int = 32, batch_size: int = 32) -> list[Reading]:
-    """For each (question, its passages best first): the Reading (see the module docstring). Greedy; every
-    passage of every question in batches of `batch_size` prompts."""
+              max_new_tokens: int = 32, batch_size: int = 32, extractive: bool = True,
+              abstain: float = 0.5) -> list[Reading]:
+    """For each (question, its passages best first): the Reading (see the module docstring)."""
     T = engine.model.config.context_len
     room = min(max_new_tokens, 24)
     jobs = [(q, chunk, ids) for q, (question, passages) in enumerate(questions)
             for chunk, ids in prompts_for(tokenizer, question, passages, T, room)]
-    replies = greedy_replies(engine, tokenizer, [ids for _, _, ids in jobs], max_new_tokens, batch_size)
+    p_not = [math.exp(lp) for lp in reply_logprobs(
+        engine.model, tokenizer, [reading_prompt(chunk, questions[q][0]) for q, chunk, _ in jobs],
+        [NOT_OPENING] * len(jobs), opening=True, batch_size=batch_size)]
     out = [Reading(NOT_IN_FILES, None, 0) for _ in questions]
-    for (q, chunk, ids), reply in zip(jobs, replies):
+    chosen: dict[int, tuple[Chunk, list[int]]] = {}
+    for (q, chunk, ids), p in zip(jobs, p_not):
         out[q].read += 1
         out[q].prompt_tokens += len(ids)
-        if out[q].chunk is None and _found(reply, chunk):
+        if q not in chosen and p < abstain:
+            chosen[q] = (chunk, ids)
+    rows = sorted(chosen)
+    if extractive:
+        replies = [likeliest(engine.model, tokenizer, reading_prompt(chosen[q][0], questions[q][0]),
+                             [cited(s, chosen[q][0]) for s in spans(chosen[q][0].text, questions[q][0])], batch_size)
+                   for q in rows]
+    else:
+        replies = greedy_replies(engine, tokenizer, [chosen[q][1] for q in rows], max_new_tokens, batch_size)
+    for q, reply in zip(rows, replies):
+        chunk = chosen[q][0]
+        if f"[{chunk.cite}]" in reply and NOT_IN_PASSAGE.rstrip(".") not in reply:
             out[q].answer, out[q].chunk = reply.strip(), chunk
     return out
+
+
+def likeliest(model: torch.nn.Module, tokenizer: Tokenizer, prompt: list[dict], replies: Sequence[str],
+              batch_size: int = 32) -> str:
+    """Of `replies` to the conversation `prompt`, the one whose tokens (its `<|assistant_end|>` included) the
+    model gives the highest mean log-probability (a sum would favour the fewest tokens: a short word over a
+    name spelled in pieces); replies that do not fit the context are not candidates (NOT_IN_PASSAGE when none
+    fits)."""
+    T = model.config.context_len
+    fits = [r for r in replies
+            if len(render_conversation(tokenizer, [*prompt, {"role": "assistant", "content": r}])[0]) <= T]
+    if not fits:
+        return NOT_IN_PASSAGE
+    sums = reply_logprobs(model, tokenizer, [prompt] * len(fits), fits, batch_size=batch_size)
+    means = [lp / (len(tokenizer.encode(r)) + 1) for r, lp in zip(fits, sums)]
+    return fits[max(range(len(fits)), key=means.__getitem__)]
 
 
 def greedy_replies(engine: Engine, tokenizer: Tokenizer, prompts: Sequence[list[int]], max_new_tokens: int = 32,

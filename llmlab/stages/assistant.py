@@ -140,9 +140,11 @@ def evaluate(cfg: Config) -> dict:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     packs = {p: evals.pack_accuracy(engine, tok, world, cfg.k, p) for p in ("question", "seen")}
+    packs["free"] = evals.pack_accuracy(engine, tok, world, cfg.k, "question", extractive=False)
     print(f"knowledge packs: {packs['question']['with_files']:.1%} with files, "
           f"{packs['question']['without_files']:.1%} without ({packs['question']['n']} questions in other words "
-          f"than the files'); {packs['seen']['with_files']:.1%} in the files' words")
+          f"than the files'); {packs['seen']['with_files']:.1%} in the files' words; "
+          f"{packs['free']['with_files']:.1%} with answers in the model's own words")
     hay = evals.needle(engine, tok, world, per_cell=cfg.needles, k=cfg.k)
     longest = max(hay["paging"])
     print("needle at {:g}x the context: paging {:.0%}, truncation {:.0%}".format(
@@ -164,13 +166,17 @@ def _pct(x: float) -> str:
 
 
 def report(results: dict) -> str:
-    q, s = results["packs"]["question"], results["packs"]["seen"]
+    q, s, free = results["packs"]["question"], results["packs"]["seen"], results["packs"]["free"]
     lines = [f"# Custom assistants: {results['checkpoint']}", "",
              f"## Knowledge packs ({q['n']} questions; top {q['k']} BM25 passages paged in)", "",
              "| pack | with files | without files |", "|---|---|---|"]
     lines += [f"| {p} | {_pct(r['with_files'])} | {_pct(r['without_files'])} |" for p, r in q["packs"].items()]
     lines += [f"| all, other words than the files' | {_pct(q['with_files'])} | {_pct(q['without_files'])} |",
-              f"| all, the files' words | {_pct(s['with_files'])} | {_pct(s['without_files'])} |", "",
+              f"| all, the files' words | {_pct(s['with_files'])} | {_pct(s['without_files'])} |",
+              f"| all, other words, answers in the model's own words, not the passage's | {_pct(free['with_files'])} | "
+              f"{_pct(free['without_files'])} |", "",
+              "Answers are the passage's own words, the span the model finds likeliest (llmlab.assistants.reader); "
+              "the last row lets the model write them.", "",
               f"Retrieval recall@{q['k']}: {_pct(q['recall'])}; faithfulness (the answer is in the passage it cites): "
               f"{_pct(q['faithfulness'])}.", "",
               "## Needle in a haystack", "", "![needle](needle.png)", ""]

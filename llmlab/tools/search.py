@@ -30,7 +30,8 @@ MAX_PASSAGE_CHARS = 500
 def _tokenize(texts: list[str]) -> list[list[str]]:
     import bm25s  # deferred: bm25s pulls in numpy and scipy, slow to import, and most tool calls never search
 
-    return bm25s.tokenize(texts, stopwords="en", return_ids=False, show_progress=False)
+    # every word, one character long included: "line 7", "week 2" and "floor 4" are told apart by their digit
+    return bm25s.tokenize(texts, stopwords="en", token_pattern=r"(?u)\b\w+\b", return_ids=False, show_progress=False)
 
 
 class SearchIndex:
