@@ -12,6 +12,15 @@ share one base in memory.
     load_adapter(model, "out/adapter")              # onto a fresh copy of the base
     merge_lora(model)                               # W += (alpha / r) B A; the plain GPT again
 
+    bank = AdapterBank(model)                       # several adapters over one base, chosen per row
+    shop = bank.add("runs/shop-adapter")            # 1, 2, ...; 0 is the base alone
+    with bank.use([shop, 0, shop]):                 # row 0 and 2 through the adapter, row 1 the base
+        logits = model(ids)
+
+A bank batches requests of different adapters into one forward, as S-LoRA and Punica serve thousands of
+adapters: the base's matmul is shared by every row, and each row adds its own low-rank update, gathered from
+the adapters' stacked A and B (ranks padded to the largest with zeros, which add nothing).
+
 On disk (PEFT's layout): adapter_config.json ({"peft_type": "LORA", "r", "lora_alpha", "target_modules", ...})
 and adapter_model.safetensors with keys `base_model.model.<Hugging Face module name>.lora_A.weight` /
 `.lora_B.weight`; beside them llmlab_adapter.json, the base's shape, to refuse an adapter for another base.
@@ -25,7 +34,9 @@ from __future__ import annotations
 
 import json
 import math
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Sequence
 
 import torch
 import torch.nn as nn
@@ -132,9 +143,8 @@ def read_adapter_config(adapter_dir: str | Path) -> dict:
     return config
 
 
-def load_adapter(model: GPT, adapter_dir: str | Path) -> GPT:
-    """Wrap `model` (the base the adapter was trained on) with the adapter's LoRA layers and load them."""
-    config = read_adapter_config(adapter_dir)
+def check_base(model: GPT, adapter_dir: str | Path, config: dict) -> None:
+    """Raise LLMLabError if the adapter at `adapter_dir` was trained on a base of another shape than `model`."""
     shape_file = Path(adapter_dir) / BASE  # (absent from adapters trained by PEFT itself)
     want = json.loads(shape_file.read_text())["base"] if shape_file.is_file() else None
     have = _base_shape(model)
@@ -142,6 +152,12 @@ def load_adapter(model: GPT, adapter_dir: str | Path) -> GPT:
         diff = ", ".join(f"{k} {want.get(k)} vs {have[k]}" for k in have if want.get(k) != have[k])
         raise LLMLabError(f"the adapter at {adapter_dir} was trained on another base ({diff}): load it onto "
                           f"{config.get('base_model_name_or_path') or 'its own base'}")
+
+
+def load_adapter(model: GPT, adapter_dir: str | Path) -> GPT:
+    """Wrap `model` (the base the adapter was trained on) with the adapter's LoRA layers and load them."""
+    config = read_adapter_config(adapter_dir)
+    check_base(model, adapter_dir, config)
     add_lora(model, config["r"], config["lora_alpha"], tuple(config["target_modules"]))
     tensors = load_file(str(Path(adapter_dir) / WEIGHTS))
     expected = adapter_state(model)
@@ -172,3 +188,112 @@ def merge_lora(model: nn.Module) -> nn.Module:
         base.weight.add_(m.scaling * m.lora_B.weight @ m.lora_A.weight)
         setattr(parent, name.rsplit(".", 1)[-1], base)
     return model
+
+
+class BankedLinear(nn.Module):
+    """`base` plus, for each row of the batch, the low-rank update of the adapter its bank assigns the row."""
+
+    def __init__(self, base: nn.Linear, bank: AdapterBank):
+        super().__init__()
+        self.base_layer = base
+        self._bank = [bank]  # (in a list: not a submodule)
+        w = base.weight
+        self.updates: list[tuple[torch.Tensor, torch.Tensor]] = [(w.new_zeros(0, base.in_features),
+                                                                   w.new_zeros(base.out_features, 0))]
+        self.A = w.new_zeros(1, 0, base.in_features)  # (adapters, r_max, in): index 0 is the base alone
+        self.B = w.new_zeros(1, base.out_features, 0)  # (adapters, out, r_max), the scaling folded in
+
+    def add(self, A: torch.Tensor | None, B: torch.Tensor | None) -> None:
+        """The next adapter's update B A (scaling folded into B), or none for this layer."""
+        w = self.base_layer.weight
+        self.updates.append((self.updates[0][0], self.updates[0][1]) if A is None else
+                            (A.to(w.device, w.dtype), B.to(w.device, w.dtype)))
+        r = max(a.size(0) for a, _ in self.updates)
+        self.A = w.new_zeros(len(self.updates), r, w.size(1))
+        self.B = w.new_zeros(len(self.updates), w.size(0), r)
+        for i, (a, b) in enumerate(self.updates):
+            self.A[i, :a.size(0)] = a
+            self.B[i, :, :b.size(1)] = b
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)
+        rows = self._bank[0].rows
+        if rows is None or (isinstance(rows, int) and rows == 0):
+            return y
+        if isinstance(rows, int):
+            a, b = self.updates[rows]
+            return y + (x @ a.T) @ b.T
+        low = torch.einsum("bti,bri->btr", x, self.A[rows])
+        return y + torch.einsum("btr,bor->bto", low, self.B[rows])
+
+
+class AdapterBank:
+    """Several LoRA adapters over one base model, chosen per row of a batch (see the module docstring).
+
+    `add` wraps the linear layers an adapter targets in `BankedLinear` (once) and stacks its update beside the
+    others'; `use(rows)` sets which adapter each row of the next forwards goes through: an int for every row,
+    or one index per row (0: the base alone). Outside `use` the model is the base, exactly."""
+
+    def __init__(self, model: GPT):
+        self.model = model
+        self.names: list[str] = ["base"]
+        self.rows: int | torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def _layers(self) -> dict[str, BankedLinear]:
+        return {name: m for name, m in self.model.named_modules() if isinstance(m, BankedLinear)}
+
+    @torch.no_grad()
+    def add(self, adapter_dir: str | Path, name: str = "") -> int:
+        """Load the adapter at `adapter_dir` (PEFT's format) into the bank; its index. Raises LLMLabError, the
+        bank unchanged, for an adapter that is not one, is for another base, or misses layers it names."""
+        config = read_adapter_config(adapter_dir)
+        check_base(self.model, adapter_dir, config)
+        targets = set(config["target_modules"])
+        unknown = targets - set(ALL_LINEAR)
+        if unknown:
+            raise LLMLabError(f"{adapter_dir}: targets {sorted(unknown)} are not layers of the model")
+        tensors = load_file(str(Path(adapter_dir) / WEIGHTS))
+        scaling = config["lora_alpha"] / config["r"]
+        updates = {}
+        for name_, m in self.model.named_modules():
+            leaf = name_.rsplit(".", 1)[-1]
+            if leaf in targets and isinstance(m, (nn.Linear, BankedLinear)):
+                key = f"base_model.model.{_hf(name_)}"
+                if f"{key}.lora_A.weight" not in tensors or f"{key}.lora_B.weight" not in tensors:
+                    raise LLMLabError(f"{adapter_dir}/{WEIGHTS} has no weights for {name_}, which its config targets")
+                updates[name_] = (tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"] * scaling)
+        if not updates:
+            raise LLMLabError(f"{adapter_dir}: no layer of the model is named in its targets {sorted(targets)}")
+        for name_ in updates:  # wrap the layers no adapter has touched yet, at the bank's current size
+            m = self.model.get_submodule(name_)
+            if isinstance(m, nn.Linear):
+                banked = BankedLinear(m, self)
+                for _ in range(len(self.names) - 1):
+                    banked.add(None, None)
+                parent = self.model.get_submodule(name_.rsplit(".", 1)[0]) if "." in name_ else self.model
+                setattr(parent, name_.rsplit(".", 1)[-1], banked)
+        for name_, layer in self._layers().items():
+            layer.add(*updates.get(name_, (None, None)))
+        self.names.append(name or str(adapter_dir))
+        return len(self.names) - 1
+
+    @contextmanager
+    def use(self, rows: int | Sequence[int]):
+        """Run the forwards inside with row i through adapter rows[i] (an int: every row through it)."""
+        if isinstance(rows, int):
+            chosen: int | torch.Tensor = rows
+            indices = [rows]
+        else:
+            indices = list(rows)
+            chosen = indices[0] if len(set(indices)) == 1 else torch.tensor(indices, device=next(self.model.parameters()).device)
+        bad = [i for i in indices if not 0 <= i < len(self.names)]
+        if bad:
+            raise LLMLabError(f"no adapter {bad[0]} in the bank (0 to {len(self.names) - 1})")
+        previous, self.rows = self.rows, chosen
+        try:
+            yield
+        finally:
+            self.rows = previous

@@ -14,6 +14,9 @@ whose call is complete is parked (its keys and values copied out, its row freed)
 rejoins the batch with its cache restored when the result is in, ahead of new requests. A sandboxed `python`
 call may take seconds; the other rows keep decoding meanwhile.
 
+Requests may name LoRA adapters of the scheduler's `AdapterBank` (llmlab.lora): rows of different adapters
+decode in the same batch, each through its own low-rank update over the shared base.
+
 Rows have different lengths, so `SlotKVCache` keeps a length per row and masks each row's keys beyond it;
 every row computes what it would alone (tests/test_scheduler.py checks greedy tokens and logits against
 `Engine.generate`).
@@ -37,6 +40,7 @@ up; a sandboxed program dies with the server (bwrap's --die-with-parent). `shutd
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 from concurrent.futures import Future
@@ -48,6 +52,7 @@ import torch
 from llmlab import threads as cpu_threads
 from llmlab.engine import SamplingParams, ToolCalls, _check_prompts, _generator, sample_with_uniform
 from llmlab.errors import LLMLabError
+from llmlab.lora import AdapterBank
 from llmlab.model import GPT, GPTConfig, KVCache
 
 
@@ -148,6 +153,7 @@ class _Request:
     run_tool: Callable[[str], str] | None
     logprobs: bool
     min_new_tokens: int = 0  # stop tokens are masked until this many tokens are out
+    adapter: int = 0  # its LoRA adapter in the scheduler's bank (0: the base model)
     tools: ToolCalls | None = None
     generator: torch.Generator | None = None
     budget: int = 0  # tokens it may still produce
@@ -218,12 +224,15 @@ class Scheduler:
     module docstring); `on_death(exc)`, if set, is called from the loop's thread when it dies.
     """
 
-    def __init__(self, model: GPT, tokenizer, max_batch: int = 32, tool_workers: int = 4, max_failures: int = 3):
+    def __init__(self, model: GPT, tokenizer, max_batch: int = 32, tool_workers: int = 4, max_failures: int = 3,
+                 adapters: AdapterBank | None = None):
         if max_batch < 1:
             raise LLMLabError(f"max_batch must be >= 1 (got {max_batch})")
         if max_failures < 1:
             raise LLMLabError(f"max_failures must be >= 1 (got {max_failures})")
         self.model = model.eval()
+        self.adapters = adapters
+        """LoRA adapters over the model (llmlab.lora.AdapterBank): requests of different adapters share a batch"""
         self.tokenizer = tokenizer
         self.max_batch = max_batch
         self.max_failures = max_failures
@@ -254,13 +263,17 @@ class Scheduler:
 
     def submit(self, prompt: Sequence[int], params: SamplingParams, on_event: Callable[[Event], None], *,
                stop_ids: Sequence[int] = (), run_tool: Callable[[str], str] | None = None,
-               logprobs: bool = False, min_new_tokens: int = 0) -> Handle:
+               logprobs: bool = False, min_new_tokens: int = 0, adapter: int = 0) -> Handle:
         """Queue a prompt for generation. Raises LLMLabError at once for a prompt that cannot run, SchedulerDown
         when the loop has stopped. `min_new_tokens` masks the stop tokens until that many tokens are out
-        (fixed-length benchmarks)."""
+        (fixed-length benchmarks); `adapter`: the row's adapter in `adapters` (0: the base)."""
         self.check_alive()
         _check_prompts([prompt], self.model.config.context_len)
-        request = _Request(list(prompt), params, frozenset(stop_ids), on_event, run_tool, logprobs, min_new_tokens)
+        if adapter and not (self.adapters is not None and 0 < adapter < len(self.adapters)):
+            raise LLMLabError(f"no adapter {adapter}: the scheduler has "
+                              f"{len(self.adapters) - 1 if self.adapters is not None else 0}")
+        request = _Request(list(prompt), params, frozenset(stop_ids), on_event, run_tool, logprobs, min_new_tokens,
+                           adapter)
         self._enqueue(request)
         return Handle(request)
 
@@ -442,7 +455,8 @@ class Scheduler:
         prefill = KVCache(self.model.config, len(requests), longest, pad_lens=torch.tensor(pads, device=self.device),
                           dtype=self.cache.k.dtype, device=self.device)
         ids = torch.tensor([[0] * pad + r.prompt for pad, r in zip(pads, requests)], device=self.device)
-        logits = self.model(ids, prefill)[:, -1]
+        with self._adapted(requests):
+            logits = self.model(ids, prefill)[:, -1]
         first = len(self.rows)
         for i, (pad, request) in enumerate(zip(pads, requests)):
             self.cache.insert(first + i, prefill, i, pad)
@@ -451,10 +465,17 @@ class Scheduler:
         self.cache.n = len(self.rows)
         self._sample_rows(range(first, len(self.rows)), logits)
 
+    def _adapted(self, requests: list[_Request]):
+        """The context in which a forward over `requests`' rows runs each through its own adapter."""
+        if self.adapters is None:
+            return contextlib.nullcontext()
+        return self.adapters.use([r.adapter for r in requests])
+
     def _step(self) -> None:
         """Decode one token for every active row, then drop the rows that finished."""
         tokens = torch.tensor([r.next_token for r in self.rows], device=self.device)
-        logits = self.model(tokens[:, None], self.cache)[:, -1]  # (n, V)
+        with self._adapted(self.rows):
+            logits = self.model(tokens[:, None], self.cache)[:, -1]  # (n, V)
         self.steps += 1
         self.batch_sizes_total += len(self.rows)
         self._sample_rows(range(len(self.rows)), logits)

@@ -239,3 +239,33 @@ def test_bad_assistants_leave_nothing_behind(pack_files, tmp_path):
     (store.root / "shop" / "assistant.json").write_text("{not json")
     with pytest.raises(LLMLabError, match="corrupt"):
         store.get("shop")
+
+
+def test_an_assistant_with_a_corrupt_or_incomplete_adapter_is_refused_and_nothing_is_created(tmp_path):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from llmlab.assistants.store import AssistantStore
+    from llmlab.lora import add_lora, save_adapter
+    from llmlab.model import GPT, GPTConfig
+
+    model = GPT(GPTConfig(vocab_size=64, n_layer=1, d_model=16, n_head=2, n_kv_head=1, context_len=32))
+    add_lora(model, r=2)
+    good = save_adapter(model, tmp_path / "good")
+    corrupt = shutil.copytree(good, tmp_path / "corrupt")
+    (corrupt / "adapter_model.safetensors").write_bytes(b"\x00" * 64)
+    half = shutil.copytree(good, tmp_path / "half")
+    tensors = load_file(str(good / "adapter_model.safetensors"))
+    save_file({k: v for k, v in tensors.items() if "lora_B" not in k}, str(half / "adapter_model.safetensors"))
+    store = AssistantStore(tmp_path / "assistants")
+    for path, words in ((corrupt, "not a safetensors file"), (half, "A and B"), (tmp_path, "no adapter at")):
+        with pytest.raises(LLMLabError, match=words):
+            store.create("x", adapter=path)
+    assert store.list() == [] and not (tmp_path / "assistants").exists()
+    a = store.create("x", adapter=good)
+    assert a.adapter and sorted(p.name for p in store.adapter_dir("x").iterdir()) == [
+        "adapter_config.json", "adapter_model.safetensors", "llmlab_adapter.json"]
+    assert torch.equal(load_file(str(store.adapter_dir("x") / "adapter_model.safetensors"))[next(iter(tensors))],
+                       tensors[next(iter(tensors))])

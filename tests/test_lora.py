@@ -12,7 +12,8 @@ import torch
 
 from llmlab.errors import LLMLabError
 from llmlab.export import export_hf
-from llmlab.lora import ALL_LINEAR, add_lora, adapter_state, load_adapter, lora_modules, merge_lora, save_adapter
+from llmlab.lora import (ALL_LINEAR, AdapterBank, BankedLinear, add_lora, adapter_state, load_adapter, lora_modules,
+                         merge_lora, save_adapter)
 from llmlab.model import GPT, GPTConfig
 from llmlab.tokenizer import train_tokenizer
 
@@ -136,3 +137,47 @@ def test_sft_with_lora_trains_the_adapter_resumes_and_loads_merged(tiny_run, tmp
     untouched = {k: v for k, v in base.state_dict().items() if not k.endswith(("q_proj.weight", "k_proj.weight",
                                                                               "v_proj.weight", "o_proj.weight"))}
     assert all(torch.equal(merged.state_dict()[k], v) for k, v in untouched.items())
+
+
+def _adapter(tok, path, r, targets, seed):
+    adapted = _base(tok)
+    add_lora(adapted, r=r, alpha=2.0 * r, targets=targets, seed=seed)
+    _perturb(adapted, seed)
+    save_adapter(adapted, path)
+    return load_adapter(_base(tok), path)  # the model the adapter makes, alone
+
+
+def test_a_bank_batches_rows_of_different_adapters_as_each_model_alone(tok, tmp_path):
+    """Two adapters of different ranks and layers over one base: a batch whose rows go through adapter 1, the
+    base and adapter 2 gives each row the logits of its own model, and an int or no `use` at all too."""
+    alone = [_base(tok), _adapter(tok, tmp_path / "a", 4, ("q_proj", "v_proj"), 1),
+             _adapter(tok, tmp_path / "b", 2, ALL_LINEAR, 2)]
+    model = _base(tok)
+    bank = AdapterBank(model)
+    assert (bank.add(tmp_path / "a", "a"), bank.add(tmp_path / "b", "b"), len(bank)) == (1, 2, 3)
+    ids = torch.randint(0, tok.vocab_size, (3, 12), generator=torch.Generator().manual_seed(0))
+    order = [1, 0, 2]
+    with torch.no_grad():
+        want = torch.cat([alone[i](ids[row:row + 1]) for row, i in enumerate(order)])
+        with bank.use(order):
+            got = model(ids)
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+        assert (got[0] - alone[0](ids[:1])[0]).abs().max() > 1e-2  # the adapters change what they touch
+        with bank.use(2):
+            torch.testing.assert_close(model(ids), alone[2](ids), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(model(ids), alone[0](ids), atol=0, rtol=0)  # outside `use`: the base
+
+
+def test_a_bank_refuses_an_adapter_for_another_base_and_stays_as_it_was(tok, tmp_path):
+    other = _base(tok, d_model=32)
+    add_lora(other, r=2)
+    save_adapter(other, tmp_path / "other")
+    bank = AdapterBank(_base(tok))
+    with pytest.raises(LLMLabError, match="another base"):
+        bank.add(tmp_path / "other")
+    with pytest.raises(LLMLabError, match="no adapter at"):
+        bank.add(tmp_path / "missing")
+    assert len(bank) == 1 and not any(isinstance(m, BankedLinear) for m in bank.model.modules())
+    with pytest.raises(LLMLabError, match="no adapter 1"):
+        with bank.use([0, 1]):
+            pass

@@ -18,7 +18,7 @@ from llmlab.errors import LLMLabError
 from llmlab.tokenizer import Tokenizer
 from llmlab.world import load
 from llmlab.world.config import WorldConfig
-from llmlab.world.conversations import sft_conversations
+from llmlab.world.conversations import Pools, conversation, sft_conversations
 from llmlab.world.entities import NameMaker
 from llmlab.world.packs import make_packs
 from llmlab.world.reading import NOT_IN_FILES, NOT_IN_PASSAGE, reading_conversation, reading_draws
@@ -33,7 +33,9 @@ def world(tiny_world_dir):
 def test_reading_conversations_answer_from_their_passage_or_say_it_does_not(world):
     draws = reading_draws(world, n=3)
     rng, names = random.Random(0), NameMaker(random.Random(1))
-    rows = [reading_conversation(rng, draws, names) for _ in range(400)]
+    pools = Pools.for_sft(world)
+    said = lambda r: conversation(world, r.choice(["qa", "small_talk"]), r, pools)[0]["content"]  # noqa: E731
+    rows = [reading_conversation(rng, draws, names, said) for _ in range(400)]
     positives = negatives = 0
     for user, reply in ((r[0]["content"], r[1]["content"]) for r in rows):
         question, _, passage = user.partition("\n")

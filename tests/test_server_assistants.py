@@ -6,6 +6,7 @@ import openai
 import pytest
 
 from llmlab.assistants.store import AssistantStore
+from llmlab.errors import LLMLabError
 from llmlab.scheduler import Scheduler
 from serving import LiveServer, ScriptModel, make_app, make_checkpoint, make_tokenizer, reading_script, script_the_model
 
@@ -115,3 +116,62 @@ def test_bad_assistants_from_the_web_ui_are_refused_and_nothing_is_created(serve
     reply = api.post(f"/api/conversations/{cid}/reply", json={"content": "Hi", "assistant": "nobody"})
     assert reply.status_code == 404 and "calc, shop" in reply.json()["error"]["message"]
     assert api.get(f"/api/conversations/{cid}").json()["messages"] == []
+
+
+def test_an_assistant_with_an_adapter_answers_through_it_and_a_misfit_adapter_is_a_clear_400(tmp_path):
+    """`assistant create --adapter`: the server answers the assistant through its LoRA adapter (as a model with
+    the adapter merged in answers), the base and other assistants through the base, concurrently; an adapter
+    for another base is refused at the first request with a 400, and the server keeps serving."""
+    import threading
+
+    import torch
+
+    from llmlab import checkpoint
+    from llmlab.lora import ALL_LINEAR, add_lora, lora_modules, merge_lora, save_adapter
+    from llmlab.model import GPT, GPTConfig
+
+    make_tokenizer(tmp_path / "tok")
+    ckpt = make_checkpoint(tmp_path / "tok", tmp_path / "ckpt")
+    model = checkpoint.load(ckpt).model
+    add_lora(model, r=4, targets=ALL_LINEAR)
+    for m in lora_modules(model).values():
+        m.lora_B.weight.data.normal_(0, 1.0, generator=torch.Generator().manual_seed(3))
+    save_adapter(model, tmp_path / "adapter")
+    merged = checkpoint.save_checkpoint(tmp_path / "merged", 0, merge_lora(model), tokenizer_path=tmp_path / "tok",
+                                        meta={"stage": "test"})
+    other = GPT(GPTConfig(vocab_size=model.config.vocab_size, n_layer=2, d_model=16, n_head=2, n_kv_head=1,
+                          context_len=128))
+    add_lora(other, r=2)
+    save_adapter(other, tmp_path / "other")
+    store = AssistantStore(tmp_path / "assistants")
+    store.create("tuned", adapter=tmp_path / "adapter")
+    store.create("plain")
+    store.create("misfit", adapter=tmp_path / "other")
+    with pytest.raises(LLMLabError, match="no adapter at"):
+        store.create("broken", adapter=tmp_path / "nowhere")
+    assert [a.name for a in store.list()] == ["misfit", "plain", "tuned"]  # nothing half-made
+
+    live = LiveServer(make_app(ckpt, tmp_path / "feedback.db", tools=False))
+    reference = LiveServer(make_app(merged, tmp_path / "ref" / "feedback.db", tools=False))
+    try:
+        ask = [{"role": "user", "content": "Hello there, how are you?"}]
+
+        def answer(server, model):
+            return _client(server).chat.completions.create(model=model, messages=ask, temperature=0,
+                                                            max_tokens=16).choices[0].message.content
+        got: dict = {}
+        threads = [threading.Thread(target=lambda m=m: got.__setitem__(m, answer(live, m)))
+                   for m in ("tuned", "plain", "test-model", "tuned")]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert got["tuned"] == answer(reference, "test-model")  # through the adapter = the merged model
+        assert got["plain"] == got["test-model"] != got["tuned"]
+        assert _client(live).models.retrieve("tuned").model_dump()["adapter"] is True
+        with pytest.raises(openai.BadRequestError, match="another base"):
+            answer(live, "misfit")
+        assert answer(live, "tuned") == got["tuned"]  # the server goes on
+    finally:
+        live.stop()
+        reference.stop()

@@ -4,6 +4,8 @@
                                     "chunks"}], "max_words", "created"}
     <root>/<name>/files/           the knowledge files as given (what the passages cite)
     <root>/<name>/chunks.jsonl     their passages {"file", "index", "text"} (llmlab.assistants.chunks)
+    <root>/<name>/adapter/         its LoRA adapter, if it has one (PEFT's files: llmlab.lora), through which the
+                                   server runs its requests, batched with other assistants' and the base's
 
 Creating reads and chunks every file before anything is written, builds the folder under a temporary name and
 renames it into place: a bad file, a name taken, or a process killed midway leaves no half-made assistant.
@@ -25,6 +27,7 @@ from pathlib import Path
 from llmlab.assistants.chunks import Chunk, chunk_text
 from llmlab.assistants.files import MAX_BYTES, read_text
 from llmlab.errors import LLMLabError
+from llmlab.lora import BASE, CONFIG, WEIGHTS, read_adapter_config
 from llmlab.world.reading import PASSAGE_WORDS
 
 NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
@@ -42,6 +45,29 @@ class Assistant:
     max_words: int = PASSAGE_WORDS
     """words per passage its files were cut into"""
     created: float = 0.0
+    adapter: bool = False
+    """whether it answers through a LoRA adapter of its own (in its folder's adapter/)"""
+
+
+def check_adapter(path: str | Path) -> list[Path]:
+    """The files of the LoRA adapter at `path` (PEFT's format), read and checked: its config, and weights that
+    are safetensors holding an A and a B for the same layers. Whether it fits a model is the server's check."""
+    from safetensors import SafetensorError, safe_open  # deferred: only assistants with an adapter read one
+
+    config = read_adapter_config(path)
+    weights = Path(path) / WEIGHTS
+    try:
+        with safe_open(str(weights), "pt") as f:
+            keys = set(f.keys())
+    except (SafetensorError, OSError) as e:
+        raise LLMLabError(f"{weights} is not a safetensors file ({e})") from None
+    a = {k.removesuffix(".lora_A.weight") for k in keys if k.endswith(".lora_A.weight")}
+    b = {k.removesuffix(".lora_B.weight") for k in keys if k.endswith(".lora_B.weight")}
+    if not a or a != b:
+        raise LLMLabError(f"{weights} does not hold a LoRA adapter's A and B weights for the same layers")
+    if not isinstance(config.get("r"), int) or config["r"] < 1 or not config.get("target_modules"):
+        raise LLMLabError(f"{Path(path) / CONFIG}: r and target_modules are missing or invalid")
+    return [Path(path) / n for n in (CONFIG, WEIGHTS, BASE) if (Path(path) / n).is_file()]
 
 
 class AssistantStore:
@@ -52,7 +78,7 @@ class AssistantStore:
         return self.root / name
 
     def create(self, name: str, instructions: str = "", files: list[str | Path] = (), tools: list[str] = (),
-               max_words: int = PASSAGE_WORDS, max_bytes: int = MAX_BYTES) -> Assistant:
+               max_words: int = PASSAGE_WORDS, max_bytes: int = MAX_BYTES, adapter: str | Path = "") -> Assistant:
         """A new assistant (see the module docstring); an LLMLabError names what is wrong, and nothing is written."""
         if not NAME.fullmatch(name):
             raise LLMLabError(f"assistant name {name!r}: use 1-64 lowercase letters, digits, '-' or '_', starting "
@@ -71,10 +97,11 @@ class AssistantStore:
             raise LLMLabError(f"two knowledge files share a name ({', '.join(sorted({n for n in names if names.count(n) > 1}))}): "
                               f"rename one, since answers cite files by name")
         texts = [read_text(p, max_bytes) for p in paths]  # every file checked before anything is written
+        adapter_files = check_adapter(adapter) if adapter else []
         chunks = [c for p, t in zip(paths, texts) for c in chunk_text(t, p.name, max_words)]
         record = Assistant(name, instructions, list(tools), [
             {"name": p.name, "sha256": hashlib.sha256(p.read_bytes()).hexdigest(), "bytes": p.stat().st_size,
-             "chunks": sum(c.file == p.name for c in chunks)} for p in paths], max_words, time.time())
+             "chunks": sum(c.file == p.name for c in chunks)} for p in paths], max_words, time.time(), bool(adapter))
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = self.root / f".{name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -82,6 +109,10 @@ class AssistantStore:
             (tmp / "files").mkdir(parents=True)
             for p in paths:
                 shutil.copyfile(p, tmp / "files" / p.name)
+            if adapter_files:
+                (tmp / "adapter").mkdir()
+                for f in adapter_files:
+                    shutil.copyfile(f, tmp / "adapter" / f.name)
             (tmp / "chunks.jsonl").write_text("".join(json.dumps(asdict(c)) + "\n" for c in chunks))
             (tmp / "assistant.json").write_text(json.dumps(asdict(record), indent=1) + "\n")
             try:
@@ -107,6 +138,9 @@ class AssistantStore:
             return Assistant(**json.loads(file.read_text()))
         except (json.JSONDecodeError, TypeError) as e:
             raise LLMLabError(f"{file} is corrupt ({e}): delete the assistant and create it again") from None
+
+    def adapter_dir(self, name: str) -> Path:
+        return self._dir(name) / "adapter"
 
     def chunks(self, name: str) -> list[Chunk]:
         self.get(name)

@@ -72,7 +72,7 @@ class Generation:
 
     def __init__(self, scheduler: Scheduler, prompt: Sequence[int], params: list[SamplingParams], *,
                  stop_ids: Sequence[int], run_tool: Callable[[str], str] | None = None, logprobs: bool = False,
-                 min_new_tokens: int = 0, observer: GenerationObserver | None = None):
+                 min_new_tokens: int = 0, observer: GenerationObserver | None = None, adapter: int = 0):
         self._started = time.perf_counter()
         self._observer = observer
         self._waker = _waker(asyncio.get_running_loop())
@@ -83,7 +83,7 @@ class Generation:
             for i, p in enumerate(params):
                 self.handles.append(scheduler.submit(prompt, p, self._callback(i), stop_ids=stop_ids,
                                                      run_tool=run_tool, logprobs=logprobs,
-                                                     min_new_tokens=min_new_tokens))
+                                                     min_new_tokens=min_new_tokens, adapter=adapter))
         except Exception:
             self.cancel()
             raise

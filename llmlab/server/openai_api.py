@@ -58,12 +58,14 @@ def add_routes(app: FastAPI, service: Service) -> None:
         assistant = service.assistant(body.model)  # a custom assistant, or None for the model itself
         name = assistant.name if assistant else service.name
         messages = [m.to_llmlab() for m in body.messages]
+        adapter = 0
         if assistant is not None:
             if body.reasoning_effort is not None:
                 raise APIError(400, "reasoning_effort is not available for custom assistants yet",
                                param="reasoning_effort")
             service.chat_prompt(messages)  # (the request's own messages must fit, files or not)
-            reading = await asyncio.wrap_future(service.scheduler.call(service.read_files(assistant, messages)))
+            adapter = await service.adapter_of(assistant)
+            reading = await asyncio.wrap_future(service.scheduler.call(service.read_files(assistant, messages, adapter)))
             if reading is not None:
                 return _from_files(service, body, name, reading)
             messages = service.as_assistant(assistant, messages)
@@ -73,7 +75,8 @@ def add_routes(app: FastAPI, service: Service) -> None:
         params = sampling(body, max_new)
         if body.reasoning_effort is not None:
             return await _reasoned(service, body, messages, len(prompt), params[0].seed)
-        gen = service.generate(CHAT, prompt, params, tools=True, min_new_tokens=body.min_tokens, assistant=assistant)
+        gen = service.generate(CHAT, prompt, params, tools=True, min_new_tokens=body.min_tokens, assistant=assistant,
+                               adapter=adapter)
         texts = [ChoiceText(service.tokenizer, body.stops(), lstrip=True, stop_ids=frozenset(service.stop_ids))
                  for _ in range(body.n)]
         rid, created = f"chatcmpl-{secrets.token_hex(12)}", int(time.time())

@@ -4,6 +4,7 @@ request against the server's limits)."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from llmlab.assistants.store import Assistant, AssistantStore
 from llmlab.chat import render_prompt, reply_stop_ids
 from llmlab.engine import Engine, SamplingParams
 from llmlab.errors import LLMLabError
+from llmlab.lora import AdapterBank
 from llmlab.model import GPT
 from llmlab.scheduler import Scheduler
 from llmlab.server.generation import Generation
@@ -105,7 +107,9 @@ class Service:
         self.context_len = self.model.config.context_len
         self.name = cfg.model_name or "-".join(Path(cfg.checkpoint).resolve().parts[-2:])
         self.stop_ids = reply_stop_ids(self.tokenizer)  # chats and completions alike
-        self.scheduler = Scheduler(self.model, self.tokenizer, max_batch=cfg.max_batch)
+        self.adapters = AdapterBank(self.model)  # custom assistants' LoRA adapters, loaded when first asked for
+        self._adapter_ids: dict[tuple[str, float], int] = {}
+        self.scheduler = Scheduler(self.model, self.tokenizer, max_batch=cfg.max_batch, adapters=self.adapters)
         self.reasoner = Reasoner(self.tokenizer, cfg.world, cfg.recall, self.run_tool if cfg.tools else None,
                                  max_new_tokens=cfg.default_max_tokens)
         self.store = FeedbackStore(cfg.db)
@@ -133,14 +137,15 @@ class Service:
         return result.text
 
     def generate(self, route: str, prompt: Sequence[int], params: list[SamplingParams], *, tools: bool,
-                 logprobs: bool = False, min_new_tokens: int = 0, assistant: Assistant | None = None) -> Generation:
+                 logprobs: bool = False, min_new_tokens: int = 0, assistant: Assistant | None = None,
+                 adapter: int = 0) -> Generation:
         """Start the choices of one request in the scheduler (in the event loop), observed for `route`'s
         metrics; with `tools`, the assistant's tool calls run (when the server allows them; a custom
-        assistant's, only its own)."""
+        assistant's, only its own); `adapter`: the assistant's (`adapter_of`)."""
         run = self.run_tool if assistant is None else self.assistant_tool(assistant)
         return Generation(self.scheduler, prompt, params, stop_ids=self.stop_ids,
                           run_tool=run if tools and self.cfg.tools else None, logprobs=logprobs,
-                          min_new_tokens=min_new_tokens, observer=self.metrics.observer(route))
+                          min_new_tokens=min_new_tokens, observer=self.metrics.observer(route), adapter=adapter)
 
     def model_card(self, assistant: Assistant | None = None) -> dict:
         if assistant is None:
@@ -148,7 +153,7 @@ class Service:
                     "context_length": self.context_len}
         return {"id": assistant.name, "object": "model", "created": int(assistant.created), "owned_by": "llmlab",
                 "context_length": self.context_len, "parent": self.name, "tools": assistant.tools,
-                "files": [f["name"] for f in assistant.files]}
+                "files": [f["name"] for f in assistant.files], "adapter": assistant.adapter}
 
     def model_cards(self) -> list[dict]:
         return [self.model_card()] + [self.model_card(a) for a in self.assistants.list() if a.name != self.name]
@@ -185,17 +190,38 @@ class Service:
             return messages
         return [{"role": "system", "content": assistant.instructions}] + messages
 
-    def read_files(self, assistant: Assistant, messages: list[dict]) -> Callable[[GPT], Reading | None]:
+    async def adapter_of(self, assistant: Assistant) -> int:
+        """The assistant's LoRA adapter in the bank, loaded in the scheduler's thread the first time it is asked
+        for (0: it has none). An adapter that does not fit the served model is a 400 naming why; the server
+        and every other assistant go on."""
+        if not assistant.adapter:
+            return 0
+        key = (assistant.name, assistant.created)
+        path = self.assistants.adapter_dir(assistant.name)
+
+        def load(_model: GPT) -> int:  # in the scheduler's thread, between steps: one load, however many ask
+            if key not in self._adapter_ids:
+                self._adapter_ids[key] = self.adapters.add(path, assistant.name)
+            return self._adapter_ids[key]
+        try:
+            return await asyncio.wrap_future(self.scheduler.call(load))
+        except LLMLabError as e:
+            raise APIError(400, f"the assistant {assistant.name!r} cannot be served by this model: {e}",
+                           param="model", code="adapter_mismatch") from None
+
+    def read_files(self, assistant: Assistant, messages: list[dict], adapter: int = 0) -> Callable[[GPT], Reading | None]:
         """The reading of the assistant's files for the user's last message, to run in the scheduler's thread:
-        the --passages passages that best match it (BM25) paged in one at a time (llmlab.assistants.reader);
-        the Reading of the best-ranked one that answers, or None (no files, or none holds the answer)."""
+        the --passages passages that best match it (BM25) paged in one at a time (llmlab.assistants.reader),
+        through its adapter; the Reading of the best-ranked one that answers, or None (no files, or none holds
+        the answer)."""
         query = next((m.get("content") or "" for m in reversed(messages) if m["role"] == "user"), "")
         found = self.passages(assistant, query, self.cfg.passages)
 
         def read(model: GPT) -> Reading | None:
             if not found:
                 return None
-            reading = read_many(Engine(model), self.tokenizer, [(query, found)], batch_size=len(found))[0]
+            with self.adapters.use(adapter):
+                reading = read_many(Engine(model), self.tokenizer, [(query, found)], batch_size=len(found))[0]
             return reading if reading.chunk is not None else None
         return read
 

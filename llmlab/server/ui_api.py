@@ -246,9 +246,9 @@ def add_routes(app: FastAPI, service: Service) -> None:
         assistant = service.assistant(body.assistant) if body.assistant else None
         chat = history({**conversation, "messages": planned})
         prompt = service.chat_prompt(chat)
-        reading = None
+        reading, adapter = None, await service.adapter_of(assistant) if assistant is not None else 0
         if assistant is not None and not body.compare:  # (a comparison's two answers are sampled, not read)
-            reading = await asyncio.wrap_future(service.scheduler.call(service.read_files(assistant, chat)))
+            reading = await asyncio.wrap_future(service.scheduler.call(service.read_files(assistant, chat, adapter)))
         if assistant is not None and reading is None:
             prompt = service.chat_prompt(service.as_assistant(assistant, chat))
         n = 2 if body.compare else 1
@@ -270,14 +270,15 @@ def add_routes(app: FastAPI, service: Service) -> None:
         if reading is not None:
             return StreamingResponse(_read_stream(service, cid, reading, model, params[0], user_event),
                                      media_type="text/event-stream")
-        gen = service.generate(REPLY, prompt, params, tools=True, assistant=assistant)
+        gen = service.generate(REPLY, prompt, params, tools=True, assistant=assistant, adapter=adapter)
         return StreamingResponse(_reply_stream(service, cid, prompt, gen, params, user_event, model, assistant),
                                  media_type="text/event-stream")
 
 
 def _assistant_card(a: Assistant) -> dict:
     """What the picker shows of a custom assistant."""
-    return {"name": a.name, "instructions": a.instructions, "tools": a.tools, "files": [f["name"] for f in a.files]}
+    return {"name": a.name, "instructions": a.instructions, "tools": a.tools, "files": [f["name"] for f in a.files],
+            "adapter": a.adapter}
 
 
 def sampling(body: schemas.ReplyRequest, max_new_tokens: int, n: int) -> list[SamplingParams]:

@@ -3,6 +3,7 @@
     llmlab assistant create shop --instructions "You answer questions about the shop." \
         --files runs/cpu/world/packs/handbook/handbook.md,runs/cpu/world/packs/handbook/policies.txt \
         --tools calculator,search
+    llmlab assistant create tutor --files notes.md --adapter runs/tutor-lora/adapter   (answers through a LoRA)
     llmlab assistant list
     llmlab assistant show shop            its instructions, tools and files (with their passages)
     llmlab assistant delete shop
@@ -46,6 +47,9 @@ class Config:
     """create: its knowledge files, comma-separated (.txt, .md, .jsonl, .pdf)"""
     tools: str = ""
     """create: the tools it may use, comma-separated (calculator, search, python)"""
+    adapter: str = ""
+    """create: a LoRA adapter folder (`llmlab sft --lora_r N`'s adapter/, PEFT's format) the assistant answers
+    through: `llmlab serve` runs its requests through it, batched with other assistants' and the base's"""
     max_words: int = PASSAGE_WORDS
     """create: words per passage its files are cut into (the reading the assistant was fine-tuned on reads
     passages of this size: one or two sentences, so that a passage and a question fit the cpu preset's context)"""
@@ -82,10 +86,11 @@ def main(cfg: Config) -> dict:
         raise LLMLabError(f"assistant {cfg.action}: give the assistant's name (`llmlab assistant {cfg.action} NAME`)")
     store = AssistantStore(cfg.store)
     if cfg.action == "create":
-        a = store.create(cfg.name, cfg.instructions, _split(cfg.files), _split(cfg.tools), cfg.max_words)
+        a = store.create(cfg.name, cfg.instructions, _split(cfg.files), _split(cfg.tools), cfg.max_words,
+                         adapter=cfg.adapter)
         passages = sum(f["chunks"] for f in a.files)
-        print(f"assistant {a.name}: {len(a.files)} files, {passages} passages, tools: {', '.join(a.tools) or 'none'} "
-              f"-> {store.root / a.name}")
+        print(f"assistant {a.name}: {len(a.files)} files, {passages} passages, tools: {', '.join(a.tools) or 'none'}"
+              f"{', a LoRA adapter' if a.adapter else ''} -> {store.root / a.name}")
         return asdict(a)
     if cfg.action == "list":
         found = store.list()
@@ -99,7 +104,7 @@ def main(cfg: Config) -> dict:
     if cfg.action == "show":
         a = store.get(cfg.name)
         print(f"name:         {a.name}\ninstructions: {a.instructions or '(none)'}\ntools:        "
-              f"{', '.join(a.tools) or 'none'}\nfiles:")
+              f"{', '.join(a.tools) or 'none'}\nadapter:      {store.adapter_dir(a.name) if a.adapter else 'none'}\nfiles:")
         for f in a.files:
             print(f"  {f['name']:24} {f['bytes']:>9,} bytes  {f['chunks']:4} passages  sha256 {f['sha256'][:12]}")
         return asdict(a)

@@ -295,7 +295,9 @@ def conversation(world: World, kind: str, rng: random.Random, pools: Pools) -> l
     if kind == "callback":
         return _callback(world, rng, pools, person)[0]
     if kind == "reading":
-        return reading.reading_conversation(rng, pools.reading_draws(world), pools.names(rng))
+        def said(r: random.Random) -> str:  # what a user says in another conversation: a question, a request, small talk
+            return conversation(world, r.choice(USER_SAYS), r, pools)[0]["content"]
+        return reading.reading_conversation(rng, pools.reading_draws(world), pools.names(rng), said)
     if kind == "puzzle":
         while True:
             p = puzzles.random_puzzle(rng, rng.choice([3, 4]), solvable_p=0.9)
@@ -323,6 +325,8 @@ MIX = {"qa": 0.20, "multiturn": 0.10, "callback": 0.05, "multistep": 0.05, "arit
 # A share of the conversations opens with an unrelated exchange, so that a question is answered the same way
 # (the calculator, "I don't know", a refusal) after other turns as at the start of a chat.
 TOPIC_SWITCH = 0.3
+USER_SAYS = ["qa", "place_qa", "small_talk", "benign", "arithmetic"]
+"""the kinds of conversation whose user messages a memory reading may read or be asked (llmlab.world.reading)"""
 OPENERS = ["qa", "multistep", "arithmetic", "unknown", "identity", "benign", "place_qa", "small_talk"]
 
 

@@ -18,14 +18,20 @@ Passages come from two sources:
               "reading-<i>"): the same kinds of file with other names and values, so the world's packs, which
               the tests and the benchmark ask about, are never read here; questions in both phrasings
     memory    what a user said earlier in a conversation, stored as `[memory#i] You said: My locker number
-              is 4821.` and asked back ("What is my locker number?"), answered in the same way
+              is 4821.` and asked back ("What is my locker number?"), answered in the same way. A memory holds
+              everything the user said, so its negatives are of three kinds: another thing told ("My pet is
+              dog."), something else the user said (a request, a question, small talk), and a question that
+              is not about the user at all ("What pet does Anna Berg have?") read against what the user told
 
-    reading_conversation(rng, draws, names)   one conversation (see above); draws = reading_draws(world)
+    reading_conversation(rng, draws, names, said)   one conversation (see above); draws = reading_draws(world);
+                                                    said(rng): something a user says in another conversation
 """
 
 from __future__ import annotations
 
 import random
+
+from typing import Callable
 
 from llmlab.assistants.chunks import Chunk
 from llmlab.world.core import World
@@ -120,24 +126,32 @@ def memory_passage(index: int, said: str) -> Chunk:
     return Chunk("memory", index, f"You said: {said}")
 
 
-def memory_reading(rng: random.Random, names: NameMaker) -> list[dict]:
-    said, question, answer = memory_fact(rng, names)
+def memory_reading(rng: random.Random, names: NameMaker, said: Callable[[random.Random], str]) -> list[dict]:
+    told, question, answer = memory_fact(rng, names)
     index = rng.randint(0, 99)
     if rng.random() > NEGATIVE_SHARE:
-        chunk = memory_passage(index, said)
-        reply = cited(answer, chunk)
-    else:
+        chunk = memory_passage(index, told)
+        return [*reading_prompt(chunk, question), {"role": "assistant", "content": cited(answer, chunk)}]
+    kind = rng.random()
+    if kind < 0.5:  # another thing told
         other = memory_fact(rng, names)
         while other[1].split("my ")[-1] == question.split("my ")[-1]:
             other = memory_fact(rng, names)
-        chunk, reply = memory_passage(index, other[0]), NOT_IN_PASSAGE
-    return [*reading_prompt(chunk, question), {"role": "assistant", "content": reply}]
+        chunk = memory_passage(index, other[0])
+    elif kind < 0.75:  # something else the user said
+        chunk = memory_passage(index, said(rng))
+    else:  # a question not about the user, read against what the user told or said
+        question = said(rng)
+        while not question.endswith("?"):
+            question = said(rng)
+        chunk = memory_passage(index, told if rng.random() < 0.5 else said(rng))
+    return [*reading_prompt(chunk, question), {"role": "assistant", "content": NOT_IN_PASSAGE}]
 
 
 def reading_conversation(rng: random.Random, draws: list[list[tuple[Fact, list[Chunk]]]],
-                         names: NameMaker) -> list[dict]:
+                         names: NameMaker, said: Callable[[random.Random], str]) -> list[dict]:
     """One reading conversation (see the module docstring)."""
     if rng.random() < MEMORY_SHARE:
-        return memory_reading(rng, names)
+        return memory_reading(rng, names, said)
     fact, chunks = rng.choice(rng.choice(draws))
     return pack_reading(rng, fact, chunks)
