@@ -59,6 +59,14 @@ class ScriptedModel(torch.nn.Module):
 
     def forward(self, ids: torch.Tensor, kv_cache=None) -> torch.Tensor:
         B, T = ids.shape
+        if kv_cache is None:  # a whole sequence scored at once (the reader): the script at every position of a reply
+            logits = torch.full((B, T, self.config.vocab_size), -1e9)
+            for row, seq in enumerate(ids.tolist()):
+                for t in range(T):
+                    past = seq[:t + 1]
+                    inside = self.sp["<|assistant_start|>"] in past and self.sp["<|user_start|>"] in past
+                    logits[row, t, self._next(past) if inside else 0] = 0.0
+            return logits
         if kv_cache.length == 0:
             self.seen = [[] for _ in range(B)]
         elif len(self.seen) == 1 and B > 1:  # the engine prefilled one shared prompt, then expanded the cache

@@ -112,6 +112,22 @@ def test_the_reader_keeps_the_best_ranked_passage_that_answers(tok):
     assert read_many(engine, tok, [("When does the ferry leave?", [long, passages[1]])])[0].read == 1
 
 
+def test_a_model_that_does_not_read_answers_from_no_passage(tok):
+    """A model that never says "The passage does not say" and never cites (a base model, a chat model fine-tuned
+    without reading) would be taken to find every answer if refusing were the only test: the answer must also
+    end where the model opens the citation."""
+    end = tok.special_id("<|assistant_end|>")
+
+    def hello(seq: list[int]) -> int:
+        start = tok.special_id("<|assistant_start|>")
+        plan = tok.encode("Hello.") + [end]
+        written = seq[seq.index(start) + 1:] if start in seq else []
+        return plan[len(written)] if len(written) < len(plan) else end
+    engine = Engine(ScriptModel(tok.vocab_size, hello))
+    reading = read_many(engine, tok, [("When does the ferry leave?", [Chunk("b.txt", 3, "The ferry leaves at 09:30.")])])[0]
+    assert (reading.answer, reading.chunk, reading.read) == (NOT_IN_FILES, None, 1)
+
+
 def test_memory_pages_an_old_fact_back_in_and_can_be_seen_edited_and_forgotten(tok, tmp_path):
     engine = Engine(ScriptModel(tok.vocab_size, reader_script(tok, {"locker": "4821"})))
     memory = Memory()

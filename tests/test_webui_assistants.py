@@ -56,7 +56,7 @@ def test_an_assistant_made_in_the_form_answers_from_its_file(server, page, tmp_p
     expect(page.locator("[data-testid=assistant-dialog]")).to_be_hidden()
     made = api.get("/api/assistants").json()
     assert made == [{"name": "ferries", "instructions": "Answer from the timetable.", "tools": ["calculator"],
-                     "files": ["ferries.txt"]}]
+                     "files": ["ferries.txt"], "adapter": False}]
     expect(picker).to_have_value("ferries")  # the new assistant is picked
 
     page.click("[data-testid=new-assistant]")  # the same name again: the store's error, shown in the form

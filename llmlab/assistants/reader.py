@@ -9,16 +9,18 @@ Reading a passage is two decisions, each the model's:
                that an answer that begins as it does, "Thelma" in a tokenizer with the token "The", is not
                read as a refusal), read from one batched forward pass; below `abstain` (1/2: more likely to
                answer than not) the passage holds the answer
-    what       `extractive` (the default): of the replies "SPAN [file#index]", for every span of the
-               passage's words (up to MAX_SPAN_WORDS), the one the model gives the highest probability (its
-               tokens' log-probabilities summed, in the chat format it was trained on), so every answer is the
-               passage's own words, the model choosing which; otherwise the reply as the model writes it,
-               greedily (a small model finds the right place in a passage more often than it copies an
-               invented name right: "Trundtoro Linstone" comes out as "Gino Smore")
+    what       `extractive` (the default): of the replies "SPAN [file#index]", for every span of up to
+               MAX_SPAN_WORDS of the passage's words that has no word of the question and is not function
+               words alone, the one the model gives the highest mean log-probability per token (in the chat
+               format it was trained on) among those after which it opens the citation with probability at
+               least 1/2 (the answer is whole); so every answer is the passage's own words, the model choosing
+               which. Otherwise the reply as the model writes it, greedily. (A small model finds the right place
+               in a passage more often than it copies an invented name right: "Trundtoro Linstone" comes out
+               as "Gino Smore".)
 
-The cpu preset's context holds one 12-word passage and a question; paging k passages costs k prefills, and
-answering scores some 60 short spans of one passage. The same reader serves knowledge files, a document far longer than the
-context (needle in a haystack) and a conversation's memory (llmlab.assistants.memory).
+The cpu preset's context holds one 12-word passage and a question; paging k passages costs k forward passes,
+and answering scores some 60 short spans of one passage. The same reader serves knowledge files, a document far
+longer than the context (needle in a haystack) and a conversation's memory (llmlab.assistants.memory).
 
     read_many(engine, tokenizer, [(question, passages), ...])  -> [Reading, ...]
     greedy_replies(engine, tokenizer, prompts)                   -> the assistant's words for each prompt
@@ -26,10 +28,9 @@ context (needle in a haystack) and a conversation's memory (llmlab.assistants.me
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
-
-import math
 
 import torch
 
@@ -38,12 +39,13 @@ from llmlab.chat import final_answer, render_conversation, render_prompt, reply_
 from llmlab.data.conversations import collate
 from llmlab.engine import Engine, SamplingParams
 from llmlab.tokenizer import Tokenizer
-from llmlab.training import token_losses
+from llmlab.training import IGNORE_INDEX, token_losses
 from llmlab.world.reading import NOT_IN_FILES, NOT_IN_PASSAGE, cited, reading_prompt
 
 MAX_SPAN_WORDS = 6
 """the longest answer an extractive reading writes, in words (the packs' longest value has three)"""
 NOT_OPENING = " ".join(NOT_IN_PASSAGE.split()[:2])
+"""how a reply that finds no answer in the passage opens"""
 SPAN_TRIM = ".,;:!?()\"'"
 """what an answer span loses at its ends (a sentence's full stop, a parenthesis)"""
 FUNCTION_WORDS = frozenset(
@@ -99,19 +101,21 @@ def prompts_for(tokenizer: Tokenizer, question: str, passages: Sequence[Chunk], 
 
 
 @torch.inference_mode()
-def reply_logprobs(model: torch.nn.Module, tokenizer: Tokenizer, conversations: Sequence[list[dict]],
-                   replies: Sequence[str], opening: bool = False, batch_size: int = 32) -> list[float]:
-    """log p of each reply to its conversation (ending with the user), its tokens summed, `<|assistant_end|>`
-    included; with `opening`, of the reply's words as the opening of a longer reply (the end not counted)."""
+def reply_token_logprobs(model: torch.nn.Module, tokenizer: Tokenizer, conversations: Sequence[list[dict]],
+                         replies: Sequence[str], opening: bool = False, batch_size: int = 32) -> list[list[float]]:
+    """log p of each token of each reply to its conversation (ending with the user), `<|assistant_end|>`
+    last; with `opening`, of the reply's words as the opening of a longer reply (no end)."""
     rows = []
     for conversation, reply in zip(conversations, replies):
         ids, mask = render_conversation(tokenizer, [*conversation, {"role": "assistant", "content": reply}])
         rows.append((ids, mask[:-1] + [0] if opening else mask))
     device = next(model.parameters()).device
-    out: list[float] = []
+    out: list[list[float]] = []
     for start in range(0, len(rows), batch_size):
         inputs, targets = collate(rows[start:start + batch_size], tokenizer.bos_id)
-        out += (-token_losses(model, inputs.to(device), targets.to(device)).sum(-1)).tolist()
+        logp = -token_losses(model, inputs.to(device), targets.to(device))
+        trained = targets != IGNORE_INDEX
+        out += [row[keep].tolist() for row, keep in zip(logp, trained)]
     return out
 
 
@@ -123,7 +127,7 @@ def read_many(engine: Engine, tokenizer: Tokenizer, questions: Sequence[tuple[st
     room = min(max_new_tokens, 24)
     jobs = [(q, chunk, ids) for q, (question, passages) in enumerate(questions)
             for chunk, ids in prompts_for(tokenizer, question, passages, T, room)]
-    p_not = [math.exp(lp) for lp in reply_logprobs(
+    p_not = [math.exp(sum(lp)) for lp in reply_token_logprobs(
         engine.model, tokenizer, [reading_prompt(chunk, questions[q][0]) for q, chunk, _ in jobs],
         [NOT_OPENING] * len(jobs), opening=True, batch_size=batch_size)]
     out = [Reading(NOT_IN_FILES, None, 0) for _ in questions]
@@ -136,7 +140,7 @@ def read_many(engine: Engine, tokenizer: Tokenizer, questions: Sequence[tuple[st
     rows = sorted(chosen)
     if extractive:
         replies = [likeliest(engine.model, tokenizer, reading_prompt(chosen[q][0], questions[q][0]),
-                             [cited(s, chosen[q][0]) for s in spans(chosen[q][0].text, questions[q][0])], batch_size)
+                             spans(chosen[q][0].text, questions[q][0]), chosen[q][0], abstain, batch_size)
                    for q in rows]
     else:
         replies = greedy_replies(engine, tokenizer, [chosen[q][1] for q in rows], max_new_tokens, batch_size)
@@ -147,20 +151,29 @@ def read_many(engine: Engine, tokenizer: Tokenizer, questions: Sequence[tuple[st
     return out
 
 
-def likeliest(model: torch.nn.Module, tokenizer: Tokenizer, prompt: list[dict], replies: Sequence[str],
-              batch_size: int = 32) -> str:
-    """Of `replies` to the conversation `prompt`, the one whose tokens (its `<|assistant_end|>` included) the
-    model gives the highest mean log-probability (a sum would favour the fewest tokens: a short word over a
-    name spelled in pieces); replies that do not fit the context are not candidates (NOT_IN_PASSAGE when none
-    fits)."""
+def likeliest(model: torch.nn.Module, tokenizer: Tokenizer, prompt: list[dict], answers: Sequence[str],
+              chunk: Chunk, closes: float = 0.5, batch_size: int = 32) -> str:
+    """Of the replies "ANSWER [cite]" to the conversation `prompt`, one per answer, the one whose tokens (its
+    `<|assistant_end|>` included) the model gives the highest mean log-probability (a sum would favour the
+    fewest tokens: a short word over a name spelled in pieces), among those after which the model opens the
+    citation (" [") with probability at least `closes`: the answer is whole ("Guus" for "Guus Gryndshorford"
+    is not), and a model that does not read passages closes none. NOT_IN_PASSAGE when there is none, or none fits the context."""
     T = model.config.context_len
-    fits = [r for r in replies
+    replies = [cited(a, chunk) for a in answers]
+    fits = [(a, r) for a, r in zip(answers, replies)
             if len(render_conversation(tokenizer, [*prompt, {"role": "assistant", "content": r}])[0]) <= T]
     if not fits:
         return NOT_IN_PASSAGE
-    sums = reply_logprobs(model, tokenizer, [prompt] * len(fits), fits, batch_size=batch_size)
-    means = [lp / (len(tokenizer.encode(r)) + 1) for r, lp in zip(fits, sums)]
-    return fits[max(range(len(fits)), key=means.__getitem__)]
+    logps = reply_token_logprobs(model, tokenizer, [prompt] * len(fits), [r for _, r in fits], batch_size=batch_size)
+    best, best_mean = NOT_IN_PASSAGE, -math.inf
+    bracket = len(tokenizer.encode(" ["))
+    for (answer, reply), lp in zip(fits, logps):
+        n = len(tokenizer.encode(answer))
+        closing = sum(lp[n:n + bracket])  # " [": the answer ends here (copying the index is another skill)
+        mean = sum(lp) / len(lp)
+        if closing >= math.log(closes) and mean > best_mean:
+            best, best_mean = reply, mean
+    return best
 
 
 def greedy_replies(engine: Engine, tokenizer: Tokenizer, prompts: Sequence[list[int]], max_new_tokens: int = 32,
