@@ -18,8 +18,9 @@ share one base in memory.
         logits = model(ids)
 
 A bank batches requests of different adapters into one forward, as S-LoRA and Punica serve thousands of
-adapters: the base's matmul is shared by every row, and each row adds its own low-rank update, gathered from
-the adapters' stacked A and B (ranks padded to the largest with zeros, which add nothing).
+adapters: the base's matmul is shared by every row, and the rows of each adapter present take its low-rank
+update together (gathered, multiplied, added back: Punica's segmented gather, here as index_select and
+index_add), so adapters of any rank share a batch.
 
 On disk (PEFT's layout): adapter_config.json ({"peft_type": "LORA", "r", "lora_alpha", "target_modules", ...})
 and adapter_model.safetensors with keys `base_model.model.<Hugging Face module name>.lora_A.weight` /
@@ -198,22 +199,14 @@ class BankedLinear(nn.Module):
         self.base_layer = base
         self._bank = [bank]  # (in a list: not a submodule)
         w = base.weight
+        # (A (r, in), B (out, r) with the scaling folded in) per adapter; index 0, the base alone, has rank 0
         self.updates: list[tuple[torch.Tensor, torch.Tensor]] = [(w.new_zeros(0, base.in_features),
                                                                    w.new_zeros(base.out_features, 0))]
-        self.A = w.new_zeros(1, 0, base.in_features)  # (adapters, r_max, in): index 0 is the base alone
-        self.B = w.new_zeros(1, base.out_features, 0)  # (adapters, out, r_max), the scaling folded in
 
     def add(self, A: torch.Tensor | None, B: torch.Tensor | None) -> None:
         """The next adapter's update B A (scaling folded into B), or none for this layer."""
         w = self.base_layer.weight
-        self.updates.append((self.updates[0][0], self.updates[0][1]) if A is None else
-                            (A.to(w.device, w.dtype), B.to(w.device, w.dtype)))
-        r = max(a.size(0) for a, _ in self.updates)
-        self.A = w.new_zeros(len(self.updates), r, w.size(1))
-        self.B = w.new_zeros(len(self.updates), w.size(0), r)
-        for i, (a, b) in enumerate(self.updates):
-            self.A[i, :a.size(0)] = a
-            self.B[i, :, :b.size(1)] = b
+        self.updates.append(self.updates[0] if A is None else (A.to(w.device, w.dtype), B.to(w.device, w.dtype)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
@@ -223,21 +216,24 @@ class BankedLinear(nn.Module):
         if isinstance(rows, int):
             a, b = self.updates[rows]
             return y + (x @ a.T) @ b.T
-        low = torch.einsum("bti,bri->btr", x, self.A[rows])
-        return y + torch.einsum("btr,bor->bto", low, self.B[rows])
+        for adapter, members in rows:  # each adapter's rows together (Punica's segmented gather)
+            a, b = self.updates[adapter]
+            y = y.index_add(0, members, (x.index_select(0, members) @ a.T) @ b.T)
+        return y
 
 
 class AdapterBank:
     """Several LoRA adapters over one base model, chosen per row of a batch (see the module docstring).
 
-    `add` wraps the linear layers an adapter targets in `BankedLinear` (once) and stacks its update beside the
+    `add` wraps the linear layers an adapter targets in `BankedLinear` (once) and keeps its update beside the
     others'; `use(rows)` sets which adapter each row of the next forwards goes through: an int for every row,
     or one index per row (0: the base alone). Outside `use` the model is the base, exactly."""
 
     def __init__(self, model: GPT):
         self.model = model
         self.names: list[str] = ["base"]
-        self.rows: int | torch.Tensor | None = None
+        self.rows: int | list[tuple[int, torch.Tensor]] | None = None
+        """what `use` set: one adapter for every row, or (adapter, its rows) for each adapter of the batch"""
 
     def __len__(self) -> int:
         return len(self.names)
@@ -284,11 +280,14 @@ class AdapterBank:
     def use(self, rows: int | Sequence[int]):
         """Run the forwards inside with row i through adapter rows[i] (an int: every row through it)."""
         if isinstance(rows, int):
-            chosen: int | torch.Tensor = rows
+            chosen: int | list[tuple[int, torch.Tensor]] = rows
             indices = [rows]
         else:
             indices = list(rows)
-            chosen = indices[0] if len(set(indices)) == 1 else torch.tensor(indices, device=next(self.model.parameters()).device)
+            device = next(self.model.parameters()).device
+            chosen = indices[0] if len(set(indices)) == 1 else [
+                (a, torch.tensor([r for r, i in enumerate(indices) if i == a], device=device))
+                for a in sorted(set(indices)) if a]
         bad = [i for i in indices if not 0 <= i < len(self.names)]
         if bad:
             raise LLMLabError(f"no adapter {bad[0]} in the bank (0 to {len(self.names) - 1})")

@@ -63,7 +63,7 @@ class Config:
     """eval: where report.md, results.json and needle.png go"""
     k: int = 5
     """eval: passages retrieved and paged in per question"""
-    needles: int = 8
+    needles: int = 16
     """eval: needles per cell of the needle-in-a-haystack grid"""
     memory_n: int = 40
     """eval: conversations per distance of the memory measurement"""
