@@ -62,7 +62,7 @@ class Reading:
     chunk: Chunk | None
     """the passage the answer came from"""
     read: int
-    """passages read (prompts prefilled)"""
+    """passages read (prompts scored)"""
     prompt_tokens: int = 0
     """tokens of the prompts read"""
 
@@ -140,7 +140,7 @@ def read_many(engine: Engine, tokenizer: Tokenizer, questions: Sequence[tuple[st
     rows = sorted(chosen)
     if extractive:
         replies = [likeliest(engine.model, tokenizer, reading_prompt(chosen[q][0], questions[q][0]),
-                             spans(chosen[q][0].text, questions[q][0]), chosen[q][0], abstain, batch_size)
+                             spans(chosen[q][0].text, questions[q][0]), chosen[q][0], batch_size=batch_size)
                    for q in rows]
     else:
         replies = greedy_replies(engine, tokenizer, [chosen[q][1] for q in rows], max_new_tokens, batch_size)
@@ -157,7 +157,8 @@ def likeliest(model: torch.nn.Module, tokenizer: Tokenizer, prompt: list[dict], 
     `<|assistant_end|>` included) the model gives the highest mean log-probability (a sum would favour the
     fewest tokens: a short word over a name spelled in pieces), among those after which the model opens the
     citation (" [") with probability at least `closes`: the answer is whole ("Guus" for "Guus Gryndshorford"
-    is not), and a model that does not read passages closes none. NOT_IN_PASSAGE when there is none, or none fits the context."""
+    is not), and a model that does not read passages closes none. NOT_IN_PASSAGE when there is none, or when
+    none fits the context."""
     T = model.config.context_len
     replies = [cited(a, chunk) for a in answers]
     fits = [(a, r) for a, r in zip(answers, replies)
