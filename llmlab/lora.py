@@ -46,7 +46,7 @@ from safetensors.torch import save as tensors_to_bytes
 
 from llmlab.errors import LLMLabError
 from llmlab.fileio import write_durably
-from llmlab.model import GPT
+from llmlab.model import GPT, GPTConfig
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 ALL_LINEAR = TARGETS + ("gate_proj", "up_proj", "down_proj")
@@ -107,8 +107,8 @@ def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def _base_shape(model: GPT) -> dict:
-    c = model.config
+def _base_shape(model: GPT | GPTConfig) -> dict:
+    c = model.config if isinstance(model, GPT) else model
     return {"vocab_size": c.vocab_size, "n_layer": c.n_layer, "d_model": c.d_model, "n_head": c.n_head,
             "n_kv_head": c.n_kv_head, "head_dim": c.hdim, "ffn": c.ffn}
 
@@ -144,8 +144,9 @@ def read_adapter_config(adapter_dir: str | Path) -> dict:
     return config
 
 
-def check_base(model: GPT, adapter_dir: str | Path, config: dict) -> None:
-    """Raise LLMLabError if the adapter at `adapter_dir` was trained on a base of another shape than `model`."""
+def check_base(model: GPT | GPTConfig, adapter_dir: str | Path, config: dict) -> None:
+    """Raise LLMLabError if the adapter at `adapter_dir` was trained on a base of another shape than `model`
+    (a model, or its config)."""
     shape_file = Path(adapter_dir) / BASE  # (absent from adapters trained by PEFT itself)
     want = json.loads(shape_file.read_text())["base"] if shape_file.is_file() else None
     have = _base_shape(model)

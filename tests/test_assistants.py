@@ -269,3 +269,25 @@ def test_an_assistant_with_a_corrupt_or_incomplete_adapter_is_refused_and_nothin
         "adapter_config.json", "adapter_model.safetensors", "llmlab_adapter.json"]
     assert torch.equal(load_file(str(store.adapter_dir("x") / "adapter_model.safetensors"))[next(iter(tensors))],
                        tensors[next(iter(tensors))])
+
+
+def test_create_checks_an_adapter_against_the_checkpoint_that_will_serve_it(tmp_path, capsys):
+    from llmlab import checkpoint, cli
+    from llmlab.assistants.store import AssistantStore
+    from llmlab.lora import add_lora, save_adapter
+    from llmlab.model import GPT, GPTConfig
+
+    def model(d_model):
+        return GPT(GPTConfig(vocab_size=64, n_layer=1, d_model=d_model, n_head=2, n_kv_head=1, context_len=32))
+    served = checkpoint.save_checkpoint(tmp_path / "ckpt", 0, model(16), tokenizer_path=None, meta={"stage": "test"})
+    for name, d_model in (("fits", 16), ("misfit", 32)):
+        adapted = model(d_model)
+        add_lora(adapted, r=2)
+        save_adapter(adapted, tmp_path / name)
+    store = ["--store", str(tmp_path / "store"), "--checkpoint", str(served)]
+    with pytest.raises(SystemExit):
+        cli.main(["assistant", "create", "x", "--adapter", str(tmp_path / "misfit"), *store])
+    assert "another base (d_model 32 vs 16" in capsys.readouterr().err
+    assert AssistantStore(tmp_path / "store").list() == []
+    cli.main(["assistant", "create", "x", "--adapter", str(tmp_path / "fits"), *store])
+    assert AssistantStore(tmp_path / "store").get("x").adapter and "a LoRA adapter" in capsys.readouterr().out

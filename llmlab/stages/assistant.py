@@ -28,6 +28,7 @@ from llmlab.assistants import evals
 from llmlab.assistants.store import TOOLS, AssistantStore
 from llmlab.engine import Engine
 from llmlab.errors import LLMLabError
+from llmlab.lora import check_base, read_adapter_config
 from llmlab.fileio import write_atomic
 from llmlab.report import pyplot
 from llmlab.world.reading import PASSAGE_WORDS
@@ -56,7 +57,7 @@ class Config:
     store: str = "runs/cpu/assistants"
     """where assistants are kept"""
     checkpoint: str = "runs/cpu/sft"
-    """eval: the assistant checkpoint measured"""
+    """eval: the assistant checkpoint measured; create: the model an --adapter must fit (checked when it exists)"""
     world: str = "runs/cpu/world"
     """eval: the world whose knowledge packs, text and people the measurements use"""
     out_dir: str = "runs/cpu/assistant-eval"
@@ -86,6 +87,13 @@ def main(cfg: Config) -> dict:
         raise LLMLabError(f"assistant {cfg.action}: give the assistant's name (`llmlab assistant {cfg.action} NAME`)")
     store = AssistantStore(cfg.store)
     if cfg.action == "create":
+        if cfg.adapter:  # against the model that will serve it, if there is one (the server checks again)
+            try:
+                served = checkpoints.load_model_config(cfg.checkpoint)
+            except LLMLabError:
+                served = None
+            if served is not None:
+                check_base(served, cfg.adapter, read_adapter_config(cfg.adapter))
         a = store.create(cfg.name, cfg.instructions, _split(cfg.files), _split(cfg.tools), cfg.max_words,
                          adapter=cfg.adapter)
         passages = sum(f["chunks"] for f in a.files)
