@@ -113,7 +113,7 @@ def _base_shape(model: GPT | GPTConfig) -> dict:
             "n_kv_head": c.n_kv_head, "head_dim": c.hdim, "ffn": c.ffn}
 
 
-def save_adapter(model: GPT, out_dir: str | Path, base: str = "") -> Path:
+def save_adapter(model: GPT, out_dir: str | Path, base: str = "", base_sha256: str = "") -> Path:
     """adapter_config.json and adapter_model.safetensors (PEFT's format) of the model's LoRA layers."""
     mods = lora_modules(model)
     if not mods:
@@ -127,7 +127,8 @@ def save_adapter(model: GPT, out_dir: str | Path, base: str = "") -> Path:
     # as bytes through open(), so that the file follows the umask as the others do (save_file makes it 0600)
     write_durably(out / WEIGHTS, tensors_to_bytes(adapter_state(model), metadata={"format": "pt"}))
     (out / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-    (out / BASE).write_text(json.dumps({"base": _base_shape(model)}, indent=2) + "\n")
+    record = {"base": _base_shape(model), **({"base_weights_sha256": base_sha256} if base_sha256 else {})}
+    (out / BASE).write_text(json.dumps(record, indent=2) + "\n")
     return out
 
 
@@ -144,16 +145,22 @@ def read_adapter_config(adapter_dir: str | Path) -> dict:
     return config
 
 
-def check_base(model: GPT | GPTConfig, adapter_dir: str | Path, config: dict) -> None:
+def check_base(model: GPT | GPTConfig, adapter_dir: str | Path, config: dict, weights_sha256: str = "") -> None:
     """Raise LLMLabError if the adapter at `adapter_dir` was trained on a base of another shape than `model`
-    (a model, or its config)."""
-    shape_file = Path(adapter_dir) / BASE  # (absent from adapters trained by PEFT itself)
-    want = json.loads(shape_file.read_text())["base"] if shape_file.is_file() else None
-    have = _base_shape(model)
+    (a model, or its config), or, when both are known, on other weights than those whose sha256 (of the
+    checkpoint's model.safetensors) is `weights_sha256`: an adapter of another fine-tune of the same shape
+    loads, and says nonsense."""
+    record_file = Path(adapter_dir) / BASE  # (absent from adapters trained by PEFT itself)
+    record = json.loads(record_file.read_text()) if record_file.is_file() else {}
+    want, have = record.get("base"), _base_shape(model)
+    base = config.get("base_model_name_or_path") or "its own base"
     if want is not None and want != have:
         diff = ", ".join(f"{k} {want.get(k)} vs {have[k]}" for k in have if want.get(k) != have[k])
-        raise LLMLabError(f"the adapter at {adapter_dir} was trained on another base ({diff}): load it onto "
-                          f"{config.get('base_model_name_or_path') or 'its own base'}")
+        raise LLMLabError(f"the adapter at {adapter_dir} was trained on another base ({diff}): load it onto {base}")
+    trained_on = record.get("base_weights_sha256")
+    if trained_on and weights_sha256 and trained_on != weights_sha256:
+        raise LLMLabError(f"the adapter at {adapter_dir} was trained on another base (the same shape, other weights: "
+                          f"sha256 {trained_on[:12]} vs {weights_sha256[:12]}): load it onto {base}")
 
 
 def load_adapter(model: GPT, adapter_dir: str | Path) -> GPT:
@@ -243,11 +250,12 @@ class AdapterBank:
         return {name: m for name, m in self.model.named_modules() if isinstance(m, BankedLinear)}
 
     @torch.no_grad()
-    def add(self, adapter_dir: str | Path, name: str = "") -> int:
+    def add(self, adapter_dir: str | Path, name: str = "", base_sha256: str = "") -> int:
         """Load the adapter at `adapter_dir` (PEFT's format) into the bank; its index. Raises LLMLabError, the
-        bank unchanged, for an adapter that is not one, is for another base, or misses layers it names."""
+        bank unchanged, for an adapter that is not one, is for another base (of another shape, or, with the
+        model's `base_sha256`, other weights: `check_base`), or misses layers it names."""
         config = read_adapter_config(adapter_dir)
-        check_base(self.model, adapter_dir, config)
+        check_base(self.model, adapter_dir, config, base_sha256)
         targets = set(config["target_modules"])
         unknown = targets - set(ALL_LINEAR)
         if unknown:

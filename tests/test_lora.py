@@ -130,6 +130,8 @@ def test_sft_with_lora_trains_the_adapter_resumes_and_loads_merged(tiny_run, tmp
     assert not lora_modules(merged)
     base = checkpoint.load(cfg.sft.base).model
     again = load_adapter(checkpoint.load(cfg.sft.base).model, tmp_path / "lora" / "adapter")
+    record = json.loads((tmp_path / "lora" / "adapter" / "llmlab_adapter.json").read_text())
+    assert record["base_weights_sha256"] == checkpoint.read_info(cfg.sft.base)["weights_sha256"]  # its base, exactly
     ids = torch.randint(10, base.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(merged(ids), again(ids), atol=1e-5, rtol=0)
@@ -177,7 +179,13 @@ def test_a_bank_refuses_an_adapter_for_another_base_and_stays_as_it_was(tok, tmp
         bank.add(tmp_path / "other")
     with pytest.raises(LLMLabError, match="no adapter at"):
         bank.add(tmp_path / "missing")
+    same_shape = _base(tok)  # trained on a base of this shape, but of other weights (another fine-tune)
+    add_lora(same_shape, r=2)
+    save_adapter(same_shape, tmp_path / "sibling", base_sha256="ab" * 32)
+    with pytest.raises(LLMLabError, match="the same shape, other weights"):
+        bank.add(tmp_path / "sibling", base_sha256="cd" * 32)
     assert len(bank) == 1 and not any(isinstance(m, BankedLinear) for m in bank.model.modules())
-    with pytest.raises(LLMLabError, match="no adapter 1"):
-        with bank.use([0, 1]):
+    assert bank.add(tmp_path / "sibling", base_sha256="ab" * 32) == 1  # its own base
+    with pytest.raises(LLMLabError, match="no adapter 2"):
+        with bank.use([0, 2]):
             pass

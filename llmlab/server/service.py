@@ -108,6 +108,7 @@ class Service:
         self.name = cfg.model_name or "-".join(Path(cfg.checkpoint).resolve().parts[-2:])
         self.stop_ids = reply_stop_ids(self.tokenizer)  # chats and completions alike
         self.adapters = AdapterBank(self.model)  # custom assistants' LoRA adapters, loaded when first asked for
+        self.weights_sha256 = checkpoint.read_info(ckpt.path).get("weights_sha256", "")  # what an adapter must fit
         self._adapter_ids: dict[tuple[str, float], int] = {}
         self.scheduler = Scheduler(self.model, self.tokenizer, max_batch=cfg.max_batch, adapters=self.adapters)
         self.reasoner = Reasoner(self.tokenizer, cfg.world, cfg.recall, self.run_tool if cfg.tools else None,
@@ -201,7 +202,7 @@ class Service:
 
         def load(_model: GPT) -> int:  # in the scheduler's thread, between steps: one load, however many ask
             if key not in self._adapter_ids:
-                self._adapter_ids[key] = self.adapters.add(path, assistant.name)
+                self._adapter_ids[key] = self.adapters.add(path, assistant.name, self.weights_sha256)
             return self._adapter_ids[key]
         try:
             return await asyncio.wrap_future(self.scheduler.call(load))

@@ -90,10 +90,11 @@ def main(cfg: Config) -> dict:
         if cfg.adapter:  # against the model that will serve it, if there is one (the server checks again)
             try:
                 served = checkpoints.load_model_config(cfg.checkpoint)
+                sha = checkpoints.read_info(cfg.checkpoint).get("weights_sha256", "")
             except LLMLabError:
                 served = None
             if served is not None:
-                check_base(served, cfg.adapter, read_adapter_config(cfg.adapter))
+                check_base(served, cfg.adapter, read_adapter_config(cfg.adapter), sha)
         a = store.create(cfg.name, cfg.instructions, _split(cfg.files), _split(cfg.tools), cfg.max_words,
                          adapter=cfg.adapter)
         passages = sum(f["chunks"] for f in a.files)
