@@ -109,10 +109,16 @@ def reply_token_logprobs(model: torch.nn.Module, tokenizer: Tokenizer, conversat
     for conversation, reply in zip(conversations, replies):
         ids, mask = render_conversation(tokenizer, [*conversation, {"role": "assistant", "content": reply}])
         rows.append((ids, mask[:-1] + [0] if opening else mask))
+    return _trained_logprobs(model, rows, tokenizer.bos_id, batch_size)
+
+
+def _trained_logprobs(model: torch.nn.Module, rows: Sequence[tuple[list[int], list[int]]], pad_id: int,
+                      batch_size: int) -> list[list[float]]:
+    """log p of the trained tokens of each rendered (ids, loss mask) row."""
     device = next(model.parameters()).device
     out: list[list[float]] = []
     for start in range(0, len(rows), batch_size):
-        inputs, targets = collate(rows[start:start + batch_size], tokenizer.bos_id)
+        inputs, targets = collate(rows[start:start + batch_size], pad_id)
         logp = -token_losses(model, inputs.to(device), targets.to(device))
         trained = targets != IGNORE_INDEX
         out += [row[keep].tolist() for row, keep in zip(logp, trained)]
@@ -160,15 +166,15 @@ def likeliest(model: torch.nn.Module, tokenizer: Tokenizer, prompt: list[dict], 
     is not), and a model that does not read passages closes none. NOT_IN_PASSAGE when there is none, or when
     none fits the context."""
     T = model.config.context_len
-    replies = [cited(a, chunk) for a in answers]
-    fits = [(a, r) for a, r in zip(answers, replies)
-            if len(render_conversation(tokenizer, [*prompt, {"role": "assistant", "content": r}])[0]) <= T]
+    rendered = [(a, r, render_conversation(tokenizer, [*prompt, {"role": "assistant", "content": r}]))
+                for a in answers for r in [cited(a, chunk)]]
+    fits = [(a, r, row) for a, r, row in rendered if len(row[0]) <= T]
     if not fits:
         return NOT_IN_PASSAGE
-    logps = reply_token_logprobs(model, tokenizer, [prompt] * len(fits), [r for _, r in fits], batch_size=batch_size)
+    logps = _trained_logprobs(model, [row for _, _, row in fits], tokenizer.bos_id, batch_size)
     best, best_mean = NOT_IN_PASSAGE, -math.inf
     bracket = len(tokenizer.encode(" ["))
-    for (answer, reply), lp in zip(fits, logps):
+    for (answer, reply, _), lp in zip(fits, logps):
         n = len(tokenizer.encode(answer))
         closing = sum(lp[n:n + bracket])  # " [": the answer ends here (copying the index is another skill)
         mean = sum(lp) / len(lp)
