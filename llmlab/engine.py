@@ -407,10 +407,11 @@ class ToolCalls:
 
 
 def generate_with_tools(engine: Engine, tokenizer, prompts: Sequence[Sequence[int]], params: SamplingParams,
-                        stop_ids: Sequence[int], run_tool: Callable[[str], str] | None) -> tuple[list[list[int]], ToolCalls | None]:
+                        stop_ids: Sequence[int], run_tool: Callable[[str], str] | None,
+                        keep_stop: bool = False) -> tuple[list[list[int]], ToolCalls | None]:
     """Generate with tool calls run by `run_tool` (None: no tools; a call is then written but never answered).
-    Returns each row's new tokens (tool outputs included, the stop token excluded) and the state machine
-    (its `forced` masks and `calls`)."""
+    Returns each row's new tokens (tool outputs included, the stop token excluded unless `keep_stop`) and the
+    state machine (its `forced` masks and `calls`). A token forced as a tool's output never stops a row."""
     tools = ToolCalls(tokenizer, len(prompts), run_tool) if run_tool is not None else None
     out: list[list[int]] = [[] for _ in prompts]
     done = [False] * len(prompts)
@@ -419,8 +420,11 @@ def generate_with_tools(engine: Engine, tokenizer, prompts: Sequence[Sequence[in
         for row, t in enumerate(tokens.tolist()):
             if done[row]:
                 continue
-            if t in stops:
+            forced = tools is not None and tools.forced[row][-1]
+            if t in stops and not forced:
                 done[row] = True
+                if keep_stop:
+                    out[row].append(t)
             else:
                 out[row].append(t)
         if all(done):

@@ -72,7 +72,7 @@ def _chat_rows(base: dict, chat: dict) -> list[tuple[str, float | None, float | 
     rows += [(f"places: {g}", base.get("places", {}).get("groups", {}).get(g), a)
              for g, a in chat.get("places", {}).get("groups", {}).items()]
     rows += [(f"{g}, with tools", None, a) for g, a in chat.get("python", {}).get("groups", {}).items()]
-    rows += [(f"{g} (greedy, no tools)", None, a) for g, a in chat.get("puzzles", {}).get("groups", {}).items()]
+    rows += [(f"{g} (greedy, with tools)", None, a) for g, a in chat.get("puzzles", {}).get("groups", {}).items()]
     rows += [(g, base["policy"]["groups"].get(g), a) for g, a in chat["policy"]["groups"].items()]
     if "knowledge" in chat:  # (eval.json files written before the knowledge probe lack it)
         rows += [(f"stored knowledge: {g}", base.get("knowledge", {}).get("groups", {}).get(g), a)

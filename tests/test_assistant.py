@@ -270,7 +270,7 @@ def test_tiny_sft_and_report_card(tiny_run):
     assert len(card["chat"]["places"]["groups"]) == 3 and len(card["chat"]["python"]["groups"]) == 6
     report = (Path(cfg.run_dir) / "report.md").read_text()
     assert "Report card" in report and "places: places and companies, pretraining only" in report
-    assert "python: sort numbers, with tools" in report and "puzzles: hard (greedy, no tools)" in report
+    assert "python: sort numbers, with tools" in report and "puzzles: hard (greedy, with tools)" in report
     assert set(card["chat"]["puzzles"]["groups"]) == {f"puzzles: {g}" for g in ("easy", "medium", "hard", "no solution")}
     ckpt = checkpoint.resolve(cfg.sft.out_dir)
     tok_cfg = json.loads((ckpt / "tokenizer_config.json").read_text())

@@ -8,17 +8,22 @@ from fractions import Fraction
 
 import pytest
 
+from test_assistant import ScriptedModel, _call
+
 from llmlab import checkpoint
 from llmlab.alignment.rollouts import load_reward_model
-from llmlab.engine import Engine
+from llmlab.chat import parse_turn, render_conversation, render_prompt
+from llmlab.engine import Engine, SamplingParams, generate_with_tools, newline_ids
 from llmlab.data.preferences import write_jsonl
 from llmlab.errors import LLMLabError
 from llmlab.stages import rm, think
-from llmlab.tasks.puzzles import PuzzleTask, claimed, puzzle_example
+from llmlab.tasks.puzzles import PuzzleTask, claimed, puzzle_example, reply_conclusion
 from llmlab.think.strategies import Thinker
-from llmlab.think.verifiers import attempt_pairs
+from llmlab.think.verifiers import attempt_pairs, solver_attempts
+from llmlab.tools.calculator import calculate
 from llmlab.world.puzzles import (
-    MAX_VALUE, NO_SOLUTION, Puzzle, check, level, moves, puzzles, random_puzzle, solution_text, solvable,
+    ASKS, MAX_VALUE, NO_SOLUTION, Puzzle, as_calls, check, from_calls, level, moves, parse_question, puzzles,
+    random_puzzle, solution_text, solvable,
 )
 
 
@@ -104,15 +109,15 @@ def test_verifier_pairs_put_the_exactly_better_attempt_first(tiny_run):
     good = "9 - 2 = 7, left 3 4 7\n4 - 1 = 3, left 3 3 7\n3 * 7 = 21, left 21"  # second step uses a 1 it lacks
     solved = "4 * 3 = 12, left 2 9 12\n12 + 9 = 21, left 2 21"
     steps = ["9 - 2 = 7, left 3 4 7", "4 - 3 = 1, left 1 7", "7 + 1 = 8, left 8"]
-    attempts = [good, "\n".join(steps), solved]
-    sampled = [(e, [(tok.encode(t), 0.0, 0.0) for t in attempts])]
+    attempts = [(e, [good, "\n".join(steps), solved])]
     task = PuzzleTask(None)
-    outcome = attempt_pairs(task, sampled, tok, "outcome", 10)
+    outcome = attempt_pairs(task, attempts, "outcome", 10)
     assert outcome == []  # no attempt solves it (the last leaves two numbers)
-    process = attempt_pairs(task, sampled, tok, "process", 10)
+    process = attempt_pairs(task, attempts, "process", 10)
     assert process, "the first steps differ in label"
     for row in process:
-        chosen, rejected = row["chosen"][0]["content"], row["rejected"][0]["content"]
+        chosen, rejected = from_calls(row["chosen"]), from_calls(row["rejected"])
+        assert row["chosen"][0]["tool_calls"][0]["function"] == {"name": "calculator", "arguments": "9 - 2"}
         assert chosen.count("\n") == rejected.count("\n")  # same depth
         assert check(Puzzle((2, 3, 4, 9), 25), chosen).steps[-1] and not check(Puzzle((2, 3, 4, 9), 25), rejected).steps[-1]
 
@@ -123,15 +128,14 @@ def _verifier(tiny_run, tmp_path, kind):
     cfg, _ = tiny_run
     tok = checkpoint.load(cfg.sft.out_dir).require_tokenizer("test")
     rng = random.Random(0)
-    sampled = []
+    attempts = []
     for p in puzzles(0, "train", 12, 3):
         if solvable(p.numbers, p.target):
             good = solution_text(p, rng)
             bad = good.replace(" = ", " = 1", 1)
-            e = puzzle_example(p.question(rng), p.numbers, p.target, "puzzles: easy")
-            sampled.append((e, [(tok.encode(t), 0.0, 0.0) for t in (good, bad)]))
+            attempts.append((puzzle_example(p.question(rng), p.numbers, p.target, "puzzles: easy"), [good, bad]))
     path = tmp_path / f"{kind}.jsonl"
-    write_jsonl(path, attempt_pairs(PuzzleTask(None), sampled, tok, kind, 4))
+    write_jsonl(path, attempt_pairs(PuzzleTask(None), attempts, kind, 4))
     rcfg = dataclasses.replace(rm.Config(), policy=cfg.sft.out_dir, world=cfg.world.out_dir,
                                out_dir=str(tmp_path / kind), pairs=str(path), heldout=str(path),
                                max_steps=3, batch_size=4, eval_every=0, save_every=0)
@@ -196,6 +200,12 @@ def test_the_compute_optimal_policy_spends_samples_only_where_the_problem_is_har
     assert top["fixed"]["choice"] == ["vote", 8] and top["fixed"]["tokens"] == 80.0
     assert top["policy"]["accuracy"] == 1.0 and top["policy"]["tokens"] == 45.0  # 1 sample for easy, 8 for hard
     assert top["policy"]["choice"] == {"0": ["vote", 1], "1": ["vote", 8]}
+    # the pilot's 10 tokens are the first replies a sampling strategy reads: counted once, not on top of them
+    piloted = [dict(r, pilot_tokens=10.0) for r in rows]
+    top = {r["tokens"]: r for r in compute_optimal(piloted, bins=2)}[80.0]
+    assert top["policy"]["tokens"] == 45.0 and top["policy"]["accuracy"] == 1.0
+    greedy = [dict(r, points=[dict(p, strategy="greedy") for p in r["points"]]) for r in piloted]
+    assert all(r["policy"]["tokens"] > 45.0 for r in compute_optimal(greedy, bins=2))  # greedy reads no pilot reply
 
 
 # ---- verify-then-answer ------------------------------------------------------------------------------------------
@@ -293,3 +303,87 @@ def test_the_api_thinks_at_the_effort_asked_and_reports_its_compute(tiny_run, tm
         assert ask("Hi", reasoning_effort="extreme").status_code == 422
     finally:
         live.stop()
+
+
+def test_a_solution_is_written_as_calculator_calls_and_read_back_as_its_lines(tiny_run):
+    cfg, _ = tiny_run
+    tok = checkpoint.load(cfg.sft.out_dir).require_tokenizer("test")
+    rng = random.Random(3)
+    for p in puzzles(0, "train", 20, 4):
+        text = solution_text(p, rng)
+        messages = [{"role": "user", "content": p.question(rng)}] + as_calls(text)
+        assert from_calls(messages[1:]) == text
+        if text == NO_SOLUTION:
+            assert messages[1:] == [{"role": "assistant", "content": NO_SOLUTION}]
+            continue
+        calls = [m["tool_calls"][0]["function"]["arguments"] for m in messages if m.get("tool_calls")]
+        results = [m["content"] for m in messages if m["role"] == "tool"]
+        assert len(calls) == len(p.numbers) - 1 and results == [calculate(c) for c in calls]  # the calculator's own results
+        ids, mask = render_conversation(tok, messages)
+        turn = ids[len(render_prompt(tok, messages[:1])):]
+        assert from_calls(parse_turn(tok, turn)) == text  # the tokens read back: what the checker sees
+        assert check(p, PuzzleTask(None).read(tok, turn)).solved
+        assert sum(mask) == len(turn) - sum(2 + len(tok.encode(r)) for r in results)  # outputs are the engine's
+    assert as_calls("I think 7 + 5 = 13, left 13") [1]["content"] == "13"  # a claim is a call: its result will be the tool's
+
+
+def test_the_engine_computes_each_step_and_the_thinker_reads_the_whole_turn(tiny_run):
+    """A scripted assistant calls the calculator with 9 - 2 and writes the rest of the step: the text the thinker
+    scores holds the calculator's result, beam search continues an open turn, and a tool's output never stops a
+    row."""
+    cfg, _ = tiny_run
+    tok = checkpoint.load(cfg.sft.out_dir).require_tokenizer("test")
+    model = ScriptedModel(tok, lambda user: _call(tok, "calculator 9 - 2"),
+                          then=lambda out: tok.encode(", left 3 4 7\n"))
+    run = lambda call: calculate(call.split(" ", 1)[1])  # noqa: E731
+    thinker = Thinker(Engine(model), tok, run_tool=run, read=lambda ids: from_calls(parse_turn(tok, ids)),
+                      as_reply=as_calls, give_up=NO_SOLUTION, max_new_tokens=40, step_tokens=30, max_steps=1)
+    messages = [{"role": "user", "content": "Make 25 from 2, 3, 4 and 9."}]
+    texts, _ = thinker.sample(messages, 2, seed=0)
+    assert texts == ["9 - 2 = 7, left 3 4 7"] * 2
+    assert check(Puzzle((2, 3, 4, 9), 25), texts[0]).steps == [True]  # 4 * 7 - 3
+    # the open turn beam search continues from: the prompt, the step as the engine wrote it, no end of turn
+    opened = thinker._open_turn(messages, texts[0] + "\n")
+    assert opened[-1] != tok.special_id("<|assistant_end|>") and tok.decode(opened).endswith("left 3 4 7\n")
+    stops = newline_ids(tok)
+    out, tools = generate_with_tools(Engine(model), tok, [render_prompt(tok, messages)],
+                                     SamplingParams(max_new_tokens=40, temperature=0.0), stops,
+                                     lambda call: "7\n7", keep_stop=True)
+    assert tools.calls[0] == [("calculator 9 - 2", "7\n7")]
+    # the forced newline did not stop the row, the assistant's own did (and is kept)
+    assert out[0][-1] in stops and from_calls(parse_turn(tok, out[0])) == "9 - 2 = 7\n7, left 3 4 7\n"
+
+
+def test_a_puzzle_is_read_from_every_phrasing_and_claim_lets_one_solution_outvote_giving_up(tiny_run):
+    rng = random.Random(0)
+    for p in puzzles(0, "train", 10, 4) + puzzles(0, "train", 10, 3):
+        listed = ", ".join(map(str, p.numbers[:-1])) + f" and {p.numbers[-1]}"
+        assert all(parse_question(ask.format(target=p.target, numbers=listed)) == p for ask in ASKS)
+        assert parse_question(p.question(rng)) == p
+    assert parse_question("What is 12 * 7?") is None
+    cfg, _ = tiny_run
+    ckpt = checkpoint.load(cfg.sft.out_dir)
+    thinker = Thinker(Engine(ckpt.model), ckpt.tokenizer, give_up=NO_SOLUTION, conclude=reply_conclusion)
+    messages = [{"role": "user", "content": "Make 25 from 2, 3, 4 and 9."}]
+    solved = "9 - 2 = 7, left 3 4 7\n7 * 4 = 28, left 3 28\n28 - 3 = 25, left 25"
+    missed = "9 + 2 = 11, left 3 4 11\n11 * 3 = 33, left 4 33\n33 - 4 = 29, left 29"  # concludes nothing
+    replies = [NO_SOLUTION, missed, solved, NO_SOLUTION, NO_SOLUTION]
+    assert reply_conclusion(messages, solved) == claimed(Puzzle((2, 3, 4, 9), 25), solved)
+    assert thinker.pick(messages, replies, "vote").text == NO_SOLUTION  # the majority gave up
+    assert thinker.pick(messages, replies, "claim").text == solved  # one claimed solution outweighs them
+    assert thinker.pick(messages, [NO_SOLUTION, missed], "claim").text == NO_SOLUTION  # no claim: giving up votes
+    other = [{"role": "user", "content": "Hello"}]  # not a puzzle: the reply itself is the conclusion
+    assert thinker.pick(other, ["Hi!", "Hello!", "Hi!"], "claim").text == "Hi!"
+
+
+def test_solver_attempts_hold_the_solution_corrupted_prefixes_and_complete_misses():
+    task = PuzzleTask.generated(0, "train", 8)
+    for example, texts in solver_attempts(task):
+        p = Puzzle(tuple(example.meta["numbers"]), example.meta["target"])
+        verdicts = [check(p, t) for t in texts]
+        assert verdicts[0].solved and not any(v.solved for v in verdicts[1:])
+        complete = [v for v in verdicts[1:] if v.answer]  # every step allowed and one number left
+        assert complete and all(v.answer != str(p.target) for v in complete)
+        for v in verdicts[1:]:
+            if not v.answer:  # a corrupted prefix: right up to its last step, which is the first wrong one
+                assert not v.steps[-1] and all(v.steps[:-1])

@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from llmlab.chat import final_answer, parse_turn, render_conversation, render_prompt, reply_stop_ids, validate
+from llmlab.chat import parse_turn, render_conversation, render_prompt, reply_stop_ids, validate
 from llmlab.data.conversations import collate
 from llmlab.data.preferences import PreferencePair, check_pair, write_jsonl
 from llmlab.engine import Engine, SamplingParams, generate_with_tools
@@ -49,7 +49,7 @@ def sample_replies(engine: Engine, tok: Tokenizer, task: GoldTask, k: int, param
         for i, example in enumerate(chunk):
             scored = []
             for ids in replies[i * k:(i + 1) * k]:
-                text, called = final_answer(tok, ids), tool_start in ids
+                text, called = task.read(tok, ids), tool_start in ids
                 scored.append((ids, task.reward(example, text, called), task.score(example, text, called)))
             out.append((example, scored))
         if progress:

@@ -97,8 +97,8 @@ def evaluate_chat(engine: Engine, tok: Tokenizer, world: str, per_group: int) ->
         "places": run_chat_task(AssistantPlaces(world, per_group=per_group), engine, tok, tool),
         "python": run_chat_task(AssistantPython(world, per_group=max(per_group // 5, 1)), engine, tok, tool,
                                 max_new_tokens=96),
-        "puzzles": run_chat_task(PuzzleTask(world, per_group=max(per_group // 2, 1)), engine, tok, None,
-                                 max_new_tokens=64),
+        "puzzles": run_chat_task(PuzzleTask(world, per_group=max(per_group // 2, 1)), engine, tok, tool,
+                                 max_new_tokens=96),
     }
 
 

@@ -94,7 +94,7 @@ def load_pairs(spec: str, split: str, cfg: Config, policy: GPT, tok: Tokenizer, 
             kind = item.split(":", 1)[1]
             rows = puzzle_comparisons(Engine(policy), tok, PuzzleTask.generated(cfg.seed, split, per_size), kind,
                                       cfg.samples, params, cfg.pairs_per_prompt,
-                                      out_dir / "pairs" / f"puzzles-{kind}-{split}.jsonl")
+                                      out_dir / "pairs" / f"puzzles-{kind}-{split}.jsonl", tool_runner(cfg.world))
             pairs += pairs_from_rows(rows, f"puzzle comparisons ({kind}, {split})")
         else:
             pairs += load_preference_pairs(item)

@@ -5,9 +5,11 @@
     llmlab think --prompt "Where does Ada Smith live?" --strategy verify --budget 12
     llmlab think --verify true          verify-then-answer against greedy on people real and recombined
 
-Strategies (llmlab.think.strategies): greedy, vote (self-consistency), orm (best-of-N with an outcome
-verifier), prm (best-of-N with a process verifier), beam (step-level search guided by the process verifier),
-verify (for a question about a person, recall the person's facts first; llmlab.think.recall). The verifiers are reward models of `llmlab rm` trained on puzzle attempts:
+Strategies (llmlab.think.strategies): greedy, vote (self-consistency), claim (vote among the replies that claim
+a solution), orm (best-of-N with an outcome verifier), prm (best-of-N with a process verifier), beam (step-level
+search guided by the process verifier), verify (for a question about a person, recall the person's facts first;
+llmlab.think.recall). The assistant does each step's arithmetic with the calculator, which the engine runs. The
+verifiers are reward models of `llmlab rm` trained on puzzle attempts:
 
     llmlab rm --pairs puzzles:outcome --heldout puzzles:outcome --out_dir runs/cpu/orm
     llmlab rm --pairs puzzles:process --heldout puzzles:process --out_dir runs/cpu/prm
@@ -27,15 +29,17 @@ from tqdm import tqdm
 
 from llmlab import checkpoint
 from llmlab.alignment.rollouts import load_reward_model
+from llmlab.chat import parse_turn
 from llmlab.engine import Engine
 from llmlab.errors import LLMLabError
 from llmlab.tasks.assistant import read_rows, says_dont_know
-from llmlab.tasks.puzzles import PuzzleTask
+from llmlab.tasks.puzzles import PuzzleTask, reply_conclusion
 from llmlab.think import curves
 from llmlab.think.recall import PROBES, calibration_names
 from llmlab.think.strategies import MAX_BUDGET, SEARCHES, STRATEGIES, Thinker, check_budget
+from llmlab.tools import tool_runner
 from llmlab.training import configure_torch
-from llmlab.world.puzzles import NO_SOLUTION
+from llmlab.world.puzzles import NO_SOLUTION, as_calls, from_calls
 
 
 @dataclass
@@ -49,8 +53,8 @@ class Config:
     prompt: str = ""
     """a question to answer (else --eval)"""
     strategy: str = "vote"
-    """greedy, vote, orm, prm, beam (the last three need a verifier) or verify (a question about a person: recall
-    the person's facts first, calibrated on --world's people)"""
+    """greedy, vote, claim, orm, prm, beam (the last three need a verifier) or verify (a question about a person:
+    recall the person's facts first, calibrated on --world's people)"""
     budget: int = 16
     """replies sampled (beam: next steps proposed per level; verify: recall probes, at most 12)"""
     show_search: bool = False
@@ -69,8 +73,8 @@ class Config:
     """strategies of --eval (those whose verifier is missing are left out)"""
     temperature: float = 1.0
     """sampling temperature of the attempts"""
-    max_new_tokens: int = 64
-    """longest reply"""
+    max_new_tokens: int = 96
+    """longest reply (tool calls and their outputs included)"""
     verify: bool = False
     """measure verify-then-answer: "I don't know" on names recombined from real people's, and right answers about
     held-out and training people, against greedy (verify.json)"""
@@ -124,9 +128,11 @@ def thinker_of(cfg: Config) -> Thinker:
     tok = ckpt.require_tokenizer("thinking (it reads and writes the chat format)")
     outcome = load_reward_model(cfg.outcome, tok, cfg.device) if cfg.outcome else None
     process = load_reward_model(cfg.process, tok, cfg.device) if cfg.process else None
+    # the puzzles' steps are calculator calls: the engine runs them, the whole turn is read back as lines
     return Thinker(Engine(ckpt.model), tok, outcome=outcome, process=process, temperature=cfg.temperature,
                    max_new_tokens=cfg.max_new_tokens, give_up=NO_SOLUTION, seed=cfg.seed, world=cfg.world,
-                   recall=cfg.recall)
+                   recall=cfg.recall, run_tool=tool_runner(cfg.world), read=lambda ids: from_calls(parse_turn(tok, ids)),
+                   as_reply=as_calls, conclude=reply_conclusion)
 
 
 def measure_verify(cfg: Config, thinker: Thinker) -> dict:

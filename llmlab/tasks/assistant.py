@@ -58,6 +58,10 @@ class ChatTask(Task):
 
     tools = True
 
+    def read(self, tokenizer: Tokenizer, ids: list[int]) -> str:
+        """What is scored of a generated turn: the assistant's words after its last tool output."""
+        return final_answer(tokenizer, ids)
+
     def score(self, example: Example, completion: str) -> float:
         raise NotImplementedError
 
@@ -204,7 +208,7 @@ class AssistantPolicy(ChatTask):
 def run_chat_task(task: ChatTask, engine: Engine, tokenizer: Tokenizer, run_tool: Callable[[str], str] | None,
                   max_new_tokens: int = 64, batch_size: int = 32) -> dict:
     """Greedy replies to every example's conversation; tools run only if task.tools and run_tool is given.
-    Scored on the assistant's own text after its last tool output. Same result shape as `run_task` (examples
+    Scored on what `task.read` reads of each reply (the assistant's own text after its last tool output). Same result shape as `run_task` (examples
     whose conversation leaves no room for a reply in the context are counted in "skipped", not scored)."""
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
     stop = reply_stop_ids(tokenizer)
@@ -218,7 +222,7 @@ def run_chat_task(task: ChatTask, engine: Engine, tokenizer: Tokenizer, run_tool
         prompts = all_prompts[start:start + batch_size]
         replies, tools = generate_with_tools(engine, tokenizer, prompts, params, stop, run_tool if task.tools else None)
         for row, (example, ids) in enumerate(zip(chunk, replies)):
-            own = final_answer(tokenizer, ids)
+            own = task.read(tokenizer, ids)
             s = task.score(example, own)
             scores[example.group].append(s)
             for trait, value in task.traits(example, own).items():

