@@ -23,7 +23,7 @@ from llmlab.think.verifiers import attempt_pairs, solver_attempts
 from llmlab.tools.calculator import calculate
 from llmlab.world.puzzles import (
     ASKS, MAX_VALUE, NO_SOLUTION, Puzzle, as_calls, check, from_calls, level, moves, parse_question, puzzles,
-    random_puzzle, solution_text, solvable,
+    solution_text, solvable,
 )
 
 
@@ -153,13 +153,16 @@ def test_strategies_stay_within_budget_and_count_their_compute(tiny_run, tmp_pat
     messages = [{"role": "user", "content": "Make 21 from 2, 3, 4 and 9."}]
     texts, c = thinker.sample(messages, 5, seed=1)
     assert len(texts) == 5 and c.generated <= 5 * 24
+    searched = False
     for n in (1, 4, 8):
         a = thinker.answer(messages, "beam", n, seed=3)
         width = max(n // min(4, n), 1)
         # at most width x expand proposals of at most step_tokens each, per level, for max_steps levels
         assert a.compute.generated <= 3 * width * min(4, n) * 8
-        assert a.compute.scored > 0 and a.text  # a reply, or the give-up answer
+        assert a.text and (a.compute.scored > 0) == bool(a.candidates)  # a reply, or the give-up answer
+        searched = searched or bool(a.candidates)
         assert all(t.count("\n") < 3 for t, _ in a.candidates)
+    assert searched  # the verifier weighed some proposal
     vote = thinker.pick(messages, ["x", "There is no solution.", "There is no solution."], "vote")
     assert vote.text == "There is no solution." and vote.candidates[0][1] == 2.0
     with pytest.raises(LLMLabError, match="outcome"):
@@ -336,11 +339,15 @@ def test_the_engine_computes_each_step_and_the_thinker_reads_the_whole_turn(tiny
     model = ScriptedModel(tok, lambda user: _call(tok, "calculator 9 - 2"),
                           then=lambda out: tok.encode(", left 3 4 7\n"))
     run = lambda call: calculate(call.split(" ", 1)[1])  # noqa: E731
-    thinker = Thinker(Engine(model), tok, run_tool=run, read=lambda ids: from_calls(parse_turn(tok, ids)),
-                      as_reply=as_calls, give_up=NO_SOLUTION, max_new_tokens=40, step_tokens=30, max_steps=1)
+    thinker = Thinker(Engine(model), tok, run_tool=run, give_up=NO_SOLUTION, max_new_tokens=40, step_tokens=30,
+                      max_steps=1)
     messages = [{"role": "user", "content": "Make 25 from 2, 3, 4 and 9."}]
     texts, _ = thinker.sample(messages, 2, seed=0)
     assert texts == ["9 - 2 = 7, left 3 4 7"] * 2
+    a, strategy, budget = thinker.respond(messages, 3)  # chat's /think and the API's reasoning_effort
+    assert (strategy, budget, a.text) == ("claim", 3, "9 - 2 = 7, left 3 4 7")
+    other = [{"role": "user", "content": "What is 9 - 2?"}]  # not a puzzle: the words after the last output
+    assert thinker.sample(other, 1, seed=0)[0] == [", left 3 4 7"]
     assert check(Puzzle((2, 3, 4, 9), 25), texts[0]).steps == [True]  # 4 * 7 - 3
     # the open turn beam search continues from: the prompt, the step as the engine wrote it, no end of turn
     opened = thinker._open_turn(messages, texts[0] + "\n")
@@ -363,7 +370,7 @@ def test_a_puzzle_is_read_from_every_phrasing_and_claim_lets_one_solution_outvot
     assert parse_question("What is 12 * 7?") is None
     cfg, _ = tiny_run
     ckpt = checkpoint.load(cfg.sft.out_dir)
-    thinker = Thinker(Engine(ckpt.model), ckpt.tokenizer, give_up=NO_SOLUTION, conclude=reply_conclusion)
+    thinker = Thinker(Engine(ckpt.model), ckpt.tokenizer)  # (no give_up answer set: a puzzle's is known)
     messages = [{"role": "user", "content": "Make 25 from 2, 3, 4 and 9."}]
     solved = "9 - 2 = 7, left 3 4 7\n7 * 4 = 28, left 3 28\n28 - 3 = 25, left 25"
     missed = "9 + 2 = 11, left 3 4 11\n11 * 3 = 33, left 4 33\n33 - 4 = 29, left 29"  # concludes nothing
@@ -374,6 +381,8 @@ def test_a_puzzle_is_read_from_every_phrasing_and_claim_lets_one_solution_outvot
     assert thinker.pick(messages, [NO_SOLUTION, missed], "claim").text == NO_SOLUTION  # no claim: giving up votes
     other = [{"role": "user", "content": "Hello"}]  # not a puzzle: the reply itself is the conclusion
     assert thinker.pick(other, ["Hi!", "Hello!", "Hi!"], "claim").text == "Hi!"
+    assert thinker.as_reply(other, "Hi!") == [{"role": "assistant", "content": "Hi!"}]
+    assert thinker.as_reply(messages, solved) == as_calls(solved)
 
 
 def test_solver_attempts_hold_the_solution_corrupted_prefixes_and_complete_misses():

@@ -29,17 +29,16 @@ from tqdm import tqdm
 
 from llmlab import checkpoint
 from llmlab.alignment.rollouts import load_reward_model
-from llmlab.chat import parse_turn
 from llmlab.engine import Engine
 from llmlab.errors import LLMLabError
 from llmlab.tasks.assistant import read_rows, says_dont_know
-from llmlab.tasks.puzzles import PuzzleTask, reply_conclusion
+from llmlab.tasks.puzzles import PuzzleTask
 from llmlab.think import curves
 from llmlab.think.recall import PROBES, calibration_names
 from llmlab.think.strategies import MAX_BUDGET, SEARCHES, STRATEGIES, Thinker, check_budget
 from llmlab.tools import tool_runner
 from llmlab.training import configure_torch
-from llmlab.world.puzzles import NO_SOLUTION, as_calls, from_calls
+from llmlab.world.puzzles import NO_SOLUTION
 
 
 @dataclass
@@ -128,11 +127,10 @@ def thinker_of(cfg: Config) -> Thinker:
     tok = ckpt.require_tokenizer("thinking (it reads and writes the chat format)")
     outcome = load_reward_model(cfg.outcome, tok, cfg.device) if cfg.outcome else None
     process = load_reward_model(cfg.process, tok, cfg.device) if cfg.process else None
-    # the puzzles' steps are calculator calls: the engine runs them, the whole turn is read back as lines
+    # (the puzzles' steps are calculator calls, which the engine runs)
     return Thinker(Engine(ckpt.model), tok, outcome=outcome, process=process, temperature=cfg.temperature,
                    max_new_tokens=cfg.max_new_tokens, give_up=NO_SOLUTION, seed=cfg.seed, world=cfg.world,
-                   recall=cfg.recall, run_tool=tool_runner(cfg.world), read=lambda ids: from_calls(parse_turn(tok, ids)),
-                   as_reply=as_calls, conclude=reply_conclusion)
+                   recall=cfg.recall, run_tool=tool_runner(cfg.world))
 
 
 def measure_verify(cfg: Config, thinker: Thinker) -> dict:

@@ -76,9 +76,7 @@ def problem_points(thinker: Thinker, example: Example, correct: Callable[[str], 
             points.append(Point("beam", n, float(correct(a.text)), a.compute.generated, flops(a.compute)))
     difficulty = float("nan")
     if "claim" in strategies:  # the share of the first 4 replies that claim an answer, negated
-        gave_up = thinker.conclude(messages, thinker.give_up)
-        claims = [thinker.conclude(messages, t) for t in texts[:PILOT]]
-        difficulty = -sum(c not in (None, gave_up) for c in claims) / PILOT
+        difficulty = -sum(thinker.claims(messages, texts[:PILOT])) / PILOT
     elif "prm" in scored:  # the process verifier's best score among the first 4 replies, negated
         difficulty = -max(scored["prm"][0][:PILOT])
     return points, difficulty, per_sample.generated * PILOT

@@ -35,12 +35,14 @@ from typing import Callable
 from llmlab import checkpoint
 from llmlab import world as world_lib
 from llmlab.alignment.rollouts import ModelReward
-from llmlab.chat import final_answer, render_conversation, render_prompt, reply_stop_ids
+from llmlab.chat import final_answer, parse_turn, render_conversation, render_prompt, reply_stop_ids
 from llmlab.engine import Engine, SamplingParams, generate_with_tools, newline_ids
 from llmlab.errors import LLMLabError
 from llmlab.model import GPT
+from llmlab.tasks.puzzles import reply_conclusion
 from llmlab.think.recall import DONT_KNOW, MAX_FLAGGED, PROBES, Recall, calibrate, calibration_names, name_in
 from llmlab.tokenizer import Tokenizer
+from llmlab.world.puzzles import NO_SOLUTION, as_calls, from_calls, parse_question
 
 STRATEGIES = ("greedy", "vote", "claim", "orm", "prm", "beam", "verify")
 SEARCHES = STRATEGIES[:6]
@@ -84,14 +86,11 @@ class Thinker:
 
     def __init__(self, engine: Engine, tok: Tokenizer, *, outcome: GPT | None = None, process: GPT | None = None,
                  temperature: float = 1.0, max_new_tokens: int = 96, step_tokens: int = 32, max_steps: int = 6,
-                 give_up: str = "", conclude: Callable[[list[dict], str], str | None] | None = None, seed: int = 0,
-                 run_tool: Callable[[str], str] | None = None, world: str = "", recall: str = "",
-                 read: Callable[[list[int]], str] | None = None, as_reply: Callable[[str], list[dict]] | None = None):
-        """`run_tool` runs the replies' tool calls; `read` turns a generated turn into the text that is voted on,
-        scored and shown (default: the words after its last tool output), and `as_reply` turns such a text back
-        into the assistant's messages for the verifiers and for beam search's next step (default: one message
-        of that content). The puzzles read the whole turn, each calculator call as a step
-        (llmlab.world.puzzles.from_calls / as_calls)."""
+                 give_up: str = "", seed: int = 0, run_tool: Callable[[str], str] | None = None, world: str = "",
+                 recall: str = ""):
+        """`run_tool` runs the replies' tool calls. A reply is the text that is voted on, scored and shown: the
+        words after the turn's last tool output, or, when the question is one of the world's puzzles, the whole
+        turn with each calculator call a step (`read`, `as_reply`)."""
         if temperature <= 0:
             raise LLMLabError("the sampling temperature of a search must be above 0 (greedy is its own strategy)")
         self.engine, self.tok = engine, tok
@@ -100,18 +99,40 @@ class Thinker:
         self.temperature, self.max_new_tokens = temperature, max_new_tokens
         self.step_tokens, self.max_steps = step_tokens, max_steps
         self.give_up, self.seed = give_up, seed
-        self.conclude = conclude or (lambda messages, text: text.strip() or None)
-        """what a reply to the conversation concludes, for vote and claim (None: nothing)"""
         self.reply_stops = reply_stop_ids(tok)
         self.line_stops = newline_ids(tok)
         self.run_tool = run_tool
-        self.read = read or (lambda ids: final_answer(tok, ids))
-        self.as_reply = as_reply or (lambda text: [{"role": "assistant", "content": text}])
         self.world, self.recall_path = world, recall
         self.recall: Recall | None = None
         self.thresholds: dict[int, float] = {}
         self.generator_params = engine.model.num_params()
         self.verifier_params = max((m.model.num_params() for m in (self.outcome, self.process) if m), default=0)
+
+    # ---- replies: what is read of a generated turn, and the messages of a reply -------------------------------
+
+    def read(self, messages: list[dict], ids: list[int]) -> str:
+        """The reply a generated turn gives to `messages`: a puzzle's whole turn as its lines (from_calls), else
+        the words after its last tool output."""
+        if parse_question(messages[-1]["content"]) is not None:
+            return from_calls(parse_turn(self.tok, ids))
+        return final_answer(self.tok, ids)
+
+    @staticmethod
+    def as_reply(messages: list[dict], text: str) -> list[dict]:
+        """The assistant's messages of a reply to `messages` (a puzzle's lines as calculator calls, as_calls)."""
+        if parse_question(messages[-1]["content"]) is not None:
+            return as_calls(text)
+        return [{"role": "assistant", "content": text}]
+
+    @staticmethod
+    def conclude(messages: list[dict], text: str) -> str | None:
+        """What a reply concludes, for vote and claim (None: nothing): a puzzle's claim, else the reply."""
+        return reply_conclusion(messages, text)
+
+    def claims(self, messages: list[dict], texts: list[str]) -> list[bool]:
+        """Whether each reply claims an answer: concludes something, and not what giving up concludes."""
+        gave_up = self.conclude(messages, self.give_up or NO_SOLUTION)
+        return [c not in (None, gave_up) for c in (self.conclude(messages, t) for t in texts)]
 
     # ---- the one interface ------------------------------------------------------------------------------------
 
@@ -136,10 +157,9 @@ class Thinker:
         compute = compute or Compute()
         if strategy in ("vote", "claim"):
             conclusions = [self.conclude(messages, t) for t in texts]
-            if strategy == "claim" and self.give_up:
-                gave_up = self.conclude(messages, self.give_up)
-                if any(c not in (None, gave_up) for c in conclusions):
-                    conclusions = [None if c == gave_up else c for c in conclusions]
+            claimed = self.claims(messages, texts)
+            if strategy == "claim" and any(claimed):  # those that give up vote only when no reply claims
+                conclusions = [c if ok else None for c, ok in zip(conclusions, claimed)]
             votes = Counter(c for c in conclusions if c is not None)
             if not votes:
                 return Answer(texts[0] if texts else self.give_up, compute)
@@ -154,8 +174,10 @@ class Thinker:
 
     def respond(self, messages: list[dict], budget: int, seed: int | None = None) -> tuple[Answer, str, int]:
         """System 2 for any conversation, as chat's /think and the API's reasoning_effort use it: (the answer, the
-        strategy, its budget). A last message naming a person gets verify with min(budget, 12) probes, any other
-        a vote over `budget` replies."""
+        strategy, its budget). A last message naming a person gets verify with min(budget, 12) probes, one of the
+        world's puzzles claim over `budget` replies, any other a vote over `budget` replies."""
+        if parse_question(messages[-1]["content"]) is not None:
+            return self.answer(messages, "claim", budget, seed), "claim", budget
         if name_in(messages[-1]["content"]) is None:
             return self.answer(messages, "vote", budget, seed), "vote", budget
         probes = min(budget, len(PROBES))
@@ -216,14 +238,14 @@ class Thinker:
             texts = [self.tok.decode(r).strip() for r in replies]
         else:
             replies, _ = generate_with_tools(self.engine, self.tok, [prompt] * n, params, self.reply_stops, self.run_tool)
-            texts = [self.read(r).strip() for r in replies]
+            texts = [self.read(messages, r).strip() for r in replies]
         generated = sum(map(len, replies))
         return texts, Compute(generated, len(prompt) + generated)
 
     # ---- verifiers -----------------------------------------------------------------------------------------
 
     def _reply_ids(self, messages: list[dict], text: str) -> list[int]:
-        return render_conversation(self.tok, messages + self.as_reply(text or self.give_up))[0]
+        return render_conversation(self.tok, messages + self.as_reply(messages, text or self.give_up))[0]
 
     def _open_turn(self, messages: list[dict], text: str) -> list[int]:
         """The prompt and the reply so far, `text`, its turn left open to continue."""
@@ -276,7 +298,7 @@ class Thinker:
             candidates: dict[str, bool] = {}
             for i, out in enumerate(outs):
                 ended = not out or out[-1] not in self.line_stops  # the reply's end, or the step's length ran out
-                line = self.read([t for t in out if t not in self.reply_stops]).split("\n")[0].strip()
+                line = self.read(messages, [t for t in out if t not in self.reply_stops]).split("\n")[0].strip()
                 base = bases[i // expand]
                 text = f"{base}\n{line}" if base else line
                 if line and text not in finished:
