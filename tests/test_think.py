@@ -396,3 +396,32 @@ def test_solver_attempts_hold_the_solution_corrupted_prefixes_and_complete_misse
         for v in verdicts[1:]:
             if not v.answer:  # a corrupted prefix: right up to its last step, which is the first wrong one
                 assert not v.steps[-1] and all(v.steps[:-1])
+
+
+def test_sequential_stops_at_the_first_round_with_a_claim_and_otherwise_spends_its_budget(tiny_run):
+    cfg, _ = tiny_run
+    tok = checkpoint.load(cfg.sft.out_dir).require_tokenizer("test")
+    run = lambda call: calculate(call.split(" ", 1)[1])  # noqa: E731
+    solver = ScriptedModel(tok, lambda user: _call(tok, "calculator 9 - 2"), then=lambda out: tok.encode(", left 7"))
+    quitter = ScriptedModel(tok, lambda user: tok.encode(NO_SOLUTION))
+    claims = [{"role": "user", "content": "Make 7 from 9 and 2."}]
+    for model, budget, drawn in ((solver, 16, 4), (quitter, 10, 10)):
+        thinker = Thinker(Engine(model), tok, run_tool=run, give_up=NO_SOLUTION)
+        a = thinker.answer(claims, "sequential", budget, seed=0)
+        one = thinker.sample(claims, 1, seed=0)[1].generated  # (every reply of a scripted model is as long)
+        assert a.compute.generated == drawn * one  # rounds of 4 until a claim (the last round cut to the budget)
+        assert a.text == ("9 - 2 = 7, left 7" if model is solver else NO_SOLUTION)
+
+
+def test_the_sequential_policy_is_reported_apart_from_the_fixed_strategies():
+    from llmlab.think.curves import compute_optimal
+
+    def row(hard: bool) -> dict:
+        pts = [{"strategy": "claim", "budget": 8, "correct": 1.0, "tokens": 80.0, "flops": 8.0},
+               {"strategy": "sequential", "budget": 8, "correct": 1.0, "tokens": 80.0 if hard else 40.0, "flops": 1.0}]
+        return {"group": "g", "difficulty": 1.0 if hard else -1.0, "pilot_tokens": 40.0, "points": pts}
+
+    rows = [row(hard) for hard in (False, False, True, True) * 2]  # calibration and test halves alike
+    (level,) = compute_optimal(rows, bins=2)
+    assert level["fixed"]["choice"] == ["claim", 8]  # never the sequential policy
+    assert level["sequential"] == {"choice": ["sequential", 8], "accuracy": 1.0, "tokens": 60.0}

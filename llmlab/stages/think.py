@@ -6,7 +6,7 @@
     llmlab think --verify true          verify-then-answer against greedy on people real and recombined
 
 Strategies (llmlab.think.strategies): greedy, vote (self-consistency), claim (vote among the replies that claim
-a solution), orm (best-of-N with an outcome verifier), prm (best-of-N with a process verifier), beam (step-level
+a solution), sequential (claim, sampling 4 at a time until one claims), orm (best-of-N with an outcome verifier), prm (best-of-N with a process verifier), beam (step-level
 search guided by the process verifier), verify (for a question about a person, recall the person's facts first;
 llmlab.think.recall). The assistant does each step's arithmetic with the calculator, which the engine runs. The
 verifiers are reward models of `llmlab rm` trained on puzzle attempts:
@@ -52,8 +52,8 @@ class Config:
     prompt: str = ""
     """a question to answer (else --eval)"""
     strategy: str = "vote"
-    """greedy, vote, claim, orm, prm, beam (the last three need a verifier) or verify (a question about a person:
-    recall the person's facts first, calibrated on --world's people)"""
+    """greedy, vote, claim, sequential, orm, prm, beam (the last three need a verifier) or verify (a question
+    about a person: recall the person's facts first, calibrated on --world's people)"""
     budget: int = 16
     """replies sampled (beam: next steps proposed per level; verify: recall probes, at most 12)"""
     show_search: bool = False
@@ -240,5 +240,8 @@ def print_summary(result: dict, groups: list[str]) -> None:
             print(f"  {strategy:7}" + "".join(f"  N={p['budget']}: {100 * p['accuracy']:5.1f} ({p['tokens']:.0f})" for p in pts))
     for row in result["optimal"]:
         f, p = row["fixed"], row["policy"]
+        q = row.get("sequential")
+        seq = f" | sequential@{q['choice'][1]} {100 * q['accuracy']:.1f}% ({q['tokens']:.0f} tok)" if q else ""
         print(f"  <= {row['tokens']:7.0f} tokens: best fixed {f['choice'][0]}@{f['choice'][1]} {100 * f['accuracy']:.1f}% "
-              f"({f['tokens']:.0f} tok) | by difficulty {100 * p['accuracy']:.1f}% ({p['tokens']:.0f} tok) {p['choice']}")
+              f"({f['tokens']:.0f} tok) | by difficulty {100 * p['accuracy']:.1f}% ({p['tokens']:.0f} tok) {p['choice']}"
+              f"{seq}")

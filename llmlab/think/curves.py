@@ -12,7 +12,8 @@ them): by how few of them claim an answer (the claim strategy's reading), else b
 score among them; it puts the problem in
 one of `bins` by quantile, and uses for each bin the strategy and budget that a calibration half of the problems
 says give the most accuracy for the average compute; it is measured on the other half against the best single
-strategy and budget at no more average compute.
+strategy and budget at no more average compute. `sequential` is a policy too, one that reads difficulty as it
+goes (it stops sampling at the first claimed answer); it is measured the same way.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from tqdm import tqdm
 
 from llmlab.report import pyplot
 from llmlab.tasks import Example
-from llmlab.think.strategies import Compute, Thinker
+from llmlab.think.strategies import ROUND, Compute, Thinker
 
 
 PILOT = 4
@@ -58,7 +59,8 @@ def problem_points(thinker: Thinker, example: Example, correct: Callable[[str], 
         a = thinker.answer(messages, "greedy", 1)
         points += [Point("greedy", 1, float(correct(a.text)), a.compute.generated, flops(a.compute))]
     top = max(budgets)
-    texts, compute = thinker.sample(messages, top, seed)
+    lengths: list[int] = []
+    texts, compute = thinker.sample(messages, top, seed, lengths=lengths)
     per_sample = Compute(compute.generated / top, compute.processed / top)
     scored = {s: thinker.score(messages, texts, s) for s in ("orm", "prm") if s in strategies}
     for strategy in [s for s in strategies if s in ("vote", "claim", "orm", "prm")]:
@@ -70,6 +72,20 @@ def problem_points(thinker: Thinker, example: Example, correct: Callable[[str], 
                                  (scored[strategy][0][part], scored[strategy][1][part]) if strategy in scored else None)
                 rows.append((float(correct(a.text)), a.compute.generated, flops(a.compute)))
             points.append(Point(strategy, n, *(statistics.fmean(col) for col in zip(*rows))))
+    if "sequential" in strategies:  # within each group of N, rounds of ROUND until a reply claims an answer
+        prompt = (compute.processed - compute.generated)  # (the prompt's tokens, read once per round)
+        claimed = thinker.claims(messages, texts)
+        for n in budgets:
+            rows = []
+            for g in range(top // n):
+                start, drawn, rounds = g * n, 0, 0
+                while drawn < n and not any(claimed[start:start + drawn]):
+                    drawn, rounds = min(drawn + ROUND, n), rounds + 1
+                a = thinker.pick(messages, texts[start:start + drawn], "claim")
+                generated = sum(lengths[start:start + drawn])
+                c = Compute(generated, rounds * prompt + generated)
+                rows.append((float(correct(a.text)), c.generated, flops(c)))
+            points.append(Point("sequential", n, *(statistics.fmean(col) for col in zip(*rows))))
     if "beam" in strategies:
         for n in budgets:
             a = thinker.answer(messages, "beam", n, seed=seed)
@@ -109,8 +125,10 @@ def curves(rows: list[dict], group: str | None = None) -> dict[str, list[dict]]:
 
 
 def compute_optimal(rows: list[dict], bins: int = 3) -> list[dict]:
-    """For each compute level of the fixed strategies: the best fixed (strategy, budget) and the difficulty-binned
-    policy chosen on the even problems, both measured on the odd ones. Returns rows {"tokens", "fixed", "policy"}."""
+    """For each compute level of the fixed strategies: the best fixed (strategy, budget), the difficulty-binned
+    policy and the best budget of `sequential` (a policy of its own: each problem's samples decide when to stop),
+    each chosen on the even problems within that level and measured on the odd ones. Returns rows {"tokens",
+    "fixed", "policy", "sequential" (None where it was not measured or no budget fits)}."""
     calib, test = rows[0::2], rows[1::2]
     sampled = ("vote", "claim", "orm", "prm")  # (their replies begin with the pilot's)
     scored = sorted(r["difficulty"] for r in calib if r["difficulty"] == r["difficulty"])
@@ -118,7 +136,9 @@ def compute_optimal(rows: list[dict], bins: int = 3) -> list[dict]:
         return []
     edges = [scored[int(len(scored) * k / bins)] for k in range(1, bins)]
     bin_of = lambda r: sum(r["difficulty"] >= e for e in edges)  # noqa: E731  (edge k opens bin k)
-    options = sorted({(p["strategy"], p["budget"]) for r in rows for p in r["points"]})
+    measured = sorted({(p["strategy"], p["budget"]) for r in rows for p in r["points"]})
+    options = [o for o in measured if o[0] != "sequential"]
+    adaptive = [o for o in measured if o[0] == "sequential"]
 
     def means(part: list[dict]) -> dict[tuple[str, int], tuple[float, float]]:
         """(strategy, budget) -> (accuracy, generated tokens), averaged over the problems of `part`."""
@@ -152,13 +172,17 @@ def compute_optimal(rows: list[dict], bins: int = 3) -> list[dict]:
                 best, best_acc = choice, gained
         if best is None:
             continue
+        fits = [o for o in adaptive if cost(calib, o) <= level]
+        seq = max(fits, key=lambda o: overall(calib, o)) if fits else None
         test_share = {b: sum(bin_of(r) == b for r in test) / len(test) for b in tst}
         policy_acc = sum(test_share[b] * tst[b][o][0] for b, o in best.items() if b in tst and o in tst[b])
         policy_cost = sum(test_share[b] * spend(tst[b][o][1], o) for b, o in best.items() if b in tst and o in tst[b])
         out.append({"tokens": level, "fixed": {"choice": list(fixed), "accuracy": overall(test, fixed),
                                                "tokens": cost(test, fixed)},
                     "policy": {"choice": {str(b): list(o) for b, o in best.items()}, "accuracy": policy_acc,
-                               "tokens": policy_cost}})
+                               "tokens": policy_cost},
+                    "sequential": None if seq is None else {"choice": list(seq), "accuracy": overall(test, seq),
+                                                            "tokens": cost(test, seq)}})
     return out
 
 

@@ -9,6 +9,8 @@ strategy, budget)`. The budget N counts sampled replies (for beam search, next s
                 construction its own last step shows reaching the target, so one reply that claims it outweighs
                 many that did not find one. The claim is read, not checked (a miscopied list of numbers left
                 can claim falsely)
+    sequential  claim, sampling ROUND replies at a time until one claims an answer or N are drawn: each
+                problem gets the budget its difficulty needs, as its samples reveal it
     orm         N sampled replies; an outcome verifier picks the best (best-of-N, Cobbe et al. 2021)
     prm         N sampled replies; a process verifier scores every prefix of each, a reply ranks by its weakest
                 step (Lightman et al. 2023)
@@ -44,10 +46,12 @@ from llmlab.think.recall import DONT_KNOW, MAX_FLAGGED, PROBES, Recall, calibrat
 from llmlab.tokenizer import Tokenizer
 from llmlab.world.puzzles import NO_SOLUTION, as_calls, from_calls, parse_question
 
-STRATEGIES = ("greedy", "vote", "claim", "orm", "prm", "beam", "verify")
-SEARCHES = STRATEGIES[:6]
+STRATEGIES = ("greedy", "vote", "claim", "sequential", "orm", "prm", "beam", "verify")
+SEARCHES = STRATEGIES[:7]
 """the strategies that sample and search (the puzzles' curves); verify checks a person's facts before answering"""
 MAX_BUDGET = 4096
+ROUND = 4
+"""replies sequential samples at a time"""
 
 
 @dataclass
@@ -146,8 +150,17 @@ class Thinker:
             return self.beam(messages, budget, seed)
         if strategy == "verify":
             return self.verified(messages, budget)
+        if strategy == "sequential":
+            return self.sequential(messages, budget, seed)
         texts, compute = self.sample(messages, budget, seed)
         return self.pick(messages, texts, strategy, compute)
+
+    def sequential(self, messages: list[dict], budget: int, seed: int) -> Answer:
+        texts, compute = [], Compute()
+        while len(texts) < budget and not any(self.claims(messages, texts)):
+            more, spent = self.sample(messages, min(ROUND, budget - len(texts)), seed + len(texts))
+            texts, compute = texts + more, compute.add(spent)
+        return self.pick(messages, texts, "claim", compute)
 
     def pick(self, messages: list[dict], texts: list[str], strategy: str, compute: Compute | None = None,
              scored: tuple[list[float], list[int]] | None = None) -> Answer:
@@ -227,9 +240,10 @@ class Thinker:
 
     # ---- sampling ------------------------------------------------------------------------------------------
 
-    def sample(self, messages: list[dict], n: int, seed: int, temperature: float | None = None) -> tuple[list[str], Compute]:
-        """n replies; with `run_tool` the engine runs their tool calls and each reply is what the assistant says
-        after its last tool output."""
+    def sample(self, messages: list[dict], n: int, seed: int, temperature: float | None = None,
+               lengths: list[int] | None = None) -> tuple[list[str], Compute]:
+        """n replies; with `run_tool` the engine runs their tool calls and each reply is what `read` reads of its
+        turn. `lengths`, when given, gets each reply's generated tokens."""
         prompt = render_prompt(self.tok, messages)
         params = SamplingParams(max_new_tokens=self.max_new_tokens, seed=seed,
                                 temperature=self.temperature if temperature is None else temperature)
@@ -240,6 +254,8 @@ class Thinker:
             replies, _ = generate_with_tools(self.engine, self.tok, [prompt] * n, params, self.reply_stops, self.run_tool)
             texts = [self.read(messages, r).strip() for r in replies]
         generated = sum(map(len, replies))
+        if lengths is not None:
+            lengths.extend(map(len, replies))
         return texts, Compute(generated, len(prompt) + generated)
 
     # ---- verifiers -----------------------------------------------------------------------------------------
