@@ -247,6 +247,12 @@ def read_info(ckpt: str | Path) -> dict:
         raise LLMLabError(f"{ckpt}/llmlab.json is missing or corrupt ({e})") from None
 
 
+def weights_sha256(ckpt: str | Path) -> str:
+    """The sha256 of a checkpoint's model.safetensors as recorded when it was saved ("" when none is: an imported
+    folder): what names its weights, e.g. the base a LoRA adapter was trained on."""
+    return read_info(ckpt).get("weights_sha256", "")
+
+
 def load_model_config(ckpt: str | Path) -> GPTConfig:
     ckpt = resolve(ckpt)
     try:

@@ -108,7 +108,7 @@ class Service:
         self.name = cfg.model_name or "-".join(Path(cfg.checkpoint).resolve().parts[-2:])
         self.stop_ids = reply_stop_ids(self.tokenizer)  # chats and completions alike
         self.adapters = AdapterBank(self.model)  # custom assistants' LoRA adapters, loaded when first asked for
-        self.weights_sha256 = checkpoint.read_info(ckpt.path).get("weights_sha256", "")  # what an adapter must fit
+        self.weights_sha256 = checkpoint.weights_sha256(ckpt.path)  # what an adapter must fit
         self._adapter_ids: dict[tuple[str, float], int] = {}
         self.scheduler = Scheduler(self.model, self.tokenizer, max_batch=cfg.max_batch, adapters=self.adapters)
         self.reasoner = Reasoner(self.tokenizer, cfg.world, cfg.recall, self.run_tool if cfg.tools else None,

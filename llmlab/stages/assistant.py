@@ -90,7 +90,7 @@ def main(cfg: Config) -> dict:
         if cfg.adapter:  # against the model that will serve it, if there is one (the server checks again)
             try:
                 served = checkpoints.load_model_config(cfg.checkpoint)
-                sha = checkpoints.read_info(cfg.checkpoint).get("weights_sha256", "")
+                sha = checkpoints.weights_sha256(cfg.checkpoint)
             except LLMLabError:
                 served = None
             if served is not None:

@@ -86,7 +86,7 @@ def main(cfg: Config) -> dict:
                   step_metrics=lambda: {"skipped": loader.skipped})
     if cfg.lora_r and info.is_main:
         adapter = save_adapter(net, Path(cfg.out_dir) / "adapter", base=str(base.path),
-                               base_sha256=checkpoint.read_info(base.path).get("weights_sha256", ""))
+                               base_sha256=checkpoint.weights_sha256(base.path))
         size = sum(p.numel() for n, p in net.named_parameters() if "lora_" in n)
         print(f"sft: LoRA adapter of {size:,} parameters ({size / (net.num_params() - size):.1%} of the model) -> {adapter}")
     if info.is_main:

@@ -30,6 +30,11 @@ def claimed(p: Puzzle, text: str) -> str | None:
     return " | ".join(sorted(s.text() for s in steps))
 
 
+def read_attempt(tokenizer: Tokenizer, ids: list[int]) -> str:
+    """A generated turn's attempt in the checker's lines: each calculator call and its output a step (from_calls)."""
+    return from_calls(parse_turn(tokenizer, ids))
+
+
 def reply_conclusion(messages: list[dict], text: str) -> str | None:
     """What a reply to a conversation concludes, for voting: `claimed` when the last message asks a puzzle in
     one of the world's phrasings, else the reply itself."""
@@ -55,7 +60,7 @@ class PuzzleTask(ChatTask):
     tools = True
 
     def read(self, tokenizer: Tokenizer, ids: list[int]) -> str:
-        return from_calls(parse_turn(tokenizer, ids))
+        return read_attempt(tokenizer, ids)
 
     def __init__(self, world_dir: str | Path | None, per_group: int = 100, groups: tuple[str, ...] | None = None):
         path = Path(world_dir or "") / "eval" / "puzzles.jsonl"

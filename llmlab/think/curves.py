@@ -73,7 +73,7 @@ def problem_points(thinker: Thinker, example: Example, correct: Callable[[str], 
                 rows.append((float(correct(a.text)), a.compute.generated, flops(a.compute)))
             points.append(Point(strategy, n, *(statistics.fmean(col) for col in zip(*rows))))
     if "sequential" in strategies:  # within each group of N, rounds of ROUND until a reply claims an answer
-        prompt = (compute.processed - compute.generated)  # (the prompt's tokens, read once per round)
+        prompt = compute.processed - compute.generated  # (the prompt's tokens, read once per round)
         claimed = thinker.claims(messages, texts)
         for n in budgets:
             rows = []

@@ -37,14 +37,14 @@ from typing import Callable
 from llmlab import checkpoint
 from llmlab import world as world_lib
 from llmlab.alignment.rollouts import ModelReward
-from llmlab.chat import final_answer, parse_turn, render_conversation, render_prompt, reply_stop_ids
+from llmlab.chat import final_answer, render_conversation, render_prompt, reply_stop_ids
 from llmlab.engine import Engine, SamplingParams, generate_with_tools, newline_ids
 from llmlab.errors import LLMLabError
 from llmlab.model import GPT
-from llmlab.tasks.puzzles import reply_conclusion
+from llmlab.tasks.puzzles import read_attempt, reply_conclusion
 from llmlab.think.recall import DONT_KNOW, MAX_FLAGGED, PROBES, Recall, calibrate, calibration_names, name_in
 from llmlab.tokenizer import Tokenizer
-from llmlab.world.puzzles import NO_SOLUTION, as_calls, from_calls, parse_question
+from llmlab.world.puzzles import NO_SOLUTION, as_calls, parse_question
 
 STRATEGIES = ("greedy", "vote", "claim", "sequential", "orm", "prm", "beam", "verify")
 SEARCHES = STRATEGIES[:7]
@@ -118,7 +118,7 @@ class Thinker:
         """The reply a generated turn gives to `messages`: a puzzle's whole turn as its lines (from_calls), else
         the words after its last tool output."""
         if parse_question(messages[-1]["content"]) is not None:
-            return from_calls(parse_turn(self.tok, ids))
+            return read_attempt(self.tok, ids)
         return final_answer(self.tok, ids)
 
     @staticmethod
@@ -170,8 +170,8 @@ class Thinker:
         compute = compute or Compute()
         if strategy in ("vote", "claim"):
             conclusions = [self.conclude(messages, t) for t in texts]
-            claimed = self.claims(messages, texts)
-            if strategy == "claim" and any(claimed):  # those that give up vote only when no reply claims
+            claimed = self.claims(messages, texts) if strategy == "claim" else []
+            if any(claimed):  # (claim) those that give up vote only when no reply claims
                 conclusions = [c if ok else None for c, ok in zip(conclusions, claimed)]
             votes = Counter(c for c in conclusions if c is not None)
             if not votes:

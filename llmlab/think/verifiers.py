@@ -37,7 +37,7 @@ from llmlab.engine import Engine, SamplingParams
 from llmlab.errors import LLMLabError
 from llmlab.tasks.puzzles import PuzzleTask, puzzle_of
 from llmlab.think.strategies import step_prefixes
-from llmlab.world.puzzles import Puzzle, Step, as_calls, moves, solvable, solve
+from llmlab.world.puzzles import Puzzle, Step, as_calls, moves, solvable, solve, steps_text
 from llmlab.tokenizer import Tokenizer
 
 KINDS = ("outcome", "process")
@@ -98,7 +98,7 @@ def _corrupt(p: Puzzle, steps: list[Step], at: int, rng: random.Random) -> str |
         if left[i] < 1:
             return None
         wrong = Step(s.a, s.op, s.b, s.result, tuple(sorted(left)))
-    return "\n".join([s.text() for s in steps[:at]] + [wrong.text()])
+    return steps_text(steps[:at] + [wrong])
 
 
 def random_walk(p: Puzzle, rng: random.Random) -> list[Step]:
@@ -123,9 +123,9 @@ def solver_attempts(task: PuzzleTask, seed: int = 0, misses: int = 2) -> list[tu
         if steps:
             wrong = [_corrupt(p, steps, at, rng) for at in range(len(steps))]
             walks = [random_walk(p, rng) for _ in range(4 * misses)]
-            missed = list(dict.fromkeys("\n".join(s.text() for s in w) for w in walks
+            missed = list(dict.fromkeys(steps_text(w) for w in walks
                                         if len(w) == len(steps) and w[-1].left != (p.target,)))[:misses]
-            out.append((example, ["\n".join(s.text() for s in steps)] + [w for w in wrong if w] + missed))
+            out.append((example, [steps_text(steps)] + [w for w in wrong if w] + missed))
     return out
 
 

@@ -127,9 +127,14 @@ def solve(p: Puzzle, rng: random.Random | None = None) -> list[Step] | None:
     return steps if numbers == (p.target,) else None
 
 
+def steps_text(steps: list[Step]) -> str:
+    """An attempt of these steps as the checker reads it: a line per step."""
+    return "\n".join(s.text() for s in steps)
+
+
 def solution_text(p: Puzzle, rng: random.Random) -> str:
     steps = solve(p, rng)
-    return NO_SOLUTION if steps is None else "\n".join(s.text() for s in steps)
+    return NO_SOLUTION if steps is None else steps_text(steps)
 
 
 _CALL = re.compile(r"(\d+\s*[-+*/]\s*\d+)\s*=\s*(\S+?)(?=,|\s|$)")
