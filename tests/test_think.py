@@ -327,7 +327,7 @@ def test_a_solution_is_written_as_calculator_calls_and_read_back_as_its_lines(ti
         assert from_calls(parse_turn(tok, turn)) == text  # the tokens read back: what the checker sees
         assert check(p, PuzzleTask(None).read(tok, turn)).solved
         assert sum(mask) == len(turn) - sum(2 + len(tok.encode(r)) for r in results)  # outputs are the engine's
-    assert as_calls("I think 7 + 5 = 13, left 13") [1]["content"] == "13"  # a claim is a call: its result will be the tool's
+    assert as_calls("I think 7 + 5 = 13, left 13")[1]["content"] == "13"  # a claimed step is a call: the tool answers it
 
 
 def test_the_engine_computes_each_step_and_the_thinker_reads_the_whole_turn(tiny_run):
