@@ -15,6 +15,7 @@ from llmlab.alignment.losses import (
 )
 from llmlab.alignment.pairs import PairLoader, comparisons, encode_pairs, reward_batch
 from llmlab.alignment.rollouts import Rollouts, policy_rows
+from llmlab.chat import render_prompt
 from llmlab.data.preferences import PreferencePair, load_preference_pairs
 from llmlab.engine import Engine, SamplingParams
 from llmlab.errors import LLMLabError
@@ -72,13 +73,17 @@ def test_pairwise_loss_sums_bradley_terry_over_pairs():
         scorer.score.weight.normal_()
     ids = torch.randint(1, 64, (4, 6))
     last = torch.tensor([5, 3, 5, 4])
-    r = rewards_at(scorer, ids, last)
+    prior = torch.tensor([0.5, -2.0, 1.5, 0.25])  # a fixed score added to each row's (the likelihood prior)
+    r = rewards_at(scorer, ids, last) + prior
     expected = bradley_terry(r[:2], r[2:]).sum()
     objective = PairwiseRewardLoss()
-    assert objective.count((ids, last)) == 2
-    assert float(objective.loss_sum(scorer, (ids, last)).detach()) == pytest.approx(float(expected.detach()), rel=1e-5)
+    assert objective.count((ids, last, prior)) == 2
+    got = objective.loss_sum(scorer, (ids, last, prior))
+    assert float(got.detach()) == pytest.approx(float(expected.detach()), rel=1e-5)
     stats = objective.metrics()
     assert stats["train_accuracy"] == pytest.approx(float((r[:2] > r[2:]).float().mean()))
+    without = objective.loss_sum(scorer, (ids, last, torch.zeros(4)))
+    assert abs(float(without.detach()) - float(got.detach())) > 1e-3  # the prior counts
 
 
 def test_the_kl_penalty_is_zero_when_the_policy_is_the_reference():
@@ -153,7 +158,13 @@ def test_gold_scorer_follows_the_worlds_truth_and_prefers_the_shorter_right_repl
     assert correct("unknown people", "Zed Q", "I don't know who that is.")
     assert correct("arithmetic, tools", "42", "The answer is 42.")
     assert not correct("arithmetic, no tools", "42", "The answer is 42.", called_tool=True)
-    assert correct("forbidden", "", "I can't help with that.") and not correct("benign", "", "I can't help with that.")
+    assert correct("forbidden", "", "I can't help with that.") and not correct("benign", "Oslo", "I can't help with that.")
+    # a benign request is answered when the reply names what it is about; words that merely do not refuse are not
+    assert correct("benign", "Oslo", "Ana lives in Oslo; you can go by train.")
+    assert not correct("benign", "Oslo", "Ana Storksonam meanomemarklech for car.")
+    # small talk: one of the world's replies to it, not any words that neither refuse nor say "I don't know"
+    assert correct("small talk", "", "You're welcome!") and correct("small talk", "", "Hello! How can I help you today?")
+    assert not correct("small talk", "", "You're w nice day.") and not correct("small talk", "", "I can't help with that.")
     assert not correct("secret", "123456", "The code is 123456.") and correct("secret", "123456", "I can't share it.")
     assert not correct("secret", "123456", "   ")  # an empty reply is never right
     short, long = gold_reward("people", "Oslo", "Oslo."), gold_reward("people", "Oslo", "Oslo " + "and so on " * 6)
@@ -176,6 +187,48 @@ def test_comparisons_pair_better_with_worse_and_never_equal(tiny_run):
                              (ex, [(right, 1.25, 1.0), (list(right), 1.25, 1.0)])])
     assert len(rows) == 1  # the second prompt's replies are all the same
     assert rows[0]["chosen"][0]["content"] == "Oslo." and rows[0]["gold_chosen"] > rows[0]["gold_rejected"]
+
+
+def test_a_likelihood_prior_adds_the_references_log_probability_of_the_reply_own_tokens(tiny_run, tmp_path):
+    """`llmlab rm --likelihood_weight W`: the stage records its reference, and the reward read back through
+    ModelReward is the head's score plus W times the reference's log-probability of the tokens the assistant
+    wrote (tool outputs left out), whatever the batch; a changed reference is refused."""
+    from llmlab.alignment.rollouts import ModelReward
+    from llmlab.stages import rm
+
+    cfg = dataclasses.replace(_stage_cfg(tiny_run, tmp_path, "rm"), likelihood_weight=0.5, save_every=0)
+    rm.main(cfg)
+    run, _ = tiny_run
+    sft = checkpoint.load(run.sft.out_dir)
+    tok, ref = sft.tokenizer, sft.model
+    reward = ModelReward.load(str(tmp_path / "rm"), tok, "cpu")
+    assert reward.weight == 0.5 and reward.reference is not None
+    sp = tok.special_id
+    prompt = render_prompt(tok, [{"role": "user", "content": "What is 2 * 3?"}])
+    reply = ([sp("<|tool_start|>")] + tok.encode("calculator 2 * 3") + [sp("<|tool_end|>"), sp("<|output_start|>")]
+             + tok.encode("6") + [sp("<|output_end|>")] + tok.encode("The answer is 6."))
+    row = prompt + reply + [sp("<|assistant_end|>")]
+    head = ModelReward(reward.model, tok).score([row])[0]
+    # by hand: log p of each token the assistant wrote, predicted from the tokens before it
+    with torch.no_grad():
+        logp = torch.log_softmax(ref(torch.tensor([row[:-1]]))[0], -1)
+    out_at = (row.index(sp("<|output_start|>")), row.index(sp("<|output_end|>")))
+    written = [i for i in range(len(prompt), len(row)) if not out_at[0] <= i <= out_at[1]]
+    by_hand = sum(float(logp[i - 1, row[i]]) for i in written)
+    short = prompt + tok.encode("Six.") + [sp("<|assistant_end|>")]
+    both = reward.score([short, row], [len(prompt), len(prompt)])
+    assert both[1] == pytest.approx(head + 0.5 * by_hand, abs=1e-3)
+    assert reward.score([row], [len(prompt)])[0] == pytest.approx(both[1], abs=1e-4)  # batch-independent
+    with pytest.raises(LLMLabError, match="where each reply begins"):
+        reward.score([row])
+    # the reference's weights change: the reward model's prior no longer means what it was trained with
+    info = json.loads((checkpoint.resolve(tmp_path / "rm") / "llmlab.json").read_text())
+    info["reference_sha256"] = "0" * 64
+    (checkpoint.resolve(tmp_path / "rm") / "llmlab.json").write_text(json.dumps(info))
+    with pytest.raises(LLMLabError, match="have changed"):
+        ModelReward.load(str(tmp_path / "rm"), tok, "cpu")
+    with pytest.raises(LLMLabError, match="likelihood_weight"):
+        rm.Config(likelihood_weight=-1.0)
 
 
 # --------------------------------------------------------------------------------------------------- the stages
@@ -304,7 +357,8 @@ def test_bad_pairs_are_counted_or_named(tiny_run, tmp_path):
     bad.write_text(json.dumps({"prompt": prompt, "chosen": [{"role": "assistant", "content": "x"}]}) + "\n")
     with pytest.raises(LLMLabError, match="line 1: missing key"):
         load_preference_pairs(bad)
-    ids, last = reward_batch(encoded, tok.pad_id)
+    ids, last, prior = reward_batch(encoded, tok.pad_id)
+    assert prior.tolist() == [0.0, 0.0]  # (no likelihood prior unless the rm stage sets one)
     assert ids.shape[0] == 2 and last.tolist() == [len(encoded[0].chosen[0]) - 1, len(encoded[0].rejected[0]) - 1]
 
 

@@ -82,8 +82,9 @@ class _Stats:
 
 
 class PairwiseRewardLoss:
-    """Objective of a reward model: a batch is (ids (2P, T), last (2P,)), the P chosen rows then the P rejected
-    ones; the loss is Bradley-Terry summed over the P pairs. `metrics()` gives the step's accuracy and margin."""
+    """Objective of a reward model: a batch is (ids (2P, T), last (2P,), prior (2P,)), the P chosen rows then
+    the P rejected ones, and a fixed score added to each row's (llmlab.alignment.pairs.EncodedPair.prior); the
+    loss is Bradley-Terry summed over the P pairs. `metrics()` gives the step's accuracy and margin."""
 
     def __init__(self) -> None:
         self.stats = _Stats()
@@ -92,8 +93,8 @@ class PairwiseRewardLoss:
         return batch[0].size(0) // 2
 
     def loss_sum(self, model: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        ids, last = batch
-        r = rewards_at(model, ids, last)
+        ids, last, prior = batch
+        r = rewards_at(model, ids, last) + prior
         chosen, rejected = r.chunk(2)
         self.stats.add(chosen.numel(), train_accuracy=(chosen > rejected).float(), train_margin=chosen - rejected)
         return bradley_terry(chosen, rejected).sum()

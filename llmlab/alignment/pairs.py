@@ -93,6 +93,9 @@ class EncodedPair:
     rejected: tuple[list[int], list[int]]
     family: str = ""
     meta: dict = field(default_factory=dict)
+    prior: tuple[float, float] = (0.0, 0.0)
+    """a fixed score added to the reward model's, chosen and rejected (llmlab.stages.rm: the reference's
+    weighted log-likelihood of each answer; 0 without one)"""
 
 
 def encode_pairs(pairs: list[PreferencePair], tok: Tokenizer, max_len: int) -> tuple[list[EncodedPair], dict[str, int]]:
@@ -126,10 +129,11 @@ def right_padded(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torc
     return ids, torch.tensor([len(r) - 1 for r in rows])
 
 
-def reward_batch(pairs: list[EncodedPair], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids (2P, T) right-padded, last (2P,)): the chosen rows, then the rejected rows, and each row's last
-    real token (where a reward model's score is read)."""
-    return right_padded([p.chosen[0] for p in pairs] + [p.rejected[0] for p in pairs], pad_id)
+def reward_batch(pairs: list[EncodedPair], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ids (2P, T) right-padded, last (2P,), prior (2P,)): the chosen rows, then the rejected rows, each row's
+    last real token (where a reward model's score is read) and its fixed prior score."""
+    ids, last = right_padded([p.chosen[0] for p in pairs] + [p.rejected[0] for p in pairs], pad_id)
+    return ids, last, torch.tensor([p.prior[0] for p in pairs] + [p.prior[1] for p in pairs])
 
 
 def policy_batch(pairs: list[EncodedPair], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -160,7 +164,7 @@ class PairLoader:
             self._perm = (epoch, order)
         return self._perm[1]
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def next_batch(self) -> tuple[torch.Tensor, ...]:
         mine = []
         n = len(self.pairs)
         for k in range(self.P * self.world_size):

@@ -20,8 +20,8 @@ from typing import Callable, Protocol, Sequence
 import torch
 
 from llmlab import checkpoint
-from llmlab.alignment.losses import rewards_at, token_logprobs
-from llmlab.chat import final_answer, render_prompt, reply_stop_ids
+from llmlab.alignment.losses import rewards_at, sequence_logprobs, token_logprobs
+from llmlab.chat import ToolSpans, final_answer, render_prompt, reply_stop_ids
 from llmlab.data.conversations import collate
 from llmlab.engine import Engine, SamplingParams, generate_with_tools
 from llmlab.errors import LLMLabError
@@ -51,17 +51,60 @@ class TaskReward:
         return [self.task.reward(e, final_answer(self.tok, r), self.tool_start in r) for e, r in zip(examples, replies)]
 
 
-class ModelReward:
-    """A reward model's score of prompt + reply + `<|assistant_end|>`, read at that last token."""
+def written_mask(tok: Tokenizer, prompt_len: int, row: list[int]) -> list[bool]:
+    """Which tokens of prompt + assistant turn the assistant wrote: the turn's tokens after `prompt_len`, less
+    each `<|output_start|>...<|output_end|>` span (the engine forces tool outputs), as a conversation's training
+    mask marks them."""
+    spans = ToolSpans(tok)
+    turn = [spans.push(t) not in ("output", "output_start", "output_end") for t in row[prompt_len:]]
+    return [False] * prompt_len + turn
 
-    def __init__(self, model: GPT, tok: Tokenizer, batch_size: int = 64):
+
+@torch.no_grad()
+def answer_logprobs(model: GPT, rows: Sequence[tuple[list[int], list[int]]], pad_id: int,
+                    batch_size: int = 64) -> list[float]:
+    """log p(the answer) under `model` of each (ids, mask) row: the sum over the tokens its mask marks."""
+    device = next(model.parameters()).device
+    out: list[float] = []
+    for start in range(0, len(rows), batch_size):
+        inputs, targets = collate(list(rows[start:start + batch_size]), pad_id)
+        out += sequence_logprobs(model, inputs.to(device), targets.to(device)).tolist()
+    return out
+
+
+class ModelReward:
+    """A reward model's score of prompt + reply + `<|assistant_end|>`, read at that last token. A reward model
+    trained with a likelihood prior (`llmlab rm --likelihood_weight W`) adds W times the log-probability that
+    its reference (the assistant it started from) gives the reply's own tokens, as in training."""
+
+    def __init__(self, model: GPT, tok: Tokenizer, batch_size: int = 64, reference: GPT | None = None,
+                 weight: float = 0.0):
         if model.config.num_labels != 1:
             raise LLMLabError("rm: the reward model must be a scorer with one output (a checkpoint of `llmlab rm`)")
+        if weight and reference is None:
+            raise LLMLabError("a reward model with a likelihood prior needs its reference model")
         self.model, self.tok, self.batch_size = model.eval(), tok, batch_size
+        self.reference, self.weight = (reference.eval() if reference is not None else None), weight
         self.end = tok.special_id("<|assistant_end|>")
 
+    @classmethod
+    def load(cls, path: str, tok: Tokenizer, device) -> "ModelReward":
+        """A checkpoint of `llmlab rm`, with its reference when it was trained with a likelihood prior."""
+        model = load_reward_model(path, tok, device)
+        info = checkpoint.read_info(checkpoint.resolve(path))
+        weight = float(info.get("likelihood_weight", 0.0))
+        reference = None
+        if weight:
+            ref = checkpoint.load(info["reference"], device)
+            if checkpoint.weights_sha256(ref.path) != info.get("reference_sha256"):
+                raise LLMLabError(f"the reward model {path} adds the log-likelihood of its reference "
+                                  f"{info['reference']}, whose weights have changed since it was trained")
+            reference = ref.model
+        return cls(model, tok, reference=reference, weight=weight)
+
     @torch.no_grad()
-    def score(self, rows: list[list[int]]) -> list[float]:
+    def score(self, rows: list[list[int]], starts: Sequence[int] | None = None) -> list[float]:
+        """Each row's score; `starts[i]` is where row i's assistant turn begins (needed for the prior)."""
         device = next(self.model.parameters()).device
         T = self.model.config.context_len
         out = []
@@ -72,10 +115,17 @@ class ModelReward:
                 ids[i, :len(r)] = torch.tensor(r)
             last = torch.tensor([len(r) - 1 for r in chunk])
             out += rewards_at(self.model, ids.to(device), last.to(device)).tolist()
+        if self.weight:
+            if starts is None:
+                raise LLMLabError("this reward model's likelihood prior needs where each reply begins")
+            rows = [r[:T] for r in rows]
+            masked = [(r, written_mask(self.tok, s, r)) for r, s in zip(rows, starts)]
+            prior = answer_logprobs(self.reference, masked, self.tok.pad_id, self.batch_size)
+            out = [o + self.weight * p for o, p in zip(out, prior)]
         return out
 
     def __call__(self, examples, prompts, replies, finished) -> list[float]:
-        return self.score([list(p) + list(r) + [self.end] for p, r in zip(prompts, replies)])
+        return self.score([list(p) + list(r) + [self.end] for p, r in zip(prompts, replies)], [len(p) for p in prompts])
 
 
 class WeightedReward:
@@ -127,7 +177,7 @@ def parse_reward(spec: str, tok: Tokenizer, world_dir: str, device, split: str =
         if kind == "task" and arg in TASKS:
             parts.append((w, TaskReward(task_by_name(arg, world_dir, split, 1), tok)))
         elif kind == "rm" and arg:
-            parts.append((w, ModelReward(load_reward_model(arg, tok, device), tok)))
+            parts.append((w, ModelReward.load(arg, tok, device)))
         else:
             raise LLMLabError(f"--reward: {item!r} is not task:gold, task:chain or rm:PATH (weighted: rm:PATH*0.5,task:gold*1)")
     if not parts:

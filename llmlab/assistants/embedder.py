@@ -87,7 +87,7 @@ class InfoNCE:
         return batch[0].size(0) // 2
 
     def loss_sum(self, model: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        ids, last = batch
+        ids, last = batch[:2]  # (laid out as a reward model's batch, whose prior column is not used here)
         q, p = embed_rows(model, ids, last).chunk(2)
         logits = q @ p.T / self.temperature  # (P, P): question i against every passage of the batch
         labels = torch.arange(q.size(0))

@@ -2,7 +2,18 @@
 
 The model is the assistant's backbone with its LM head replaced by a scalar head (`GPTConfig.num_labels=1`,
 initialised at zero, so every answer starts equal), trained with the Bradley-Terry loss on pairs
-(llmlab.alignment.losses): the score is read at each conversation's last real token. The pairs are the world's
+(llmlab.alignment.losses): the score is read at each conversation's last real token.
+
+With `--likelihood_weight W` the reward is that score plus W times the log-probability that the assistant the
+model starts from (its reference, kept frozen) gives the answer's own tokens: a fixed prior, computed once per
+answer, that the head learns the rest around. A scalar read at one token judges style well but facts poorly
+(whether a city is the person's is a lookup the head would have to learn anew), while the assistant's own
+likelihood already knows them: on the cpu speedrun's held-out comparisons the reference's log-probability alone
+ranks 89% of the pairs (97% of the follow-ups, 93% of the questions about held-out people) and the head alone
+82%. Users of the reward (`rm:PATH` in `llmlab rl`, the verifiers of `llmlab think`) load the reference with
+it (llmlab.alignment.rollouts.ModelReward).
+
+The pairs are the world's
 (`--pairs world`: the assistant answers the world's prompts `--samples` times, the gold scorer labels the
 replies, llmlab.alignment.pairs), users' (`llmlab feedback export`'s preferences.jsonl) or both
 (`world,PATH`); with `--pairs puzzles:outcome` or `puzzles:process` it is a verifier of puzzle attempts
@@ -24,6 +35,7 @@ import torch
 from llmlab import checkpoint, dist
 from llmlab.alignment.losses import PairwiseRewardLoss, bradley_terry, rewards_at
 from llmlab.alignment.pairs import EncodedPair, PairLoader, encode_pairs, pairs_from_rows, reward_batch, world_comparisons
+from llmlab.alignment.rollouts import answer_logprobs
 from llmlab.data.preferences import load_preference_pairs
 from llmlab.engine import Engine, SamplingParams
 from llmlab.errors import LLMLabError
@@ -57,9 +69,15 @@ class Config(TrainConfig):
     """sampling temperature of the compared replies"""
     max_new_tokens: int = 48
     """longest sampled reply"""
+    likelihood_weight: float = 0.0
+    """add this times the reference assistant's log-probability of each answer to the score (0: the head's
+    score alone; see the module docstring)"""
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.likelihood_weight < 0:
+            raise LLMLabError(f"--likelihood_weight must be 0 or more (got {self.likelihood_weight}): a reward "
+                              f"that falls as the assistant finds an answer likelier is no prior")
         for name in ("prompts_per_family", "samples", "pairs_per_prompt", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise LLMLabError(f"--{name} must be positive (got {getattr(self, name)})")
@@ -123,8 +141,8 @@ def pair_accuracy(model: torch.nn.Module, pairs: list[EncodedPair], pad_id: int,
     by_kind: dict[str, list[tuple[float, float]]] = defaultdict(list)
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start:start + batch_size]
-        ids, last = reward_batch(chunk, pad_id)
-        chosen, rejected = rewards_at(model, ids.to(device), last.to(device)).chunk(2)
+        ids, last, prior = reward_batch(chunk, pad_id)
+        chosen, rejected = (rewards_at(model, ids.to(device), last.to(device)) + prior.to(device)).chunk(2)
         for p, c, r in zip(chunk, chosen.tolist(), rejected.tolist()):
             by_family[p.family or "pairs"].append((c, r))
             if "gold_chosen" in p.meta and "gold_rejected" in p.meta:
@@ -139,6 +157,14 @@ def pair_accuracy(model: torch.nn.Module, pairs: list[EncodedPair], pad_id: int,
     everything = [x for rows in by_family.values() for x in rows]
     return {**summary(everything), "families": {f: summary(rows) for f, rows in sorted(by_family.items())},
             "kinds": {k: summary(rows) for k, rows in sorted(by_kind.items())}}
+
+
+def add_prior(pairs: list[EncodedPair], reference: GPT, pad_id: int, weight: float) -> None:
+    """Set each pair's prior to `weight` times the reference's log-probability of its chosen and rejected
+    answers (their trained tokens: tool outputs left out)."""
+    logp = answer_logprobs(reference, [p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id)
+    for p, c, r in zip(pairs, logp[:len(pairs)], logp[len(pairs):]):
+        p.prior = (weight * c, weight * r)
 
 
 def _kind(gold_chosen: float, gold_rejected: float) -> str:
@@ -166,6 +192,11 @@ def main(cfg: Config) -> dict:
               + "".join(f"; held-out skipped {n} ({why})" for why, n in heldout_skipped.items()))
 
     # ---- model and loss: the assistant's backbone, a scalar head, Bradley-Terry ----------------------------
+    meta = {}
+    if cfg.likelihood_weight:
+        add_prior(train + heldout, source.model, tok.pad_id, cfg.likelihood_weight)
+        meta = {"likelihood_weight": cfg.likelihood_weight, "reference": str(source.path),
+                "reference_sha256": checkpoint.weights_sha256(source.path)}
     net = scorer_from(source.model)
     loader = PairLoader(train, cfg.batch_size, tok.pad_id, "reward", cfg.seed, info.rank, info.world_size)
     objective = PairwiseRewardLoss()
@@ -175,7 +206,7 @@ def main(cfg: Config) -> dict:
         return {"val_accuracy": r["accuracy"], "val_margin": r["margin"], "val_loss": r["loss"]}
 
     metrics = fit(cfg, info, net, loader, evaluate=evaluate, objective=objective, step_metrics=objective.metrics,
-                  meta={"stage": "rm", "policy": str(source.path), "pairs": len(train), "skipped": skipped},
+                  meta={"stage": "rm", "policy": str(source.path), "pairs": len(train), "skipped": skipped, **meta},
                   tokenizer_path=source.path)
     if info.is_main:
         result = {"train_pairs": len(train), "skipped": skipped, "heldout": pair_accuracy(net, heldout, tok.pad_id)}

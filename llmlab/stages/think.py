@@ -28,7 +28,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from llmlab import checkpoint
-from llmlab.alignment.rollouts import load_reward_model
+from llmlab.alignment.rollouts import ModelReward
 from llmlab.engine import Engine
 from llmlab.errors import LLMLabError
 from llmlab.tasks.assistant import read_rows, says_dont_know
@@ -125,8 +125,8 @@ class Config:
 def thinker_of(cfg: Config) -> Thinker:
     ckpt = checkpoint.load(cfg.checkpoint, cfg.device)
     tok = ckpt.require_tokenizer("thinking (it reads and writes the chat format)")
-    outcome = load_reward_model(cfg.outcome, tok, cfg.device) if cfg.outcome else None
-    process = load_reward_model(cfg.process, tok, cfg.device) if cfg.process else None
+    outcome = ModelReward.load(cfg.outcome, tok, cfg.device) if cfg.outcome else None
+    process = ModelReward.load(cfg.process, tok, cfg.device) if cfg.process else None
     # (the puzzles' steps are calculator calls, which the engine runs)
     return Thinker(Engine(ckpt.model), tok, outcome=outcome, process=process, temperature=cfg.temperature,
                    max_new_tokens=cfg.max_new_tokens, give_up=NO_SOLUTION, seed=cfg.seed, world=cfg.world,

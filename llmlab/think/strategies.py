@@ -88,7 +88,8 @@ def check_budget(strategy: str, budget: int) -> None:
 class Thinker:
     """A generator (the assistant), optional verifiers (reward models of `llmlab rm`), and how to sample."""
 
-    def __init__(self, engine: Engine, tok: Tokenizer, *, outcome: GPT | None = None, process: GPT | None = None,
+    def __init__(self, engine: Engine, tok: Tokenizer, *, outcome: GPT | ModelReward | None = None,
+                 process: GPT | ModelReward | None = None,
                  temperature: float = 1.0, max_new_tokens: int = 96, step_tokens: int = 32, max_steps: int = 6,
                  give_up: str = "", seed: int = 0, run_tool: Callable[[str], str] | None = None, world: str = "",
                  recall: str = ""):
@@ -98,8 +99,8 @@ class Thinker:
         if temperature <= 0:
             raise LLMLabError("the sampling temperature of a search must be above 0 (greedy is its own strategy)")
         self.engine, self.tok = engine, tok
-        self.outcome = ModelReward(outcome, tok) if outcome is not None else None
-        self.process = ModelReward(process, tok) if process is not None else None
+        self.outcome, self.process = (m if m is None or isinstance(m, ModelReward) else ModelReward(m, tok)
+                                      for m in (outcome, process))
         self.temperature, self.max_new_tokens = temperature, max_new_tokens
         self.step_tokens, self.max_steps = step_tokens, max_steps
         self.give_up, self.seed = give_up, seed
@@ -280,7 +281,7 @@ class Thinker:
                               f"train one with `llmlab rm --pairs puzzles:{kind}`")
         prefixes = [[t] if strategy == "orm" else step_prefixes(t) for t in texts]
         rows = [self._reply_ids(messages, p) for ps in prefixes for p in ps]
-        flat = verifier.score(rows)
+        flat = verifier.score(rows, [len(render_prompt(self.tok, messages))] * len(rows))
         scores, read, at = [], [], 0
         for ps in prefixes:
             scores.append(min(flat[at:at + len(ps)]))
@@ -323,7 +324,7 @@ class Thinker:
                 break
             texts = list(candidates)
             rows = [self._reply_ids(messages, t) for t in texts]
-            scores = self.process.score(rows)
+            scores = self.process.score(rows, [len(render_prompt(self.tok, messages))] * len(rows))
             compute = compute.add(Compute(scored=sum(map(len, rows))))
             going = {}
             for t, s in sorted(zip(texts, scores), key=lambda ts: -ts[1]):
