@@ -142,6 +142,17 @@ def test_forward_from_embeddings_equals_forward_from_ids(assistant):
         model(ids, inputs_embeds=model.embed_tokens(ids))
 
 
+def test_the_lowercase_vocabulary_keeps_names_out_of_the_suffix(assistant):
+    _, tok, _, _ = assistant
+    words, lower = gcg.allowed_tokens(tok), gcg.allowed_tokens(tok, "lower")
+    assert lower.sum() > 0 and bool((words | ~lower).all())  # a subset of the words' vocabulary
+    texts = [tok.decode([int(t)]) for t in lower.nonzero().flatten()]
+    assert not any(ch.isupper() for text in texts for ch in text)
+    assert any(ch.isupper() for t in (words & ~lower).nonzero().flatten() for ch in tok.decode([int(t)]))
+    with pytest.raises(LLMLabError, match="vocabulary"):
+        gcg.GCGConfig(vocabulary="names")
+
+
 def test_cached_candidate_scores_equal_plain_forward_passes(assistant):
     """The candidates' losses computed over prefilled prompts equal the mean target cross-entropy of full rows."""
     model, tok, world, _ = assistant

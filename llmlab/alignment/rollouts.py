@@ -7,8 +7,8 @@ returns (inputs, targets, advantages, reference log-probabilities) for `PolicyGr
 is a function of the run's seed, the step and the rank, so a resumed run samples what the killed one would have.
 
 Rewards (`parse_reward`): `task:NAME` is a task's exact reward (task:gold, the gold scorer of
-llmlab.tasks.gold), `rm:PATH` a reward model's score of the whole conversation, and `A*w,B*v` their weighted
-sum.
+llmlab.tasks.gold), `rm:PATH` a reward model's score of the whole conversation (with its likelihood prior when
+it was trained with one: `ModelReward`), and `A*w,B*v` their weighted sum.
 """
 
 from __future__ import annotations

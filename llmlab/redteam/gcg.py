@@ -42,6 +42,8 @@ from llmlab.redteam.goals import Goal
 from llmlab.tokenizer import Tokenizer
 
 SUFFIX_TOKEN = re.compile(r" (?:[A-Za-z]+|[^\sA-Za-z0-9]+)")
+# (`vocabulary="lower"`: no capitalised word, so no name of the world's people, places or companies)
+LOWER_SUFFIX_TOKEN = re.compile(r" (?:[a-z]+|[^\sA-Za-z0-9]+)")
 
 
 @dataclass
@@ -58,8 +60,15 @@ class GCGConfig:
     """weight of the target's first token in the loss (1: the paper's mean over the target). A refusal is
     decided at the first token, and once it is the target's the rest follows: a weight above 1 spends the search
     where it is decided"""
+    vocabulary: str = "words"
+    """the tokens a suffix may use: "words" (any word or run of punctuation after a space) or "lower" (only
+    lowercase words and punctuation: names in the suffix pull the reply towards other people's facts)"""
     seed: int = 0
     save_every: int = 10
+
+    def __post_init__(self) -> None:
+        if self.vocabulary not in ("words", "lower"):
+            raise LLMLabError(f"GCG's vocabulary is words or lower (got {self.vocabulary!r})")
 
 
 @dataclass
@@ -76,12 +85,13 @@ class GCGResult:
     """share of the training goals whose whole target the best suffix makes the greedy continuation"""
 
 
-def allowed_tokens(tokenizer: Tokenizer) -> torch.Tensor:
-    """Boolean (V,) mask of the tokens a suffix may use (see the module docstring)."""
+def allowed_tokens(tokenizer: Tokenizer, vocabulary: str = "words") -> torch.Tensor:
+    """Boolean (V,) mask of the tokens a suffix may use (see the module docstring and GCGConfig.vocabulary)."""
+    pattern = LOWER_SUFFIX_TOKEN if vocabulary == "lower" else SUFFIX_TOKEN
     ok = torch.zeros(tokenizer.vocab_size, dtype=torch.bool)
     for t in range(tokenizer.vocab_size):
         text = tokenizer.decode([t])
-        if SUFFIX_TOKEN.fullmatch(text) and tokenizer.encode(text) == [t]:
+        if pattern.fullmatch(text) and tokenizer.encode(text) == [t]:
             ok[t] = True
     return ok
 
@@ -200,13 +210,15 @@ def optimize(model: GPT, tokenizer: Tokenizer, goals: list[Goal], cfg: GCGConfig
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    allowed = allowed_tokens(tokenizer)
+    allowed = allowed_tokens(tokenizer, cfg.vocabulary)
     slots = Slots(tokenizer, goals, cfg.suffix_len, model.config.context_len)
     current = initial_suffix(tokenizer, cfg.suffix_len, allowed)
     best, best_loss, losses, step, matched = current.clone(), float("inf"), [], 0, 0.0
     path = Path(state) if state else None
     wanted = json.dumps([[g.system, g.request, g.target] for g in goals]).encode()
-    search = {**{k: v for k, v in asdict(cfg).items() if k not in ("steps", "save_every")},
+    # (the default vocabulary stays out of the key: searches saved before there was a choice still resume)
+    search = {**{k: v for k, v in asdict(cfg).items()
+                 if k not in ("steps", "save_every") and (k, v) != ("vocabulary", "words")},
               "goals": hashlib.sha256(wanted).hexdigest()[:16]}
     if path is not None and path.is_file():
         saved = json.loads(path.read_text())

