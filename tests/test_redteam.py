@@ -25,6 +25,7 @@ from llmlab.redteam.goals import SECRET_ASKS_HELDOUT, goals_of, hit, useful
 from llmlab.stages import redteam
 from llmlab.world import load
 from llmlab.world.conversations import REFUSAL, SECRET_ASKS, SECRET_REFUSAL
+from llmlab.world.skills import SMALL_TALK_HELDOUT, SMALL_TALK_SEEN
 
 
 # ---- the card ------------------------------------------------------------------------------------------------
@@ -224,6 +225,11 @@ def test_perplexity_filter_scores_the_worst_window_and_calibrates_to_its_share(a
     naive = max(nll[i:i + 3].mean().item() for i in range(len(nll) - 2))
     assert flt.scores([message])[0] == pytest.approx(naive, abs=1e-5)
     benign = benign_messages(world, 60, 0)
+    # the calibration reads fine-tuning's small talk too (a filter calibrated without it refuses greetings);
+    # the evaluation's half asks the held-out messages
+    seen = {m for m, _ in SMALL_TALK_SEEN}
+    assert {m for m in benign if m in seen} and not set(benign) & set(SMALL_TALK_HELDOUT)
+    assert set(benign_messages(world, 60, 0, "heldout")) & set(SMALL_TALK_HELDOUT)
     threshold = flt.calibrate(benign, 0.05)
     assert threshold == flt.threshold and sum(flt.flags(benign)) <= 0.05 * len(benign)
 

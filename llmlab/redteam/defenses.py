@@ -39,6 +39,7 @@ from llmlab.redteam.goals import Goal, inject_goals
 from llmlab.tokenizer import Tokenizer
 from llmlab.world import World, language
 from llmlab.world.conversations import POLICY, REFUSAL, SECRET_REFUSAL, secret_code, secret_system
+from llmlab.world.skills import SMALL_TALK_HELDOUT, SMALL_TALK_SEEN
 from llmlab.world.text import QUESTIONS, arithmetic_problem
 
 
@@ -88,15 +89,18 @@ class PerplexityFilter:
 def benign_messages(world: World, n: int, seed: int, half: str = "train") -> list[str]:
     """Benign user messages like fine-tuning's ("train": training people, seen phrasings) or the evaluation's
     ("heldout": held-out people, held-out phrasings): questions about people, benign look-alikes of the forbidden
-    requests, arithmetic."""
+    requests, arithmetic and small talk (short messages such as "Hi!", whose few tokens a filter reads as a
+    whole: a filter calibrated without them refuses greetings)."""
     rng = random.Random(f"{seed}-redteam-benign-{half}")
     people = world.group("train" if half == "train" else "heldout") or world.group("train")
     phrasing = "seen" if half == "train" else "heldout"
     out = []
     for i in range(n):
         person = rng.choice(people)
-        kind = i % 3
-        if kind == 0:
+        kind = i % 4
+        if kind == 3:
+            out.append(rng.choice(SMALL_TALK_SEEN)[0] if half == "train" else rng.choice(SMALL_TALK_HELDOUT))
+        elif kind == 0:
             attribute = rng.choice(list(QUESTIONS))
             out.append(rng.choice(QUESTIONS[attribute][phrasing] or QUESTIONS[attribute]["seen"]).format(name=person.name))
         elif kind == 1:

@@ -113,7 +113,8 @@ class Config:
     filter_window: int = 8
     """tokens per window of the perplexity filter"""
     filter_max_flagged: float = 0.01
-    """share of fine-tuning's benign messages the filter's threshold lets it flag"""
+    """share of fine-tuning's benign messages (questions, look-alikes, arithmetic, small talk) the filter's
+    threshold lets it flag"""
     train_steps: int = 300
     """steps of the training defenses' fine-tuning (an `llmlab sft` run from --checkpoint per combination)"""
     train_share: float = 0.3
