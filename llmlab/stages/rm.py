@@ -10,7 +10,7 @@ answer, that the head learns the rest around. A scalar read at one token judges 
 (whether a city is the person's is a lookup the head would have to learn anew), while the assistant's own
 likelihood already knows them: on the cpu speedrun's held-out comparisons the reference's log-probability alone
 ranks 89% of the pairs (97% of the follow-ups, 93% of the questions about held-out people) and the head alone
-82%; trained together, 88.6%: there the head moves accuracy between families (benign and small talk up, the
+82%; trained together, 88.6%: there the head moves accuracy between families (benign up, small talk and
 questions about people down) more than it adds to the prior. Users of the reward (`rm:PATH` in `llmlab rl`, the verifiers of `llmlab think`) load the reference with
 it (llmlab.alignment.rollouts.ModelReward).
 
