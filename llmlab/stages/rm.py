@@ -11,8 +11,8 @@ answer, that the head learns the rest around. A scalar read at one token judges 
 likelihood already knows them: on the cpu speedrun's held-out comparisons the reference's log-probability alone
 ranks 89% of the pairs (97% of the follow-ups, 93% of the questions about held-out people) and the head alone
 82%; trained together, 88.6%: there the head moves accuracy between families (benign up, small talk and
-questions about people down) more than it adds to the prior. Users of the reward (`rm:PATH` in `llmlab rl`, the verifiers of `llmlab think`) load the reference with
-it (llmlab.alignment.rollouts.ModelReward).
+unknown people down) more than it adds to the prior. Users of the reward (`rm:PATH` in `llmlab rl`, the
+verifiers of `llmlab think`) load the reference with it (llmlab.alignment.rollouts.ModelReward).
 
 The pairs are the world's
 (`--pairs world`: the assistant answers the world's prompts `--samples` times, the gold scorer labels the
