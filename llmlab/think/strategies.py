@@ -111,7 +111,9 @@ class Thinker:
         self.recall: Recall | None = None
         self.thresholds: dict[int, float] = {}
         self.generator_params = engine.model.num_params()
-        self.verifier_params = max((m.model.num_params() for m in (self.outcome, self.process) if m), default=0)
+        # (a verifier with a likelihood prior also runs its reference over what it reads)
+        self.verifier_params = max((m.model.num_params() + (m.reference.num_params() if m.weight else 0)
+                                    for m in (self.outcome, self.process) if m), default=0)
 
     # ---- replies: what is read of a generated turn, and the messages of a reply -------------------------------
 
