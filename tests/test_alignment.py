@@ -221,8 +221,9 @@ def test_a_likelihood_prior_adds_the_references_log_probability_of_the_reply_own
     assert reward.score([row], [len(prompt)])[0] == pytest.approx(both[1], abs=1e-4)  # batch-independent
     with pytest.raises(LLMLabError, match="where each reply begins"):
         reward.score([row])
-    from llmlab.think.strategies import Thinker  # deferred: the verifier's compute counts its reference too
+    from llmlab.think.strategies import Thinker  # deferred: only this test builds a thinker
 
+    # the verifier's compute counts its reference too
     assert Thinker(Engine(ref), tok, outcome=reward).verifier_params == reward.model.num_params() + ref.num_params()
     # the reference's weights change: the reward model's prior no longer means what it was trained with
     info = json.loads((checkpoint.resolve(tmp_path / "rm") / "llmlab.json").read_text())
