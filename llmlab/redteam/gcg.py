@@ -44,6 +44,8 @@ from llmlab.tokenizer import Tokenizer
 SUFFIX_TOKEN = re.compile(r" (?:[A-Za-z]+|[^\sA-Za-z0-9]+)")
 # (`vocabulary="lower"`: no capitalised word, so no name of the world's people, places or companies)
 LOWER_SUFFIX_TOKEN = re.compile(r" (?:[a-z]+|[^\sA-Za-z0-9]+)")
+VOCABULARIES = {"words": SUFFIX_TOKEN, "lower": LOWER_SUFFIX_TOKEN}
+"""GCGConfig.vocabulary: the pattern of each choice's tokens"""
 
 
 @dataclass
@@ -67,8 +69,8 @@ class GCGConfig:
     save_every: int = 10
 
     def __post_init__(self) -> None:
-        if self.vocabulary not in ("words", "lower"):
-            raise LLMLabError(f"GCG's vocabulary is words or lower (got {self.vocabulary!r})")
+        if self.vocabulary not in VOCABULARIES:
+            raise LLMLabError(f"GCG's vocabulary is {' or '.join(VOCABULARIES)} (got {self.vocabulary!r})")
 
 
 @dataclass
@@ -87,7 +89,7 @@ class GCGResult:
 
 def allowed_tokens(tokenizer: Tokenizer, vocabulary: str = "words") -> torch.Tensor:
     """Boolean (V,) mask of the tokens a suffix may use (see the module docstring and GCGConfig.vocabulary)."""
-    pattern = LOWER_SUFFIX_TOKEN if vocabulary == "lower" else SUFFIX_TOKEN
+    pattern = VOCABULARIES[vocabulary]
     ok = torch.zeros(tokenizer.vocab_size, dtype=torch.bool)
     for t in range(tokenizer.vocab_size):
         text = tokenizer.decode([t])

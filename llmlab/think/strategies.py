@@ -273,6 +273,10 @@ class Thinker:
         ids = self._reply_ids(messages, text)
         return ids[:-1] if ids[-1] == self.tok.special_id("<|assistant_end|>") else ids
 
+    def _verify(self, verifier: ModelReward, messages: list[dict], rows: list[list[int]]) -> list[float]:
+        """A verifier's scores of replies to `messages` (rows of `_reply_ids`: the prompt, then the turn)."""
+        return verifier.score(rows, [len(render_prompt(self.tok, messages))] * len(rows))
+
     def score(self, messages: list[dict], texts: list[str], strategy: str) -> tuple[list[float], list[int]]:
         """(each reply's score, tokens the verifier read for it): the outcome verifier's, or (prm) the process
         verifier's lowest score over the reply's prefixes of one, two, ... lines."""
@@ -283,7 +287,7 @@ class Thinker:
                               f"train one with `llmlab rm --pairs puzzles:{kind}`")
         prefixes = [[t] if strategy == "orm" else step_prefixes(t) for t in texts]
         rows = [self._reply_ids(messages, p) for ps in prefixes for p in ps]
-        flat = verifier.score(rows, [len(render_prompt(self.tok, messages))] * len(rows))
+        flat = self._verify(verifier, messages, rows)
         scores, read, at = [], [], 0
         for ps in prefixes:
             scores.append(min(flat[at:at + len(ps)]))
@@ -326,7 +330,7 @@ class Thinker:
                 break
             texts = list(candidates)
             rows = [self._reply_ids(messages, t) for t in texts]
-            scores = self.process.score(rows, [len(render_prompt(self.tok, messages))] * len(rows))
+            scores = self._verify(self.process, messages, rows)
             compute = compute.add(Compute(scored=sum(map(len, rows))))
             going = {}
             for t, s in sorted(zip(texts, scores), key=lambda ts: -ts[1]):
