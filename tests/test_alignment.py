@@ -231,6 +231,10 @@ def test_a_likelihood_prior_adds_the_references_log_probability_of_the_reply_own
     (checkpoint.resolve(tmp_path / "rm") / "llmlab.json").write_text(json.dumps(info))
     with pytest.raises(LLMLabError, match="have changed"):
         ModelReward.load(str(tmp_path / "rm"), tok, "cpu")
+    info["reference"] = str(tmp_path / "moved")  # the reference is gone: said so, naming the reward model
+    (checkpoint.resolve(tmp_path / "rm") / "llmlab.json").write_text(json.dumps(info))
+    with pytest.raises(LLMLabError, match="its reference, which did not load"):
+        ModelReward.load(str(tmp_path / "rm"), tok, "cpu")
     with pytest.raises(LLMLabError, match="likelihood_weight"):
         rm.Config(likelihood_weight=-1.0)
 

@@ -95,7 +95,11 @@ class ModelReward:
         weight = float(info.get("likelihood_weight", 0.0))
         reference = None
         if weight:
-            ref = checkpoint.load(info["reference"], device)
+            try:
+                ref = checkpoint.load(info["reference"], device)
+            except LLMLabError as e:
+                raise LLMLabError(f"the reward model {path} adds the log-likelihood of its reference, which did not "
+                                  f"load: {e}") from None
             if checkpoint.weights_sha256(ref.path) != info.get("reference_sha256"):
                 raise LLMLabError(f"the reward model {path} adds the log-likelihood of its reference "
                                   f"{info['reference']}, whose weights have changed since it was trained")
