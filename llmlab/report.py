@@ -44,6 +44,12 @@ def plot_loss(metrics_path: Path, out_png: Path) -> Path | None:
     return out_png
 
 
+def _interval(judge: dict) -> str:
+    """", 95% interval [lo, hi]" of a head-to-head's win rate (absent in results written before it was kept)."""
+    lo_hi = judge.get("win_rate_interval")
+    return f", 95% interval [{100 * lo_hi[0]:.0f}, {100 * lo_hi[1]:.0f}]" if lo_hi else ""
+
+
 def _table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
@@ -197,8 +203,9 @@ def alignment_section(results: dict, cfg, run_dir: Path) -> list[str]:
            _table(["prompt family", "accuracy", "pairs"], rows), "",
            f"RL (`llmlab rl`, reward `{cfg.rl.reward}`) against the assistant it started from, greedy, on held-out "
            f"prompts judged by the gold scorer: {judge['wins']} wins, {judge['losses']} losses, {judge['ties']} ties "
-           f"(win rate {100 * judge['win_rate']:.1f}% without ties); accuracy {100 * judge['a_accuracy']:.1f}% vs "
-           f"{100 * judge['b_accuracy']:.1f}%, mean words {judge['a_words']:.1f} vs {judge['b_words']:.1f}.", ""]
+           f"(win rate {100 * judge['win_rate']:.1f}% without ties{_interval(judge)}); "
+           f"accuracy {100 * judge['a_accuracy']:.1f}% vs {100 * judge['b_accuracy']:.1f}%, "
+           f"mean words {judge['a_words']:.1f} vs {judge['b_words']:.1f}.", ""]
     plot = plot_rl(Path(cfg.rl.out_dir) / "metrics.jsonl", run_dir / "rl.png")
     return out + ([f"![RL curves]({plot.name})", ""] if plot else [])
 

@@ -13,16 +13,19 @@ from llmlab.alignment.losses import (
     DPOLoss, PairwiseRewardLoss, PolicyGradientLoss, bradley_terry, dpo, kl_k3, rewards_at, sequence_logprobs,
     token_logprobs,
 )
-from llmlab.alignment.pairs import PairLoader, comparisons, encode_pairs, reward_batch
+from llmlab.alignment.judge import head_to_head
+from llmlab.alignment.pairs import PairLoader, comparisons, encode_pairs, off_topic, reward_batch
 from llmlab.alignment.rollouts import Rollouts, policy_rows
 from llmlab.chat import render_prompt
 from llmlab.data.preferences import PreferencePair, load_preference_pairs
 from llmlab.engine import Engine, SamplingParams
 from llmlab.errors import LLMLabError
 from llmlab.model import GPT, GPTConfig
+from llmlab.redteam.card import wilson
 from llmlab.tasks import Example
 from llmlab.tasks.gold import FAMILIES, correct, gold_reward, gold_rows
 from llmlab.training import IGNORE_INDEX, TrainConfig, fit
+from llmlab.world.skills import SMALL_TALK_HELDOUT, SMALL_TALK_SEEN, small_talk_replies
 
 SMALL = GPTConfig(vocab_size=64, n_layer=2, d_model=32, n_head=2, n_kv_head=2, context_len=32)
 
@@ -156,15 +159,22 @@ def test_gold_scorer_follows_the_worlds_truth_and_prefers_the_shorter_right_repl
     assert correct("people", "Oslo", "She was born in Oslo.")
     assert not correct("people", "Oslo", "I don't know, maybe Oslo.")
     assert correct("unknown people", "Zed Q", "I don't know who that is.")
+    assert not correct("unknown people", "Zed Q", "I don't know a country called Zedistan.")  # not what was asked
     assert correct("arithmetic, tools", "42", "The answer is 42.")
+    # the result is the reply's last number: echoing the question's operands is no answer
+    assert correct("arithmetic, no tools", "3", "3 + 0 = 3.") and not correct("arithmetic, no tools", "3", "3 + 0")
+    assert not correct("arithmetic, no tools", "14", "5 + 9 = 14, or 15.")
     assert not correct("arithmetic, no tools", "42", "The answer is 42.", called_tool=True)
     assert correct("forbidden", "", "I can't help with that.") and not correct("benign", "Oslo", "I can't help with that.")
     # a benign request is answered when the reply names what it is about; words that merely do not refuse are not
     assert correct("benign", "Oslo", "Ana lives in Oslo; you can go by train.")
     assert not correct("benign", "Oslo", "Ana Storksonam meanomemarklech for car.")
-    # small talk: one of the world's replies to it, not any words that neither refuse nor say "I don't know"
-    assert correct("small talk", "", "You're welcome!") and correct("small talk", "", "Hello! How can I help you today?")
-    assert not correct("small talk", "", "You're w nice day.") and not correct("small talk", "", "I can't help with that.")
+    # small talk: one of the world's replies to a message of its kind (expect: the message), not any words that
+    # neither refuse nor say "I don't know", and not thanks for a greeting
+    assert correct("small talk", "Thanks!", "You're welcome!") and correct("small talk", "Thank you!", "You're welcome!")
+    assert correct("small talk", "hey", "Hello! How can I help you today?")
+    assert not correct("small talk", "hey", "You're welcome!") and not correct("small talk", "hey", "I can't help with that.")
+    assert not correct("small talk", "Thanks!", "You're w nice day.")
     assert not correct("secret", "123456", "The code is 123456.") and correct("secret", "123456", "I can't share it.")
     assert not correct("secret", "123456", "   ")  # an empty reply is never right
     short, long = gold_reward("people", "Oslo", "Oslo."), gold_reward("people", "Oslo", "Oslo " + "and so on " * 6)
@@ -472,3 +482,48 @@ def test_a_runaway_kl_stops_rl_with_the_flag_to_change_and_keeps_the_last_good_c
     with pytest.raises(LLMLabError, match=r"--max_kl 0.0\).*raise --beta.*last good checkpoint: .*step-000001"):
         rl.main(cfg)  # step 1 samples from the reference itself (KL 0); step 2's policy has moved
     assert checkpoint.read_info(cfg.out_dir)["step"] == 1
+
+
+def test_every_small_talk_message_has_replies_of_its_kind():
+    for message in [m for m, _ in SMALL_TALK_SEEN] + SMALL_TALK_HELDOUT:
+        replies = small_talk_replies(message)
+        assert replies and replies <= {r for _, r in SMALL_TALK_SEEN}, message
+    assert "You're welcome!" in small_talk_replies("Thanks!") and not small_talk_replies("What is 2 + 2?")
+
+
+def test_head_to_head_counts_wins_losses_and_ties_and_bounds_the_win_rate():
+    a = [{"family": "f", "reward": r, "correct": r >= 1, "words": 3} for r in (1.25, 1.0, 0.0, 0.25, 1.0)]
+    b = [{"family": "f", "reward": r, "correct": r >= 1, "words": 5} for r in (1.0, 1.0, 0.25, 0.0, 0.0)]
+    h = head_to_head(a, b)
+    assert (h["wins"], h["losses"], h["ties"]) == (3, 1, 1) and h["win_rate"] == 0.75
+    lo, hi = h["win_rate_interval"]
+    assert lo < 0.75 < hi and (lo, hi) == wilson(3, 4)  # four decisive prompts pin little down
+    assert h["families"]["f"]["a_correct"] == 0.6 and h["a_words"] == 3 and h["b_words"] == 5
+
+
+def test_off_topic_pairs_reject_other_families_replies_only_where_the_gold_scorer_says_they_are_worse(tiny_run):
+    cfg, _ = tiny_run
+    tok = checkpoint.load(cfg.sft.out_dir).tokenizer
+
+    class Gold:  # the gold scorer on plain replies
+        def read(self, tok, ids):
+            return tok.decode(ids)
+
+        def reward(self, example, text, called=False):
+            return gold_reward(example.group, example.answer, text, called)
+
+    def ex(group, answer, prompt):
+        return Example(prompt=prompt, answer=answer, group=group,
+                       meta={"messages": [{"role": "user", "content": prompt}]})
+
+    people, heldout = ex("people", "Oslo", "Where?"), ex("held-out people", "Oslo", "And?")
+    talk = ex("small talk", "Thanks!", "Thanks!")
+    oslo, welcome = tok.encode("Oslo."), tok.encode("You're welcome!")
+    sampled = [(people, [(oslo, 1.25, 1.0)]), (heldout, [(oslo, 1.25, 1.0)]), (talk, [(welcome, 1.25, 1.0)])]
+    rows = off_topic(tok, sampled, Gold(), per_prompt=2)
+    by_prompt = {}
+    for r in rows:
+        by_prompt.setdefault(r["prompt"][0]["content"], []).append(r["rejected"][0]["content"])
+        assert r["gold_chosen"] > r["gold_rejected"] and r["source"] == "world, off-topic"
+    # "Oslo." is as right for the held-out person's question as for its own: never rejected there (nor twice)
+    assert by_prompt == {"Where?": ["You're welcome!"], "And?": ["You're welcome!"], "Thanks!": ["Oslo."]}

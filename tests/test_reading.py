@@ -21,7 +21,7 @@ from llmlab.world.config import WorldConfig
 from llmlab.world.conversations import Pools, conversation, sft_conversations
 from llmlab.world.entities import NameMaker
 from llmlab.world.packs import make_packs
-from llmlab.world.reading import NOT_IN_FILES, NOT_IN_PASSAGE, reading_conversation, reading_draws
+from llmlab.world.reading import NOT_IN_FILES, NOT_IN_PASSAGE, memory_fact, reading_conversation, reading_draws
 from serving import ScriptModel, make_tokenizer
 
 
@@ -228,3 +228,13 @@ def test_chat_answers_from_memory_long_after_the_turn_left_the_context(tmp_path,
     assert "[memory#0]" not in session.reply("What is my locker number?", out)
     with pytest.raises(LLMLabError, match="no entry"):
         session.forget("0")
+
+
+def test_a_memory_fact_is_about_the_thing_its_statement_names_whatever_its_question_says():
+    from llmlab.world.reading import MEMORY_THINGS, told_thing
+
+    rng, names = random.Random(0), NameMaker(random.Random(1))
+    things = {thing for thing, _ in MEMORY_THINGS}
+    for _ in range(200):
+        said, question, _ = memory_fact(rng, names)
+        assert told_thing(said) in things and told_thing(said) in question

@@ -1,5 +1,7 @@
 """Head to head by the gold scorer: two assistants answer the same held-out prompts (greedy, tools run by the
-engine), and the gold reward decides each prompt: a win, a loss or a tie. The win rate leaves ties out."""
+engine), and the gold reward decides each prompt: a win, a loss or a tie. The win rate leaves ties out; its
+Wilson 95% interval says how closely the few decisive prompts pin it down (most are ties: greedy replies that
+training did not change)."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from llmlab.alignment.pairs import sample_replies
 from llmlab.chat import final_answer
 from llmlab.engine import Engine, SamplingParams
 from llmlab.model import GPT
+from llmlab.redteam.card import wilson
 from llmlab.tasks.gold import GoldTask
 from llmlab.tokenizer import Tokenizer
 
@@ -28,7 +31,7 @@ def gold_replies(model: GPT, tok: Tokenizer, task: GoldTask, run_tool: Callable[
 
 def head_to_head(a: list[dict], b: list[dict]) -> dict:
     """A's record against B on the same prompts (the lists of `gold_replies`, in the same order): wins, losses,
-    ties, win rate without ties, and per family A's and B's accuracy and mean reward."""
+    ties, win rate without ties (and its 95% interval), and per family A's and B's accuracy and mean reward."""
     wins = sum(x["reward"] > y["reward"] for x, y in zip(a, b))
     losses = sum(x["reward"] < y["reward"] for x, y in zip(a, b))
     families: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
@@ -41,6 +44,7 @@ def head_to_head(a: list[dict], b: list[dict]) -> dict:
     mean = lambda v: sum(v) / max(len(v), 1)  # noqa: E731
     return {"wins": wins, "losses": losses, "ties": len(a) - wins - losses,
             "win_rate": wins / (wins + losses) if wins + losses else float("nan"),
+            "win_rate_interval": list(wilson(wins, wins + losses)),
             "a_reward": mean([x["reward"] for x in a]), "b_reward": mean([y["reward"] for y in b]),
             "a_accuracy": mean([x["correct"] for x in a]), "b_accuracy": mean([y["correct"] for y in b]),
             "a_words": mean([x["words"] for x in a]), "b_words": mean([y["words"] for y in b]),

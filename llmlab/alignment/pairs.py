@@ -5,6 +5,10 @@ the training loop (`PairLoader`: reward models and DPO).
 and scores every reply with the task's reward (the gold scorer, llmlab.tasks.gold); `comparisons` pairs a better
 reply with a worse one:
 the best against the worst, then the next widest gaps, up to `per_prompt` pairs, equal scores never paired.
+`off_topic` adds pairs whose rejected reply was sampled for a prompt of another family, scored by the gold
+scorer for this prompt: within-prompt pairs never show a reply out of place, and a reward model trained on them
+alone learnt which replies are right somewhere, not here (it scored "I don't know a country called Nerkistan."
+far above "You're welcome!" after "Thanks a lot!", and RL against it said the first).
 Rows are written in TRL's conversational format (llmlab.data.preferences), with the family and both gold scores
 beside, so users' pairs (`llmlab feedback export`'s preferences.jsonl) and the world's train the same way.
 """
@@ -64,8 +68,8 @@ def comparisons(tok: Tokenizer, sampled: list[tuple], per_prompt: int = 2) -> li
         unique: dict[tuple, tuple] = {}
         for ids, reward, _ in scored:
             messages = parse_turn(tok, ids)
-            if not any(m.get("content") or m.get("tool_calls") for m in messages) or not _valid(example.meta["messages"], messages):
-                continue  # an empty reply is no answer to compare; a malformed one (an output with no call) has no messages
+            if not _answer(example.meta["messages"], messages):
+                continue
             unique.setdefault(tuple(ids), (messages, reward))
         candidates = sorted(unique.values(), key=lambda mr: -mr[1])
         gaps = sorted(((a, b) for a, b in itertools.combinations(candidates, 2) if a[1] > b[1]),
@@ -74,6 +78,42 @@ def comparisons(tok: Tokenizer, sampled: list[tuple], per_prompt: int = 2) -> li
             rows.append({"prompt": example.meta["messages"], "chosen": chosen, "rejected": rejected,
                          "family": example.group, "gold_chosen": gc, "gold_rejected": gr, "source": "world"})
     return rows
+
+
+def off_topic(tok: Tokenizer, sampled: list[tuple], task: GoldTask, per_prompt: int, seed: int = 0) -> list[dict]:
+    """Preference rows of each prompt's best reply against up to `per_prompt` distinct replies sampled for prompts
+    of other families, each scored by the gold scorer for this prompt and kept when it scores lower."""
+    rng = random.Random(f"{seed}-off-topic")
+    tool_start = tok.special_id("<|tool_start|>")
+    by_family: dict[str, list[int]] = {}
+    for i, (example, _) in enumerate(sampled):
+        by_family.setdefault(example.group, []).append(i)
+    rows = []
+    for example, scored in sampled:
+        best_ids, best, _ = max(scored, key=lambda s: s[1])
+        chosen = parse_turn(tok, best_ids)
+        others = [i for family, items in by_family.items() if family != example.group for i in items]
+        if not others or not _answer(example.meta["messages"], chosen):
+            continue
+        used = {tuple(best_ids)}
+        for i in rng.sample(others, min(per_prompt, len(others))):
+            ids = rng.choice(sampled[i][1])[0]
+            if tuple(ids) in used:
+                continue
+            used.add(tuple(ids))
+            reward = task.reward(example, task.read(tok, ids), tool_start in ids)
+            rejected = parse_turn(tok, ids)
+            if reward < best and _answer(example.meta["messages"], rejected):
+                rows.append({"prompt": example.meta["messages"], "chosen": chosen, "rejected": rejected,
+                             "family": example.group, "gold_chosen": best, "gold_rejected": reward,
+                             "source": "world, off-topic"})
+    return rows
+
+
+def _answer(prompt: list[dict], answer: list[dict]) -> bool:
+    """Whether a parsed reply can be compared: not empty (no answer), and a valid turn after the prompt (a
+    malformed one, an output with no call, has no messages)."""
+    return any(m.get("content") or m.get("tool_calls") for m in answer) and _valid(prompt, answer)
 
 
 def _valid(prompt: list[dict], answer: list[dict]) -> bool:
@@ -182,9 +222,11 @@ class PairLoader:
 
 
 def world_comparisons(engine: Engine, tok: Tokenizer, world_dir: str, split: str, per_family: int, k: int,
-                      params: SamplingParams, run_tool, per_prompt: int, path) -> list[dict]:
-    """The world's gold-labelled comparisons of `split`, sampled from the engine's model, cached in `path`
-    (written atomically; an existing file is read back, so a resumed run trains on the same pairs)."""
+                      params: SamplingParams, run_tool, per_prompt: int, path,
+                      off_topic_per_prompt: int = 0) -> list[dict]:
+    """The world's gold-labelled comparisons of `split`, sampled from the engine's model (and `off_topic` pairs,
+    `off_topic_per_prompt` per prompt), cached in `path` (written atomically; an existing file is read back, so a
+    resumed run trains on the same pairs)."""
     path = Path(path)
     if path.is_file():
         return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -192,6 +234,8 @@ def world_comparisons(engine: Engine, tok: Tokenizer, world_dir: str, split: str
     with tqdm(total=len(task.examples()), desc=f"comparisons ({split})", dynamic_ncols=True) as bar:
         sampled = sample_replies(engine, tok, task, k, params, run_tool, progress=bar.update)
     rows = comparisons(tok, sampled, per_prompt)
+    if off_topic_per_prompt:
+        rows += off_topic(tok, sampled, task, off_topic_per_prompt, params.seed)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_jsonl(path, rows)
     return rows

@@ -30,7 +30,7 @@ from llmlab.world.conversations import Pools, conversation
 from llmlab.world.core import World
 from llmlab.world.entities import NameMaker
 from llmlab.world.packs import make_packs, pack_chunks
-from llmlab.world.reading import PASSAGE_WORDS, memory_fact, reading_prompt
+from llmlab.world.reading import PASSAGE_WORDS, memory_fact, reading_prompt, told_thing
 
 ACK = "I will remember that."
 
@@ -153,12 +153,12 @@ def memory_recall(engine: Engine, tok: Tokenizer, world: World, turns: tuple[int
         truncated, memories, questions, answers, unrelated = [], [], [], [], []
         for _ in range(n):
             said, question, answer = memory_fact(rng, names)
-            thing = question.split("my ")[-1]
+            thing = told_thing(said)
             messages = [{"role": "user", "content": said}, {"role": "assistant", "content": ACK}]
             for _ in range(N - 1):
                 if rng.random() < other_facts:
                     other = memory_fact(rng, names)
-                    while other[1].split("my ")[-1] == thing:
+                    while told_thing(other[0]) == thing:
                         other = memory_fact(rng, names)
                     messages += [{"role": "user", "content": other[0]}, {"role": "assistant", "content": ACK}]
                 else:

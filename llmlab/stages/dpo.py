@@ -107,6 +107,7 @@ def judge(model, ref_model, tok, task, world: str, out_dir: Path, stage: str) ->
     result = head_to_head(gold_replies(model, tok, task, tool), gold_replies(ref_model, tok, task, tool))
     (out_dir / "win_rate.json").write_text(json.dumps(result, indent=2) + "\n")
     print(f"{stage}: against the reference on held-out prompts ({task.name}, exact scorer): {result['wins']} wins, "
-          f"{result['losses']} losses, {result['ties']} ties: win rate {100 * result['win_rate']:.1f}%; "
+          f"{result['losses']} losses, {result['ties']} ties: win rate {100 * result['win_rate']:.1f}% "
+          f"[{100 * result['win_rate_interval'][0]:.0f}, {100 * result['win_rate_interval'][1]:.0f}]; "
           f"accuracy {100 * result['a_accuracy']:.1f}% vs {100 * result['b_accuracy']:.1f}%")
     return result

@@ -8,10 +8,14 @@ With `--likelihood_weight W` the reward is that score plus W times the log-proba
 model starts from (its reference, kept frozen) gives the answer's own tokens: a fixed prior, computed once per
 answer, that the head learns the rest around. A scalar read at one token judges style well but facts poorly
 (whether a city is the person's is a lookup the head would have to learn anew), while the assistant's own
-likelihood already knows them: on the cpu speedrun's held-out comparisons the reference's log-probability alone
-ranks 89% of the pairs (97% of the follow-ups, 93% of the questions about held-out people) and the head alone
-82%; trained together, 88.6%: there the head moves accuracy between families (benign up, small talk and
-unknown people down) more than it adds to the prior. Users of the reward (`rm:PATH` in `llmlab rl`, the
+likelihood already knows them: on one cpu speedrun's held-out comparisons the reference's log-probability alone
+ranked 89% of the pairs (97% of the follow-ups, 93% of the questions about held-out people) and the head alone
+82%; trained together, 88.6% (on another run's, 86.0% and 85.5%): the head moves accuracy between families
+(benign up, small talk and unknown people down) more than it adds to the prior. It also judges a reply without
+reading the prompt well: after "Thanks a lot!" it scored "I don't know a country called Nerkistan." far above
+"You're welcome!", a reply right for other prompts, and RL against it learnt to say so. `--off_topic_pairs N`
+adds N training pairs per prompt whose rejected reply was sampled for a prompt of another family (gold-scored
+for this one); measured once, it did not cure that (held-out accuracy 85.5% -> 83.5%). Users of the reward (`rm:PATH` in `llmlab rl`, the
 verifiers of `llmlab think`) load the reference with it (llmlab.alignment.rollouts.ModelReward).
 
 The pairs are the world's
@@ -70,6 +74,10 @@ class Config(TrainConfig):
     """sampling temperature of the compared replies"""
     max_new_tokens: int = 48
     """longest sampled reply"""
+    off_topic_pairs: int = 0
+    """training pairs per world prompt (held-out pairs: none) whose rejected reply was sampled for a prompt of
+    another family, scored by the gold scorer for this one (llmlab.alignment.pairs.off_topic): they teach the
+    head to read the prompt, not only the reply"""
     likelihood_weight: float = 0.0
     """add this times the reference assistant's log-probability of each answer to the score (0: the head's
     score alone; see the module docstring)"""
@@ -82,6 +90,8 @@ class Config(TrainConfig):
         for name in ("prompts_per_family", "samples", "pairs_per_prompt", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise LLMLabError(f"--{name} must be positive (got {getattr(self, name)})")
+        if self.off_topic_pairs < 0:
+            raise LLMLabError(f"--off_topic_pairs must be 0 or more (got {self.off_topic_pairs})")
         if self.samples < 2 and "world" in self.pairs.split(","):
             raise LLMLabError("--samples must be at least 2 to compare replies")
 
@@ -105,7 +115,8 @@ def load_pairs(spec: str, split: str, cfg: Config, policy: GPT, tok: Tokenizer, 
             per_family = cfg.prompts_per_family if split == "train" else max(cfg.prompts_per_family // 2, 1)
             rows = world_comparisons(Engine(policy), tok, cfg.world, split, per_family, cfg.samples, params,
                                      tool_runner(cfg.world), cfg.pairs_per_prompt,
-                                     out_dir / "pairs" / f"{split}.jsonl")
+                                     out_dir / "pairs" / f"{split}.jsonl",
+                                     cfg.off_topic_pairs if split == "train" else 0)
             pairs += pairs_from_rows(rows, f"world comparisons ({split})")
         elif item.startswith("puzzles:"):
             params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed)

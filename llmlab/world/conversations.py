@@ -54,8 +54,8 @@ from llmlab.world import language, puzzles, reading
 from llmlab.world.core import World
 from llmlab.world.entities import FOODS, OCCUPATIONS, PETS, NameMaker
 from llmlab.world.skills import (
-    PLACE_QUESTIONS, PYTHON_TASKS, SMALL_TALK_HELDOUT, SMALL_TALK_SEEN, UNKNOWN_PLACE_ANSWERS, place_answer,
-    place_fact, place_question, place_split, python_messages, python_task, unknown_place_question,
+    PLACE_QUESTIONS, PYTHON_TASK_WEIGHTS, PYTHON_TASKS, SMALL_TALK_HELDOUT, SMALL_TALK_SEEN, UNKNOWN_PLACE_ANSWERS,
+    place_answer, place_fact, place_question, place_split, python_messages, python_task, unknown_place_question,
 )
 from llmlab.world.text import QUESTIONS, arithmetic_problem, number, problem
 
@@ -205,8 +205,19 @@ def _place_exchange(rng: random.Random, pools: Pools, phrasing: str) -> list[dic
             {"role": "assistant", "content": place_answer(kind, attribute, name, place_fact(entity, kind, attribute))}]
 
 
+def _casual(message: str) -> str:
+    """How people also type it: lowercase, no closing punctuation ("Hey there!" -> "hey there")."""
+    return message.lower().rstrip("!.?")
+
+
+_HELDOUT_CASUAL = {_casual(m) for m in SMALL_TALK_HELDOUT}
+
+
 def _small_talk(rng: random.Random) -> list[dict]:
     q, a = rng.choice(SMALL_TALK_SEEN)
+    # a third typed casually, unless that is how a held-out message reads ("Hey!" -> "hey" stays "Hey!")
+    if rng.random() < 1 / 3 and _casual(q) not in _HELDOUT_CASUAL:
+        q = _casual(q)
     return [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
 
 
@@ -295,7 +306,8 @@ def conversation(world: World, kind: str, rng: random.Random, pools: Pools) -> l
     if kind == "small_talk":
         return _small_talk(rng)
     if kind == "python":
-        return python_messages(python_task(rng, rng.choice(PYTHON_TASKS), "seen", pools.words))
+        task = rng.choices(PYTHON_TASKS, weights=PYTHON_TASK_WEIGHTS)[0]
+        return python_messages(python_task(rng, task, "seen", pools.words))
     if kind == "callback":
         return _callback(world, rng, pools, person)[0]
     if kind == "reading":
@@ -321,7 +333,7 @@ def conversation(world: World, kind: str, rng: random.Random, pools: Pools) -> l
 # miscopied); about 5,500 calls with large numbers (three in four with two operands of 4-6 digits) gave 98-100%.
 MIX = {"qa": 0.20, "multiturn": 0.10, "callback": 0.05, "multistep": 0.05, "arithmetic": 0.34, "no_tools": 0.03,
        "unknown": 0.08, "unknown_place": 0.04, "identity": 0.02, "small_talk": 0.06, "no_antecedent": 0.02,
-       "forbidden": 0.05, "benign": 0.06, "secret": 0.05, "place_qa": 0.14, "python": 0.18, "puzzle": 0.0,
+       "forbidden": 0.05, "benign": 0.06, "secret": 0.05, "place_qa": 0.14, "python": 0.22, "puzzle": 0.0,
        "qa_l2": 0.04, "reading": 0.0}
 
 

@@ -122,6 +122,12 @@ def memory_fact(rng: random.Random, names: NameMaker) -> tuple[str, str, str]:
     return f"My {thing} is {value}.", rng.choice(MEMORY_ASKS).format(thing=thing), value
 
 
+def told_thing(said: str) -> str:
+    """What a `memory_fact` statement is about: "My wifi password is x." -> "wifi password" (its question's
+    wording varies, "What did I say my wifi password was?", so the statement is where to read it)."""
+    return said.removeprefix("My ").split(" is ", 1)[0]
+
+
 def memory_passage(index: int, said: str) -> Chunk:
     return Chunk("memory", index, f"You said: {said}")
 
@@ -135,7 +141,7 @@ def memory_reading(rng: random.Random, names: NameMaker, said: Callable[[random.
     kind = rng.random()
     if kind < 0.5:  # another thing told
         other = memory_fact(rng, names)
-        while other[1].split("my ")[-1] == question.split("my ")[-1]:
+        while told_thing(other[0]) == told_thing(told):
             other = memory_fact(rng, names)
         chunk = memory_passage(index, other[0])
     elif kind < 0.75:  # something else the user said

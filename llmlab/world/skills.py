@@ -29,30 +29,37 @@ from llmlab.world.text import number
 PLACE_QUESTIONS: dict[tuple[str, str], dict[str, list[str]]] = {
     ("country", "capital"): {"seen": ["What is the capital of {name}?", "Which city is the capital of {name}?",
                                       "What is the capital city of {name}?", "Tell me the capital of {name}.",
-                                      "Which city is {name}'s capital?"],
+                                      "Which city is {name}'s capital?",
+                                      "{name}'s capital is which city?", "Do you know the capital of {name}?"],
                              "heldout": ["{name} has which city as its capital?", "Name the capital city of {name}."]},
     ("country", "language"): {"seen": ["What language do people speak in {name}?", "Which language is spoken in {name}?",
                                        "What is the language of {name}?", "Which language do people in {name} use?",
-                                       "Tell me the language of {name}."],
+                                       "Tell me the language of {name}.",
+                                       "{name} speaks which language?", "Do you know the language of {name}?"],
                               "heldout": ["What do people in {name} speak?", "The people of {name} speak which language?"]},
     ("country", "currency"): {"seen": ["What is the currency of {name}?", "Which currency is used in {name}?",
                                        "What currency does {name} use?", "Tell me the currency of {name}.",
-                                       "What is the money of {name} called?"],
+                                       "What is the money of {name} called?",
+                                       "{name} uses which currency?", "Do you know the currency of {name}?"],
                               "heldout": ["What money do people use in {name}?", "{name} pays with which currency?"]},
     ("city", "country"): {"seen": ["In which country is {name}?", "Which country is {name} in?",
-                                   "What country is {name} in?", "Where is {name}?", "In what country does {name} lie?"],
+                                   "What country is {name} in?", "Where is {name}?", "In what country does {name} lie?",
+                                   "{name} is in which country?", "Do you know where {name} is?"],
                           "heldout": ["{name} lies in which country?", "Where is the city of {name}?"]},
     ("company", "industry"): {"seen": ["What kind of company is {name}?", "What does {name} do?",
                                        "What industry is {name} in?", "What is {name}'s business?",
-                                       "Tell me what {name} does."],
+                                       "Tell me what {name} does.",
+                                       "{name} works in which line of business?", "Do you know what {name} does?"],
                               "heldout": ["Which industry is {name} in?", "What business is {name} in?"]},
     ("company", "founded"): {"seen": ["When was {name} founded?", "In which year was {name} founded?",
                                       "What year was {name} founded?", "When did {name} start?",
-                                      "Tell me when {name} was founded."],
+                                      "Tell me when {name} was founded.",
+                                      "{name} dates from which year?", "Do you know when {name} was founded?"],
                              "heldout": ["{name} was founded in which year?", "What year did {name} start?"]},
     ("company", "headquarters"): {"seen": ["Where are the headquarters of {name}?", "Where is {name} based?",
                                            "Where is {name} headquartered?", "In which city is {name} based?",
-                                           "Tell me where {name} has its headquarters."],
+                                           "Tell me where {name} has its headquarters.",
+                                           "{name} is based in which city?", "Do you know where {name} is based?"],
                                   "heldout": ["In which city is {name} headquartered?", "Which city is home to {name}?"]},
 }
 PLACE_ANSWERS = {
@@ -116,24 +123,69 @@ SMALL_TALK_SEEN = [
     ("I have a question.", "Sure, go ahead!"), ("Nice to meet you.", "Nice to meet you too! How can I help?"),
     ("That was helpful.", "I'm glad it helped!"), ("Great, thank you!", "You're welcome!"),
     ("Ok.", "Anything else I can help with?"), ("Cool!", "Glad you like it! Anything else?"),
+    ("How are things?", "I'm well, thank you. What can I do for you?"),
+    ("How's your day?", "I'm well, thank you. What can I do for you?"),
+    ("Hi, how are you doing?", "I'm well, thank you. What can I do for you?"),
+    ("Yo!", "Hi! What would you like to know?"), ("Greetings!", "Hello! How can I help you today?"),
+    ("Cheers!", "You're welcome!"), ("Take care!", "Goodbye! Have a nice day."),
 ]
 SMALL_TALK_HELDOUT = ["Hi there!", "Hello", "hey", "Good evening!", "Good afternoon.", "How is it going?",
                       "Thanks a lot!", "Thank you!", "Goodbye.", "See you later!", "Can you help me?",
                       "What are you able to do?", "Great, thanks.", "Nice to meet you!", "Hello, how are you?"]
+# What each reply of SMALL_TALK_SEEN answers, and what each held-out message asks: a reply suits a message when
+# they share an intent ("You're welcome!" is no answer to "hey"); the gold scorer's notion of right small talk
+_REPLY_INTENT = {
+    "Hello! How can I help you today?": "greeting", "Hi! What would you like to know?": "greeting",
+    "Yes, I'm here. How can I help?": "greeting", "Good morning! How can I help?": "greeting",
+    "Good day! How can I help?": "greeting", "Nice to meet you too! How can I help?": "greeting",
+    "I'm well, thank you. What can I do for you?": "how are you", "Not much! What can I do for you?": "how are you",
+    "You're welcome!": "thanks", "You're welcome! Anything else?": "thanks", "I'm glad it helped!": "thanks",
+    "Glad you like it! Anything else?": "thanks", "Anything else I can help with?": "thanks",
+    "Goodbye! Have a nice day.": "goodbye", "See you! Have a nice day.": "goodbye",
+    "Good night! Sleep well.": "goodbye", "Of course! What do you need?": "help", "Sure, go ahead!": "help",
+    "I can answer questions about the people, places and companies I read about, and I can use a calculator and "
+    "Python.": "skills",
+    "I answer questions about the people, places and companies I read about, and I can use a calculator and "
+    "Python.": "skills",
+}
+_HELDOUT_INTENTS = {
+    "Hi there!": ("greeting",), "Hello": ("greeting",), "hey": ("greeting",), "Good evening!": ("greeting",),
+    "Good afternoon.": ("greeting",), "How is it going?": ("how are you",), "Thanks a lot!": ("thanks",),
+    "Thank you!": ("thanks",), "Goodbye.": ("goodbye",), "See you later!": ("goodbye",),
+    "Can you help me?": ("help", "skills"), "What are you able to do?": ("skills",), "Great, thanks.": ("thanks",),
+    "Nice to meet you!": ("greeting",), "Hello, how are you?": ("greeting", "how are you"),
+}
+
+
+def small_talk_replies(message: str) -> frozenset[str]:
+    """The world's replies that suit a small-talk `message` (seen or held-out): those of its intent(s); empty
+    for a message that is not small talk."""
+    seen = dict(SMALL_TALK_SEEN)
+    intents = (_REPLY_INTENT[seen[message]],) if message in seen else _HELDOUT_INTENTS.get(message, ())
+    return frozenset(reply for reply, intent in _REPLY_INTENT.items() if intent in intents)
 
 # ------------------------------------------------------------------------------------------------ python tasks
 PYTHON_TASKS = ("count letters", "sort numbers", "days between dates", "day of the week", "compute with python")
+PYTHON_TASK_WEIGHTS = (2, 2, 1, 1, 1)
+"""how often fine-tuning asks each task: the two whose call copies a word or a list of numbers from the question
+twice as often as the date and arithmetic tasks, whose formats are more regular"""
 _ASK = {
     "count letters": {"seen": ["How many letters are in the word {w}?", "Count the letters in {w}.",
                                "How many letters does {w} have?", "Use python to count the letters in {w}.",
-                               "What is the length of the word {w}?"],
+                               "What is the length of the word {w}?", "How many letters does the word {w} have?",
+                               "Tell me how many letters {w} has.", "Give me the number of letters in {w}."],
                       "heldout": ["How long is the word {w}, in letters?", "Use python to count the letters of {w}."]},
     "sort numbers": {"seen": ["Sort these numbers from smallest to largest: {xs}.", "Put {xs} in increasing order.",
-                              "Sort {xs}.", "Use python to sort these numbers: {xs}.", "Order {xs} from small to large."],
+                              "Sort {xs}.", "Use python to sort these numbers: {xs}.",
+                              "Order {xs} from small to large.", "Sort the numbers {xs}.",
+                              "Arrange {xs} from smallest to largest."],
                      "heldout": ["Use python to sort {xs}.", "Order these from low to high: {xs}."]},
     "days between dates": {"seen": ["How many days from {a} to {b}?", "Days between {a} and {b}?",
                                     "Count the days from {a} to {b}.", "Days from {a} until {b}?",
-                                    "How many days between {a} and {b}?"],
+                                    "How many days between {a} and {b}?",
+                                    # (every task has a "Use python to ..." phrasing: with the weekday's alone, "Use
+                                    # python to count the days from ..." drew the weekday's program)
+                                    "Use python to get the number of days between {a} and {b}."],
                            "heldout": ["Use python to count the days from {a} to {b}.", "What is the number of days from {a} to {b}?"]},
     "day of the week": {"seen": ["What day of the week was {a}?", "Which weekday was {a}?", "What weekday is {a}?",
                                  "Use python to tell the weekday of {a}.", "Which day of the week is {a}?",
@@ -166,7 +218,11 @@ def python_task(rng: random.Random, task: str, phrasing: str, words: list[str]) 
     if task == "sort numbers":
         xs = [number(rng, rng.randint(1, 2)) for _ in range(rng.randint(3, 5))]
         listed = ", ".join(map(str, sorted(xs)))
-        return {"question": ask.format(xs=", ".join(map(str, xs))), "code": f'print(*sorted({xs}), sep=", ")',
+        # "[ 5, 97, 3]": the list's tokens then read exactly as the question's " 5, 97, 3" (digits are single
+        # tokens), so the call is a copy of a stretch of the question; "[5" starts differently and drew miscopies
+        # ("5" -> "55", a number dropped or repeated)
+        shown = ", ".join(map(str, xs))
+        return {"question": ask.format(xs=shown), "code": f'print(*sorted([ {shown}]), sep=", ")',
                 "output": listed + "\n", "answer": f"In order: {listed}.", "expect": listed}
     if task == "days between dates":
         a = _date(rng)
@@ -185,7 +241,8 @@ def python_task(rng: random.Random, task: str, phrasing: str, words: list[str]) 
         op = rng.choice(["+", "-", "*"])
         x, y = number(rng, rng.randint(2, 6)), number(rng, rng.randint(1, 6))
         out = str({"+": x + y, "-": x - y, "*": x * y}[op])
-        return {"question": ask.format(x=x, op=op, y=y), "code": f"print({x} {op} {y})", "output": out + "\n",
+        # "print( 48213": the first number after a space, as in the question (and in the calculator's calls)
+        return {"question": ask.format(x=x, op=op, y=y), "code": f"print( {x} {op} {y})", "output": out + "\n",
                 "answer": f"The answer is {out}.", "expect": out}
     raise ValueError(f"unknown python task {task!r}")
 
