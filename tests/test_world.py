@@ -311,3 +311,19 @@ def test_the_second_language_states_true_facts_and_adds_without_changing_the_eng
     english = sorted(d["text"] for d in train if not d["kind"].endswith("_l2"))
     assert sorted(d["text"] for d in plain.pretrain_documents()[0]) == english
     assert not any(r["kind"] == "qa_l2" for r in sft_conversations(plain, 400, 0))
+
+
+def test_small_talk_is_sometimes_typed_casually_but_never_as_a_held_out_message(tiny_world_dir):
+    from llmlab.world.skills import SMALL_TALK_HELDOUT, SMALL_TALK_SEEN
+
+    def casual(m):
+        return m.lower().rstrip("!.?")
+
+    seen = {m for m, _ in SMALL_TALK_SEEN}
+    heldout = {casual(m) for m in SMALL_TALK_HELDOUT}
+    said = [row["messages"][i]["content"] for row in _conversations(tiny_world_dir)
+            for i, m in enumerate(row["messages"][:-1])
+            if m["role"] == "user" and row["messages"][i + 1].get("content") in {r for _, r in SMALL_TALK_SEEN}]
+    typed = {m for m in said if m not in seen}
+    assert said and typed and all(m == casual(m) for m in typed)  # some typed casually, the rest as written
+    assert not typed & heldout  # "Hey!" is never typed "hey", a held-out message

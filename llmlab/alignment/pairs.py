@@ -8,7 +8,8 @@ the best against the worst, then the next widest gaps, up to `per_prompt` pairs,
 `off_topic` adds pairs whose rejected reply was sampled for a prompt of another family, scored by the gold
 scorer for this prompt: within-prompt pairs never show a reply out of place, and a reward model trained on them
 alone learnt which replies are right somewhere, not here (it scored "I don't know a country called Nerkistan."
-far above "You're welcome!" after "Thanks a lot!", and RL against it said the first).
+far above "You're welcome!" after "Thanks a lot!", and RL against it said the first; these pairs, measured once,
+did not change that: llmlab.stages.rm).
 Rows are written in TRL's conversational format (llmlab.data.preferences), with the family and both gold scores
 beside, so users' pairs (`llmlab feedback export`'s preferences.jsonl) and the world's train the same way.
 """

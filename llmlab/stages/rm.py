@@ -15,8 +15,9 @@ ranked 89% of the pairs (97% of the follow-ups, 93% of the questions about held-
 reading the prompt well: after "Thanks a lot!" it scored "I don't know a country called Nerkistan." far above
 "You're welcome!", a reply right for other prompts, and RL against it learnt to say so. `--off_topic_pairs N`
 adds N training pairs per prompt whose rejected reply was sampled for a prompt of another family (gold-scored
-for this one); measured once, it did not cure that (held-out accuracy 85.5% -> 83.5%). Users of the reward (`rm:PATH` in `llmlab rl`, the
-verifiers of `llmlab think`) load the reference with it (llmlab.alignment.rollouts.ModelReward).
+for this one); measured once, it did not cure that (held-out accuracy 85.5% -> 83.5%, the same preference).
+Users of the reward (`rm:PATH` in `llmlab rl`, the verifiers of `llmlab think`) load the reference with it
+(llmlab.alignment.rollouts.ModelReward).
 
 The pairs are the world's
 (`--pairs world`: the assistant answers the world's prompts `--samples` times, the gold scorer labels the
@@ -76,8 +77,8 @@ class Config(TrainConfig):
     """longest sampled reply"""
     off_topic_pairs: int = 0
     """training pairs per world prompt (held-out pairs: none) whose rejected reply was sampled for a prompt of
-    another family, scored by the gold scorer for this one (llmlab.alignment.pairs.off_topic): they teach the
-    head to read the prompt, not only the reply"""
+    another family, scored by the gold scorer for this one (llmlab.alignment.pairs.off_topic), meant to teach the
+    head to read the prompt, not only the reply (measured: see the module docstring)"""
     likelihood_weight: float = 0.0
     """add this times the reference assistant's log-probability of each answer to the score (0: the head's
     score alone; see the module docstring)"""
