@@ -89,11 +89,12 @@ def off_topic(tok: Tokenizer, sampled: list[tuple], task: GoldTask, per_prompt: 
     by_family: dict[str, list[int]] = {}
     for i, (example, _) in enumerate(sampled):
         by_family.setdefault(example.group, []).append(i)
+    others_of = {f: [i for family, items in by_family.items() if family != f for i in items] for f in by_family}
     rows = []
     for example, scored in sampled:
         best_ids, best, _ = max(scored, key=lambda s: s[1])
         chosen = parse_turn(tok, best_ids)
-        others = [i for family, items in by_family.items() if family != example.group for i in items]
+        others = others_of[example.group]
         if not others or not _answer(example.meta["messages"], chosen):
             continue
         used = {tuple(best_ids)}

@@ -21,6 +21,7 @@ import torch
 
 from llmlab import checkpoint
 from llmlab.alignment.losses import rewards_at, sequence_logprobs, token_logprobs
+from llmlab.alignment.pairs import right_padded
 from llmlab.chat import ToolSpans, final_answer, render_prompt, reply_stop_ids
 from llmlab.data.conversations import collate
 from llmlab.engine import Engine, SamplingParams, generate_with_tools
@@ -110,19 +111,14 @@ class ModelReward:
     def score(self, rows: list[list[int]], starts: Sequence[int] | None = None) -> list[float]:
         """Each row's score; `starts[i]` is where row i's assistant turn begins (needed for the prior)."""
         device = next(self.model.parameters()).device
-        T = self.model.config.context_len
+        rows = [r[:self.model.config.context_len] for r in rows]
         out = []
         for start in range(0, len(rows), self.batch_size):
-            chunk = [r[:T] for r in rows[start:start + self.batch_size]]
-            ids = torch.full((len(chunk), max(map(len, chunk))), self.tok.pad_id, dtype=torch.int64)
-            for i, r in enumerate(chunk):
-                ids[i, :len(r)] = torch.tensor(r)
-            last = torch.tensor([len(r) - 1 for r in chunk])
+            ids, last = right_padded(rows[start:start + self.batch_size], self.tok.pad_id)
             out += rewards_at(self.model, ids.to(device), last.to(device)).tolist()
         if self.weight:
             if starts is None:
                 raise LLMLabError("this reward model's likelihood prior needs where each reply begins")
-            rows = [r[:T] for r in rows]
             masked = [(r, written_mask(self.tok, s, r)) for r, s in zip(rows, starts)]
             prior = answer_logprobs(self.reference, masked, self.tok.pad_id, self.batch_size)
             out = [o + self.weight * p for o, p in zip(out, prior)]

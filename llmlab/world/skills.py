@@ -157,12 +157,17 @@ _HELDOUT_INTENTS = {
 }
 
 
+_SEEN_REPLY = dict(SMALL_TALK_SEEN)
+_REPLIES_OF: dict[str, frozenset[str]] = {intent: frozenset(r for r, i in _REPLY_INTENT.items() if i == intent)
+                                          for intent in set(_REPLY_INTENT.values())}
+
+
 def small_talk_replies(message: str) -> frozenset[str]:
     """The world's replies that suit a small-talk `message` (seen or held-out): those of its intent(s); empty
     for a message that is not small talk."""
-    seen = dict(SMALL_TALK_SEEN)
-    intents = (_REPLY_INTENT[seen[message]],) if message in seen else _HELDOUT_INTENTS.get(message, ())
-    return frozenset(reply for reply, intent in _REPLY_INTENT.items() if intent in intents)
+    seen = _SEEN_REPLY.get(message)
+    intents = (_REPLY_INTENT[seen],) if seen is not None else _HELDOUT_INTENTS.get(message, ())
+    return frozenset().union(*(_REPLIES_OF[i] for i in intents))
 
 # ------------------------------------------------------------------------------------------------ python tasks
 PYTHON_TASKS = ("count letters", "sort numbers", "days between dates", "day of the week", "compute with python")
