@@ -12,7 +12,7 @@ import pytest
 
 from llmlab.assistants.chunks import Chunk
 from llmlab.assistants.memory import Memory, recall
-from llmlab.assistants.reader import read_many
+from llmlab.assistants.reader import names, read_many, spans
 from llmlab.engine import Engine
 from llmlab.errors import LLMLabError
 from llmlab.tokenizer import Tokenizer
@@ -110,6 +110,36 @@ def test_the_reader_keeps_the_best_ranked_passage_that_answers(tok):
     # a passage too long for the context with the question is not read (the others are)
     long = Chunk("long.txt", 0, "ferry " * 200 + "09:30")
     assert read_many(engine, tok, [("When does the ferry leave?", [long, passages[1]])])[0].read == 1
+
+
+def test_the_reader_reads_on_when_the_passage_it_took_has_no_whole_answer(tok):
+    """A passage the model does not refuse ("Hello." is no refusal) but answers from no span of (no span is
+    followed by the citation) is passed over for the next one the model takes to hold the answer."""
+    script = reader_script(tok, {"ferry": "09:30"})
+    start, end = tok.special_id("<|assistant_start|>"), tok.special_id("<|assistant_end|>")
+
+    def decoy_says_hello(seq: list[int]) -> int:
+        if start in seq and "decoy" in tok.decode(seq[:seq.index(start)]):
+            plan, written = tok.encode("Hello.") + [end], seq[seq.index(start) + 1:]
+            return plan[len(written)] if len(written) < len(plan) else end
+        return script(seq)
+    engine = Engine(ScriptModel(tok.vocab_size, decoy_says_hello))
+    passages = [Chunk("a.txt", 0, "A decoy at 07:15."), Chunk("b.txt", 3, "The ferry leaves at 09:30.")]
+    reading = read_many(engine, tok, [("When does the ferry leave?", passages)])[0]
+    assert (reading.answer, reading.chunk.cite, reading.read) == ("09:30 [b.txt#3]", "b.txt#3", 2)
+
+
+def test_answer_spans_keep_names_whole():
+    text = "Dalthithel Saethvane is the fire safety officer. On Fridays the canteen serves mushroom risotto."
+    words = text.split()
+    assert [" ".join(words[a:b]) for a, b in names(words)] == ["Dalthithel Saethvane", "Fridays"]
+    found = spans(text, "Who is responsible for fire safety?")
+    assert "Dalthithel Saethvane" in found and "mushroom risotto" in found and "Fridays" in found
+    assert "Saethvane" not in found and "Dalthithel" not in found  # a name cut in two is no answer
+    assert not any(s.endswith(" is") or s.startswith("is ") for s in found)  # words of the question stay out
+    # a name ends with its sentence; a function word opening a sentence is not part of the name after it
+    words = "It was founded in Tristummouth. The Sturkbruron Cooperative has 833 staff.".split()
+    assert [" ".join(words[a:b]) for a, b in names(words)] == ["Tristummouth.", "Sturkbruron Cooperative"]
 
 
 def test_a_model_that_does_not_read_answers_from_no_passage(tok):

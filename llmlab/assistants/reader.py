@@ -10,13 +10,17 @@ Reading a passage is two decisions, each the model's:
                read as a refusal), read from one batched forward pass; below `abstain` (1/2: more likely to
                answer than not) the passage holds the answer
     what       `extractive` (the default): of the replies "SPAN [file#index]", for every span of up to
-               MAX_SPAN_WORDS of the passage's words that has no word of the question and is not function
-               words alone, the one the model gives the highest mean log-probability per token (in the chat
-               format it was trained on) among those after which it opens the citation with probability at
-               least 1/2 (the answer is whole); so every answer is the passage's own words, the model choosing
-               which. Otherwise the reply as the model writes it, greedily. (A small model finds the right place
-               in a passage more often than it copies an invented name right: "Trundtoro Linstone" comes out
-               as "Gino Smore".)
+               MAX_SPAN_WORDS of the passage's words that has no word of the question, is not function words
+               alone and does not cut a name in two (`spans`), the one whose own tokens the model gives the
+               highest mean log-probability, plus the log-probability that it opens the citation right after
+               (the answer ends there), among those after which it does so with probability at least 1/2 (the
+               answer is whole); so every answer is the passage's own words, the model choosing which.
+               Otherwise the reply as the model writes it, greedily. (A small model finds the right place in a
+               passage more often than it copies an invented name right: "Trundtoro Linstone" comes out as
+               "Gino Smore".)
+
+When the passage taken to hold the answer has no such span (or, read greedily, the reply cites none), the next
+one that does is read.
 
 The cpu preset's context holds one 12-word passage and a question; paging k passages costs k forward passes,
 and answering scores some 60 short spans of one passage. The same reader serves knowledge files, a document far
@@ -76,15 +80,39 @@ def _word(w: str) -> str:
     return w.strip(SPAN_TRIM).lower()
 
 
+def names(words: Sequence[str]) -> list[tuple[int, int]]:
+    """The [start, end) word ranges of the names among `words`: runs of capitalised words, a run ending with a
+    sentence ("... in Tristummouth. The head office ..."), less a function word that opens it ("On Fridays",
+    "The Sturkbruron Cooperative" at a sentence's start)."""
+    out, i = [], 0
+    while i < len(words):
+        if not words[i].strip(SPAN_TRIM)[:1].isupper():
+            i += 1
+            continue
+        j = i + 1
+        while j < len(words) and words[j - 1][-1:] not in ".!?:" and words[j].strip(SPAN_TRIM)[:1].isupper():
+            j += 1
+        start = i + 1 if _word(words[i]) in FUNCTION_WORDS else i
+        if start < j:
+            out.append((start, j))
+        i = j
+    return out
+
+
 def spans(text: str, question: str = "", max_words: int = MAX_SPAN_WORDS) -> list[str]:
     """Every run of 1 to `max_words` consecutive words of `text`, trimmed of SPAN_TRIM at its ends, that has no
     word of `question` (an answer is what the question does not already say: "my home town" is no answer to
-    "What is my home town?", nor "week 1" to "What is covered in week 1?") and is not FUNCTION_WORDS alone."""
+    "What is my home town?", nor "week 1" to "What is covered in week 1?"), is not FUNCTION_WORDS alone, and
+    neither begins nor ends inside a name (`names`): "Saethvane" is not an answer where the passage says
+    "Dalthithel Saethvane", whom a small model, weak at copying an invented first name, would otherwise cut
+    short."""
     asked = {_word(w) for w in question.split()}
     words = text.split()
+    inside = {k for a, b in names(words) for k in range(a + 1, b)}  # word positions a span may not cut before
     out = {" ".join(words[i:j]).strip(SPAN_TRIM) for i in range(len(words))
            for j in range(i + 1, min(len(words), i + max_words) + 1)
-           if not any(_word(w) in asked for w in words[i:j])
+           if i not in inside and j not in inside
+           and not any(_word(w) in asked for w in words[i:j])
            and not all(_word(w) in FUNCTION_WORDS for w in words[i:j])}
     return sorted(s for s in out if s)
 
@@ -137,34 +165,36 @@ def read_many(engine: Engine, tokenizer: Tokenizer, questions: Sequence[tuple[st
         engine.model, tokenizer, [reading_prompt(chunk, questions[q][0]) for q, chunk, _ in jobs],
         [NOT_OPENING] * len(jobs), opening=True, batch_size=batch_size)]
     out = [Reading(NOT_IN_FILES, None, 0) for _ in questions]
-    chosen: dict[int, tuple[Chunk, list[int]]] = {}
+    candidates: dict[int, list[tuple[Chunk, list[int]]]] = {}  # the passages taken to hold the answer, best first
     for (q, chunk, ids), p in zip(jobs, p_not):
         out[q].read += 1
         out[q].prompt_tokens += len(ids)
-        if q not in chosen and p < abstain:
-            chosen[q] = (chunk, ids)
-    rows = sorted(chosen)
-    if extractive:
-        replies = [likeliest(engine.model, tokenizer, reading_prompt(chosen[q][0], questions[q][0]),
-                             spans(chosen[q][0].text, questions[q][0]), chosen[q][0], batch_size=batch_size)
-                   for q in rows]
-    else:
-        replies = greedy_replies(engine, tokenizer, [chosen[q][1] for q in rows], max_new_tokens, batch_size)
-    for q, reply in zip(rows, replies):
-        chunk = chosen[q][0]
-        if f"[{chunk.cite}]" in reply and NOT_IN_PASSAGE.rstrip(".") not in reply:
-            out[q].answer, out[q].chunk = reply.strip(), chunk
+        if p < abstain:
+            candidates.setdefault(q, []).append((chunk, ids))
+    for turn in range(max((len(c) for c in candidates.values()), default=0)):  # each question's next candidate
+        rows = [q for q, c in candidates.items() if len(c) > turn and out[q].chunk is None]
+        chosen = [candidates[q][turn] for q in rows]
+        if extractive:
+            replies = [likeliest(engine.model, tokenizer, reading_prompt(chunk, questions[q][0]),
+                                 spans(chunk.text, questions[q][0]), chunk, batch_size=batch_size)
+                       for q, (chunk, _) in zip(rows, chosen)]
+        else:
+            replies = greedy_replies(engine, tokenizer, [ids for _, ids in chosen], max_new_tokens, batch_size)
+        for q, (chunk, _), reply in zip(rows, chosen, replies):
+            if f"[{chunk.cite}]" in reply and NOT_IN_PASSAGE.rstrip(".") not in reply:
+                out[q].answer, out[q].chunk = reply.strip(), chunk
     return out
-
 
 def likeliest(model: torch.nn.Module, tokenizer: Tokenizer, prompt: list[dict], answers: Sequence[str],
               chunk: Chunk, closes: float = 0.5, batch_size: int = 32) -> str:
-    """Of the replies "ANSWER [cite]" to the conversation `prompt`, one per answer, the one whose tokens (its
-    `<|assistant_end|>` included) the model gives the highest mean log-probability (a sum would favour the
-    fewest tokens: a short word over a name spelled in pieces), among those after which the model opens the
-    citation (" [") with probability at least `closes`: the answer is whole ("Guus" for "Guus Gryndshorford"
-    is not), and a model that does not read passages closes none. NOT_IN_PASSAGE when there is none, or when
-    none fits the context."""
+    """Of the replies "ANSWER [cite]" to the conversation `prompt`, one per answer, the one whose answer tokens
+    the model gives the highest mean log-probability plus the log-probability of opening the citation (" [")
+    right after them, among those after which it opens the citation with probability at least `closes`: the
+    answer is whole ("Guus" for "Guus Gryndshorford" is not), and a model that does not read passages closes
+    none. A mean, not a sum, which would favour the fewest tokens (a short word over a name spelled in pieces);
+    over the answer alone, not the citation too, which would favour them as well (a one-token answer's mean
+    is mostly the citation's tokens, copied with ease: "yellow" over "mushroom risotto" for what the canteen
+    serves). NOT_IN_PASSAGE when there is none, or when none fits the context."""
     T = model.config.context_len
     rendered = [(a, r, render_conversation(tokenizer, [*prompt, {"role": "assistant", "content": r}]))
                 for a in answers for r in [cited(a, chunk)]]
@@ -172,14 +202,14 @@ def likeliest(model: torch.nn.Module, tokenizer: Tokenizer, prompt: list[dict], 
     if not fits:
         return NOT_IN_PASSAGE
     logps = _trained_logprobs(model, [row for _, _, row in fits], tokenizer.bos_id, batch_size)
-    best, best_mean = NOT_IN_PASSAGE, -math.inf
+    best, best_score = NOT_IN_PASSAGE, -math.inf
     bracket = len(tokenizer.encode(" ["))
     for (answer, reply, _), lp in zip(fits, logps):
         n = len(tokenizer.encode(answer))
         closing = sum(lp[n:n + bracket])  # " [": the answer ends here (copying the index is another skill)
-        mean = sum(lp) / len(lp)
-        if closing >= math.log(closes) and mean > best_mean:
-            best, best_mean = reply, mean
+        score = sum(lp[:n]) / n + closing
+        if closing >= math.log(closes) and score > best_score:
+            best, best_score = reply, score
     return best
 
 

@@ -47,8 +47,9 @@ class ServerConfig:
     """the custom assistants (`llmlab assistant create`), each served by its name: the passages of its files
     that best match the user's last message are read one at a time, and the answer of one that holds it is the
     reply, cited; else its instructions lead the conversation; only its tools run"""
-    passages: int = 5
-    """passages of an assistant's files read for each question (paged into the context one at a time)"""
+    passages: int = 10
+    """passages of an assistant's files read for each question (paged into the context one at a time, in one
+    batch: a word the question and its answer's passage do not share can leave that passage below the fifth)"""
     model_name: str = ""
     """the model's id in the API (default: the checkpoint's run and stage, e.g. cpu-sft)"""
     world: str = "runs/cpu/world"

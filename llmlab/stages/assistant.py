@@ -62,8 +62,8 @@ class Config:
     """eval: the world whose knowledge packs, text and people the measurements use"""
     out_dir: str = "runs/cpu/assistant-eval"
     """eval: where report.md, results.json and needle.png go"""
-    k: int = 5
-    """eval: passages retrieved and paged in per question"""
+    k: int = 10
+    """eval: passages retrieved and paged in per question (as `llmlab serve --passages`)"""
     needles: int = 16
     """eval: needles per cell of the needle-in-a-haystack grid"""
     memory_n: int = 40
