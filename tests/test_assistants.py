@@ -161,7 +161,7 @@ def test_embedder_keeps_the_backbone_and_the_stage_writes_the_retrieval_table(ti
     import torch
 
     from llmlab import checkpoint
-    from llmlab.assistants.embedder import embedder_from, encoder, training_pairs
+    from llmlab.assistants.embedder import embedder_from, encoder, index_maker, training_pairs
     from llmlab.stages import embed
 
     cfg, _ = tiny_run
@@ -185,6 +185,15 @@ def test_embedder_keeps_the_backbone_and_the_stage_writes_the_retrieval_table(ti
     assert set(saved["scores"]) == {"BM25", "dense", "hybrid"} and saved["questions"] == result["questions"] > 0
     assert all(0 <= s["recall@5"] <= 1 and 0 <= s["ndcg@10"] <= 1 for s in saved["scores"].values())
     assert checkpoint.read_info(checkpoint.resolve(tmp_path / "embed"))["stage"] == "embed"
+    # the index an assistant's files get (`llmlab serve --embedder`, `llmlab assistant eval --embedder`): BM25,
+    # or its fusion with the embedder, which ranks a passage that shares no word with the question too
+    passages = ["The car park has 40 spaces.", "Lunch is served at noon.", "Visitor badges are yellow."]
+    assert index_maker("") is BM25 and BM25(passages).rank("What colour is a badge?", 3) == []
+    hybrid = index_maker(str(tmp_path / "embed"))(passages)
+    assert sorted(hybrid.rank("What colour is a badge?", 3)) == [0, 1, 2]
+    assert hybrid.rank("How many spaces has the car park?", 1) == [0]  # both rankings put it first
+    with pytest.raises(LLMLabError, match="not an embedder"):
+        index_maker(cfg.pretrain.out_dir)
 
 
 # ---- the store -------------------------------------------------------------------------------------------------

@@ -24,13 +24,17 @@ from __future__ import annotations
 
 import random
 from dataclasses import replace
+from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from llmlab import checkpoint
 from llmlab.alignment.pairs import EncodedPair, right_padded
 from llmlab.assistants.chunks import chunk_text
+from llmlab.assistants.retrieval import BM25, Dense, Hybrid, Retriever
+from llmlab.errors import LLMLabError
 from llmlab.model import GPT
 from llmlab.tokenizer import Tokenizer
 from llmlab.world.core import World
@@ -74,6 +78,19 @@ def encoder(model: GPT, tok: Tokenizer, batch_size: int = 64):
         return torch.cat(out)
 
     return encode
+
+
+def index_maker(embedder: str = "") -> Callable[[list[str]], Retriever]:
+    """`index(passages) -> Retriever`: BM25 when `embedder` is empty, else the fusion of BM25 and the dense
+    retriever of the embedder checkpoint at `embedder` (`llmlab embed`'s out_dir)."""
+    if not embedder:
+        return BM25
+    ckpt = checkpoint.load(embedder)
+    if ckpt.model.config.num_labels < 2:  # a language model has none, a reward model one
+        raise LLMLabError(f"{ckpt.path} is not an embedder (it has no embedding head of several outputs): train one "
+                          f"with `llmlab embed`")
+    encode = encoder(ckpt.model.eval(), ckpt.require_tokenizer("an embedder (it reads text)"))
+    return lambda passages: Hybrid(BM25(passages), Dense(passages, encode))
 
 
 class InfoNCE:

@@ -1,6 +1,7 @@
 """What custom assistants are measured on, with the world's ground truth (`llmlab assistant eval`):
 
-    pack_accuracy   the knowledge packs' questions (llmlab.world.packs) answered with the pack's files (BM25,
+    pack_accuracy   the knowledge packs' questions (llmlab.world.packs) answered with the pack's files (BM25, or
+                    the hybrid of BM25 and a dense retriever that `index` makes,
                     the top k passages paged in one at a time: llmlab.assistants.reader) and without them
                     (the question alone), exact answers; faithfulness: answers whose value is in the passage
                     they cite
@@ -18,11 +19,12 @@ from __future__ import annotations
 
 import random
 from collections import defaultdict
+from typing import Callable
 
 from llmlab.assistants.chunks import Chunk, chunk_text
 from llmlab.assistants.memory import Memory
 from llmlab.assistants.reader import greedy_replies, read_many
-from llmlab.assistants.retrieval import BM25
+from llmlab.assistants.retrieval import BM25, Retriever
 from llmlab.chat import fit_context, render_prompt
 from llmlab.engine import Engine
 from llmlab.tokenizer import Tokenizer
@@ -40,17 +42,18 @@ def _replies(engine: Engine, tok: Tokenizer, conversations: list[list[dict]]) ->
     return greedy_replies(engine, tok, [render_prompt(tok, c) for c in conversations], max_new_tokens=24)
 
 
-def pack_accuracy(engine: Engine, tok: Tokenizer, world: World, k: int = 5, phrasing: str = "question",
-                  extractive: bool = True) -> dict:
+def pack_accuracy(engine: Engine, tok: Tokenizer, world: World, k: int = 10, phrasing: str = "question",
+                  extractive: bool = True, index: Callable[[list[str]], Retriever] = BM25) -> dict:
     """Accuracy with the pack's files and without them, faithfulness and retrieval recall, per pack and overall;
-    `extractive`: how the reader words its answers (llmlab.assistants.reader)."""
+    `extractive`: how the reader words its answers (llmlab.assistants.reader); `index(passages)`: the retriever
+    of a pack's passages."""
     questions, facts, packs = [], [], []
     for pack, pack_facts in make_packs(world).items():
         chunks = pack_chunks(pack_facts, PASSAGE_WORDS)
-        index = BM25([c.text for c in chunks])
+        ranker = index([c.text for c in chunks])
         for f in pack_facts:
             q = getattr(f, phrasing)
-            questions.append((q, [chunks[i] for i in index.rank(q, k)]))
+            questions.append((q, [chunks[i] for i in ranker.rank(q, k)]))
             facts.append(f)
             packs.append(pack)
     with_files = read_many(engine, tok, questions, extractive=extractive)
@@ -86,8 +89,8 @@ def _haystack_sentences(world: World) -> list[str]:
 
 
 def needle(engine: Engine, tok: Tokenizer, world: World, lengths: tuple[float, ...] = (1, 3, 10, 30, 100),
-           depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0), per_cell: int = 8, k: int = 5,
-           seed: int = 0) -> dict:
+           depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0), per_cell: int = 8, k: int = 10,
+           seed: int = 0, index: Callable[[list[str]], Retriever] = BM25) -> dict:
     """{"paging" | "truncation": {length: {depth: accuracy}}} (see the module docstring); lengths are in
     multiples of the model's context, in tokens of the haystack. Each of the `per_cell` needles sits in a
     stretch of text of its own (so that a cell is not one passage's luck), at every depth of it."""
@@ -109,7 +112,7 @@ def needle(engine: Engine, tok: Tokenizer, world: World, lengths: tuple[float, .
                 at = round(depth * len(hay))
                 doc = " ".join(hay[:at] + [f.sentence] + hay[at:])
                 chunks = chunk_text(doc, "document", PASSAGE_WORDS)
-                paging_q.append((f.question, [chunks[i] for i in BM25([c.text for c in chunks]).rank(f.question, k)]))
+                paging_q.append((f.question, [chunks[i] for i in index([c.text for c in chunks]).rank(f.question, k)]))
                 trunc_q.append((f.question, [_tail(tok, doc, f.question, T)]))
                 cells.append((length, depth))
                 answers.append(f.answer)

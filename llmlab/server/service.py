@@ -13,7 +13,8 @@ from typing import Callable, Sequence
 
 from llmlab import checkpoint
 from llmlab.assistants.reader import Reading, read_many
-from llmlab.assistants.retrieval import BM25
+from llmlab.assistants.embedder import index_maker
+from llmlab.assistants.retrieval import Retriever
 from llmlab.assistants.store import Assistant, AssistantStore
 from llmlab.chat import render_prompt, reply_stop_ids
 from llmlab.engine import Engine, SamplingParams
@@ -50,6 +51,9 @@ class ServerConfig:
     passages: int = 10
     """passages of an assistant's files read for each question (paged into the context one at a time, in one
     batch: a word the question and its answer's passage do not share can leave that passage below the fifth)"""
+    embedder: str = ""
+    """a dense retriever (`llmlab embed`'s checkpoint) fused with BM25 to find an assistant's passages (other
+    words for the same thing meet); empty: BM25 alone"""
     model_name: str = ""
     """the model's id in the API (default: the checkpoint's run and stage, e.g. cpu-sft)"""
     world: str = "runs/cpu/world"
@@ -116,7 +120,8 @@ class Service:
                                  max_new_tokens=cfg.default_max_tokens)
         self.store = FeedbackStore(cfg.db)
         self.assistants = AssistantStore(cfg.assistants)
-        self._indexes: dict[tuple[str, float], tuple[list, BM25 | None]] = {}
+        self._index = index_maker(cfg.embedder)
+        self._indexes: dict[tuple[str, float], tuple[list, Retriever | None]] = {}
         self.metrics = Metrics(lambda: self.scheduler)
         self.created = int(time.time())
 
@@ -174,14 +179,15 @@ class Service:
                            param="model", code="model_not_found") from None
 
     def passages(self, assistant: Assistant, query: str, k: int) -> list:
-        """The k passages of the assistant's files that best match `query` (BM25), best first."""
+        """The k passages of the assistant's files that best match `query` (BM25, or its fusion with
+        --embedder), best first."""
         key = (assistant.name, assistant.created)
         if key not in self._indexes:
             try:
                 chunks = self.assistants.chunks(assistant.name)
             except LLMLabError:  # deleted since the request named it: answered without its files
                 chunks = []
-            self._indexes[key] = (chunks, BM25([c.text for c in chunks]) if chunks else None)
+            self._indexes[key] = (chunks, self._index([c.text for c in chunks]) if chunks else None)
         chunks, index = self._indexes[key]
         return [chunks[i] for i in index.rank(query, k)] if index and query.strip() else []
 
@@ -213,7 +219,7 @@ class Service:
 
     def read_files(self, assistant: Assistant, messages: list[dict], adapter: int = 0) -> Callable[[GPT], Reading | None]:
         """The reading of the assistant's files for the user's last message, to run in the scheduler's thread:
-        the --passages passages that best match it (BM25) paged in one at a time (llmlab.assistants.reader),
+        the --passages passages that best match it (`passages`) paged in one at a time (llmlab.assistants.reader),
         through its adapter; the Reading of the best-ranked one that answers, or None (no files, or none holds
         the answer)."""
         query = next((m.get("content") or "" for m in reversed(messages) if m["role"] == "user"), "")

@@ -10,6 +10,8 @@
     llmlab assistant eval                 --checkpoint's answers from the knowledge packs' files (and without
                                           them), a needle in a haystack up to 100x the context, memory recall
                                           N turns back (llmlab.assistants.evals): report.md, needle.png
+    llmlab assistant eval --embedder runs/cpu/embed   the same, a pack's passages found by BM25 and `llmlab embed`'s
+                                          dense retriever fused (as `llmlab serve --embedder`)
 
 Assistants live in --store (one folder each, beside the feedback store; llmlab.assistants.store). Files are
 plain text, Markdown, JSONL ({"text"} rows) or PDF, read, checked and cut into passages when the assistant is
@@ -25,6 +27,7 @@ from pathlib import Path
 from llmlab import checkpoint as checkpoints
 from llmlab import world as worlds
 from llmlab.assistants import evals
+from llmlab.assistants.embedder import index_maker
 from llmlab.assistants.store import TOOLS, AssistantStore
 from llmlab.engine import Engine
 from llmlab.errors import LLMLabError
@@ -64,6 +67,9 @@ class Config:
     """eval: where report.md, results.json and needle.png go"""
     k: int = 10
     """eval: passages retrieved and paged in per question (as `llmlab serve --passages`)"""
+    embedder: str = ""
+    """eval: a dense retriever (`llmlab embed`'s checkpoint, e.g. runs/cpu/embed) whose ranking is fused with
+    BM25's (llmlab.assistants.retrieval.Hybrid) to find a pack's passages; empty: BM25 alone"""
     needles: int = 16
     """eval: needles per cell of the needle-in-a-haystack grid"""
     memory_n: int = 40
@@ -151,15 +157,16 @@ def evaluate(cfg: Config) -> dict:
     ckpt = checkpoints.load(cfg.checkpoint)
     tok = ckpt.require_tokenizer("the assistant measurements (the chat format)")
     engine, world = Engine(ckpt.model), worlds.load(cfg.world)
+    index = index_maker(cfg.embedder)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    packs = {p: evals.pack_accuracy(engine, tok, world, cfg.k, p) for p in ("question", "seen")}
-    packs["free"] = evals.pack_accuracy(engine, tok, world, cfg.k, "question", extractive=False)
+    packs = {p: evals.pack_accuracy(engine, tok, world, cfg.k, p, index=index) for p in ("question", "seen")}
+    packs["free"] = evals.pack_accuracy(engine, tok, world, cfg.k, "question", extractive=False, index=index)
     print(f"knowledge packs: {packs['question']['with_files']:.1%} with files, "
           f"{packs['question']['without_files']:.1%} without ({packs['question']['n']} questions in other words "
           f"than the files'); {packs['seen']['with_files']:.1%} in the files' words; "
           f"{packs['free']['with_files']:.1%} with answers in the model's own words")
-    hay = evals.needle(engine, tok, world, per_cell=cfg.needles, k=cfg.k)
+    hay = evals.needle(engine, tok, world, per_cell=cfg.needles, k=cfg.k, index=index)
     longest = max(hay["paging"])
     print("needle at {:g}x the context: paging {:.0%}, truncation {:.0%}".format(
         longest, *(sum(hay[m][longest].values()) / len(hay[m][longest]) for m in ("paging", "truncation"))))
@@ -167,7 +174,8 @@ def evaluate(cfg: Config) -> dict:
     print("memory recall, " + ", ".join(f"{N} turns back: {memory['memory'][N]:.0%} (truncation "
                                         f"{memory['truncation'][N]:.0%})" for N in memory["memory"]))
     plot_needle(hay, out / "needle.png")
-    results = {"checkpoint": str(ckpt.path), "packs": packs, "needle": hay, "memory": memory}
+    results = {"checkpoint": str(ckpt.path), "retrieval": f"hybrid: BM25 and {cfg.embedder}" if cfg.embedder else "BM25",
+               "packs": packs, "needle": hay, "memory": memory}
     write_atomic(out / "results.json", json.dumps(results, indent=1, default=str).encode())
     write_atomic(out / "report.md", report(results).encode())
     print(f"-> {out / 'report.md'}")
@@ -182,7 +190,7 @@ def _pct(x: float) -> str:
 def report(results: dict) -> str:
     q, s, free = results["packs"]["question"], results["packs"]["seen"], results["packs"]["free"]
     lines = [f"# Custom assistants: {results['checkpoint']}", "",
-             f"## Knowledge packs ({q['n']} questions; top {q['k']} BM25 passages paged in)", "",
+             f"## Knowledge packs ({q['n']} questions; top {q['k']} passages of {results.get('retrieval', 'BM25')} paged in)", "",
              "| pack | with files | without files |", "|---|---|---|"]
     lines += [f"| {p} | {_pct(r['with_files'])} | {_pct(r['without_files'])} |" for p, r in q["packs"].items()]
     lines += [f"| all, other words than the files' | {_pct(q['with_files'])} | {_pct(q['without_files'])} |",
