@@ -223,11 +223,13 @@ def python_task(rng: random.Random, task: str, phrasing: str, words: list[str]) 
     if task == "sort numbers":
         xs = [number(rng, rng.randint(1, 2)) for _ in range(rng.randint(3, 5))]
         listed = ", ".join(map(str, sorted(xs)))
-        # "[ 5, 97, 3]": the list's tokens then read exactly as the question's " 5, 97, 3" (digits are single
-        # tokens), so the call is a copy of a stretch of the question; "[5" starts differently and drew miscopies
-        # ("5" -> "55", a number dropped or repeated)
+        # "( 5, 97, 3)": the numbers' tokens then read exactly as the question's " 5, 97, 3" (digits are single
+        # tokens), so the call is a copy of a stretch of the question ("(5" starts differently and drew miscopies:
+        # "5" -> "55", a number dropped or repeated); a tuple, not a list, because "[" opens a citation in every
+        # reading conversation ("22:40 [timetable.md#3]"), and after "sorted([" the assistant wrote one
+        # ("sorted([do.md#ument#6]e 89")
         shown = ", ".join(map(str, xs))
-        return {"question": ask.format(xs=shown), "code": f'print(*sorted([ {shown}]), sep=", ")',
+        return {"question": ask.format(xs=shown), "code": f'print(*sorted(( {shown})), sep=", ")',
                 "output": listed + "\n", "answer": f"In order: {listed}.", "expect": listed}
     if task == "days between dates":
         a = _date(rng)
