@@ -185,6 +185,7 @@ def read_many(engine: Engine, tokenizer: Tokenizer, questions: Sequence[tuple[st
                 out[q].answer, out[q].chunk = reply.strip(), chunk
     return out
 
+
 def likeliest(model: torch.nn.Module, tokenizer: Tokenizer, prompt: list[dict], answers: Sequence[str],
               chunk: Chunk, closes: float = 0.5, batch_size: int = 32) -> str:
     """Of the replies "ANSWER [cite]" to the conversation `prompt`, one per answer, the one whose answer tokens
