@@ -23,7 +23,7 @@ from typing import Callable
 
 from llmlab.assistants.chunks import Chunk, chunk_text
 from llmlab.assistants.memory import Memory
-from llmlab.assistants.reader import greedy_replies, read_many
+from llmlab.assistants.reader import PASSAGES, greedy_replies, read_many
 from llmlab.assistants.retrieval import BM25, Retriever
 from llmlab.chat import fit_context, render_prompt
 from llmlab.engine import Engine
@@ -42,7 +42,7 @@ def _replies(engine: Engine, tok: Tokenizer, conversations: list[list[dict]]) ->
     return greedy_replies(engine, tok, [render_prompt(tok, c) for c in conversations], max_new_tokens=24)
 
 
-def pack_accuracy(engine: Engine, tok: Tokenizer, world: World, k: int = 10, phrasing: str = "question",
+def pack_accuracy(engine: Engine, tok: Tokenizer, world: World, k: int = PASSAGES, phrasing: str = "question",
                   extractive: bool = True, index: Callable[[list[str]], Retriever] = BM25) -> dict:
     """Accuracy with the pack's files and without them, faithfulness and retrieval recall, per pack and overall;
     `extractive`: how the reader words its answers (llmlab.assistants.reader); `index(passages)`: the retriever
@@ -89,7 +89,7 @@ def _haystack_sentences(world: World) -> list[str]:
 
 
 def needle(engine: Engine, tok: Tokenizer, world: World, lengths: tuple[float, ...] = (1, 3, 10, 30, 100),
-           depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0), per_cell: int = 8, k: int = 10,
+           depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0), per_cell: int = 8, k: int = PASSAGES,
            seed: int = 0, index: Callable[[list[str]], Retriever] = BM25) -> dict:
     """{"paging" | "truncation": {length: {depth: accuracy}}} (see the module docstring); lengths are in
     multiples of the model's context, in tokens of the haystack. Each of the `per_cell` needles sits in a

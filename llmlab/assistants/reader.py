@@ -46,6 +46,9 @@ from llmlab.tokenizer import Tokenizer
 from llmlab.training import IGNORE_INDEX, token_losses
 from llmlab.world.reading import NOT_IN_FILES, NOT_IN_PASSAGE, cited, reading_prompt
 
+PASSAGES = 10
+"""passages retrieved and paged in per question, by default (`llmlab serve --passages`, `llmlab assistant eval
+--k`): a word the question and its answer's passage do not share can leave that passage below the fifth"""
 MAX_SPAN_WORDS = 6
 """the longest answer an extractive reading writes, in words (the packs' longest value has three)"""
 NOT_OPENING = " ".join(NOT_IN_PASSAGE.split()[:2])

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from llmlab import checkpoint
-from llmlab.assistants.reader import Reading, read_many
+from llmlab.assistants.reader import PASSAGES, Reading, read_many
 from llmlab.assistants.embedder import index_maker
 from llmlab.assistants.retrieval import Retriever
 from llmlab.assistants.store import Assistant, AssistantStore
@@ -48,9 +48,9 @@ class ServerConfig:
     """the custom assistants (`llmlab assistant create`), each served by its name: the passages of its files
     that best match the user's last message are read one at a time, and the answer of one that holds it is the
     reply, cited; else its instructions lead the conversation; only its tools run"""
-    passages: int = 10
+    passages: int = PASSAGES
     """passages of an assistant's files read for each question (paged into the context one at a time, in one
-    batch: a word the question and its answer's passage do not share can leave that passage below the fifth)"""
+    batch)"""
     embedder: str = ""
     """a dense retriever (`llmlab embed`'s checkpoint) fused with BM25 to find an assistant's passages (other
     words for the same thing meet); empty: BM25 alone"""

@@ -28,6 +28,7 @@ from llmlab import checkpoint as checkpoints
 from llmlab import world as worlds
 from llmlab.assistants import evals
 from llmlab.assistants.embedder import index_maker
+from llmlab.assistants.reader import PASSAGES
 from llmlab.assistants.store import TOOLS, AssistantStore
 from llmlab.engine import Engine
 from llmlab.errors import LLMLabError
@@ -65,7 +66,7 @@ class Config:
     """eval: the world whose knowledge packs, text and people the measurements use"""
     out_dir: str = "runs/cpu/assistant-eval"
     """eval: where report.md, results.json and needle.png go"""
-    k: int = 10
+    k: int = PASSAGES
     """eval: passages retrieved and paged in per question (as `llmlab serve --passages`)"""
     embedder: str = ""
     """eval: a dense retriever (`llmlab embed`'s checkpoint, e.g. runs/cpu/embed) whose ranking is fused with

@@ -224,8 +224,9 @@ def python_task(rng: random.Random, task: str, phrasing: str, words: list[str]) 
         xs = [number(rng, rng.randint(1, 2)) for _ in range(rng.randint(3, 5))]
         listed = ", ".join(map(str, sorted(xs)))
         # "( 5, 97, 3)": the numbers' tokens then read exactly as the question's " 5, 97, 3" (digits are single
-        # tokens), so the call is a copy of a stretch of the question ("(5" starts differently and drew miscopies:
-        # "5" -> "55", a number dropped or repeated); a tuple, not a list, because "[" opens a citation in every
+        # tokens), so the call is a copy of a stretch of the question (the list as Python writes it, "[5, 97, 3]",
+        # started differently and drew miscopies: "5" -> "55", a number dropped or repeated); a tuple, not a list
+        # with that space, "[ 5, 97, 3]", because "[" opens a citation in every
         # reading conversation ("22:40 [timetable.md#3]"), and after "sorted([" the assistant wrote one
         # ("sorted([do.md#ument#6]e 89")
         shown = ", ".join(map(str, xs))
