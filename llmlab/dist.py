@@ -77,8 +77,12 @@ def barrier() -> None:
 
 
 def shutdown() -> None:
-    """End the process group (at the end of a command)."""
+    """End the process group (at the end of a command), once every rank is there: a rank that tears its group
+    down while another still has collectives in flight can leave Gloo's worker threads holding work as the
+    interpreter exits, and abort ("terminate called without an active exception", seen at the end of FSDP runs
+    on CPU)."""
     if td.is_initialized():
+        td.barrier()
         td.destroy_process_group()
 
 
