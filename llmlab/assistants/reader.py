@@ -11,8 +11,9 @@ Reading a passage is two decisions, each the model's:
                answer than not) the passage holds the answer
     what       `extractive` (the default): of the replies "SPAN [file#index]", for every span of up to
                MAX_SPAN_WORDS of the passage's words that has no word of the question, is not function words
-               alone, does not cut a name in two and is of the kind the question asks for, where its words say
-               (`spans`, `answer_kind`), the one whose own tokens the model gives the
+               alone, does not cut a name in two or run on past a sentence's end, and is of the kind the
+               question asks for, where its words say (`spans`, `answer_kind`), the one whose own tokens the
+               model gives the
                highest mean log-probability, plus the log-probability that it opens the citation right after
                (the answer ends there), among those after which it does so with probability at least 1/2 (the
                answer is whole); so every answer is the passage's own words, the model choosing which.
@@ -22,7 +23,8 @@ Reading a passage is two decisions, each the model's:
 
 The kind of answer is read from the question's words, as extractive question answering has long done: "Who"
 asks for a name of at least two words, "What time" for a clock time, "How many" for a number, and so on
-(`ANSWER_KINDS`); a question that says none (most "What ...") takes any span. It is what the model, which takes
+(`ANSWER_KINDS`); a question that says none (most "What ...") takes any span, and so does a reading that
+is not extractive. It is what the model, which takes
 passages for holding the answer more readily than it should, does not check: "Who runs Sturkbruron
 Cooperative?" was answered "Tristummouth" from the passage on the head office, "What colour is a visitor's
 badge?" with the canteen's dish of the same passage. On 306 questions of six draws' packs (the world's and
