@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import random
 import re
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pytest
 from llmlab import presets, world
 from llmlab.errors import LLMLabError
 from llmlab.stages import world as world_stage
+from llmlab.world.conversations import Pools, conversation
 
 
 def _files(root: str) -> dict[str, bytes]:
@@ -227,6 +229,16 @@ def test_place_questions_agree_with_the_entities_and_held_out_places_stay_out_of
     # held-out phrasings are never in fine-tuning (nor in pretraining)
     heldout = [r["question"] for r in rows if r["group"].endswith("held-out phrasing")]
     assert heldout and not [q for q in heldout if q in sft or q in pretrain]
+    # nor are they asked of any other name: fine-tuning that asked unknown places in them taught the assistant
+    # that a held-out phrasing means "I don't know a country called ..." (the evaluation asks in both)
+    phrasings = [re.compile(re.escape(q).replace(re.escape("{name}"), ".+") + "$")
+                 for p in PLACE_QUESTIONS.values() for q in p["heldout"]]
+    assert not [m for m in asked if any(t.match(m) for t in phrasings)]
+    rng, pools = random.Random(0), Pools.for_sft(w)
+    unknown = [conversation(w, "unknown_place", rng, pools)[0]["content"] for _ in range(300)]
+    assert not [m for m in unknown if any(t.match(m) for t in phrasings)]
+    evaluated = [r["messages"][0]["content"] for r in _rows(tiny_world_dir, "assistant") if r["kind"] == "unknown_place"]
+    assert [m for m in evaluated if any(t.match(m) for t in phrasings)]
 
 
 def test_unknown_places_appear_nowhere_but_their_own_conversations(tiny_world_dir):

@@ -301,7 +301,7 @@ def conversation(world: World, kind: str, rng: random.Random, pools: Pools) -> l
         return _place_exchange(rng, pools, "seen")
     if kind == "unknown_place":
         place = rng.choice(pools.unknown_places)
-        return [{"role": "user", "content": unknown_place_question(rng, place["kind"], place["name"])},
+        return [{"role": "user", "content": unknown_place_question(rng, place["kind"], place["name"], ("seen",))},
                 {"role": "assistant", "content": UNKNOWN_PLACE_ANSWERS[place["kind"]].format(name=place["name"])}]
     if kind == "small_talk":
         return _small_talk(rng)

@@ -93,9 +93,13 @@ def place_answer(kind: str, attribute: str, name: str, fact: str) -> str:
     return PLACE_ANSWERS[(kind, attribute)].format(name=name, a=fact, article=article)
 
 
-def unknown_place_question(rng: random.Random, kind: str, name: str) -> str:
+def unknown_place_question(rng: random.Random, kind: str, name: str,
+                           phrasings: tuple[str, ...] = ("seen", "heldout")) -> str:
+    """A question about the place `name` of `kind` in one of `phrasings`: fine-tuning asks in the seen ones only
+    (asked unknown places in the held-out ones too, the assistant learnt that a held-out phrasing means "I don't
+    know a country called ...": 44% right on known places asked so), the evaluation in both."""
     attributes = [a for k, a in PLACE_QUESTIONS if k == kind]
-    return place_question(rng, kind, rng.choice(attributes), name, rng.choice(["seen", "heldout"]))
+    return place_question(rng, kind, rng.choice(attributes), name, rng.choice(phrasings))
 
 
 # -------------------------------------------------------------------------------------------------- small talk
