@@ -132,6 +132,17 @@ SMALL_TALK_SEEN = [
     ("Hi, how are you doing?", "I'm well, thank you. What can I do for you?"),
     ("Yo!", "Hi! What would you like to know?"), ("Greetings!", "Hello! How can I help you today?"),
     ("Cheers!", "You're welcome!"), ("Take care!", "Goodbye! Have a nice day."),
+    ("Morning!", "Good morning! How can I help?"), ("Hiya!", "Hi! What would you like to know?"),
+    ("Howdy!", "Hello! How can I help you today?"), ("Hello there.", "Hello! How can I help you today?"),
+    ("Good to see you!", "Hello! How can I help you today?"),
+    ("How have you been?", "I'm well, thank you. What can I do for you?"),
+    ("How's everything?", "I'm well, thank you. What can I do for you?"), ("Thanks so much!", "You're welcome!"),
+    ("Thank you kindly.", "You're welcome!"), ("Much appreciated.", "You're welcome!"),
+    ("Bye for now!", "Goodbye! Have a nice day."), ("Have a good day!", "Goodbye! Have a nice day."),
+    ("Pleased to meet you.", "Nice to meet you too! How can I help?"),
+    ("What else can you do?", "I can answer questions about the people, places and companies I read about, and I "
+                              "can use a calculator and Python."),
+    ("Can I ask you something?", "Sure, go ahead!"),
 ]
 SMALL_TALK_HELDOUT = ["Hi there!", "Hello", "hey", "Good evening!", "Good afternoon.", "How is it going?",
                       "Thanks a lot!", "Thank you!", "Goodbye.", "See you later!", "Can you help me?",
