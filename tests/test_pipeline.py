@@ -77,6 +77,25 @@ def test_a_stage_that_runs_again_sets_what_later_stages_made_from_it_aside(tmp_p
     assert set_aside(tmp_path, [str(tmp_path / "sft")]) is None
 
 
+def test_a_training_stage_made_with_other_settings_is_not_complete(tiny_run, tmp_path):
+    """A preset whose RL KL weight (or a learning rate) changed must not skip the stage its old checkpoint
+    completes; threads, the checkpoint cadence or more steps (which resume) change nothing it made."""
+    from llmlab.stages.speedrun import _done, changed_settings, outdated_by
+
+    cfg, _ = tiny_run
+    assert _done(cfg.sft) and changed_settings(cfg.sft) == []
+    assert changed_settings(dataclasses.replace(cfg.sft, threads=1, save_every=7, max_steps=cfg.sft.max_steps + 5)) == []
+    other = dataclasses.replace(cfg.sft, seed=cfg.sft.seed + 1,
+                                optim=dataclasses.replace(cfg.sft.optim, muon_lr=cfg.sft.optim.muon_lr * 2))
+    changes = changed_settings(other)
+    assert [c.split(":")[0] for c in changes] == ["optim.muon_lr", "seed"] and not _done(other)
+    assert changed_settings(dataclasses.replace(cfg.sft, out_dir=str(tmp_path / "none"))) == []
+    # the stage made anew sets its own output aside too, not only what later stages made from it
+    chain = [("pretrain", True, "b"), ("sft", False, "s"), ("rm", True, "r")]
+    assert outdated_by(chain, frozenset({"sft"})) == ("sft", ["s", "r"])
+    assert outdated_by(chain) == ("sft", ["r"])
+
+
 def _pretrain_cmd(cfg: pretrain.Config) -> list[str]:
     return [sys.executable, "-m", "llmlab", "pretrain", "--preset", "tiny", "--corpus", cfg.corpus,
             "--tokenizer", cfg.tokenizer, "--out_dir", cfg.out_dir, "--max_steps", str(cfg.max_steps),

@@ -144,7 +144,8 @@ def spans(text: str, question: str = "", max_words: int = MAX_SPAN_WORDS) -> lis
     "What is my home town?", nor "week 1" to "What is covered in week 1?"), is not FUNCTION_WORDS alone, and
     neither begins nor ends inside a name (`names`): "Saethvane" is not an answer where the passage says
     "Dalthithel Saethvane", whom a small model, weak at copying an invented first name, would otherwise cut
-    short; does not run on past the end of a sentence; and is of the kind the question asks for (`answer_kind`: no "Tristummouth" to "Who runs ...?")."""
+    short; does not run on past the end of a sentence; and is of the kind the question asks for (`answer_kind`:
+    no "Tristummouth" to "Who runs ...?")."""
     asked = {_word(w) for w in question.split()}
     words = text.split()
     inside = {k for a, b in names(words) for k in range(a + 1, b)}  # word positions a span may not cut before

@@ -4,7 +4,9 @@ world -> tokenizer -> pretrain -> (sft -> rm -> rl) -> evaluation of the base mo
 -> report. Each stage that already finished (its output complete on disk) is skipped, and pretraining resumes
 from its last checkpoint, so an interrupted speedrun continues where it stopped when started again. When a stage
 must run again (a world of other settings, a tokenizer missing, more pretraining steps), what the later stages
-made from its old output is moved, never deleted, to <run_dir>/stale-<time>/ and made again.
+made from its old output is moved, never deleted, to <run_dir>/stale-<time>/ and made again. A training stage
+whose checkpoint was made with other settings than the preset's now (`changed_settings`: an RL KL weight, a
+learning rate; not the threads or the checkpoint cadence) runs again from the start, its own output moved too.
 
 Under torchrun every process runs pretraining; rank 0 alone runs the other stages while the rest wait.
 """
@@ -69,21 +71,48 @@ class Config:
             raise LLMLabError(f"speedrun: eval_questions must be positive (got {self.eval_questions})")
 
 
+RUN_ONLY = frozenset({"threads", "device", "compile", "parallel", "resume", "keep_checkpoints", "save_every",
+                      "eval_every", "eval_rows", "out_dir", "max_steps"})
+"""settings of a training stage that do not change what it makes (more `max_steps` resume its checkpoint)"""
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    """{"optim.muon_lr": 0.04, ...}: nested settings with dotted names."""
+    out = {}
+    for key, value in d.items():
+        out.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key: value})
+    return out
+
+
+def changed_settings(cfg) -> list[str]:
+    """"name: old -> new" for each setting (outside RUN_ONLY) that the training stage's checkpoint was made with
+    and `cfg` changes (a preset's RL KL weight, a learning rate); [] when there is no checkpoint."""
+    if not checkpoint.has_checkpoint(cfg.out_dir):
+        return []
+    saved = _flat(checkpoint.read_info(cfg.out_dir).get("config") or {})
+    now = _flat(json.loads(json.dumps(to_dict(cfg))))
+    return [f"{k}: {saved[k]!r} -> {now[k]!r}" for k in sorted(now.keys() & saved.keys())
+            if k.split(".")[0] not in RUN_ONLY and saved[k] != now[k]]
+
+
 def _done(cfg) -> bool:
-    """A training stage is done when its latest checkpoint is at max_steps."""
-    return checkpoint.has_checkpoint(cfg.out_dir) and checkpoint.read_info(cfg.out_dir)["step"] >= cfg.max_steps
+    """A training stage is done when its latest checkpoint is at max_steps and was made with cfg's settings."""
+    return (checkpoint.has_checkpoint(cfg.out_dir) and checkpoint.read_info(cfg.out_dir)["step"] >= cfg.max_steps
+            and not changed_settings(cfg))
 
 
 def _tokenized(cfg) -> bool:
     return (Path(cfg.out_dir) / "tokenizer.json").is_file()
 
 
-def outdated_by(chain: list[tuple[str, bool, str]]) -> tuple[str | None, list[str]]:
+def outdated_by(chain: list[tuple[str, bool, str]],
+                remade: frozenset[str] = frozenset()) -> tuple[str | None, list[str]]:
     """chain: (stage, done, output) in order. The first stage that will run, and the outputs of the stages
-    after it (made from what it replaces)."""
+    after it (made from what it replaces), its own too when it is in `remade` (made anew, not resumed: its
+    settings changed)."""
     for i, (name, done, _) in enumerate(chain):
         if not done:
-            return name, [out for _, _, out in chain[i + 1:]]
+            return name, [out for _, _, out in chain[i + (name not in remade):]]
     return None, []
 
 
@@ -137,9 +166,14 @@ def main(cfg: Config) -> dict:
              ("pretrain", _done(cfg.pretrain), cfg.pretrain.out_dir)]
     chain += [("sft", _done(cfg.sft), cfg.sft.out_dir)] if cfg.assistant else []
     chain += [("rm", _done(cfg.rm), cfg.rm.out_dir), ("rl", _done(cfg.rl), cfg.rl.out_dir)] if cfg.assistant and cfg.align else []
-    rerun, outdated = outdated_by(chain)
+    trained = {"pretrain": cfg.pretrain, "sft": cfg.sft, "rm": cfg.rm, "rl": cfg.rl}
+    remade = {name: changes for name, _, _ in chain
+              if name in trained and (changes := changed_settings(trained[name]))}
+    rerun, outdated = outdated_by(chain, frozenset(remade))
+    if info.is_main and rerun in remade:
+        print(f"== {rerun} was trained with other settings ({'; '.join(remade[rerun])}): it is trained anew")
     if info.is_main and outdated and (stale := set_aside(run_dir, outdated)):
-        print(f"== {rerun} runs again: the later stages' earlier outputs were moved to {stale}")
+        print(f"== {rerun} runs again: the earlier outputs it and the later stages made were moved to {stale}")
     dist.barrier()
     results["world"] = stage("world", chain[0][1], lambda: world.main(cfg.world))
     results["tokenizer"] = stage("tokenizer", _tokenized(cfg.tokenizer), lambda: tokenizer.main(cfg.tokenizer))
