@@ -133,7 +133,7 @@ def test_answer_spans_keep_names_whole():
     text = "Dalthithel Saethvane is the fire safety officer. On Fridays the canteen serves mushroom risotto."
     words = text.split()
     assert [" ".join(words[a:b]) for a, b in names(words)] == ["Dalthithel Saethvane", "Fridays"]
-    found = spans(text, "What is said of fire safety?")
+    found = spans(text, "What is said?")
     assert "Dalthithel Saethvane" in found and "mushroom risotto" in found and "Fridays" in found
     assert "Saethvane" not in found and "Dalthithel" not in found  # a name cut in two is no answer
     assert not any(s.endswith(" is") or s.startswith("is ") for s in found)  # words of the question stay out
@@ -151,11 +151,18 @@ def test_answer_spans_are_of_the_kind_the_question_asks_for():
         s for s in spans(text, "What is a visitor's badge like?") if "yellow" in s.split()}
     assert all(":" in s for s in spans(text, "How late does the last bus depart?"))
     assert all("Thursday" in s.split() for s in spans(text, "On which weekday does the last bus leave?"))
-    how_many = spans(text, "How many people work at the Cooperative?")
+    how_many = spans(text, "How many staff are there?")
     assert "833" in how_many and all(any(ch.isdigit() for ch in s) for s in how_many)
     # a question whose words ask for no kind keeps every span, and so does one about the user's own numbers
     assert answer_kind("What is covered in week 2?") is None and answer_kind("What is my locker number?") is None
     assert "Tristummouth" in spans(text, "Where is the head office?")
+
+
+def test_answer_spans_come_from_the_sentence_closest_to_the_question():
+    text = "Heimel Gouzeinby handles payroll questions. Dalthithel Saethvane is the fire safety officer."
+    assert spans(text, "Who is responsible for fire safety?") == ["Dalthithel Saethvane"]
+    assert spans(text, "Who handles payroll?") == ["Heimel Gouzeinby"]
+    assert set(spans(text, "Who works there?")) == {"Heimel Gouzeinby", "Dalthithel Saethvane"}  # no word shared
 
 
 def test_a_model_that_does_not_read_answers_from_no_passage(tok):
