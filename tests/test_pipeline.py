@@ -84,7 +84,8 @@ def test_a_training_stage_made_with_other_settings_is_not_complete(tiny_run, tmp
 
     cfg, _ = tiny_run
     assert _done(cfg.sft) and changed_settings(cfg.sft) == []
-    assert changed_settings(dataclasses.replace(cfg.sft, threads=1, save_every=7, max_steps=cfg.sft.max_steps + 5)) == []
+    run_only = dataclasses.replace(cfg.sft, threads=1, save_every=7, max_steps=cfg.sft.max_steps + 5)
+    assert changed_settings(run_only) == []
     other = dataclasses.replace(cfg.sft, seed=cfg.sft.seed + 1,
                                 optim=dataclasses.replace(cfg.sft.optim, muon_lr=cfg.sft.optim.muon_lr * 2))
     changes = changed_settings(other)

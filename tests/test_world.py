@@ -237,7 +237,8 @@ def test_place_questions_agree_with_the_entities_and_held_out_places_stay_out_of
     rng, pools = random.Random(0), Pools.for_sft(w)
     unknown = [conversation(w, "unknown_place", rng, pools)[0]["content"] for _ in range(300)]
     assert not [m for m in unknown if any(t.match(m) for t in phrasings)]
-    evaluated = [r["messages"][0]["content"] for r in _rows(tiny_world_dir, "assistant") if r["kind"] == "unknown_place"]
+    evaluated = [r["messages"][0]["content"] for r in _rows(tiny_world_dir, "assistant")
+                 if r["kind"] == "unknown_place"]
     assert [m for m in evaluated if any(t.match(m) for t in phrasings)]
 
 

@@ -155,12 +155,11 @@ def spans(text: str, question: str = "", max_words: int = MAX_SPAN_WORDS) -> lis
     out = {" ".join(words[i:j]).strip(SPAN_TRIM) for i in range(len(words))
            for j in range(i + 1, min(len(words), i + max_words) + 1)
            if i not in inside and j not in inside
-           and not any(w[-1:] in ".!?" for w in words[i:j - 1])  # no answer runs on into the next sentence
            and not any(_word(w) in asked for w in words[i:j])
            and not all(_word(w) in FUNCTION_WORDS for w in words[i:j])}
     kind = answer_kind(question)
     found = {s for s in out if s and of_kind(s, kind)}
-    closest = _closest_sentences(text, asked)
+    closest = _closest_sentences(text, asked)  # (a span that runs on into the next sentence lies in none)
     return sorted(s for s in found if any(s in sentence for sentence in closest))
 
 
