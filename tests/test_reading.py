@@ -20,8 +20,9 @@ from llmlab.world import load
 from llmlab.world.config import WorldConfig
 from llmlab.world.conversations import Pools, conversation, sft_conversations
 from llmlab.world.entities import NameMaker
-from llmlab.world.packs import make_packs
-from llmlab.world.reading import NOT_IN_FILES, NOT_IN_PASSAGE, memory_fact, reading_conversation, reading_draws
+from llmlab.world.packs import make_packs, pack_chunks
+from llmlab.world.reading import (NOT_IN_FILES, NOT_IN_PASSAGE, PASSAGE_WORDS, hard_negatives, memory_fact,
+                                  reading_conversation, reading_draws)
 from serving import ScriptModel, make_tokenizer
 
 
@@ -48,17 +49,38 @@ def test_reading_conversations_answer_from_their_passage_or_say_it_does_not(worl
         assert cited == f"{cite}]" and answer in text  # the answer is copied from the passage it cites
     assert 0.5 < positives / len(rows) < 0.7
     # a negative's passage never holds the fact asked about: checked against the packs' own facts
-    facts = {f.question: f for draw in draws for f, _ in draw} | {f.seen: f for draw in draws for f, _ in draw}
+    facts = {f.question: f for draw in draws for f, *_ in draw} | {f.seen: f for draw in draws for f, *_ in draw}
     for r in rows:
         question, _, passage = r[0]["content"].partition("\n")
         if question in facts and r[1]["content"] == NOT_IN_PASSAGE:
             assert facts[question].sentence not in passage
 
 
+def test_hard_negatives_draw_each_passage_as_often_as_it_answers(world):
+    for pack, facts in make_packs(world, seed="reading-0").items():
+        chunks = pack_chunks(facts, PASSAGE_WORDS)
+        hard = hard_negatives(facts, chunks)
+        for f in facts:
+            for q in (f.question, f.seen):
+                assert sum(hard[q]) == pytest.approx(1, abs=1e-3)  # every question draws one
+                assert all(w == 0 for w, c in zip(hard[q], chunks) if f.sentence in c.text)  # never its own
+        held = [sum(f.sentence in c.text for f in facts) for c in chunks]
+        drawn = [sum(w[j] for w in hard.values()) / len(hard) for j in range(len(chunks))]
+        assert drawn == pytest.approx([h / sum(held) for h in held], abs=1e-3)
+        # and hard where that balance leaves room (in a handbook every question names the company, and only four
+        # passages do): a timetable's drawn negative shares more words with its question than a random one does
+        words = lambda t: {w.strip("?.,").lower() for w in t.split()}  # noqa: E731
+        hard_share = [sum(x * len(words(q) & words(c.text)) for c, x in zip(chunks, w)) / sum(w)
+                      for q, w in hard.items()]
+        any_share = [sum(len(words(q) & words(c.text)) for c, x in zip(chunks, w) if x > 0) / sum(x > 0 for x in w)
+                     for q, w in hard.items()]
+        assert sum(hard_share) > 1.2 * sum(any_share) or pack != "timetable"
+
+
 def test_reading_never_shows_the_worlds_own_packs(world):
     own = {f.sentence for facts in make_packs(world).values() for f in facts}
     draws = reading_draws(world, n=5)
-    read = {f.sentence for draw in draws for f, _ in draw}
+    read = {f.sentence for draw in draws for f, *_ in draw}
     company = make_packs(world)["handbook"][0].sentence.split(" was founded")[0]
     assert not any(company in sentence for sentence in read)
     assert len(own & read) < 0.2 * len(own)  # only sentences without a name may coincide ("Visitor badges are red.")

@@ -5,7 +5,8 @@
                     the top k passages paged in one at a time: llmlab.assistants.reader) and without them
                     (the question alone), exact answers; faithfulness: answers whose value is in the passage
                     they cite
-    needle          a needle-in-a-haystack grid: one fact of a pack the model never read (the needle) put at a
+    needle          a needle-in-a-haystack grid: one fact of a pack the model never read (the needle, a sentence
+                    that says on its own what its question asks about: `Fact.standalone`) put at a
                     depth of a long document of the world's text (the haystack, 1x to 100x the context);
                     answered by paging (the document chunked, retrieved, read) and by plain truncation (the
                     document's end that fits the context, as one passage: what a model without paging sees)
@@ -97,8 +98,8 @@ def needle(engine: Engine, tok: Tokenizer, world: World, lengths: tuple[float, .
     T = engine.model.config.context_len
     rng = random.Random(f"{seed}-needle")
     pool = _haystack_sentences(world)
-    needles = [f for i in range(per_cell) for f in [rng.choice(list(make_packs(world, seed=f"needle-{i}").values()))]
-               for f in [rng.choice(f)]]
+    needles = [rng.choice([f for f in rng.choice(list(make_packs(world, seed=f"needle-{i}").values())) if f.standalone])
+               for i in range(per_cell)]
     sizes = [len(tok.encode(" " + s)) for s in pool]
     cells, paging_q, trunc_q, answers = [], [], [], []
     for length in lengths:

@@ -46,6 +46,14 @@ class Fact:
     """the same question in other words (what a user asks, and what is measured)"""
     answer: str
 
+    @property
+    def standalone(self) -> bool:
+        """Whether the sentence read on its own says what the question asks about: every name and number the
+        question holds is in it. "Visitor badges are yellow." does not say of which company (its file does), so
+        put among other text it no longer answers "What colour is a visitor's badge at Viaa Cooperative?"."""
+        named = [w.strip("?,.") for w in self.question.split()[1:] if (w[:1].isupper() and w != "I") or w[:1].isdigit()]
+        return all(n in self.sentence for n in named)
+
 
 def _time(rng: random.Random, lo: int, hi: int) -> str:
     return f"{rng.randint(lo, hi):02d}:{rng.choice([0, 10, 15, 20, 30, 40, 45, 50]):02d}"

@@ -7,8 +7,9 @@ A reading conversation is a question and one passage, cited as `[file#index]`, i
                [timetable.md#3] The last bus 17 leaves Hollowgate at 22:40.
     assistant  22:40 [timetable.md#3]
 
-and, for a passage that does not hold the answer (in half of them, one of the same pack that shares the most
-words with the question: the hard case), NOT_IN_PASSAGE. One passage at a time is what fits the cpu
+and, for a passage that does not hold the answer (in half of them a hard one: of the same pack, sharing words
+with the question, drawn so that every passage is a negative as often as it holds an answer: `hard_negatives`),
+NOT_IN_PASSAGE. One passage at a time is what fits the cpu
 preset's 128-token context (a 12-word passage of invented names is about 40 tokens); a reader that pages
 the retrieved passages in one by one (llmlab.assistants.reader) answers from many.
 
@@ -84,10 +85,12 @@ def cited(answer: str, chunk: Chunk) -> str:
     return f"{answer} [{chunk.cite}]"
 
 
-def reading_draws(world: World, n: int = READING_DRAWS) -> list[list[tuple[Fact, list[Chunk]]]]:
-    """The facts of `n` other draws of the knowledge packs, each pack's with its passages."""
-    return [[(fact, chunks) for facts in make_packs(world, seed=f"reading-{i}").values()
-             for chunks in [pack_chunks(facts, PASSAGE_WORDS)] for fact in facts] for i in range(n)]
+def reading_draws(world: World, n: int = READING_DRAWS) -> list[list[tuple[Fact, list[Chunk], dict]]]:
+    """The facts of `n` other draws of the knowledge packs, each with its pack's passages and how a hard
+    negative is drawn from them (`hard_negatives`)."""
+    return [[(fact, chunks, hard) for facts in make_packs(world, seed=f"reading-{i}").values()
+             for chunks in [pack_chunks(facts, PASSAGE_WORDS)] for hard in [hard_negatives(facts, chunks)]
+             for fact in facts] for i in range(n)]
 
 
 def _overlap(question: str, text: str) -> int:
@@ -95,20 +98,47 @@ def _overlap(question: str, text: str) -> int:
     return len(words & {w.strip("?.,").lower() for w in text.split()})
 
 
-def _negative(rng: random.Random, question: str, holding: set[int], chunks: list[Chunk]) -> Chunk:
-    """A passage that does not hold the answer: in half the draws one of the three that share the most words
-    with the question, else any."""
-    others = [c for i, c in enumerate(chunks) if i not in holding]
-    if rng.random() < 0.5:
-        others = sorted(others, key=lambda c: -_overlap(question, c.text))[:3]
-    return rng.choice(others)
+def hard_negatives(facts: list[Fact], chunks: list[Chunk], rounds: int = 100) -> dict[str, list[float]]:
+    """{question: the weight of each passage as its hard negative}, for the pack's questions in both phrasings:
+    a passage that does not hold the answer, weighted by (1 + words shared with the question)^2, scaled (by
+    alternate row and column normalisation, Sinkhorn's) so that every question draws one and every passage is
+    drawn as often as it holds an answer.
+
+    Drawn by shared words alone, the passages that name the company ("Sturkbruron Cooperative was founded in
+    2003 in Tristummouth.") share words with every question of a handbook and were negatives in two readings of
+    three: the assistant learned the passage, not the question ("When was Sturkbruron Cooperative founded?",
+    read against that very passage, was answered 10% of the time). Balanced, a timetable's negatives stay hard
+    (its many lines are asked alike), a handbook's and a syllabus's are about as hard as random ones: only four
+    passages name the company that every question names."""
+    questions = [(q, f) for f in facts for q in (f.question, f.seen)]
+    w = [[0.0 if f.sentence in c.text else (1 + _overlap(q, c.text)) ** 2 for c in chunks] for q, f in questions]
+    held = [sum(f.sentence in c.text for f in facts) for c in chunks]
+    target = [h * len(questions) / sum(held) for h in held]
+    for _ in range(rounds):
+        for row in w:
+            total = sum(row)
+            row[:] = [x / total for x in row] if total else row
+        for j, t in enumerate(target):
+            total = sum(row[j] for row in w)
+            for row in w:
+                row[j] *= t / total if total else 0.0
+    return {q: row for (q, _), row in zip(questions, w)}
 
 
-def pack_reading(rng: random.Random, fact: Fact, chunks: list[Chunk]) -> list[dict]:
+def _negative(rng: random.Random, question: str, holding: set[int], chunks: list[Chunk], hard: dict) -> Chunk:
+    """A passage that does not hold the answer: in half the draws a hard one (`hard_negatives`), else any."""
+    weights = hard.get(question)
+    if rng.random() < 0.5 and weights and sum(weights) > 0:
+        return rng.choices(chunks, weights=weights)[0]
+    return rng.choice([c for i, c in enumerate(chunks) if i not in holding])
+
+
+def pack_reading(rng: random.Random, fact: Fact, chunks: list[Chunk], hard: dict) -> list[dict]:
+    """A reading of `fact` against one of its pack's passages `chunks` (`hard`: `hard_negatives`)."""
     question = fact.question if rng.random() < 0.5 else fact.seen
     holding = {i for i, c in enumerate(chunks) if fact.sentence in c.text}
     positive = rng.random() > NEGATIVE_SHARE
-    chunk = chunks[rng.choice(sorted(holding))] if positive else _negative(rng, question, holding, chunks)
+    chunk = chunks[rng.choice(sorted(holding))] if positive else _negative(rng, question, holding, chunks, hard)
     if rng.random() < 0.5:  # cited under another name and index (see FILE_NAMES)
         chunk = Chunk(rng.choice(FILE_NAMES), rng.randint(0, 99), chunk.text)
     reply = cited(fact.answer, chunk) if positive else NOT_IN_PASSAGE
@@ -154,10 +184,9 @@ def memory_reading(rng: random.Random, names: NameMaker, said: Callable[[random.
     return [*reading_prompt(chunk, question), {"role": "assistant", "content": NOT_IN_PASSAGE}]
 
 
-def reading_conversation(rng: random.Random, draws: list[list[tuple[Fact, list[Chunk]]]],
+def reading_conversation(rng: random.Random, draws: list[list[tuple[Fact, list[Chunk], dict]]],
                          names: NameMaker, said: Callable[[random.Random], str]) -> list[dict]:
     """One reading conversation (see the module docstring)."""
     if rng.random() < MEMORY_SHARE:
         return memory_reading(rng, names, said)
-    fact, chunks = rng.choice(rng.choice(draws))
-    return pack_reading(rng, fact, chunks)
+    return pack_reading(rng, *rng.choice(rng.choice(draws)))
