@@ -138,6 +138,9 @@ def test_dpo_objective_reports_its_implicit_rewards_by_definition():
     assert stats["reward_rejected"] == pytest.approx(float(rejected.mean()), rel=1e-5)
     assert stats["logp_chosen"] == pytest.approx(float(pi[:2].mean()), rel=1e-5)
     assert float(loss.detach()) == pytest.approx(float(-torch.nn.functional.logsigmoid(chosen - rejected).sum()), rel=1e-5)
+    # RPO: plus the chosen answers' negative log-likelihood per token (5 answer tokens a row here)
+    rpo = DPOLoss(reference, beta=0.5, nll=0.3).loss_sum(policy, (inputs, targets))
+    assert float(rpo.detach()) == pytest.approx(float(loss.detach() - 0.3 * (pi[:2] / 5).sum()), rel=1e-5)
 
 
 def test_rl_targets_exclude_the_prompt_the_padding_and_forced_tool_tokens():

@@ -3,7 +3,8 @@
     bradley_terry        -log sigmoid(r_chosen - r_rejected): a reward model from pairs (Bradley & Terry 1952;
                          InstructGPT's reward model loss)
     dpo                  -log sigmoid(beta * ((log pi_c - log ref_c) - (log pi_r - log ref_r))) (Rafailov et al.
-                         2023); beta * (log pi - log ref) is each answer's implicit reward
+                         2023); beta * (log pi - log ref) is each answer's implicit reward (`DPOLoss`: optionally
+                         plus the chosen answer's negative log-likelihood per token, RPO)
     policy_gradient      -A * log pi(token) on the sampled tokens, plus beta times a per-token KL estimate to the
                          frozen reference (k3 = exp(ref - logp) - (ref - logp) - 1: unbiased, never negative, zero
                          when the policy is the reference)
@@ -105,10 +106,12 @@ class PairwiseRewardLoss:
 
 class DPOLoss:
     """Objective of DPO: a batch is (inputs (2P, T), targets (2P, T)), chosen rows then rejected rows, targets
-    only on the answers' tokens; `reference` is the frozen model the policy started from."""
+    only on the answers' tokens; `reference` is the frozen model the policy started from. With `nll` > 0, plus
+    `nll` times the chosen answer's negative log-likelihood per token (RPO, Pang et al. 2024; TRL's
+    `rpo_alpha`): DPO alone may lower the chosen answers' likelihood too, moving it to answers in neither set."""
 
-    def __init__(self, reference: nn.Module, beta: float):
-        self.reference, self.beta = reference.eval().requires_grad_(False), beta
+    def __init__(self, reference: nn.Module, beta: float, nll: float = 0.0):
+        self.reference, self.beta, self.nll = reference.eval().requires_grad_(False), beta, nll
         self.stats = _Stats()
 
     def count(self, batch: tuple[torch.Tensor, ...]) -> int:
@@ -124,6 +127,9 @@ class DPOLoss:
         losses, chosen_reward, rejected_reward = dpo(pc, pr, rc, rr, self.beta)
         self.stats.add(pc.numel(), logp_chosen=pc, logp_rejected=pr, reward_chosen=chosen_reward,
                        reward_rejected=rejected_reward, train_accuracy=(chosen_reward > rejected_reward).float())
+        if self.nll:
+            tokens = (targets[:pc.numel()] != IGNORE_INDEX).sum(dim=-1).clamp(min=1)
+            losses = losses - self.nll * pc / tokens
         return losses.sum()
 
     def metrics(self) -> dict:

@@ -35,6 +35,9 @@ class Config(rm.Config):
     """the frozen reference (default: --policy)"""
     beta: float = 0.1
     """strength of the pull to the reference: the implicit reward is beta x log(pi / ref)"""
+    nll: float = 0.0
+    """weight of the chosen answers' negative log-likelihood per token, added to the DPO loss (RPO; 0: DPO
+    alone): keeps the chosen answers likely where DPO alone lowers chosen and rejected both"""
     judge_per_family: int = 40
     """held-out prompts per family for the final head-to-head against the reference (0 = none)"""
 
@@ -42,6 +45,8 @@ class Config(rm.Config):
         super().__post_init__()
         if not self.beta > 0:
             raise LLMLabError(f"--beta must be positive (got {self.beta})")
+        if self.nll < 0:
+            raise LLMLabError(f"--nll must be 0 or more (got {self.nll})")
 
 
 def policy_and_reference(policy_path: str, ref_path: str, device, stage: str):
@@ -68,11 +73,11 @@ def main(cfg: Config) -> dict:
     train, skipped = encode_pairs(train_pairs, tok, T)
     heldout, _ = encode_pairs(heldout_pairs, tok, T)
     if info.is_main:
-        print(f"dpo: {len(train)} training pairs, {len(heldout)} held-out pairs; beta {cfg.beta}"
+        print(f"dpo: {len(train)} training pairs, {len(heldout)} held-out pairs; beta {cfg.beta}, nll {cfg.nll}"
               + "".join(f"; skipped {n} ({why})" for why, n in skipped.items()))
 
     loader = PairLoader(train, cfg.batch_size, tok.pad_id, "policy", cfg.seed, info.rank, info.world_size)
-    objective = DPOLoss(ref.model, cfg.beta)
+    objective = DPOLoss(ref.model, cfg.beta, cfg.nll)
 
     @torch.no_grad()
     def evaluate(model) -> dict:
