@@ -123,7 +123,7 @@ def world_words(world_dir: str) -> frozenset[str]:
 def garbled(reply: str, words: frozenset[str], prompt: str = "") -> bool:
     """Whether `reply` has a word that is neither in `words` (the world's: `world_words`) nor in `prompt`."""
     allowed = {w.lower() for w in _WORD.findall(prompt)}
-    return any(w.lower() not in words and w.lower() not in allowed for w in _WORD.findall(reply))
+    return any(w not in words and w not in allowed for w in map(str.lower, _WORD.findall(reply)))
 
 
 def correct(family: str, expect: str, reply: str, called_tool: bool = False,

@@ -51,7 +51,8 @@ class Fact:
         """Whether the sentence read on its own says what the question asks about: every name and number the
         question holds is in it. "Visitor badges are yellow." does not say of which company (its file does), so
         put among other text it no longer answers "What colour is a visitor's badge at Viaa Cooperative?"."""
-        named = [w.strip("?,.") for w in self.question.split()[1:] if (w[:1].isupper() and w != "I") or w[:1].isdigit()]
+        named = [w.strip("?,.") for w in self.question.split()[1:]
+                 if (w[:1].isupper() and w != "I") or w[:1].isdigit()]
         return all(n in self.sentence for n in named)
 
 

@@ -31,8 +31,9 @@ Passages come from two sources:
 from __future__ import annotations
 
 import random
-
 from typing import Callable
+
+import numpy as np
 
 from llmlab.assistants.chunks import Chunk
 from llmlab.world.core import World
@@ -111,24 +112,22 @@ def hard_negatives(facts: list[Fact], chunks: list[Chunk], rounds: int = 100) ->
     (its many lines are asked alike), a handbook's and a syllabus's are about as hard as random ones: only four
     passages name the company that every question names."""
     questions = [(q, f) for f in facts for q in (f.question, f.seen)]
-    w = [[0.0 if f.sentence in c.text else (1 + _overlap(q, c.text)) ** 2 for c in chunks] for q, f in questions]
-    held = [sum(f.sentence in c.text for f in facts) for c in chunks]
-    target = [h * len(questions) / sum(held) for h in held]
+    w = np.array([[0.0 if f.sentence in c.text else (1 + _overlap(q, c.text)) ** 2 for c in chunks]
+                  for q, f in questions])
+    held = np.array([sum(f.sentence in c.text for f in facts) for c in chunks], dtype=float)
+    target = held * len(questions) / held.sum()
     for _ in range(rounds):
-        for row in w:
-            total = sum(row)
-            row[:] = [x / total for x in row] if total else row
-        for j, t in enumerate(target):
-            total = sum(row[j] for row in w)
-            for row in w:
-                row[j] *= t / total if total else 0.0
-    return {q: row for (q, _), row in zip(questions, w)}
+        rows = w.sum(axis=1, keepdims=True)
+        w = np.divide(w, rows, out=w, where=rows > 0)
+        cols = w.sum(axis=0)
+        w *= np.divide(target, cols, out=np.zeros_like(cols), where=cols > 0)
+    return {q: row for (q, _), row in zip(questions, w.tolist())}
 
 
 def _negative(rng: random.Random, question: str, holding: set[int], chunks: list[Chunk], hard: dict) -> Chunk:
     """A passage that does not hold the answer: in half the draws a hard one (`hard_negatives`), else any."""
-    weights = hard.get(question)
-    if rng.random() < 0.5 and weights and sum(weights) > 0:
+    weights = hard[question]
+    if rng.random() < 0.5 and sum(weights) > 0:  # (all 0 where every other passage holds the answer too)
         return rng.choices(chunks, weights=weights)[0]
     return rng.choice([c for i, c in enumerate(chunks) if i not in holding])
 
