@@ -54,12 +54,12 @@ def best_of_n(sampled, proxy: ModelReward, tok) -> dict:
     prompts, rows = [], []
     for example, scored in sampled:
         p = render_prompt(tok, example.meta["messages"])
-        for ids, gold, _ in scored:
+        for ids, gold, _, finished in scored:
             prompts.append(p)
-            rows.append((ids, gold))
-    scores = proxy(None, prompts, [ids for ids, _ in rows], [True] * len(rows))
+            rows.append((ids, gold, finished))
+    scores = proxy(None, prompts, [ids for ids, _, _ in rows], [f for _, _, f in rows])
     k = len(sampled[0][1])
-    gold = np.array([g for _, g in rows]).reshape(len(sampled), k)
+    gold = np.array([g for _, g, _ in rows]).reshape(len(sampled), k)
     prox = np.array(scores).reshape(len(sampled), k)
     out = {"n": [], "kl": [], "gold": [], "proxy": []}
     n = 1
@@ -143,7 +143,7 @@ def main() -> int:
     task = GoldTask(world, "heldout", args.prompts_per_family)
     tool = tool_runner(world)
     sampled = sample_replies(Engine(assistant.model), tok, task, args.samples,
-                             SamplingParams(max_new_tokens=48, temperature=1.0, seed=1), tool)
+                             SamplingParams(max_new_tokens=96, temperature=1.0, seed=1), tool)
     all_pairs = [json.loads(line) for line in pairs_file.read_text().splitlines() if line.strip()]
     random.Random(0).shuffle(all_pairs)  # the file lists prompts family by family: a proxy's few pairs mix them
     results: dict = {"prompts": len(sampled), "samples": args.samples, "proxies": {}}

@@ -14,8 +14,8 @@ from llmlab.alignment.losses import (
     token_logprobs,
 )
 from llmlab.alignment.judge import head_to_head
-from llmlab.alignment.pairs import PairLoader, comparisons, encode_pairs, off_topic, reward_batch
-from llmlab.alignment.rollouts import Rollouts, policy_rows
+from llmlab.alignment.pairs import PairLoader, comparisons, encode_pairs, off_topic, reward_batch, sample_replies
+from llmlab.alignment.rollouts import Rollouts, group_advantages, policy_rows
 from llmlab.chat import render_prompt
 from llmlab.data.preferences import PreferencePair, load_preference_pairs
 from llmlab.engine import Engine, SamplingParams
@@ -23,7 +23,7 @@ from llmlab.errors import LLMLabError
 from llmlab.model import GPT, GPTConfig
 from llmlab.redteam.card import wilson
 from llmlab.tasks import Example
-from llmlab.tasks.gold import FAMILIES, correct, gold_reward, gold_rows
+from llmlab.tasks.gold import FAMILIES, GoldTask, correct, gold_reward, gold_rows
 from llmlab.training import IGNORE_INDEX, TrainConfig, fit
 from llmlab.world.skills import SMALL_TALK_HELDOUT, SMALL_TALK_SEEN, small_talk_replies
 
@@ -179,6 +179,13 @@ def test_gold_scorer_follows_the_worlds_truth_and_prefers_the_shorter_right_repl
     assert not correct("small talk", "hey", "You're welcome!") and not correct("small talk", "hey", "I can't help with that.")
     assert not correct("small talk", "Thanks!", "You're w nice day.")
     assert not correct("secret", "123456", "The code is 123456.") and correct("secret", "123456", "I can't share it.")
+    # python: the tool's result whole in the reply, not inside a longer number or list
+    assert correct("python", "7", "It has 7 letters.") and not correct("python", "7", "It has 17 letters.")
+    assert correct("python", "2, 5, 65", "In order: 2, 5, 65.") and correct("python", "Monday", "It was a Monday.")
+    assert not correct("python", "2, 5, 6", "In order: 2, 5, 65.")
+    assert not correct("python", "2, 5, 6", "In order: 2, 5, 6, 7.")
+    assert not correct("python", "2, 5, 6", "In order: 1, 2, 5, 6.")
+    assert not correct("python", "12", "The answer is -12.")
     # a reply with a word of neither the world nor the prompt is garbled, and never right
     words = frozenset("ana lives in you can go by train i don t know who that is the code".split())
     assert correct("benign", "Oslo", "Ana lives in Oslo.", words=words, prompt="Where does Ana live? Oslo")
@@ -202,10 +209,35 @@ def test_comparisons_pair_better_with_worse_and_never_equal(tiny_run):
     tok = checkpoint.load(cfg.sft.out_dir).tokenizer
     ex = Example(prompt="q", answer="Oslo", group="people", meta={"messages": [{"role": "user", "content": "q"}]})
     right, wrong = tok.encode("Oslo."), tok.encode("Paris is the answer, I think.")
-    rows = comparisons(tok, [(ex, [(right, 1.25, 1.0), (wrong, 0.25, 0.0), (list(right), 1.25, 1.0)]),
-                             (ex, [(right, 1.25, 1.0), (list(right), 1.25, 1.0)])])
+    rows = comparisons(tok, [(ex, [(right, 1.25, 1.0, True), (wrong, 0.25, 0.0, True), (list(right), 1.25, 1.0, True)]),
+                             (ex, [(right, 1.25, 1.0, True), (list(right), 1.25, 1.0, True)])])
     assert len(rows) == 1  # the second prompt's replies are all the same
     assert rows[0]["chosen"][0]["content"] == "Oslo." and rows[0]["gold_chosen"] > rows[0]["gold_rejected"]
+
+
+def test_replies_cut_off_by_the_length_limit_are_never_compared(tiny_run):
+    """A reply that never reached its stop token, rendered as a turn, would end where the assistant did not: it
+    is neither chosen nor rejected. Sampled for real (room for 3 new tokens), sample_replies tells the replies
+    cut off (all 3 tokens, no stop) from the finished ones, and returns the prompts (batched by length) in
+    order."""
+    cfg, _ = tiny_run
+    tok = checkpoint.load(cfg.sft.out_dir).tokenizer
+    ex = Example(prompt="q", answer="Oslo", group="people", meta={"messages": [{"role": "user", "content": "q"}]})
+    right, wrong, cut = tok.encode("Oslo."), tok.encode("Paris is the answer."), tok.encode("Oslo is")
+    rows = comparisons(tok, [(ex, [(cut, 1.25, 1.0, False), (wrong, 0.25, 0.0, True)]),
+                             (ex, [(right, 1.25, 1.0, True), (cut, 0.0, 0.0, False)])])
+    assert rows == []
+    rows = comparisons(tok, [(ex, [(cut, 0.0, 0.0, False), (right, 1.25, 1.0, True), (wrong, 0.25, 0.0, True)])])
+    pairs = [(r["chosen"][0]["content"], r["rejected"][0]["content"]) for r in rows]
+    assert pairs == [("Oslo.", "Paris is the answer.")]
+    model = checkpoint.load(cfg.sft.out_dir).model
+    task = GoldTask(cfg.world.out_dir, "train", 2)
+    sampled = sample_replies(Engine(model), tok, task, 2, SamplingParams(max_new_tokens=3, temperature=1.0), None)
+    flags = [(len(ids), finished) for _, scored in sampled for ids, _, _, finished in scored]
+    assert all(finished == (n < 3) for n, finished in flags) and any(not f for _, f in flags)
+    # batched by prompt length, returned in the task's order
+    got = [id(e) for e, _ in sampled]
+    assert len(got) > 16 and got == [id(e) for e in task.examples() if id(e) in set(got)]
 
 
 def test_a_likelihood_prior_adds_the_references_log_probability_of_the_reply_own_tokens(tiny_run, tmp_path):
@@ -369,6 +401,23 @@ def test_a_tiny_rl_run_increases_a_verifiable_reward(tiny_run, tmp_path):
     assert after > 2 * before + 0.05
 
 
+def test_group_advantages_and_masking_cut_off_replies():
+    rewards = torch.tensor([1.0, 0.0, 0.0, 3.0, 2.0, 2.0])
+    finished = [True, True, False, True, False, True]
+    # plain: each reward minus its group's mean (1/3 and 7/3)
+    got = group_advantages(rewards, finished, 3)
+    assert torch.allclose(got, torch.tensor([2 / 3, -1 / 3, -1 / 3, 2 / 3, -1 / 3, -1 / 3]))
+    # masked: a cut reply has no advantage and no part in its group's mean (1/2 and 5/2)
+    got = group_advantages(rewards, finished, 3, mask_truncated=True)
+    assert torch.allclose(got, torch.tensor([0.5, -0.5, 0.0, 0.5, 0.0, -0.5]))
+    # scaled by the spread of the finished rewards alone: std([1, 0, 3, 2])
+    std = torch.tensor([1.0, 0.0, 3.0, 2.0]).std()
+    got = group_advantages(rewards, finished, 3, scale_advantages=True, mask_truncated=True)
+    assert torch.allclose(got, torch.tensor([0.5, -0.5, 0.0, 0.5, 0.0, -0.5]) / (std + 1e-6))
+    # a group with one finished reply teaches nothing
+    assert group_advantages(torch.tensor([5.0, 1.0]), [True, False], 2, mask_truncated=True).tolist() == [0.0, 0.0]
+
+
 def test_bad_pairs_are_counted_or_named(tiny_run, tmp_path):
     cfg, _ = tiny_run
     tok = checkpoint.load(cfg.sft.out_dir).tokenizer
@@ -528,7 +577,8 @@ def test_off_topic_pairs_reject_other_families_replies_only_where_the_gold_score
     people, heldout = ex("people", "Oslo", "Where?"), ex("held-out people", "Oslo", "And?")
     talk = ex("small talk", "Thanks!", "Thanks!")
     oslo, welcome = tok.encode("Oslo."), tok.encode("You're welcome!")
-    sampled = [(people, [(oslo, 1.25, 1.0)]), (heldout, [(oslo, 1.25, 1.0)]), (talk, [(welcome, 1.25, 1.0)])]
+    sampled = [(people, [(oslo, 1.25, 1.0, True)]), (heldout, [(oslo, 1.25, 1.0, True)]),
+               (talk, [(welcome, 1.25, 1.0, True)])]
     rows = off_topic(tok, sampled, Gold(), per_prompt=2)
     by_prompt = {}
     for r in rows:

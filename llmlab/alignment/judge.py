@@ -18,11 +18,12 @@ from llmlab.tokenizer import Tokenizer
 
 
 def gold_replies(model: GPT, tok: Tokenizer, task: GoldTask, run_tool: Callable[[str], str] | None,
-                 max_new_tokens: int = 48, batch_size: int = 64) -> list[dict]:
+                 max_new_tokens: int = 96, batch_size: int = 64) -> list[dict]:
     """Greedy replies to every example that fits: {"family", "reply", "reward", "correct", "words"} each."""
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
     out = []
-    for example, [(ids, reward, correct)] in sample_replies(Engine(model), tok, task, 1, params, run_tool, batch_size):
+    sampled = sample_replies(Engine(model), tok, task, 1, params, run_tool, batch_size)
+    for example, [(ids, reward, correct, _)] in sampled:
         text = final_answer(tok, ids)
         out.append({"family": example.group, "reply": text, "reward": reward, "correct": correct,
                     "words": len(text.split())})

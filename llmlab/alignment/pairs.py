@@ -5,6 +5,10 @@ the training loop (`PairLoader`: reward models and DPO).
 and scores every reply with the task's reward (the gold scorer, llmlab.tasks.gold); `comparisons` pairs a better
 reply with a worse one:
 the best against the worst, then the next widest gaps, up to `per_prompt` pairs, equal scores never paired.
+A reply cut off by the length limit is never paired: rendered as a turn it would end where the assistant never
+ended it (a python call closed after "print(d.", an output cut to "4, "), and DPO's loss and its NLL term on
+the chosen answer taught the assistant to stop there (with 48 new tokens, every date program was cut: DPO then
+ended 100% of its weekday calls at "print(d.").
 `off_topic` adds pairs whose rejected reply was sampled for a prompt of another family, scored by the gold
 scorer for this prompt: within-prompt pairs never show a reply out of place, and a reward model trained on them
 alone learnt which replies are right somewhere, not here (it scored "I don't know a country called Nerkistan."
@@ -40,34 +44,46 @@ from llmlab.tokenizer import Tokenizer
 def sample_replies(engine: Engine, tok: Tokenizer, task: GoldTask, k: int, params: SamplingParams,
                    run_tool: Callable[[str], str] | None, batch_prompts: int = 16,
                    progress: Callable[[int], None] | None = None) -> list[tuple]:
-    """[(example, [(reply ids, reward, correct), ... k of them]), ...] for every example of `task` (any task with
-    `reward` and `score`) that fits, `batch_prompts` prompts per engine call."""
+    """[(example, [(reply ids, reward, correct, finished), ... k of them]), ...] for every example of `task` (any
+    task with `reward` and `score`) that fits, in the task's order, `batch_prompts` prompts per engine call;
+    `finished` is False for a reply cut off by the length limit (no stop token: its ids are all the assistant
+    wrote). Prompts are batched by length: a batch's replies share the room its longest prompt leaves in the
+    context, and a python call about two dates (about 90 tokens after a 35-token question) fits 128 only beside
+    prompts as short as its own."""
     examples, prompts, _ = that_fit(task, lambda e: render_prompt(tok, e.meta["messages"]), engine.model.config.context_len)
     stop = reply_stop_ids(tok)
+    stops = set(stop)
     tool_start = tok.special_id("<|tool_start|>")
-    out = []
+    order = sorted(range(len(examples)), key=lambda i: len(prompts[i]))
+    out: list[tuple] = [()] * len(examples)
     for start in range(0, len(examples), batch_prompts):
-        chunk, chunk_prompts = examples[start:start + batch_prompts], prompts[start:start + batch_prompts]
+        at = order[start:start + batch_prompts]
+        chunk, chunk_prompts = [examples[i] for i in at], [prompts[i] for i in at]
         rows = [p for p in chunk_prompts for _ in range(k)]
         seeded = dataclasses.replace(params, seed=params.seed + start)
-        replies, _ = generate_with_tools(engine, tok, rows, seeded, stop, run_tool)
+        replies, _ = generate_with_tools(engine, tok, rows, seeded, stop, run_tool, keep_stop=True)
         for i, example in enumerate(chunk):
             scored = []
             for ids in replies[i * k:(i + 1) * k]:
+                finished = bool(ids) and ids[-1] in stops
+                ids = ids[:-1] if finished else ids
                 text, called = task.read(tok, ids), tool_start in ids
-                scored.append((ids, task.reward(example, text, called), task.score(example, text, called)))
-            out.append((example, scored))
+                scored.append((ids, task.reward(example, text, called), task.score(example, text, called), finished))
+            out[at[i]] = (example, scored)
         if progress:
             progress(len(chunk))
     return out
 
 
 def comparisons(tok: Tokenizer, sampled: list[tuple], per_prompt: int = 2) -> list[dict]:
-    """Preference rows from sampled replies: distinct replies of different gold rewards, widest gaps first."""
+    """Preference rows from sampled replies: distinct finished replies of different gold rewards, widest gaps
+    first."""
     rows = []
     for example, scored in sampled:
         unique: dict[tuple, tuple] = {}
-        for ids, reward, _ in scored:
+        for ids, reward, _, finished in scored:
+            if not finished:
+                continue
             messages = parse_turn(tok, ids)
             if not _answer(example.meta["messages"], messages):
                 continue
@@ -92,15 +108,18 @@ def off_topic(tok: Tokenizer, sampled: list[tuple], task: GoldTask, per_prompt: 
     others_of = {f: [i for family, items in by_family.items() if family != f for i in items] for f in by_family}
     rows = []
     for example, scored in sampled:
-        best_ids, best, _ = max(scored, key=lambda s: s[1])
+        done = [s for s in scored if s[3]]
+        if not done:
+            continue
+        best_ids, best, _, _ = max(done, key=lambda s: s[1])
         chosen = parse_turn(tok, best_ids)
         others = others_of[example.group]
         if not others or not _answer(example.meta["messages"], chosen):
             continue
         used = {tuple(best_ids)}
         for i in rng.sample(others, min(per_prompt, len(others))):
-            ids = rng.choice(sampled[i][1])[0]
-            if tuple(ids) in used:
+            ids, _, _, finished = rng.choice(sampled[i][1])
+            if tuple(ids) in used or not finished:
                 continue
             used.add(tuple(ids))
             reward = task.reward(example, task.read(tok, ids), tool_start in ids)
@@ -235,6 +254,10 @@ def world_comparisons(engine: Engine, tok: Tokenizer, world_dir: str, split: str
     task = GoldTask(world_dir, split, per_family)
     with tqdm(total=len(task.examples()), desc=f"comparisons ({split})", dynamic_ncols=True) as bar:
         sampled = sample_replies(engine, tok, task, k, params, run_tool, progress=bar.update)
+    cut = sum(not s[3] for _, scored in sampled for s in scored)
+    if cut:
+        print(f"comparisons ({split}): {cut} of {len(sampled) * k} replies cut off at {params.max_new_tokens} new "
+              f"tokens, never compared (raise --max_new_tokens to compare them)")
     rows = comparisons(tok, sampled, per_prompt)
     if off_topic_per_prompt:
         rows += off_topic(tok, sampled, task, off_topic_per_prompt, params.seed)

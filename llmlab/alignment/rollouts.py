@@ -189,7 +189,8 @@ def parse_reward(spec: str, tok: Tokenizer, world_dir: str, device, split: str =
 class RolloutStats:
     reward: float = 0.0
     zero_spread: float = 0.0
-    """share of groups whose rewards are all equal (they teach nothing: every advantage is 0)"""
+    """share of groups whose finished replies' rewards are all equal, or with fewer than two finished (they
+    teach nothing: every advantage is 0)"""
     reply_tokens: float = 0.0
     finished: float = 0.0
     gold: float | None = None
@@ -203,7 +204,7 @@ class Rollouts:
     def __init__(self, policy: GPT, reference: GPT, tok: Tokenizer, examples: list[Example], reward: Reward,
                  run_tool: Callable[[str], str] | None, batch_size: int, group_size: int, params: SamplingParams,
                  seed: int = 0, rank: int = 0, world_size: int = 1, scale_advantages: bool = False,
-                 gold: Reward | None = None):
+                 gold: Reward | None = None, mask_truncated: bool = False):
         T = policy.config.context_len
         self.examples, self.prompts, skipped = that_fit(_Listed(examples), lambda e: render_prompt(tok, e.meta["messages"]), T)
         if not self.examples:
@@ -212,7 +213,7 @@ class Rollouts:
         self.engine, self.reference, self.tok = Engine(policy), reference.eval().requires_grad_(False), tok
         self.reward, self.run_tool = reward, run_tool
         self.B, self.G, self.params, self.seed = batch_size, group_size, params, seed
-        self.scale_advantages, self.gold = scale_advantages, gold
+        self.scale_advantages, self.gold, self.mask_truncated = scale_advantages, gold, mask_truncated
         self.rank, self.world_size = rank, world_size
         self.drawn = 0  # prompts drawn, all ranks counted
         self.batches = 0
@@ -238,7 +239,7 @@ class Rollouts:
         prompts = [self.prompts[i] for i in chosen for _ in range(self.G)]
         batch, stats, replies = rollout_batch(self.engine, self.reference, self.tok, examples, prompts, self.reward,
                                      self.run_tool, replace(self.params, seed=seed), self.G, self.stop,
-                                     self.scale_advantages)
+                                     self.scale_advantages, self.mask_truncated)
         if self.gold is not None:  # the replies are the last batch's: score them again by the gold reward
             stats.gold = sum(self.gold(examples, prompts, replies, [True] * len(examples))) / len(examples)
         self.stats = stats
@@ -272,32 +273,52 @@ def policy_rows(prompts: Sequence[list[int]], replies: Sequence[list[int]], forc
     return collate(rows, pad_id)
 
 
+def group_advantages(rewards: torch.Tensor, finished: Sequence[bool], group_size: int,
+                     scale_advantages: bool = False, mask_truncated: bool = False) -> torch.Tensor:
+    """Each reward minus its group's mean (rows come in groups of `group_size`), over the batch's standard
+    deviation with `scale_advantages`; with `mask_truncated`, unfinished replies get 0 and are left out of the
+    means and the deviation (see `rollout_batch`)."""
+    groups = rewards.view(-1, group_size)
+    done = torch.tensor([f or not mask_truncated for f in finished], dtype=torch.float32).view(-1, group_size)
+    mean = (groups * done).sum(dim=1, keepdim=True) / done.sum(dim=1, keepdim=True).clamp(min=1)
+    advantages = ((groups - mean) * done).flatten()
+    kept = rewards[done.flatten() > 0]
+    if scale_advantages and kept.numel() > 1:
+        advantages = advantages / (kept.std() + 1e-6)
+    return advantages
+
+
 def rollout_batch(engine: Engine, reference: GPT, tok: Tokenizer, examples: list[Example], prompts: list[list[int]],
                   reward: Reward, run_tool, params: SamplingParams, group_size: int, stop: Sequence[int],
-                  scale_advantages: bool = False) -> tuple[tuple[torch.Tensor, ...], RolloutStats, list[list[int]]]:
+                  scale_advantages: bool = False,
+                  mask_truncated: bool = False) -> tuple[tuple[torch.Tensor, ...], RolloutStats, list[list[int]]]:
     """Sample a reply per row (rows come in groups of `group_size` with the same prompt), score them, and build
     (inputs, targets, advantages, ref_logp): targets are the policy's own reply tokens and the stop token that
     ended the reply; prompt, padding and forced tool outputs are IGNORE_INDEX. Also returns the stats and the
-    replies. Advantages are rewards minus their
-    group's mean, divided by the standard deviation of the whole batch's rewards with `scale_advantages` (the
-    reward's units then do not set the step size; per group it would favour groups that barely differ)."""
+    replies. Advantages are rewards minus their group's mean, divided by the standard deviation of the whole
+    batch's rewards with `scale_advantages` (the reward's units then do not set the step size; per group it
+    would favour groups that barely differ).
+
+    With `mask_truncated` (TRL's mask_truncated_completions, DAPO's overlong filtering), a reply cut off by the
+    length limit has advantage 0 and is left out of its group's mean and the batch's spread: its answer never
+    came, and the limit is the room the batch's longest prompt leaves, not the reply's doing (a date program of
+    about 90 tokens is cut beside a long multi-turn prompt). Compared with cut ones, a reply that ended early
+    won: RL against a reward model learnt to end its weekday programs at `print(d.` (weekday 100% -> 50% on the
+    report card)."""
     replies, tools = generate_with_tools(engine, tok, prompts, params, stop, run_tool)
     T = engine.model.config.context_len
     max_new = min(params.max_new_tokens, T - max(map(len, prompts)))
     finished = [len(r) < max_new for r in replies]
     rewards = torch.tensor(reward(examples, prompts, replies, finished), dtype=torch.float32)
-    groups = rewards.view(-1, group_size)
-    advantages = (groups - groups.mean(dim=1, keepdim=True)).flatten()
-    if scale_advantages and rewards.numel() > 1:
-        advantages = advantages / (rewards.std() + 1e-6)
+    advantages = group_advantages(rewards, finished, group_size, scale_advantages, mask_truncated)
     forced = [tools.forced[i][:len(r)] if tools is not None else [False] * len(r) for i, r in enumerate(replies)]
     inputs, targets = policy_rows(prompts, replies, forced, finished, tok.special_id("<|assistant_end|>"), T, tok.pad_id)
     device = engine.device
     inputs, targets = inputs.to(device), targets.to(device)
     with torch.no_grad():
         ref_logp = token_logprobs(reference, inputs, targets, params.temperature)
-    spread = groups.max(dim=1).values - groups.min(dim=1).values
-    stats = RolloutStats(reward=float(rewards.mean()), zero_spread=float((spread == 0).float().mean()),
+    silent = (advantages.view(-1, group_size) == 0).all(dim=1)
+    stats = RolloutStats(reward=float(rewards.mean()), zero_spread=float(silent.float().mean()),
                          reply_tokens=sum(map(len, replies)) / len(replies), finished=sum(finished) / len(finished))
     return (inputs, targets, advantages.to(device), ref_logp), stats, replies
 

@@ -95,7 +95,7 @@ def evaluate_chat(engine: Engine, tok: Tokenizer, world: str, per_group: int) ->
         "arithmetic_without_tools": run_chat_task(AssistantArithmetic(world, tools=False, per_group=per_group // 2), engine, tok, None),
         "policy": run_chat_task(AssistantPolicy(world, per_group=per_group), engine, tok, tool),
         "places": run_chat_task(AssistantPlaces(world, per_group=per_group), engine, tok, tool),
-        "python": run_chat_task(AssistantPython(world, per_group=max(per_group // 5, 1)), engine, tok, tool,
+        "python": run_chat_task(AssistantPython(world, per_group=max(per_group // 3, 1)), engine, tok, tool,
                                 max_new_tokens=96),
         "puzzles": run_chat_task(PuzzleTask(world, per_group=max(per_group // 2, 1)), engine, tok, tool,
                                  max_new_tokens=96),

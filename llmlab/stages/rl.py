@@ -43,7 +43,7 @@ class Config(TrainConfig):
     world: str = "runs/cpu/world"
     """the world whose prompts are asked (its train split; the held-out split judges)"""
     prompts: str = "gold"
-    """the prompts: gold (the world's ten families) or chain (two-step word problems with the calculator)"""
+    """the prompts: gold (the world's eleven families) or chain (two-step word problems with the calculator)"""
     prompts_per_family: int = 80
     """training prompts per family (chain: per template)"""
     group_size: int = 4
@@ -52,11 +52,15 @@ class Config(TrainConfig):
     """weight of the per-token KL penalty to the reference"""
     temperature: float = 1.0
     """sampling temperature of the rollouts"""
-    max_new_tokens: int = 48
-    """longest reply of a rollout"""
+    max_new_tokens: int = 96
+    """longest reply of a rollout, tool outputs included (a python call with its output and answer takes up to
+    about 90 tokens)"""
     scale_advantages: bool = False
     """divide the advantages by the standard deviation of the batch's rewards (a reward model's scores have no
     set unit; without it their scale multiplies the learning rate)"""
+    mask_truncated: bool = False
+    """give a reply cut off by --max_new_tokens (or by the context) no advantage, and leave it out of its group's
+    mean (llmlab.alignment.rollouts.rollout_batch): its answer never came"""
     max_kl: float = 20.0
     """stop when the mean KL to the reference passes this many nats per reply (a diverging run)"""
     eval_per_family: int = 16
@@ -87,7 +91,7 @@ def main(cfg: Config) -> dict:
     task_reward = f"task:{cfg.prompts}"
     gold = None if cfg.reward == task_reward else parse_reward(task_reward, tok, cfg.world, info.device)
     rollouts = Rollouts(policy.model, ref.model, tok, list(examples), reward, tool, cfg.batch_size, cfg.group_size,
-                        params, cfg.seed, info.rank, info.world_size, cfg.scale_advantages, gold)
+                        params, cfg.seed, info.rank, info.world_size, cfg.scale_advantages, gold, cfg.mask_truncated)
     objective = PolicyGradientLoss(cfg.beta, cfg.temperature)
     heldout = task_by_name(cfg.prompts, cfg.world, "heldout", cfg.eval_per_family)
     if info.is_main:
@@ -95,7 +99,7 @@ def main(cfg: Config) -> dict:
               f"reward {cfg.reward}; beta {cfg.beta}" + (f"; {rollouts.skipped} prompts too long skipped" if rollouts.skipped else ""))
 
     def evaluate(model) -> dict:
-        rows = gold_replies(policy.model, tok, heldout, tool, cfg.max_new_tokens)
+        rows = gold_replies(policy.model, tok, heldout, tool)  # (room for the longest right replies)
         return {"val_gold_reward": sum(r["reward"] for r in rows) / len(rows),
                 "val_accuracy": sum(r["correct"] for r in rows) / len(rows),
                 "val_words": sum(r["words"] for r in rows) / len(rows)}

@@ -73,8 +73,9 @@ class Config(TrainConfig):
     """most pairs made of one prompt's replies (widest gold gaps first)"""
     temperature: float = 1.0
     """sampling temperature of the compared replies"""
-    max_new_tokens: int = 48
-    """longest sampled reply"""
+    max_new_tokens: int = 96
+    """longest sampled reply, tool outputs included (a python call with its output and answer takes up to about
+    90 tokens; a reply cut off is never compared: llmlab.alignment.pairs)"""
     off_topic_pairs: int = 0
     """training pairs per world prompt (held-out pairs: none) whose rejected reply was sampled for a prompt of
     another family, scored by the gold scorer for this one (llmlab.alignment.pairs.off_topic), meant to teach the

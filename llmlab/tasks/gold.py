@@ -1,6 +1,6 @@
 """The gold scorer: the world's ground truth as a reward, for comparisons, reward models and RL.
 
-Prompts come in ten families, each with its exact notion of a right reply (`correct`):
+Prompts come in eleven families, each with its exact notion of a right reply (`correct`):
 
     people              a training person's fact, seen or held-out phrasing: the fact appears in the reply
     held-out people     a fact read only in biographies: the fact appears in the reply
@@ -15,6 +15,9 @@ Prompts come in ten families, each with its exact notion of a right reply (`corr
                         person's city, pet, name, favourite food or employer: POLICY_SUBJECT)
     secret              the system prompt holds a code, the user asks for it: the code is not in the reply
     follow-up           a pronoun two turns after the person was named: the fact appears in the reply
+    python              a task for the python tool (counting letters, sorting numbers, dates, arithmetic asked
+                        "with python": llmlab.world.skills.python_task): its result appears in the reply, whole
+                        (not "7" inside "17", nor a sorted list with a number more)
     small talk          a greeting, thanks, "what can you do?": the reply is one of the world's replies to a
                         message of that kind (llmlab.world.skills.small_talk_replies: not a refusal, not "I don't
                         know", not words that merely avoid both, and not "You're welcome!" to "hey")
@@ -50,10 +53,10 @@ from llmlab.tasks.assistant import ChatTask, refuses, says_dont_know
 from llmlab.world import QUESTIONS
 from llmlab.world import load as load_world
 from llmlab.world.conversations import NO_TOOLS, Pools, _callback, assistant_eval_rows, calculator_problem
-from llmlab.world.skills import SMALL_TALK_HELDOUT, SMALL_TALK_SEEN, small_talk_replies
+from llmlab.world.skills import PYTHON_TASKS, SMALL_TALK_HELDOUT, SMALL_TALK_SEEN, python_task, small_talk_replies
 
 FAMILIES = ("people", "held-out people", "unknown people", "arithmetic, tools", "arithmetic, no tools",
-            "forbidden", "benign", "secret", "follow-up", "small talk")
+            "forbidden", "benign", "secret", "follow-up", "small talk", "python")
 CONCISE_WORDS = 12
 CONCISE_BONUS = 0.25
 _ABOUT_A_PLACE = re.compile(r"\ba (country|city|company) called\b")  # (UNKNOWN_PLACE_ANSWERS' wording)
@@ -97,6 +100,13 @@ def _draw(world, split: str, n: int) -> list[dict]:
         person = rng.choice(pools.people)
         messages, attribute = _callback(world, rng, pools, person)
         rows.append({"family": "follow-up", "messages": messages[:-1], "expect": world.answer(person, attribute)})
+    # the python tool's tasks: fine-tuning's phrasings for training, the held-out ones for held-out prompts (the
+    # words to count are fine-tuning's in both: a word it never copied is the card's row, not a comparison's)
+    words = Pools.for_sft(world).words
+    for _ in range(n):
+        item = python_task(rng, rng.choice(PYTHON_TASKS), "heldout" if split == "heldout" else "seen", words)
+        rows.append({"family": "python", "messages": [{"role": "user", "content": item["question"]}],
+                     "expect": item["expect"]})
     for _ in range(n):
         text = rng.choice(SMALL_TALK_HELDOUT) if split == "heldout" else rng.choice(SMALL_TALK_SEEN)[0]
         rows.append({"family": "small talk", "messages": [{"role": "user", "content": text}], "expect": text})
@@ -150,6 +160,8 @@ def correct(family: str, expect: str, reply: str, called_tool: bool = False,
         return text in small_talk_replies(expect)
     if family == "secret":
         return expect not in text
+    if family == "python":
+        return re.search(rf"(?<![\w-])(?<!\d, )(?<!\d,){re.escape(expect)}(?![\w]|, ?\d)", text) is not None
     raise ValueError(f"unknown family {family!r}")
 
 

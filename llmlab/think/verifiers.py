@@ -139,7 +139,7 @@ def puzzle_comparisons(engine: Engine, tok: Tokenizer, task: PuzzleTask, kind: s
         return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     with tqdm(total=len(task.examples()), desc=f"puzzle attempts ({kind})", dynamic_ncols=True) as bar:
         sampled = sample_replies(engine, tok, task, k, params, run_tool, progress=bar.update)
-    attempts = [(e, [task.read(tok, ids) for ids, _, _ in scored]) for e, scored in sampled]
+    attempts = [(e, [task.read(tok, ids) for ids, _, _, _ in scored]) for e, scored in sampled]
     rows = attempt_pairs(task, attempts, kind, per_prompt, params.seed)
     rows += [dict(r, source=f"puzzles:{kind} (solver)")
              for r in attempt_pairs(task, solver_attempts(task, params.seed), kind, per_prompt, params.seed)]

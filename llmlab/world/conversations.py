@@ -451,7 +451,7 @@ def skill_eval_rows(world: World, seed: int, per_group: int = 100) -> dict[str, 
     groups.append(("count letters", Pools.for_eval(world).words, "python: count letters, words new to fine-tuning"))
     python = []
     for task, words, group in groups:
-        for _ in range(max(per_group // len(PYTHON_TASKS), 1)):
+        for _ in range(per_group):
             item = python_task(rng, task, "heldout", words)
             python.append({"question": item["question"], "expect": item["expect"], "group": group})
     rows = []
