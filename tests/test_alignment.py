@@ -14,7 +14,8 @@ from llmlab.alignment.losses import (
     token_logprobs,
 )
 from llmlab.alignment.judge import head_to_head
-from llmlab.alignment.pairs import PairLoader, comparisons, encode_pairs, off_topic, reward_batch, sample_replies
+from llmlab.alignment.pairs import (PairLoader, Sampled, comparisons, encode_pairs, off_topic, reward_batch,
+                                   sample_replies)
 from llmlab.alignment.rollouts import Rollouts, group_advantages, policy_rows
 from llmlab.chat import render_prompt
 from llmlab.data.preferences import PreferencePair, load_preference_pairs
@@ -209,8 +210,9 @@ def test_comparisons_pair_better_with_worse_and_never_equal(tiny_run):
     tok = checkpoint.load(cfg.sft.out_dir).tokenizer
     ex = Example(prompt="q", answer="Oslo", group="people", meta={"messages": [{"role": "user", "content": "q"}]})
     right, wrong = tok.encode("Oslo."), tok.encode("Paris is the answer, I think.")
-    rows = comparisons(tok, [(ex, [(right, 1.25, 1.0, True), (wrong, 0.25, 0.0, True), (list(right), 1.25, 1.0, True)]),
-                             (ex, [(right, 1.25, 1.0, True), (list(right), 1.25, 1.0, True)])])
+    good, again = Sampled(right, 1.25, 1.0, True), Sampled(list(right), 1.25, 1.0, True)
+    bad = Sampled(wrong, 0.25, 0.0, True)
+    rows = comparisons(tok, [(ex, [good, bad, again]), (ex, [good, again])])
     assert len(rows) == 1  # the second prompt's replies are all the same
     assert rows[0]["chosen"][0]["content"] == "Oslo." and rows[0]["gold_chosen"] > rows[0]["gold_rejected"]
 
@@ -224,10 +226,11 @@ def test_replies_cut_off_by_the_length_limit_are_never_compared(tiny_run):
     tok = checkpoint.load(cfg.sft.out_dir).tokenizer
     ex = Example(prompt="q", answer="Oslo", group="people", meta={"messages": [{"role": "user", "content": "q"}]})
     right, wrong, cut = tok.encode("Oslo."), tok.encode("Paris is the answer."), tok.encode("Oslo is")
-    rows = comparisons(tok, [(ex, [(cut, 1.25, 1.0, False), (wrong, 0.25, 0.0, True)]),
-                             (ex, [(right, 1.25, 1.0, True), (cut, 0.0, 0.0, False)])])
+    rows = comparisons(tok, [(ex, [Sampled(cut, 1.25, 1.0, False), Sampled(wrong, 0.25, 0.0, True)]),
+                             (ex, [Sampled(right, 1.25, 1.0, True), Sampled(cut, 0.0, 0.0, False)])])
     assert rows == []
-    rows = comparisons(tok, [(ex, [(cut, 0.0, 0.0, False), (right, 1.25, 1.0, True), (wrong, 0.25, 0.0, True)])])
+    rows = comparisons(tok, [(ex, [Sampled(cut, 0.0, 0.0, False), Sampled(right, 1.25, 1.0, True),
+                                   Sampled(wrong, 0.25, 0.0, True)])])
     pairs = [(r["chosen"][0]["content"], r["rejected"][0]["content"]) for r in rows]
     assert pairs == [("Oslo.", "Paris is the answer.")]
     model = checkpoint.load(cfg.sft.out_dir).model
@@ -577,8 +580,8 @@ def test_off_topic_pairs_reject_other_families_replies_only_where_the_gold_score
     people, heldout = ex("people", "Oslo", "Where?"), ex("held-out people", "Oslo", "And?")
     talk = ex("small talk", "Thanks!", "Thanks!")
     oslo, welcome = tok.encode("Oslo."), tok.encode("You're welcome!")
-    sampled = [(people, [(oslo, 1.25, 1.0, True)]), (heldout, [(oslo, 1.25, 1.0, True)]),
-               (talk, [(welcome, 1.25, 1.0, True)])]
+    sampled = [(people, [Sampled(oslo, 1.25, 1.0, True)]), (heldout, [Sampled(oslo, 1.25, 1.0, True)]),
+               (talk, [Sampled(welcome, 1.25, 1.0, True)])]
     rows = off_topic(tok, sampled, Gold(), per_prompt=2)
     by_prompt = {}
     for r in rows:

@@ -26,7 +26,7 @@ import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 from tqdm import tqdm
@@ -41,15 +41,24 @@ from llmlab.tasks.gold import GoldTask
 from llmlab.tokenizer import Tokenizer
 
 
+class Sampled(NamedTuple):
+    """One sampled reply and how the task scores it."""
+
+    ids: list[int]
+    """the reply's tokens, tool outputs included, without the stop token"""
+    reward: float
+    correct: float
+    finished: bool
+    """False for a reply cut off by the length limit (no stop token: its ids are all the assistant wrote)"""
+
+
 def sample_replies(engine: Engine, tok: Tokenizer, task: GoldTask, k: int, params: SamplingParams,
                    run_tool: Callable[[str], str] | None, batch_prompts: int = 16,
                    progress: Callable[[int], None] | None = None) -> list[tuple]:
-    """[(example, [(reply ids, reward, correct, finished), ... k of them]), ...] for every example of `task` (any
-    task with `reward` and `score`) that fits, in the task's order, `batch_prompts` prompts per engine call;
-    `finished` is False for a reply cut off by the length limit (no stop token: its ids are all the assistant
-    wrote). Prompts are batched by length: a batch's replies share the room its longest prompt leaves in the
-    context, and a python call about two dates (about 90 tokens after a 35-token question) fits 128 only beside
-    prompts as short as its own."""
+    """[(example, [Sampled, ... k of them]), ...] for every example of `task` (any task with `reward` and
+    `score`) that fits, in the task's order, `batch_prompts` prompts per engine call. Prompts are batched by
+    length: a batch's replies share the room its longest prompt leaves in the context, and a python call about
+    two dates (about 90 tokens after a 35-token question) fits 128 only beside prompts as short as its own."""
     examples, prompts, _ = that_fit(task, lambda e: render_prompt(tok, e.meta["messages"]), engine.model.config.context_len)
     stop = reply_stop_ids(tok)
     stops = set(stop)
@@ -68,7 +77,8 @@ def sample_replies(engine: Engine, tok: Tokenizer, task: GoldTask, k: int, param
                 finished = bool(ids) and ids[-1] in stops
                 ids = ids[:-1] if finished else ids
                 text, called = task.read(tok, ids), tool_start in ids
-                scored.append((ids, task.reward(example, text, called), task.score(example, text, called), finished))
+                reward, right = task.reward(example, text, called), task.score(example, text, called)
+                scored.append(Sampled(ids, reward, right, finished))
             out[at[i]] = (example, scored)
         if progress:
             progress(len(chunk))
@@ -108,10 +118,10 @@ def off_topic(tok: Tokenizer, sampled: list[tuple], task: GoldTask, per_prompt: 
     others_of = {f: [i for family, items in by_family.items() if family != f for i in items] for f in by_family}
     rows = []
     for example, scored in sampled:
-        done = [s for s in scored if s[3]]
+        done = [s for s in scored if s.finished]
         if not done:
             continue
-        best_ids, best, _, _ = max(done, key=lambda s: s[1])
+        best_ids, best, _, _ = max(done, key=lambda s: s.reward)
         chosen = parse_turn(tok, best_ids)
         others = others_of[example.group]
         if not others or not _answer(example.meta["messages"], chosen):
@@ -254,7 +264,7 @@ def world_comparisons(engine: Engine, tok: Tokenizer, world_dir: str, split: str
     task = GoldTask(world_dir, split, per_family)
     with tqdm(total=len(task.examples()), desc=f"comparisons ({split})", dynamic_ncols=True) as bar:
         sampled = sample_replies(engine, tok, task, k, params, run_tool, progress=bar.update)
-    cut = sum(not s[3] for _, scored in sampled for s in scored)
+    cut = sum(not s.finished for _, scored in sampled for s in scored)
     if cut:
         print(f"comparisons ({split}): {cut} of {len(sampled) * k} replies cut off at {params.max_new_tokens} new "
               f"tokens, never compared (raise --max_new_tokens to compare them)")
