@@ -7,6 +7,11 @@ computed, the reference's log-probabilities) + one optimizer step of the policy 
 reply tokens / rollout seconds; plain sampling = the same rows' prompts, `generate` with the same settings.
 Medians of --rounds steps after a warm-up.
 
+Also the engine's two economies for batches whose replies end at different lengths, on the same rows with the
+same tools: sampling them as the engine does (rows that stop leave the batch, tool calls run in a pool while the
+batch decodes) against the batch kept whole to its longest reply with each call run in turn (`COMPACT_AT = 0`,
+`tool_workers=0`), in the same run.
+
     python bench/b7_rl.py [--policy runs/cpu/sft] [--rounds 5]
 """
 
@@ -25,7 +30,7 @@ import torch
 from llmlab import checkpoint
 from llmlab.alignment.losses import PolicyGradientLoss
 from llmlab.alignment.rollouts import Rollouts, TaskReward
-from llmlab.engine import Engine, SamplingParams
+from llmlab.engine import Engine, SamplingParams, generate_with_tools
 from llmlab.optim import OptimConfig, build_optimizers
 from llmlab.tasks.gold import GoldTask
 from llmlab.tools import tool_runner
@@ -56,7 +61,10 @@ def main() -> int:
     optimizers = build_optimizers(policy, OptimConfig(muon_lr=0.002, embed_lr=0.01, head_lr=0.0005, scalar_lr=0.001))
     objective = PolicyGradientLoss(beta=0.05, temperature=params.temperature)
     engine = Engine(policy)
-    rollout_rates, step_rates, plain_rates = [], [], []
+    whole = Engine(policy)
+    whole.COMPACT_AT = 0.0
+    stop = [tok.special_id("<|assistant_end|>")]
+    rollout_rates, step_rates, plain_rates, econ_rates, whole_rates = [], [], [], [], []
     for i in range(args.rounds + 1):
         t0 = time.perf_counter()
         batch = source.next_batch()
@@ -68,19 +76,32 @@ def main() -> int:
         t3 = time.perf_counter()
         out = engine.generate(prompts, dataclasses.replace(params, seed=i), [tok.special_id("<|assistant_end|>")])
         plain = sum(map(len, out)) / (time.perf_counter() - t3)
+        rates = []
+        for eng, workers in ((engine, 4), (whole, 0)):
+            t4 = time.perf_counter()
+            out, _ = generate_with_tools(eng, tok, prompts, dataclasses.replace(params, seed=i), stop, tool,
+                                         tool_workers=workers)
+            rates.append(sum(map(len, out)) / (time.perf_counter() - t4))
         if i == 0:
             continue  # warm-up
+        econ_rates.append(rates[0])
+        whole_rates.append(rates[1])
         rollout_rates.append(tokens / (t1 - t0))
         step_rates.append(1 / (t2 - t0))
         plain_rates.append(plain)
     result = {"rollout_tokens_per_s": statistics.median(rollout_rates), "rl_steps_per_s": statistics.median(step_rates),
-              "engine_tokens_per_s": statistics.median(plain_rates), "rows": args.prompts * args.group}
+              "engine_tokens_per_s": statistics.median(plain_rates), "rows": args.prompts * args.group,
+              "with_tools_tokens_per_s": statistics.median(econ_rates),
+              "with_tools_whole_batch_tokens_per_s": statistics.median(whole_rates)}
     print(f"B7 RL on {args.policy} ({policy.num_params() / 1e6:.2f}M parameters), {result['rows']} rows per step "
           f"({args.prompts} prompts x {args.group}), {torch.get_num_threads()} threads, medians of {args.rounds}:")
     print(f"  rollouts (engine + tools + rewards + reference): {result['rollout_tokens_per_s']:8.0f} reply tokens/s")
     print(f"  plain batched sampling, same rows (B3's measure): {result['engine_tokens_per_s']:8.0f} tokens/s "
           f"(rollouts at {result['rollout_tokens_per_s'] / result['engine_tokens_per_s']:.2f}x)")
     print(f"  RL steps/s (rollouts + one optimizer step):      {result['rl_steps_per_s']:8.2f}")
+    econ, kept = result["with_tools_tokens_per_s"], result["with_tools_whole_batch_tokens_per_s"]
+    print(f"  sampling the same rows with tools, as the engine does (stopped rows leave, calls in a pool): "
+          f"{econ:.0f} tokens/s; batch kept whole, calls in turn: {kept:.0f} tokens/s ({econ / kept:.2f}x)")
     if args.json:
         Path(args.json).write_text(json.dumps({**result, "args": vars(args)}, indent=2) + "\n")
     return 0

@@ -13,6 +13,7 @@ reference for the parity tests.
 from __future__ import annotations
 
 import math
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
@@ -24,6 +25,10 @@ from llmlab.errors import LLMLabError
 from llmlab.model import GPT, GPTConfig, KVCache, apply_rotary
 from llmlab.tokenizer import Tokenizer
 
+
+TOOL_WORKERS = 4
+"""tool calls of one batch that run at once in `generate_with_tools` by default (a sandboxed program is a
+process of its own)"""
 
 SEED_LIMIT = 2**63
 """seeds are in [0, SEED_LIMIT): a signed 64-bit integer, what torch's generators and SQLite keep exactly"""
@@ -285,12 +290,31 @@ class Engine:
         if cache.pad_lens is not None:
             torch._dynamo.mark_dynamic(cache.pad_lens, 0)
 
-    @torch.inference_mode()
     def steps(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
-              choose: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+              choose: Callable[..., torch.Tensor] | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yield (tokens (B,), logits (B, V)) for every new position: each row's sampled token and the fp32
         logits it was sampled from, until max_new_tokens or the context is full. No stop handling here.
         `choose`, when given, maps the sampled tokens to the tokens actually appended (forced tool output)."""
+        for _, tokens, logits in self.live_steps(prompts, params, choose):
+            yield tokens, logits
+
+    # A batch drops its stopped rows once no more than this share of its rows is still running: each drop copies
+    # the cache, so dropping at every stop would cost more than decoding the stopped rows a few steps longer
+    # (0: never, every row decodes to the end; bench/b7_rl.py measures both).
+    COMPACT_AT = 0.75
+
+    @torch.inference_mode()
+    def live_steps(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
+                   choose: Callable[..., torch.Tensor] | None = None,
+                   stopped: Callable[[list[int], torch.Tensor], list[bool]] | None = None
+                   ) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
+        """`steps` for rows that stop at different times. Yield (rows, tokens, logits) for the rows still
+        running: their indices in `prompts`, the token each appends and the logits it was sampled from. After
+        each step `stopped(rows, tokens)` says which of them have just stopped; they are never yielded again, and
+        once at most `COMPACT_AT` of the batch still runs their keys and values leave the cache, so a batch costs
+        about what its running rows cost (the replies of one batch end at very different lengths: in the
+        alignment stages' sampling about two thirds of a batch's row-steps were rows that had already stopped).
+        `choose(tokens, rows)` maps the running rows' sampled tokens to the tokens they append."""
         cfg = self.model.config
         _check_prompts(prompts, cfg.context_len)
         longest = max(len(p) for p in prompts)
@@ -312,14 +336,37 @@ class Engine:
             logits = self.model(ids, cache)[:, -1]
         if self._compiled_step is not None:
             self._prepare_compiled(cache)
+        rows = list(range(B))  # the prompt of each row of the cache
+        running = [True] * B
         for i in range(max_new):
             cpu_threads.adapt()
-            token = sample_next(logits, params, gen)  # (B,)
+            token = sample_next(logits, params, gen)  # (rows of the cache,)
+            at = [j for j, r in enumerate(running) if r]
+            live = [rows[j] for j in at]
+            if len(at) < len(rows):
+                index = torch.tensor(at, device=self.device)
+                live_tokens, live_logits = token.index_select(0, index), logits.index_select(0, index)
+            else:
+                index, live_tokens, live_logits = None, token, logits
             if choose is not None:
-                token = choose(token)
-            yield token, logits
-            if i < max_new - 1:
-                logits = self._decode(token, cache)
+                live_tokens = choose(live_tokens, live)
+                token = live_tokens if index is None else token.index_copy(0, index, live_tokens)
+            yield live, live_tokens, live_logits
+            if stopped is not None:
+                for j, done in zip(at, stopped(live, live_tokens)):
+                    running[j] = running[j] and not done
+            n = sum(running)
+            if n == 0 or i == max_new - 1:
+                return
+            if n <= self.COMPACT_AT * len(rows):
+                keep = [j for j, r in enumerate(running) if r]
+                index = torch.tensor(keep, device=self.device)
+                cache.select(index)
+                token = token.index_select(0, index)
+                rows, running = [rows[j] for j in keep], [True] * n
+                if self._compiled_step is not None:
+                    self._prepare_compiled(cache)
+            logits = self._decode(token, cache)
 
     def stream(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
                stop_ids: Sequence[int] = ()) -> Iterator[list[int | None]]:
@@ -329,13 +376,12 @@ class Engine:
         generation ends when every row has stopped.
         """
         stops = set(stop_ids)
-        done = [False] * len(prompts)
-        for tokens, _ in self.steps(prompts, params):
-            column = tokens.tolist()
-            yield [None if d else t for t, d in zip(column, done)]
-            done = [d or t in stops for t, d in zip(column, done)]
-            if all(done):
-                return
+        for rows, tokens, _ in self.live_steps(prompts, params,
+                                               stopped=lambda _, tokens: [t in stops for t in tokens.tolist()]):
+            column: list[int | None] = [None] * len(prompts)
+            for row, t in zip(rows, tokens.tolist()):
+                column[row] = t
+            yield column
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
                  stop_ids: Sequence[int] = (), keep_stop: bool = False) -> list[list[int]]:
@@ -366,10 +412,18 @@ class ToolCalls:
     With `defer=True` a finished call is not run here: its text waits in `ready[row]` until the caller runs the
     tool elsewhere and hands the result to `deliver(row, result)` (the serving scheduler does this, so that a
     slow tool does not hold up the other rows of its batch).
+
+    With a `pool` (an Executor), a finished call starts in the pool and the row appends `<|output_start|>`
+    meanwhile; the result is awaited only when its tokens are due, a step later. The calls that rows of a batch
+    finish close together run at the same time and beside the model's decode step: a sandboxed python call costs
+    about as much as two decode steps of a batch of a hundred rows, and sampling the world's python tasks makes
+    one for nearly every reply.
     """
 
-    def __init__(self, tokenizer, batch_size: int, run_tool: Callable[[str], str], defer: bool = False):
-        self.tok, self.run_tool, self.defer = tokenizer, run_tool, defer
+    def __init__(self, tokenizer, batch_size: int, run_tool: Callable[[str], str], defer: bool = False,
+                 pool: Executor | None = None):
+        self.tok, self.run_tool, self.defer, self.pool = tokenizer, run_tool, defer, pool
+        self.running: dict[int, tuple[str, Future]] = {}  # row -> (call, its result to come), with a pool
         self.ready: list[str | None] = [None] * batch_size  # deferred calls awaiting their result
         self.start, self.end = tokenizer.special_id("<|tool_start|>"), tokenizer.special_id("<|tool_end|>")
         self.out_start, self.out_end = tokenizer.special_id("<|output_start|>"), tokenizer.special_id("<|output_end|>")
@@ -378,11 +432,18 @@ class ToolCalls:
         self.forced: list[list[bool]] = [[] for _ in range(batch_size)]
         self.calls: list[list[tuple[str, str]]] = [[] for _ in range(batch_size)]  # (call, result) per row
 
-    def __call__(self, sampled: torch.Tensor) -> torch.Tensor:
+    def __call__(self, sampled: torch.Tensor, rows: Sequence[int] | None = None) -> torch.Tensor:
+        """The tokens appended for `sampled`, the tokens sampled for `rows` (default: every row, in order)."""
         out = sampled.tolist()
-        for row, token in enumerate(out):
+        rows = range(len(out)) if rows is None else rows
+        for row in rows:
+            if row in self.running and not self.queue[row]:
+                text, result = self.running.pop(row)
+                self.calls[row].append((text, result.result()))
+                self.queue[row] = self.tok.encode(self.calls[row][-1][1]) + [self.out_end]
+        for i, (row, token) in enumerate(zip(rows, out)):
             if self.queue[row]:
-                out[row] = self.queue[row].pop(0)
+                out[i] = self.queue[row].pop(0)
                 self.forced[row].append(True)
                 continue
             self.forced[row].append(False)
@@ -390,12 +451,23 @@ class ToolCalls:
                 self.call[row] = []
             elif token == self.end and self.call[row] is not None:
                 text = self.tok.decode(self.call[row]).strip()
-                self.call[row], self.ready[row] = None, text
+                self.call[row] = None
+                if self.pool is not None:
+                    self.running[row] = (text, self.pool.submit(self.run_tool, text))
+                    self.queue[row] = [self.out_start]
+                    continue
+                self.ready[row] = text
                 if not self.defer:
                     self.deliver(row, self.run_tool(text))
             elif self.call[row] is not None:
                 self.call[row].append(token)
         return torch.tensor(out, dtype=sampled.dtype, device=sampled.device)
+
+    def settle(self) -> None:
+        """Wait for the calls still running (the length limit ended their rows first) and record them in `calls`."""
+        for row, (text, result) in sorted(self.running.items()):
+            self.calls[row].append((text, result.result()))
+        self.running.clear()
 
     def deliver(self, row: int, result: str) -> None:
         """The result of the row's finished call (`ready[row]`): its tokens are forced next."""
@@ -408,27 +480,34 @@ class ToolCalls:
 
 def generate_with_tools(engine: Engine, tokenizer, prompts: Sequence[Sequence[int]], params: SamplingParams,
                         stop_ids: Sequence[int], run_tool: Callable[[str], str] | None,
-                        keep_stop: bool = False) -> tuple[list[list[int]], ToolCalls | None]:
+                        keep_stop: bool = False,
+                        tool_workers: int = TOOL_WORKERS) -> tuple[list[list[int]], ToolCalls | None]:
     """Generate with tool calls run by `run_tool` (None: no tools; a call is then written but never answered).
     Returns each row's new tokens (tool outputs included, the stop token excluded unless `keep_stop`) and the
-    state machine (its `forced` masks and `calls`). A token forced as a tool's output never stops a row."""
-    tools = ToolCalls(tokenizer, len(prompts), run_tool) if run_tool is not None else None
+    state machine (its `forced` masks and `calls`). A token forced as a tool's output never stops a row. Up to
+    `tool_workers` calls run at once (0: each in turn, the batch waiting on it)."""
+    pool = ThreadPoolExecutor(tool_workers, thread_name_prefix="tool") if run_tool and tool_workers else None
+    tools = ToolCalls(tokenizer, len(prompts), run_tool, pool=pool) if run_tool is not None else None
     out: list[list[int]] = [[] for _ in prompts]
-    done = [False] * len(prompts)
     stops = set(stop_ids)
-    for tokens, _ in engine.steps(prompts, params, choose=tools):
-        for row, t in enumerate(tokens.tolist()):
-            if done[row]:
-                continue
-            forced = tools is not None and tools.forced[row][-1]
-            if t in stops and not forced:
-                done[row] = True
-                if keep_stop:
-                    out[row].append(t)
-            else:
+
+    def stopped(rows: list[int], tokens: torch.Tensor) -> list[bool]:
+        flags = []
+        for row, t in zip(rows, tokens.tolist()):
+            done = t in stops and not (tools is not None and tools.forced[row][-1])
+            if keep_stop or not done:
                 out[row].append(t)
-        if all(done):
-            break
+            flags.append(done)
+        return flags
+
+    try:
+        for _ in engine.live_steps(prompts, params, choose=tools, stopped=stopped):
+            pass
+        if tools is not None:
+            tools.settle()
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
     return out, tools
 
 

@@ -193,6 +193,12 @@ class KVCache:
     def advance(self, T: int) -> None:
         self.length += T
 
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only `rows` (indices into the batch, in that order): the keys and values of the others are dropped."""
+        self.k, self.v = self.k.index_select(1, rows), self.v.index_select(1, rows)
+        if self.pad_lens is not None:
+            self.pad_lens = self.pad_lens.index_select(0, rows)
+
     def expand(self, batch_size: int) -> KVCache:
         """A cache for batch_size rows that all continue this single-row cache (prefill once, sample many)."""
         assert self.batch_size == 1 and self.pad_lens is None

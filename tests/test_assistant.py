@@ -5,6 +5,7 @@ import dataclasses
 import io
 import json
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
@@ -67,13 +68,12 @@ class ScriptedModel(torch.nn.Module):
                     inside = self.sp["<|assistant_start|>"] in past and self.sp["<|user_start|>"] in past
                     logits[row, t, self._next(past) if inside else 0] = 0.0
             return logits
-        if kv_cache.length == 0:
-            self.seen = [[] for _ in range(B)]
-        elif len(self.seen) == 1 and B > 1:  # the engine prefilled one shared prompt, then expanded the cache
-            self.seen = [list(self.seen[0]) for _ in range(B)]
-        for row in range(B):
-            self.seen[row].extend(ids[row].tolist())
+        # What each row was fed is kept in the cache, as a real model keeps its keys: it follows the row when the
+        # engine copies one prefilled row to many or drops the rows that have stopped.
+        start = kv_cache.length
+        kv_cache.k[0, :, 0, start:start + T, 0] = ids.to(kv_cache.k.dtype)
         kv_cache.advance(T)
+        self.seen = kv_cache.k[0, :, 0, :start + T, 0].long().tolist()
         logits = torch.full((B, T, self.config.vocab_size), -1e9)
         for row in range(B):
             logits[row, :, self._next(self.seen[row])] = 0.0
@@ -121,6 +121,42 @@ def test_tool_output_is_forced_into_the_sequence_and_masked(tok):
     assert tools.forced[0][:len(out[0])] == [False] * len(call) + [True] * len(forced) + [False] * len(tok.encode("42"))
     assert tools.calls == [[("calculator 6 * 7", "42")], []]
     assert out[1] == tok.encode("no tool needed") and not any(tools.forced[1])
+
+
+def test_calls_of_a_batch_run_together_and_each_row_gets_its_own_result(tok):
+    """Tool calls run in a pool: rows that finish calls close together wait on them together, and every row
+    still reads its own call's result, also after rows that stopped earlier leave the batch."""
+    model = ScriptedModel(tok, _calculator_user(tok))
+    questions = ["Hello there", "What is 6 * 7?", "What is 6 * 8?", "Hi", "What is 3 + 4?", "Thanks"]
+    prompts = [render_prompt(tok, [{"role": "user", "content": q}]) for q in questions]
+    calls, lock, both = [], threading.Lock(), threading.Barrier(2, timeout=10)
+
+    def run_tool(call: str) -> str:
+        with lock:
+            calls.append(call)
+        if call in ("calculator 6 * 7", "calculator 6 * 8"):  # written at the same step: they must overlap
+            both.wait()
+        return str(eval(call.split(" ", 1)[1]))
+
+    stop = [tok.special_id("<|assistant_end|>")]
+    out, tools = generate_with_tools(Engine(model), tok, prompts, GREEDY, stop, run_tool)
+    assert sorted(calls) == ["calculator 3 + 4", "calculator 6 * 7", "calculator 6 * 8"]
+    for row, call, answer in [(1, "calculator 6 * 7", "42"), (2, "calculator 6 * 8", "48"),
+                              (4, "calculator 3 + 4", "7")]:
+        assert tools.calls[row] == [(call, answer)]
+        assert tok.decode(out[row]).endswith(f"<|output_end|>{answer}")  # copied from what the engine fed it
+    assert [out[i] for i in (0, 3, 5)] == [tok.encode("no tool needed")] * 3
+
+
+def test_a_call_cut_off_by_the_length_limit_is_still_recorded(tok):
+    model = ScriptedModel(tok, _calculator_user(tok))
+    prompt = render_prompt(tok, [{"role": "user", "content": "What is 6 * 7?"}])
+    call = _call(tok, "calculator 6 * 7")
+    params = SamplingParams(max_new_tokens=len(call) + 1, temperature=0.0)  # ends at the forced <|output_start|>
+    out, tools = generate_with_tools(Engine(model), tok, [prompt], params, [tok.special_id("<|assistant_end|>")],
+                                     lambda call: "42")
+    assert out[0] == call + [tok.special_id("<|output_start|>")]
+    assert tools.calls == [[("calculator 6 * 7", "42")]]
 
 
 def test_special_token_text_in_a_tool_output_stays_text(tok):

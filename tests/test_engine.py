@@ -7,7 +7,7 @@ import torch
 
 from llmlab.engine import Engine, SamplingParams, generate_naive, sample_next
 from llmlab.errors import LLMLabError
-from llmlab.model import GPT, GPTConfig
+from llmlab.model import GPT, GPTConfig, KVCache
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +57,36 @@ def test_stop_tokens_end_rows_independently(model):
     columns = list(engine.stream(prompts, params, stop_ids=[stop]))
     assert columns[first][0] == stop and all(c[0] is None for c in columns[first + 1:])
     assert engine.generate(prompts, params, stop_ids=[stop])[0] == free[0][:first]
+
+
+def test_rows_that_stop_leave_the_batch_and_the_others_compute_what_they_would_alone(model, monkeypatch):
+    """Stopped rows are dropped from the cache as the batch runs (Engine.COMPACT_AT): the rows still running keep
+    their tokens and logits, each as it would alone, and stopped rows are never yielded again."""
+    engine = Engine(model)
+    params = SamplingParams(max_new_tokens=24, temperature=0.0)
+    prompts = [[1, 2, 3], [9, 8, 7, 6, 5, 4, 3, 2], [42], [5, 6, 7], [300, 2], [11, 12, 13, 14]]
+    alone = [list(engine.live_steps([p], params)) for p in prompts]
+    stop_at = [3, 20, 1, 9, 5, 24]  # each row stops after this many tokens: the batch shrinks five times
+
+    seen: list[list[int]] = [[] for _ in prompts]
+
+    def stopped(rows, tokens):
+        for r, x in zip(rows, tokens.tolist()):
+            seen[r].append(x)
+        return [len(seen[r]) == stop_at[r] for r in rows]
+
+    shrinks, cache_rows = [], []
+    select = KVCache.select
+    monkeypatch.setattr(KVCache, "select", lambda cache, rows: (cache_rows.append(len(rows)), select(cache, rows))[1])
+    for rows, tokens, logits in engine.live_steps(prompts, params, stopped=stopped):
+        shrinks.append(len(rows))
+        for r, x, lg in zip(rows, tokens.tolist(), logits):
+            step = len(seen[r])
+            assert x == int(alone[r][step][1][0])
+            torch.testing.assert_close(lg, alone[r][step][2][0], atol=1e-5, rtol=0)
+    assert [len(s) for s in seen] == stop_at
+    assert shrinks[0] == 6 and shrinks[-1] == 1 and shrinks == sorted(shrinks, reverse=True)
+    assert cache_rows and max(cache_rows) < 6  # rows really left the cache, not only the output
 
 
 def test_generation_stops_at_the_context(model):
