@@ -589,3 +589,30 @@ def test_off_topic_pairs_reject_other_families_replies_only_where_the_gold_score
         assert r["gold_chosen"] > r["gold_rejected"] and r["source"] == "world, off-topic"
     # "Oslo." is as right for the held-out person's question as for its own: never rejected there (nor twice)
     assert by_prompt == {"Where?": ["You're welcome!"], "And?": ["You're welcome!"], "Thanks!": ["Oslo."]}
+
+
+def test_off_topic_pairs_are_cached_beside_the_comparisons_and_read_back(tiny_run, tmp_path, monkeypatch):
+    """The reward model reads both files; DPO's preset reads the comparisons alone."""
+    import llmlab.alignment.pairs as pairs_module
+
+    cfg, _ = tiny_run
+    tok = checkpoint.load(cfg.sft.out_dir).tokenizer
+
+    def scripted(engine, tok, task, k, params, run_tool, progress=None):  # a right and a wrong reply per prompt
+        picked = {}
+        for e in task.examples():
+            picked.setdefault(e.group, e)
+        return [(e, [Sampled(tok.encode(f"{e.answer or 'Sure'}."), 1.25, 1.0, True),
+                     Sampled(tok.encode("Hmm, maybe."), 0.0, 0.0, True)]) for e in picked.values()]
+
+    monkeypatch.setattr(pairs_module, "sample_replies", scripted)
+    path = tmp_path / "pairs" / "train.jsonl"
+    params = SamplingParams(max_new_tokens=16, temperature=1.5)
+    rows = pairs_module.world_comparisons(None, tok, cfg.world.out_dir, "train", 2, 2, params, None, 2, path, 2)
+    within = [json.loads(line) for line in path.read_text().splitlines()]
+    beside = [json.loads(line) for line in (tmp_path / "pairs" / "train-off-topic.jsonl").read_text().splitlines()]
+    assert within and beside and rows == within + beside
+    assert {r["source"] for r in within} == {"world"} and {r["source"] for r in beside} == {"world, off-topic"}
+    monkeypatch.setattr(pairs_module, "sample_replies", None)  # read back: nothing is sampled again
+    assert pairs_module.world_comparisons(None, tok, cfg.world.out_dir, "train", 2, 2, params, None, 2, path, 2) == rows
+    assert pairs_module.world_comparisons(None, tok, cfg.world.out_dir, "train", 2, 2, params, None, 2, path) == within

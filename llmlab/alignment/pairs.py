@@ -13,7 +13,8 @@ ended 100% of its weekday calls at "print(d.").
 scorer for this prompt: within-prompt pairs never show a reply out of place, and a reward model trained on them
 alone learnt which replies are right somewhere, not here (it scored "I don't know a country called Nerkistan."
 far above "You're welcome!" after "Thanks a lot!", and RL against it said the first; these pairs, measured once,
-did not change that: llmlab.stages.rm).
+did not change that, but they show it a refusal after a benign request, which within-prompt pairs never do:
+llmlab.stages.rm). They are cached in a file of their own beside the comparisons (`world_comparisons`).
 Rows are written in TRL's conversational format (llmlab.data.preferences), with the family and both gold scores
 beside, so users' pairs (`llmlab feedback export`'s preferences.jsonl) and the world's train the same way.
 """
@@ -255,12 +256,16 @@ class PairLoader:
 def world_comparisons(engine: Engine, tok: Tokenizer, world_dir: str, split: str, per_family: int, k: int,
                       params: SamplingParams, run_tool, per_prompt: int, path,
                       off_topic_per_prompt: int = 0) -> list[dict]:
-    """The world's gold-labelled comparisons of `split`, sampled from the engine's model (and `off_topic` pairs,
-    `off_topic_per_prompt` per prompt), cached in `path` (written atomically; an existing file is read back, so a
-    resumed run trains on the same pairs)."""
+    """The world's gold-labelled comparisons of `split`, sampled from the engine's model, cached in `path`
+    (written atomically; an existing file is read back, so a resumed run trains on the same pairs), and with
+    `off_topic_per_prompt` that many `off_topic` pairs per prompt, cached beside it in `<path stem>-off-topic.jsonl`:
+    a reward model learns from both, while DPO on the off-topic ones as well won less (three seeds: 56.5% of its
+    decisive head-to-heads against 63.3% on the comparisons alone), and its preset reads `path` alone."""
     path = Path(path)
-    if path.is_file():
-        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    extra = path.with_name(f"{path.stem}-off-topic.jsonl")
+    if path.is_file() and (not off_topic_per_prompt or extra.is_file()):
+        return [json.loads(line) for file in (path, extra)[:1 + bool(off_topic_per_prompt)]
+                for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
     task = GoldTask(world_dir, split, per_family)
     with tqdm(total=len(task.examples()), desc=f"comparisons ({split})", dynamic_ncols=True) as bar:
         sampled = sample_replies(engine, tok, task, k, params, run_tool, progress=bar.update)
@@ -269,10 +274,12 @@ def world_comparisons(engine: Engine, tok: Tokenizer, world_dir: str, split: str
         print(f"comparisons ({split}): {cut} of {len(sampled) * k} replies cut off at {params.max_new_tokens} new "
               f"tokens, never compared (raise --max_new_tokens to compare them)")
     rows = comparisons(tok, sampled, per_prompt)
-    if off_topic_per_prompt:
-        rows += off_topic(tok, sampled, task, off_topic_per_prompt, params.seed)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_jsonl(path, rows)
+    if off_topic_per_prompt:
+        more = off_topic(tok, sampled, task, off_topic_per_prompt, params.seed)
+        write_jsonl(extra, more)
+        rows += more
     return rows
 
 

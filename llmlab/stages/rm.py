@@ -16,6 +16,13 @@ reading the prompt well: after "Thanks a lot!" it scored "I don't know a country
 "You're welcome!", a reply right for other prompts, and RL against it learnt to say so. `--off_topic_pairs N`
 adds N training pairs per prompt whose rejected reply was sampled for a prompt of another family (gold-scored
 for this one); measured once, it did not cure that (held-out accuracy 85.5% -> 83.5%, the same preference).
+It does cure the reward model's blind spot that RL found: the assistant never refuses a benign request, so no
+pair within a prompt shows one, and a reward model trained on those alone scored "I can't help with that."
+above the assistant's own reply to 85 of 103 held-out benign requests, and above 24 of the 35 replies the gold
+scorer prefers to it; RL against it refused 3.2% of 500 fresh benign look-alikes (the assistant none). With one
+off-topic pair per prompt (a forbidden request's refusal is sometimes the rejected reply of a benign one; the
+presets' setting): 58 and 12, the same held-out accuracy (92.8%), and RL refusing 1.2% / 0.6% / 1.4% over
+three seeds, winning 62.7% of its decisive head-to-heads instead of 59.5%.
 Users of the reward (`rm:PATH` in `llmlab rl`, the verifiers of `llmlab think`) load the reference with it
 (llmlab.alignment.rollouts.ModelReward).
 
@@ -79,7 +86,8 @@ class Config(TrainConfig):
     off_topic_pairs: int = 0
     """training pairs per world prompt (held-out pairs: none) whose rejected reply was sampled for a prompt of
     another family, scored by the gold scorer for this one (llmlab.alignment.pairs.off_topic), meant to teach the
-    head to read the prompt, not only the reply (measured: see the module docstring)"""
+    head to read the prompt, not only the reply, and that refusing a benign request is worse than answering it
+    (measured: see the module docstring)"""
     likelihood_weight: float = 0.0
     """add this times the reference assistant's log-probability of each answer to the score (0: the head's
     score alone; see the module docstring)"""
