@@ -6,8 +6,9 @@ theirs from it, each with its own defaults, and its checks are theirs.
 `Engine.stream` prefills the prompts once, then decodes one token per step for every row, reading past keys
 and values from an explicit `KVCache` instead of recomputing them. Rows with different prompt lengths are
 left-padded (masked, with positions counted from each row's first real token), so every row computes what it
-would alone. `generate_naive` recomputes the whole sequence at every step: slow, obviously right, and the
-reference for the parity tests.
+would alone. A row that stops leaves the batch (`Engine.live_steps`), and the tool calls of a batch run while it
+decodes on (`generate_with_tools`). `generate_naive` recomputes the whole sequence at every step: slow, obviously
+right, and the reference for the parity tests.
 """
 
 from __future__ import annotations
@@ -294,7 +295,8 @@ class Engine:
               choose: Callable[..., torch.Tensor] | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yield (tokens (B,), logits (B, V)) for every new position: each row's sampled token and the fp32
         logits it was sampled from, until max_new_tokens or the context is full. No stop handling here.
-        `choose`, when given, maps the sampled tokens to the tokens actually appended (forced tool output)."""
+        `choose(tokens, rows)`, when given, maps the sampled tokens to the tokens actually appended (forced tool
+        output; `ToolCalls`)."""
         for _, tokens, logits in self.live_steps(prompts, params, choose):
             yield tokens, logits
 
