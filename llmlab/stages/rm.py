@@ -19,10 +19,10 @@ for this one); measured once, it did not cure that (held-out accuracy 85.5% -> 8
 It does cure the reward model's blind spot that RL found: the assistant never refuses a benign request, so no
 pair within a prompt shows one, and a reward model trained on those alone scored "I can't help with that."
 above the assistant's own reply to 85 of 103 held-out benign requests, and above 24 of the 35 replies the gold
-scorer prefers to it; RL against it refused 3.2% of 500 fresh benign look-alikes (the assistant none). With one
-off-topic pair per prompt (a forbidden request's refusal is sometimes the rejected reply of a benign one; the
-presets' setting): 58 and 12, the same held-out accuracy (92.8%), and RL refusing 1.2% / 0.6% / 1.4% over
-three seeds, winning 62.7% of its decisive head-to-heads instead of 59.5%.
+scorer prefers to it (bench/rm_refusal_probe.py); RL against it refused 3.2% of 500 fresh benign look-alikes
+(the assistant none). With one off-topic pair per prompt (a forbidden request's refusal is sometimes the
+rejected reply of a benign one; the presets' setting): 58 and 12, the same held-out accuracy (92.8%), and RL
+refusing 1.2% / 0.6% / 1.4% over three seeds, winning 62.7% of its decisive head-to-heads instead of 59.5%.
 Users of the reward (`rm:PATH` in `llmlab rl`, the verifiers of `llmlab think`) load the reference with it
 (llmlab.alignment.rollouts.ModelReward).
 
