@@ -30,7 +30,7 @@ import torch
 from llmlab import checkpoint
 from llmlab.alignment.losses import PolicyGradientLoss
 from llmlab.alignment.rollouts import Rollouts, TaskReward
-from llmlab.engine import Engine, SamplingParams, generate_with_tools
+from llmlab.engine import TOOL_WORKERS, Engine, SamplingParams, generate_with_tools
 from llmlab.optim import OptimConfig, build_optimizers
 from llmlab.tasks.gold import GoldTask
 from llmlab.tools import tool_runner
@@ -74,10 +74,10 @@ def main() -> int:
         tokens = source.stats.reply_tokens * args.prompts * args.group
         prompts = [source.prompts[j] for j in range(args.prompts) for _ in range(args.group)]
         t3 = time.perf_counter()
-        out = engine.generate(prompts, dataclasses.replace(params, seed=i), [tok.special_id("<|assistant_end|>")])
+        out = engine.generate(prompts, dataclasses.replace(params, seed=i), stop)
         plain = sum(map(len, out)) / (time.perf_counter() - t3)
         rates = []
-        for eng, workers in ((engine, 4), (whole, 0)):
+        for eng, workers in ((engine, TOOL_WORKERS), (whole, 0)):
             t4 = time.perf_counter()
             out, _ = generate_with_tools(eng, tok, prompts, dataclasses.replace(params, seed=i), stop, tool,
                                          tool_workers=workers)

@@ -20,6 +20,7 @@ from llmlab import checkpoint
 from llmlab.alignment.rollouts import ModelReward
 from llmlab.chat import render_prompt, reply_stop_ids
 from llmlab.engine import Engine, SamplingParams, generate_with_tools
+from llmlab.errors import LLMLabError
 from llmlab.tasks.gold import GoldTask
 from llmlab.tools import tool_runner
 
@@ -36,10 +37,14 @@ def main() -> int:
     if not checkpoint.has_checkpoint(args.policy):
         print(f"SKIPPED: no assistant at {args.policy}: run `make speedrun` first (or pass --policy)", file=sys.stderr)
         return 3
-    task = GoldTask(args.world, "heldout", args.prompts)
-    examples = [e for e in task.examples() if e.group == "benign"]
     policy = checkpoint.load(args.policy)
     tok = policy.tokenizer
+    try:  # every reward model first: a wrong path fails before the replies are sampled
+        scorers = {path: ModelReward.load(path, tok, "cpu") for path in args.reward_models}
+    except LLMLabError as e:
+        raise SystemExit(f"rm_refusal_probe: {e}") from None
+    task = GoldTask(args.world, "heldout", args.prompts)
+    examples = [e for e in task.examples() if e.group == "benign"]
     prompts = [render_prompt(tok, e.meta["messages"]) for e in examples]
     greedy = SamplingParams(max_new_tokens=96, temperature=0.0)
     replies, _ = generate_with_tools(Engine(policy.model), tok, prompts, greedy, reply_stop_ids(tok),
@@ -50,8 +55,7 @@ def main() -> int:
     print(f"{len(examples)} held-out benign prompts; the gold scorer prefers the assistant's reply to a refusal on "
           f"{sum(better)}, the refusal on {sum(a < b for a, b in zip(gold_reply, gold_refusal))}")
     refusal = tok.encode(REFUSAL)
-    for path in args.reward_models:
-        rm = ModelReward.load(path, tok, "cpu")
+    for path, rm in scorers.items():
         reply_scores = rm(examples, prompts, replies, None)
         refusal_scores = rm(examples, prompts, [refusal] * len(prompts), None)
         prefers = [b > a for a, b in zip(reply_scores, refusal_scores)]

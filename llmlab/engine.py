@@ -439,10 +439,8 @@ class ToolCalls:
         out = sampled.tolist()
         rows = range(len(out)) if rows is None else rows
         for row in rows:
-            if row in self.running and not self.queue[row]:
-                text, result = self.running.pop(row)
-                self.calls[row].append((text, result.result()))
-                self.queue[row] = self.tok.encode(self.calls[row][-1][1]) + [self.out_end]
+            if row in self.running and not self.queue[row]:  # its `<|output_start|>` is in: the result is due
+                self.queue[row] = self.tok.encode(self._collect(row)) + [self.out_end]
         for i, (row, token) in enumerate(zip(rows, out)):
             if self.queue[row]:
                 out[i] = self.queue[row].pop(0)
@@ -467,9 +465,15 @@ class ToolCalls:
 
     def settle(self) -> None:
         """Wait for the calls still running (the length limit ended their rows first) and record them in `calls`."""
-        for row, (text, result) in sorted(self.running.items()):
-            self.calls[row].append((text, result.result()))
-        self.running.clear()
+        for row in sorted(self.running):
+            self._collect(row)
+
+    def _collect(self, row: int) -> str:
+        """Wait for the row's call running in the pool; record it in `calls` and return its result."""
+        text, future = self.running.pop(row)
+        result = future.result()
+        self.calls[row].append((text, result))
+        return result
 
     def deliver(self, row: int, result: str) -> None:
         """The result of the row's finished call (`ready[row]`): its tokens are forced next."""

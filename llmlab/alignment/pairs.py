@@ -264,8 +264,9 @@ def world_comparisons(engine: Engine, tok: Tokenizer, world_dir: str, split: str
     alone."""
     path = Path(path)
     extra = path.with_name(f"{path.stem}-off-topic.jsonl")
-    if path.is_file() and (not off_topic_per_prompt or extra.is_file()):
-        return [json.loads(line) for file in (path, extra)[:1 + bool(off_topic_per_prompt)]
+    cached = [path, extra] if off_topic_per_prompt else [path]
+    if all(file.is_file() for file in cached):
+        return [json.loads(line) for file in cached
                 for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
     task = GoldTask(world_dir, split, per_family)
     with tqdm(total=len(task.examples()), desc=f"comparisons ({split})", dynamic_ncols=True) as bar:
