@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from llmlab import checkpoint
+from llmlab import checkpoint, presets
 from llmlab.alignment.losses import PolicyGradientLoss
 from llmlab.alignment.rollouts import Rollouts, TaskReward
 from llmlab.engine import TOOL_WORKERS, Engine, SamplingParams, generate_with_tools
@@ -54,7 +54,8 @@ def main() -> int:
     policy, tok = ckpt.model, ckpt.tokenizer
     reference = checkpoint.load_model(args.policy)
     task = GoldTask(args.world, "train", 20)
-    params = SamplingParams(max_new_tokens=48, temperature=1.5)
+    preset = presets.cpu().rl  # the speedrun's rollouts: its reply length and temperature
+    params = SamplingParams(max_new_tokens=preset.max_new_tokens, temperature=preset.temperature)
     tool = tool_runner(args.world)
     source = Rollouts(policy, reference, tok, list(task.examples()), TaskReward(task, tok), tool, args.prompts,
                       args.group, params)

@@ -129,6 +129,18 @@ def newline_ids(tokenizer: Tokenizer) -> list[int]:
     return [i for i in range(tokenizer.vocab_size) if "\n" in tokenizer.decode([i])]
 
 
+def reply_room(prompts: Sequence[Sequence[int]], params: SamplingParams, context_len: int,
+               budgets: Sequence[int] | None = None) -> list[int]:
+    """The most new tokens each row may generate: its budget (`budgets[i]`, default `params.max_new_tokens`) and
+    no more than its own prompt leaves of the context. A reply as long as its room was cut off."""
+    _check_prompts(prompts, context_len)
+    if budgets is None:
+        budgets = [params.max_new_tokens] * len(prompts)
+    elif len(budgets) != len(prompts) or any(b < 0 for b in budgets):
+        raise LLMLabError(f"budgets: one integer >= 0 per prompt ({len(prompts)} prompts, got {list(budgets)})")
+    return [min(b, context_len - len(p)) for p, b in zip(prompts, budgets)]
+
+
 def _check_prompts(prompts: Sequence[Sequence[int]], context_len: int) -> None:
     if not prompts:
         raise LLMLabError("no prompts given")
@@ -308,19 +320,21 @@ class Engine:
     @torch.inference_mode()
     def live_steps(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
                    choose: Callable[..., torch.Tensor] | None = None,
-                   stopped: Callable[[list[int], torch.Tensor], list[bool]] | None = None
-                   ) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
+                   stopped: Callable[[list[int], torch.Tensor], list[bool]] | None = None,
+                   budgets: Sequence[int] | None = None) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
         """`steps` for rows that stop at different times. Yield (rows, tokens, logits) for the rows still
         running: their indices in `prompts`, the token each appends and the logits it was sampled from. After
         each step `stopped(rows, tokens)` says which of them have just stopped; they are never yielded again, and
         once at most `COMPACT_AT` of the batch still runs their keys and values leave the cache, so a batch costs
         about what its running rows cost (the replies of one batch end at very different lengths: in the
         alignment stages' sampling about two thirds of a batch's row-steps were rows that had already stopped).
-        `choose(tokens, rows)` maps the running rows' sampled tokens to the tokens they append."""
+        `choose(tokens, rows)` maps the running rows' sampled tokens to the tokens they append. Each row stops
+        after its own room (`reply_room`): `budgets[i]` tokens (default `params.max_new_tokens`), and no more than
+        its own prompt leaves of the context, so a short prompt is not cut short by a long one beside it."""
         cfg = self.model.config
-        _check_prompts(prompts, cfg.context_len)
+        room = reply_room(prompts, params, cfg.context_len, budgets)
         longest = max(len(p) for p in prompts)
-        max_new = min(params.max_new_tokens, cfg.context_len - longest)
+        max_new = max(room)
         if max_new <= 0:
             return
         B = len(prompts)
@@ -339,7 +353,7 @@ class Engine:
         if self._compiled_step is not None:
             self._prepare_compiled(cache)
         rows = list(range(B))  # the prompt of each row of the cache
-        running = [True] * B
+        running = [r > 0 for r in room]
         for i in range(max_new):
             cpu_threads.adapt()
             token = sample_next(logits, params, gen)  # (rows of the cache,)
@@ -357,10 +371,15 @@ class Engine:
             if stopped is not None:
                 for j, done in zip(at, stopped(live, live_tokens)):
                     running[j] = running[j] and not done
+            for j in at:  # a row that has used its room
+                running[j] = running[j] and i + 1 < room[rows[j]]
             n = sum(running)
-            if n == 0 or i == max_new - 1:
+            if n == 0:
                 return
-            if n <= self.COMPACT_AT * len(rows):
+            # the next step writes the token of step i at position len(prompt) + i of each row: a stopped row past
+            # the end of the context must leave the cache first
+            overflow = any(not r and len(prompts[rows[j]]) + i >= cfg.context_len for j, r in enumerate(running))
+            if n <= self.COMPACT_AT * len(rows) or overflow:
                 keep = [j for j, r in enumerate(running) if r]
                 index = torch.tensor(keep, device=self.device)
                 cache.select(index)
@@ -486,12 +505,13 @@ class ToolCalls:
 
 def generate_with_tools(engine: Engine, tokenizer, prompts: Sequence[Sequence[int]], params: SamplingParams,
                         stop_ids: Sequence[int], run_tool: Callable[[str], str] | None,
-                        keep_stop: bool = False,
-                        tool_workers: int = TOOL_WORKERS) -> tuple[list[list[int]], ToolCalls | None]:
+                        keep_stop: bool = False, tool_workers: int = TOOL_WORKERS,
+                        budgets: Sequence[int] | None = None) -> tuple[list[list[int]], ToolCalls | None]:
     """Generate with tool calls run by `run_tool` (None: no tools; a call is then written but never answered).
     Returns each row's new tokens (tool outputs included, the stop token excluded unless `keep_stop`) and the
     state machine (its `forced` masks and `calls`). A token forced as a tool's output never stops a row. Up to
-    `tool_workers` calls run at once (0: each in turn, the batch waiting on it)."""
+    `tool_workers` calls run at once (0: each in turn, the batch waiting on it). `budgets`: the most new tokens
+    of each row (`Engine.live_steps`)."""
     pool = ThreadPoolExecutor(tool_workers, thread_name_prefix="tool") if run_tool and tool_workers else None
     tools = ToolCalls(tokenizer, len(prompts), run_tool, pool=pool) if run_tool is not None else None
     out: list[list[int]] = [[] for _ in prompts]
@@ -507,7 +527,7 @@ def generate_with_tools(engine: Engine, tokenizer, prompts: Sequence[Sequence[in
         return flags
 
     try:
-        for _ in engine.live_steps(prompts, params, choose=tools, stopped=stopped):
+        for _ in engine.live_steps(prompts, params, choose=tools, stopped=stopped, budgets=budgets):
             pass
         if tools is not None:
             tools.settle()

@@ -132,14 +132,18 @@ class KVCache:
 
     def __init__(self, cfg: GPTConfig, batch_size: int, max_len: int, pad_lens: torch.Tensor | None = None,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
-        if max_len > cfg.context_len:
+        # each row's positions count from its first real token: the cache may be longer than the context by the
+        # most padding, so that a short prompt beside a long one still has the context's room (the rows that
+        # reach the end of the context must then leave the batch: `GPT.forward` checks the least padded row)
+        self.pads = [0] * batch_size if pad_lens is None else pad_lens.tolist()
+        if max_len - max(self.pads) > cfg.context_len:
             raise LLMLabError(f"KV cache of {max_len} positions exceeds the model's context of {cfg.context_len}")
         shape = (cfg.n_layer, batch_size, cfg.n_kv_head, max_len, cfg.hdim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.max_len = max_len
         self.length = 0
-        self.pad_lens = pad_lens if pad_lens is not None and bool(pad_lens.any()) else None
+        self.pad_lens = pad_lens if any(self.pads) else None
 
     @property
     def batch_size(self) -> int:
@@ -190,12 +194,18 @@ class KVCache:
         n = key_pos.size(0)
         return self.k[layer, :, :, :n], self.v[layer, :, :, :n]
 
+    @property
+    def reach(self) -> int:
+        """Tokens in the longest row, padding not counted (what `GPT.forward` checks against the context)."""
+        return self.length - min(self.pads)
+
     def advance(self, T: int) -> None:
         self.length += T
 
     def select(self, rows: torch.Tensor) -> None:
         """Keep only `rows` (indices into the batch, in that order): the keys and values of the others are dropped."""
         self.k, self.v = self.k.index_select(1, rows), self.v.index_select(1, rows)
+        self.pads = [self.pads[i] for i in rows.tolist()]
         if self.pad_lens is not None:
             self.pad_lens = self.pad_lens.index_select(0, rows)
 
@@ -205,7 +215,7 @@ class KVCache:
         new = object.__new__(KVCache)
         new.k = self.k.expand(-1, batch_size, -1, -1, -1).contiguous()
         new.v = self.v.expand(-1, batch_size, -1, -1, -1).contiguous()
-        new.max_len, new.length, new.pad_lens = self.max_len, self.length, None
+        new.max_len, new.length, new.pad_lens, new.pads = self.max_len, self.length, None, [0] * batch_size
         return new
 
 
@@ -327,7 +337,7 @@ class GPT(nn.Module):
             raise ValueError("give exactly one of ids and inputs_embeds")
         x = self.embed_tokens(ids) if ids is not None else inputs_embeds  # (B, T, d)
         T = x.shape[1]
-        start = kv_cache.length if kv_cache is not None else 0
+        start = kv_cache.reach if kv_cache is not None else 0
         if start + T > self.config.context_len:
             raise LLMLabError(f"sequence of {start + T} tokens exceeds the model's context of {self.config.context_len}")
         if kv_cache is not None:

@@ -78,8 +78,13 @@ class SlotKVCache:
 
     @property
     def length(self) -> int:
-        """The longest active row (what `GPT.forward` checks against the context)."""
+        """The longest active row."""
         return int(self.lengths[: self.n].max()) if self.n else 0
+
+    @property
+    def reach(self) -> int:
+        """The longest active row (what `GPT.forward` checks against the context)."""
+        return self.length
 
     def positions(self, T: int) -> torch.Tensor:
         """(n, T): each row continues from its own length."""

@@ -16,8 +16,8 @@ from llmlab.alignment.losses import (
 from llmlab.alignment.judge import head_to_head
 from llmlab.alignment.pairs import (PairLoader, Sampled, comparisons, encode_pairs, off_topic, reward_batch,
                                    sample_replies)
-from llmlab.alignment.rollouts import Rollouts, group_advantages, policy_rows
-from llmlab.chat import render_prompt
+from llmlab.alignment.rollouts import Rollouts, group_advantages, policy_rows, rollout_batch
+from llmlab.chat import render_prompt, reply_stop_ids
 from llmlab.data.preferences import PreferencePair, load_preference_pairs
 from llmlab.engine import Engine, SamplingParams
 from llmlab.errors import LLMLabError
@@ -402,6 +402,28 @@ def test_a_tiny_rl_run_increases_a_verifiable_reward(tiny_run, tmp_path):
     after = p_target(policy)
     print(f"p(target) {before:.3f} -> {after:.3f}")
     assert after > 2 * before + 0.05
+
+
+def test_a_rollout_reply_has_the_room_its_own_prompt_leaves(tiny_run):
+    """A short prompt beside one that nearly fills the context is not cut off where the long one is: each reply is
+    cut off (unfinished, masked) at its own room, and only there."""
+    cfg, _ = tiny_run
+    tok = checkpoint.load(cfg.sft.out_dir).tokenizer
+    model = _random_gpt(dataclasses.replace(SMALL, vocab_size=tok.vocab_size), seed=3)  # rambles: no stop in sight
+    T = model.config.context_len
+    prompts = [[tok.bos_id] * 3] * 2 + [[tok.bos_id] * (T - 4)] * 2
+    seen = {}
+
+    def reward(examples, prompts, replies, finished):
+        seen.update(replies=replies, finished=finished)
+        return [0.0] * len(replies)
+
+    rollout_batch(Engine(model), model, tok, [None] * 4, prompts, reward, None,
+                  SamplingParams(max_new_tokens=20, temperature=1.0), 2, reply_stop_ids(tok), mask_truncated=True)
+    rooms = [20, 20, 4, 4]
+    assert all(len(r) <= room for r, room in zip(seen["replies"], rooms))
+    assert seen["finished"] == [len(r) < room for r, room in zip(seen["replies"], rooms)]
+    assert max(len(r) for r in seen["replies"][:2]) > 4 and not any(seen["finished"][2:])
 
 
 def test_group_advantages_and_masking_cut_off_replies():

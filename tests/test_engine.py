@@ -95,6 +95,32 @@ def test_generation_stops_at_the_context(model):
     assert len(out[0]) == 96 - 90
 
 
+def test_each_row_has_its_own_room(model):
+    """A short prompt beside a long one generates to its own end of the context, or its own budget, with the
+    tokens and logits it has alone; rows past the context leave the cache before its positions run out."""
+    engine = Engine(model)
+    params = SamplingParams(max_new_tokens=500, temperature=0.0)
+    prompts = [[1] * 90, [4, 5, 6], list(range(10, 60)), [7] * 93]
+    alone = [list(engine.live_steps([p], params)) for p in prompts]
+    assert [len(a) for a in alone] == [6, 93, 46, 3]
+    got: list[list[tuple]] = [[] for _ in prompts]
+    for rows, tokens, logits in engine.live_steps(prompts, params):
+        for r, x, lg in zip(rows, tokens.tolist(), logits):
+            got[r].append((x, lg))
+    for g, a in zip(got, alone):
+        assert [x for x, _ in g] == [int(t[0]) for _, t, _ in a]
+        for (_, lg), (_, _, ref) in zip(g, a):
+            torch.testing.assert_close(lg, ref[0], atol=1e-5, rtol=0)
+    budgets = [2, 40, 0, 500]
+    lengths = [0] * len(prompts)
+    for rows, _, _ in engine.live_steps(prompts, params, budgets=budgets):
+        for r in rows:
+            lengths[r] += 1
+    assert lengths == [2, 40, 0, 3]
+    with pytest.raises(LLMLabError, match="one integer >= 0 per prompt"):
+        list(engine.live_steps(prompts, params, budgets=[1, 2]))
+
+
 def test_prompt_longer_than_context_is_a_clear_error(model):
     with pytest.raises(LLMLabError, match="does not fit the model's context"):
         Engine(model).generate([[1] * 96], SamplingParams())

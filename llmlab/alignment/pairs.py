@@ -58,8 +58,7 @@ def sample_replies(engine: Engine, tok: Tokenizer, task: GoldTask, k: int, param
                    progress: Callable[[int], None] | None = None) -> list[tuple]:
     """[(example, [Sampled, ... k of them]), ...] for every example of `task` (any task with `reward` and
     `score`) that fits, in the task's order, `batch_prompts` prompts per engine call. Prompts are batched by
-    length: a batch's replies share the room its longest prompt leaves in the context, and a python call about
-    two dates (about 90 tokens after a 35-token question) fits 128 only beside prompts as short as its own."""
+    length, so that a batch pads little; each reply has the room its own prompt leaves in the context."""
     examples, prompts, _ = that_fit(task, lambda e: render_prompt(tok, e.meta["messages"]), engine.model.config.context_len)
     stop = reply_stop_ids(tok)
     stops = set(stop)
@@ -274,7 +273,7 @@ def world_comparisons(engine: Engine, tok: Tokenizer, world_dir: str, split: str
     cut = sum(not s.finished for _, scored in sampled for s in scored)
     if cut:
         print(f"comparisons ({split}): {cut} of {len(sampled) * k} replies cut off at {params.max_new_tokens} new "
-              f"tokens, never compared (raise --max_new_tokens to compare them)")
+              f"tokens or the end of the context, never compared (raise --max_new_tokens to compare them)")
     rows = comparisons(tok, sampled, per_prompt)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_jsonl(path, rows)

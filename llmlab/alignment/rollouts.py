@@ -24,7 +24,7 @@ from llmlab.alignment.losses import rewards_at, sequence_logprobs, token_logprob
 from llmlab.alignment.pairs import right_padded
 from llmlab.chat import ToolSpans, final_answer, render_prompt, reply_stop_ids
 from llmlab.data.conversations import collate
-from llmlab.engine import Engine, SamplingParams, generate_with_tools
+from llmlab.engine import Engine, SamplingParams, generate_with_tools, reply_room
 from llmlab.errors import LLMLabError
 from llmlab.model import GPT
 from llmlab.tasks import Example, that_fit
@@ -301,14 +301,12 @@ def rollout_batch(engine: Engine, reference: GPT, tok: Tokenizer, examples: list
 
     With `mask_truncated` (TRL's mask_truncated_completions, DAPO's overlong filtering), a reply cut off by the
     length limit has advantage 0 and is left out of its group's mean and the batch's spread: its answer never
-    came, and the limit is the room the batch's longest prompt leaves, not the reply's doing (a date program of
-    about 90 tokens is cut beside a long multi-turn prompt). Compared with cut ones, a reply that ended early
-    won: RL against a reward model learnt to end its weekday programs at `print(d.` (weekday 100% -> 50% on the
-    report card)."""
+    came, and the limit is --max_new_tokens or the room its prompt leaves, not the reply's doing. Compared with
+    cut ones, a reply that ended early won: RL against a reward model learnt to end its weekday programs at
+    `print(d.` (weekday 100% -> 50% on the report card)."""
     replies, tools = generate_with_tools(engine, tok, prompts, params, stop, run_tool)
     T = engine.model.config.context_len
-    max_new = min(params.max_new_tokens, T - max(map(len, prompts)))
-    finished = [len(r) < max_new for r in replies]
+    finished = [len(r) < room for r, room in zip(replies, reply_room(prompts, params, T))]
     rewards = torch.tensor(reward(examples, prompts, replies, finished), dtype=torch.float32)
     advantages = group_advantages(rewards, finished, group_size, scale_advantages, mask_truncated)
     forced = [tools.forced[i][:len(r)] if tools is not None else [False] * len(r) for i, r in enumerate(replies)]

@@ -89,6 +89,7 @@ def evaluate_base(engine: Engine, tok: Tokenizer, world: str, per_group: int) ->
 def evaluate_chat(engine: Engine, tok: Tokenizer, world: str, per_group: int) -> dict:
     """Every task as a conversation; the engine runs tool calls (but not for arithmetic without tools)."""
     tool = tool_runner(world)
+    room = engine.model.config.context_len  # a program, its output and the answer: up to the end of the context
     return {
         "world_qa": run_chat_task(AssistantQA(world, per_group=per_group), engine, tok, tool),
         "arithmetic_with_tools": run_chat_task(AssistantArithmetic(world, tools=True, per_group=per_group // 2), engine, tok, tool),
@@ -96,9 +97,9 @@ def evaluate_chat(engine: Engine, tok: Tokenizer, world: str, per_group: int) ->
         "policy": run_chat_task(AssistantPolicy(world, per_group=per_group), engine, tok, tool),
         "places": run_chat_task(AssistantPlaces(world, per_group=per_group), engine, tok, tool),
         "python": run_chat_task(AssistantPython(world, per_group=max(per_group // 3, 1)), engine, tok, tool,
-                                max_new_tokens=96),
+                                max_new_tokens=room),
         "puzzles": run_chat_task(PuzzleTask(world, per_group=max(per_group // 2, 1)), engine, tok, tool,
-                                 max_new_tokens=96),
+                                 max_new_tokens=room),
     }
 
 
