@@ -147,6 +147,13 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
+def all_reduce_(t: torch.Tensor) -> torch.Tensor:
+    """Sum `t` over all ranks in place (nothing with one process), without the host waiting for the result."""
+    if td.is_initialized():
+        td.all_reduce(t)
+    return t
+
+
 def is_sharded(t: torch.Tensor) -> bool:
     from torch.distributed.tensor import DTensor  # deferred: as fully_shard above
 

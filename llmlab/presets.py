@@ -144,6 +144,7 @@ def gpu_small(run: str = "runs/gpu-small") -> speedrun.Config:
     corpus = f"hf:HuggingFaceFW/fineweb-edu:sample-10BT*0.95,{cfg.world.out_dir}*0.05"
     cfg.tokenizer.corpus, cfg.tokenizer.max_chars = corpus, 2_000_000_000
     cfg.pretrain.corpus = cfg.sft.replay = corpus
+    cfg.pretrain.log_every = cfg.sft.log_every = 10  # the host reads the loss every 10 steps, not after each
     return cfg
 
 

@@ -52,6 +52,14 @@ def configure_torch(threads: int = 0) -> None:
         cpu_threads.fix(threads)
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`t` on `device`. From the CPU to a GPU through pinned memory, without the host waiting: a copy from
+    pageable memory waits until the GPU has finished the work queued before it (the previous step)."""
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def token_losses(model: GPT, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Per-token cross-entropy in nats (B, T); targets equal to IGNORE_INDEX give 0."""
     logits = model(inputs)
@@ -92,22 +100,35 @@ def train_step(model: nn.Module, optimizers: list[torch.optim.Optimizer], batche
     defaults to token cross-entropy.
     Returns (mean loss over the global batch, gradient norm before clipping; nan when clipping is off).
     """
+    loss, grad_norm = step_on_device(model, optimizers, batches, grad_clip, autocast, objective)
+    return float(loss), float(grad_norm)
+
+
+def step_on_device(model: nn.Module, optimizers: list[torch.optim.Optimizer],
+                   batches: Iterable[tuple[torch.Tensor, ...]], grad_clip: float, autocast,
+                   objective: Objective | None = None, n_items: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`train_step` that leaves its results on the device: (mean loss, gradient norm) as 0-d float64 tensors, so
+    that the host never waits for the GPU within a step (`fit` reads them every --log_every steps). `n_items`:
+    the micro-batches' item count on this rank when the caller has it (counted on the CPU copies of the
+    batches, it needs no wait either); the count is all-reduced over the ranks (one wait there)."""
     objective = objective or TokenCrossEntropy()
     batches = list(batches)
     device = batches[0][0].device
     world = dist.world_size()
-    (n_items,) = dist.all_reduce_sum([sum(objective.count(b) for b in batches)], device)
-    total = 0.0
+    if n_items is None:
+        n_items = sum(objective.count(b) for b in batches)
+    (n_items,) = dist.all_reduce_sum([n_items], device)
+    total = torch.zeros((), dtype=torch.float64, device=device)
     for i, batch in enumerate(batches):
         with dist.no_sync(model, skip=i < len(batches) - 1):
             with autocast:
                 loss = objective.loss_sum(model, batch) * (world / max(n_items, 1))
             loss.backward()
-        total += loss.item() / world
-    (total,) = dist.all_reduce_sum([total], device)
-    grad_norm = float("nan")
+        total += loss.detach().double() / world  # float64, as Python's sum of loss.item() was
+    dist.all_reduce_(total)
+    grad_norm = torch.full((), float("nan"), dtype=torch.float64, device=device)
     if grad_clip > 0:
-        grad_norm = float(dist.full_tensor(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)))
+        grad_norm = dist.full_tensor(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)).double()
     for opt in optimizers:
         opt.step()
     model.zero_grad(set_to_none=True)
@@ -252,6 +273,9 @@ class TrainConfig:
     """steps between checkpoints (0 = only at the end)"""
     keep_checkpoints: int = 2
     """newest checkpoints kept in out_dir (0 = all)"""
+    log_every: int = 1
+    """steps between reads of the loss (metrics.jsonl still gets a row per step): on a GPU each read makes the host
+    wait for the device, so the presets for GPUs read every few steps; a diverging loss is caught at the next read"""
     seed: int = 0
     """initialisation and data-order seed"""
     threads: int = 0
@@ -269,7 +293,7 @@ class TrainConfig:
         def bad(name: str, rule: str) -> LLMLabError:
             return LLMLabError(f"--{name} must be {rule} (got {getattr(self, name)!r})")
 
-        for name in ("batch_size", "grad_accum", "max_steps", "eval_rows"):
+        for name in ("batch_size", "grad_accum", "max_steps", "eval_rows", "log_every"):
             if getattr(self, name) < 1:
                 raise bad(name, "positive")
         for name in ("warmup_steps", "momentum_warmup_steps", "eval_every", "save_every", "keep_checkpoints",
@@ -390,35 +414,57 @@ def fit(cfg: TrainConfig, info: dist.DistInfo, net: GPT, loader: BatchSource, *,
         last.update(row)
 
     bar = tqdm(total=cfg.max_steps, initial=step, desc=stage, disable=not info.is_main, dynamic_ncols=True)
+    objective = objective or TokenCrossEntropy()
+    pending: list[dict] = []  # the steps since the last metrics row, their loss and norm still on the device
+
+    def flush() -> None:
+        """Read the pending steps' losses (the host's one wait for the device), check them, write their rows."""
+        if not pending:
+            return
+        t0 = time.perf_counter()
+        values = torch.stack([torch.stack([row.pop("loss"), row.pop("grad_norm")]) for row in pending]).tolist()
+        seconds = sum(row.pop("seconds") for row in pending) + time.perf_counter() - t0
+        tok_per_s = sum(row.pop("_tokens") for row in pending) / seconds  # over the steps of the row(s)
+        mfu = flops_per_token * tok_per_s / (peak * info.world_size)
+        for row, (loss, grad_norm) in zip(pending, values):
+            if not math.isfinite(loss):
+                bar.close()
+                kept = checkpoint.resolve(out_dir) if checkpoint.has_checkpoint(out_dir) else "none yet"
+                raise LLMLabError(
+                    f"{stage}: the training loss became {loss} at step {row['step']}; the learning rates are the "
+                    f"likely cause (--optim.muon_lr {cfg.optim.muon_lr}, --optim.embed_lr {cfg.optim.embed_lr}, "
+                    f"--optim.head_lr {cfg.optim.head_lr}; try lower ones, or --grad_clip). Nothing was saved from "
+                    f"this step on; the last good checkpoint: {kept}")
+            metrics.write(step=row["step"], loss=loss, grad_norm=grad_norm, tokens=row["tokens"], tok_per_s=tok_per_s,
+                          mfu=mfu, lr_mult=row["lr_mult"], **row["extra"])
+        last.update(step=pending[-1]["step"], loss=values[-1][0], tok_per_s=tok_per_s, mfu=mfu)
+        bar.set_postfix(loss=f"{values[-1][0]:.3f}", tok_s=f"{tok_per_s:,.0f}", mfu=f"{100 * mfu:.0f}%")
+        pending.clear()
+
     t_start = time.perf_counter()
     while step < cfg.max_steps:
         cpu_threads.adapt()
         if cfg.eval_every > 0 and step % cfg.eval_every == 0 and step > 0:
+            flush()
             run_evaluation()
         set_schedule(optimizers, lr_mult(step), muon_momentum(step, cfg.momentum_warmup_steps))
         t0 = time.perf_counter()
-        batches = [tuple(t.to(info.device) for t in loader.next_batch()) for _ in range(cfg.grad_accum)]
-        loss, grad_norm = train_step(model, optimizers, batches, cfg.grad_clip, autocast, objective)
-        if not math.isfinite(loss):
-            bar.close()
-            kept = checkpoint.resolve(out_dir) if checkpoint.has_checkpoint(out_dir) else "none yet"
-            raise LLMLabError(
-                f"{stage}: the training loss became {loss} at step {step + 1}; the learning rates are the likely "
-                f"cause (--optim.muon_lr {cfg.optim.muon_lr}, --optim.embed_lr {cfg.optim.embed_lr}, "
-                f"--optim.head_lr {cfg.optim.head_lr}; try lower ones, or --grad_clip). Nothing was saved from this "
-                f"step on; the last good checkpoint: {kept}")
-        dt = time.perf_counter() - t0
+        raw = [loader.next_batch() for _ in range(cfg.grad_accum)]
+        n_items = sum(objective.count(b) for b in raw)  # on the loader's (CPU) copies: no wait for the device
+        batches = [tuple(to_device(t, info.device) for t in b) for b in raw]
+        loss, grad_norm = step_on_device(model, optimizers, batches, cfg.grad_clip, autocast, objective, n_items)
+        seconds = time.perf_counter() - t0
         step += 1
         step_tokens = sum(b[0].numel() for b in batches) * info.world_size
         tokens_seen += step_tokens
-        tok_per_s = step_tokens / dt
-        mfu = flops_per_token * tok_per_s / (peak * info.world_size)
-        last.update(step=step, loss=loss, tok_per_s=tok_per_s, mfu=mfu)
-        metrics.write(step=step, loss=loss, grad_norm=grad_norm, tokens=tokens_seen, tok_per_s=tok_per_s, mfu=mfu,
-                      lr_mult=lr_mult(step - 1), **(step_metrics() if step_metrics else {}))
+        pending.append(dict(step=step, loss=loss, grad_norm=grad_norm, tokens=tokens_seen, _tokens=step_tokens,
+                            seconds=seconds, lr_mult=lr_mult(step - 1),
+                            extra=step_metrics() if step_metrics else {}))
         bar.update(1)
-        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_per_s:,.0f}", mfu=f"{100 * mfu:.0f}%")
+        if step % cfg.log_every == 0 or step == cfg.max_steps:
+            flush()
         if cfg.save_every > 0 and step % cfg.save_every == 0 and step < cfg.max_steps:
+            flush()
             save()
     bar.close()
     elapsed = time.perf_counter() - t_start

@@ -1,6 +1,6 @@
 """The GPU path against the reference paths: bf16 decoding against the naive full recompute, the compiled decode
-step against the eager one, training steps on the GPU against the same steps on the CPU (fp32), and FSDP2 in one
-process on the GPU against a plain run. Marked `gpu` and skipped where torch sees no GPU, so the default suite
+step against the eager one, training steps on the GPU against the same steps on the CPU (fp32, but for Muon's
+iteration, in bf16 on a GPU), and FSDP2 in one process on the GPU against a plain run. Marked `gpu` and skipped where torch sees no GPU, so the default suite
 passes on a CPU-only machine; `LLMLAB_TEST_DEVICE=cpu python -m pytest tests/test_gpu.py` runs them on the CPU
 instead, which checks the tests themselves (not the GPU)."""
 
@@ -96,9 +96,11 @@ def test_training_steps_on_the_gpu_match_the_cpu_in_fp32():
     for (name, p), q in zip(cpu_model.named_parameters(), dev_model.parameters()):
         moved = (p.detach() - start[name]).norm()
         assert moved > 0, name
-        # the same updates: Adam with eps 1e-10 turns rounding noise in near-zero gradients into whole steps,
-        # so the comparison is on each tensor's update as a whole
-        assert (q.detach().cpu() - p.detach()).norm() <= 2e-2 * moved, name
+        # the same updates: Adam with eps 1e-10 turns rounding noise in near-zero gradients into whole steps, so
+        # the comparison is on each tensor's update as a whole; and on a GPU Muon orthogonalises in bf16, whose
+        # updates differ from the CPU's fp32 ones by about 3% (2.95% after these three steps, the bf16 iteration
+        # run on the CPU)
+        assert (q.detach().cpu() - p.detach()).norm() <= 6e-2 * moved, name
 
 
 def test_fsdp2_in_one_process_on_the_gpu_reproduces_a_plain_run(tiny_world_dir, tmp_path):

@@ -139,6 +139,23 @@ def test_a_loss_that_becomes_nan_stops_the_run_naming_the_flags_and_keeps_the_la
     assert ckpt.info["step"] == 4
 
 
+def test_reading_the_loss_every_few_steps_trains_and_logs_the_same(tmp_path):
+    """--log_every 4: the host reads the losses every 4 steps (and before each checkpoint), yet metrics.jsonl has
+    the same row for every step and the weights are the same bits; a loss that turns NaN between reads is caught
+    at the next, naming its own step, before anything after it is saved."""
+    every = _fit(tmp_path / "a", max_steps=9, save_every=0)
+    fours = _fit(tmp_path / "b", max_steps=9, save_every=0, log_every=4)
+    rows = [read_metrics(tmp_path / d / "run" / "metrics.jsonl") for d in "ab"]
+    assert [(r["step"], r.get("loss"), r.get("grad_norm")) for r in rows[0]] == \
+        [(r["step"], r.get("loss"), r.get("grad_norm")) for r in rows[1]]
+    assert len([r for r in rows[1] if "loss" in r]) == 9 and every["loss"] == fours["loss"]
+    a, b = (checkpoint.load(tmp_path / d / "run").model.state_dict() for d in "ab")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(LLMLabError, match=r"loss became nan at step 5.*step-000004"):  # read at step 6
+        _fit(tmp_path / "c", objective=_BreaksAt(5), max_steps=12, save_every=4, log_every=3)
+    assert checkpoint.read_info(tmp_path / "c" / "run")["step"] == 4
+
+
 @pytest.mark.parametrize("field, value, flag", [
     ("batch_size", 0, "--batch_size"), ("warmdown_frac", float("nan"), "--warmdown_frac"),
     ("grad_clip", -1.0, "--grad_clip"), ("device", "tpu9", "--device"), ("parallel", "zero", "--parallel"),
