@@ -22,6 +22,7 @@ from llmlab.errors import LLMLabError
 STAGES: dict[str, tuple[str, str]] = {
     "world": ("llmlab.stages.world", "generate the embedded default world (corpus, entities, questions)"),
     "tokenizer": ("llmlab.stages.tokenizer", "train a byte-level BPE tokenizer on a corpus"),
+    "tokenize": ("llmlab.stages.tokenize", "write a corpus's packed token stream once, as memory-mapped shards"),
     "pretrain": ("llmlab.stages.pretrain", "pretrain a GPT by next-token prediction"),
     "sample": ("llmlab.stages.sample", "sample text from a checkpoint with the KV-cache engine"),
     "sft": ("llmlab.stages.sft", "fine-tune a base checkpoint on conversations into an assistant"),

@@ -1,4 +1,4 @@
-"""Corpus sources (text, JSONL/parquet through `datasets`, the world), mixing, and the packing loader."""
+"""Corpus sources (text, JSONL/parquet through `datasets`, the world), mixing, the packing loader, and token shards."""
 
 import json
 import random
@@ -8,7 +8,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from llmlab import checkpoint, presets
 from llmlab.data import Mixture, PackedLoader, open_source, parse_corpus
+from llmlab.data.shards import INDEX, ShardLoader, write_shards
 from llmlab.errors import LLMLabError
 from llmlab.tokenizer import train_tokenizer
 
@@ -232,3 +234,87 @@ def test_length_grouping_pads_less_serves_the_same_rows_and_resumes_mid_group(tm
     assert sorted(halves[0] + halves[1]) == sorted(rows(loader(8, batch=8).next_batch()[0]))
     with pytest.raises(LLMLabError, match="group"):
         loader(4).load_state_dict(state)
+
+
+# ---- token shards (`llmlab tokenize`): the packing loader's rows, written once -----------------------------
+
+@pytest.fixture
+def corpus(tmp_path):
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": _doc(i)}) + "\n" for i in range(300)))
+    return str(path)
+
+
+def _write(corpus, tok, out, **kw):
+    return write_shards(Mixture(parse_corpus(corpus), seed=0), tok, out, kw.pop("train_tokens", 6000), 0, corpus,
+                        kw.pop("shard_tokens", 700), **kw)
+
+
+def test_shards_give_the_packing_loaders_rows_on_every_rank_and_resume(corpus, tok, tmp_path):
+    index = _write(corpus, tok, tmp_path / "shards")
+    assert len(index["splits"]["train"]["shards"]) > 5 and index["splits"]["train"]["tokens"] >= 6000
+    assert index["dtype"] == "uint16"  # (a vocabulary of 320)
+    for rank, world in ((0, 1), (0, 2), (1, 2)):
+        packed = PackedLoader(Mixture(parse_corpus(corpus), seed=0), tok, 3, 32, rank, world)
+        sharded = ShardLoader(tmp_path / "shards", tok, 3, 32, 0, rank, world)
+        for step in range(25):  # rows that cross shard files' ends included
+            if step == 12:  # resumed from the state of step 12
+                state = sharded.state_dict()
+                sharded = ShardLoader(tmp_path / "shards", tok, 3, 32, 0, rank, world)
+                sharded.load_state_dict(state)
+            for a, b in zip(packed.next_batch(), sharded.next_batch()):
+                assert a.dtype == b.dtype == torch.int64 and torch.equal(a, b), (rank, world, step)
+    val_packed = PackedLoader(Mixture(parse_corpus(corpus), seed=0), tok, 4, 32, split="val").val_batches(10)
+    val_sharded = ShardLoader(tmp_path / "shards", tok, 4, 32, 0, split="val").val_batches(10)
+    assert len(val_packed) == len(val_sharded) >= 1
+    assert all(torch.equal(a, b) for pa, pb in zip(val_packed, val_sharded) for a, b in zip(pa, pb))
+
+
+def test_a_killed_write_resumes_to_the_same_files(corpus, tok, tmp_path):
+    whole = _write(corpus, tok, tmp_path / "whole")
+    written = []
+
+    def dies(n):
+        written.append(n)
+        if len(written) == 3:
+            raise KeyboardInterrupt("killed")
+
+    with pytest.raises(KeyboardInterrupt):
+        _write(corpus, tok, tmp_path / "cut", progress=dies)
+    assert len(json.loads((tmp_path / "cut" / INDEX).read_text())["splits"]["train"]["shards"]) == 3
+    assert _write(corpus, tok, tmp_path / "cut") == whole
+    for shard in whole["splits"]["train"]["shards"] + whole["splits"]["val"]["shards"]:
+        assert (tmp_path / "cut" / shard["file"]).read_bytes() == (tmp_path / "whole" / shard["file"]).read_bytes()
+
+
+def test_shards_refuse_what_they_cannot_serve(corpus, tok, tmp_path):
+    _write(corpus, tok, tmp_path / "shards", train_tokens=1000)
+    loader = ShardLoader(tmp_path / "shards", tok, 4, 32, 0)
+    with pytest.raises(LLMLabError, match="this run needs more; tokenize more"):
+        for _ in range(20):
+            loader.next_batch()
+    other = train_tokenizer([_doc(i) for i in range(50)], vocab_size=300)
+    with pytest.raises(LLMLabError, match="another tokenizer"):
+        ShardLoader(tmp_path / "shards", other, 4, 32, 0)
+    with pytest.raises(LLMLabError, match="--seed 0, this run has --seed 1"):
+        ShardLoader(tmp_path / "shards", tok, 4, 32, 1)
+    with pytest.raises(LLMLabError, match="another corpus, seed, tokenizer or length"):
+        _write(corpus, tok, tmp_path / "shards", train_tokens=2000)
+
+
+def test_pretraining_on_shards_is_pretraining_on_the_corpus(tiny_world_dir, tmp_path):
+    from llmlab.stages import pretrain, tokenize, tokenizer
+
+    cfg = presets.tiny(str(tmp_path / "run"))
+    cfg.tokenizer.corpus = tiny_world_dir
+    tokenizer.main(cfg.tokenizer)
+    base = dict(tokenizer=cfg.tokenizer.out_dir, max_steps=6, save_every=3, eval_every=3, threads=1, device="cpu")
+    tokenize.main(tokenize.Config(corpus=tiny_world_dir, tokenizer=cfg.tokenizer.out_dir,
+                                  out_dir=str(tmp_path / "shards"), train_tokens=6 * 4 * 128 + 1, shard_tokens=500))
+    runs = {}
+    for name, corpus in (("corpus", tiny_world_dir), ("shards", str(tmp_path / "shards"))):
+        stage = pretrain.Config(**{**vars(cfg.pretrain), **base, "corpus": corpus, "out_dir": str(tmp_path / name)})
+        runs[name] = pretrain.main(stage)
+    assert runs["corpus"]["loss"] == runs["shards"]["loss"] and runs["corpus"]["val_bpb"] == runs["shards"]["val_bpb"]
+    a, b = (checkpoint.load(tmp_path / name).model.state_dict() for name in ("corpus", "shards"))
+    assert all(torch.equal(a[k], b[k]) for k in a)

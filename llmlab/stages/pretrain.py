@@ -19,6 +19,7 @@ import torch
 
 from llmlab import checkpoint
 from llmlab.data import Mixture, PackedLoader, parse_corpus
+from llmlab.data.shards import ShardLoader, is_shard_dir
 from llmlab.model import GPT, GPTConfig
 from llmlab.tokenizer import Tokenizer
 from llmlab.training import TrainConfig, bpb_evaluator, fit, setup
@@ -27,7 +28,8 @@ from llmlab.training import TrainConfig, bpb_evaluator, fit, setup
 @dataclass
 class Config(TrainConfig):
     corpus: str = "runs/cpu/world"
-    """corpus spec: a world dir, a text file or folder, a .jsonl/.parquet with a `text` column, or hf:NAME[:CONFIG]; mix with `A*0.8,B*0.2`"""
+    """corpus spec: a world dir, a text file or folder, a .jsonl/.parquet with a `text` column, or hf:NAME[:CONFIG]; mix with `A*0.8,B*0.2`;
+    or the folder of `llmlab tokenize`'s shards"""
     tokenizer: str = "runs/cpu/tokenizer"
     """tokenizer.json, or the directory holding it"""
     model: GPTConfig = field(default_factory=GPTConfig)
@@ -40,10 +42,14 @@ def main(cfg: Config) -> dict:
     # ---- data: documents packed into rows of context_len tokens -----------------------------------------
     tokenizer = Tokenizer.load(checkpoint.resolve_tokenizer(cfg.tokenizer))
     T = cfg.model.context_len
-    sources = parse_corpus(cfg.corpus)
-    loader = PackedLoader(Mixture(sources, seed=cfg.seed), tokenizer, cfg.batch_size, T,
-                          rank=info.rank, world_size=info.world_size)
-    val_loader = PackedLoader(Mixture(sources, seed=cfg.seed), tokenizer, cfg.batch_size, T, split="val")
+    if is_shard_dir(cfg.corpus):  # written by `llmlab tokenize`: the same rows, read from memory-mapped files
+        loader = ShardLoader(cfg.corpus, tokenizer, cfg.batch_size, T, cfg.seed, info.rank, info.world_size)
+        val_loader = ShardLoader(cfg.corpus, tokenizer, cfg.batch_size, T, cfg.seed, split="val")
+    else:
+        sources = parse_corpus(cfg.corpus)
+        loader = PackedLoader(Mixture(sources, seed=cfg.seed), tokenizer, cfg.batch_size, T,
+                              rank=info.rank, world_size=info.world_size)
+        val_loader = PackedLoader(Mixture(sources, seed=cfg.seed), tokenizer, cfg.batch_size, T, split="val")
     val_batches = val_loader.val_batches(cfg.eval_rows)  # now: a split too short for one row fails before training
 
     # ---- model: a fresh GPT whose vocabulary is the tokenizer's ---------------------------------------------
