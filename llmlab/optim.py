@@ -143,7 +143,10 @@ def build_optimizers(model: nn.Module, cfg) -> list[torch.optim.Optimizer]:
     adam_groups = [g for g in adam_groups if g["params"]]
     optimizers: list[torch.optim.Optimizer] = []
     if adam_groups:  # (a LoRA adapter is matrices only: no AdamW)
-        optimizers.append(torch.optim.AdamW(adam_groups, betas=(0.8, 0.95), eps=1e-10, fused=False))
+        # one fused kernel for all of AdamW's tensors on a GPU (whole tensors; FSDP2's shards keep the loop); on
+        # the CPU the plain loop, every CPU figure's
+        fused = all(p.device.type == "cuda" and not dist.is_sharded(p) for g in adam_groups for p in g["params"])
+        optimizers.append(torch.optim.AdamW(adam_groups, betas=(0.8, 0.95), eps=1e-10, fused=fused))
     if matrices:
         optimizers.append(Muon(matrices, lr=cfg.muon_lr))
     for opt in optimizers:
