@@ -505,13 +505,12 @@ class ToolCalls:
 
 def generate_with_tools(engine: Engine, tokenizer, prompts: Sequence[Sequence[int]], params: SamplingParams,
                         stop_ids: Sequence[int], run_tool: Callable[[str], str] | None,
-                        keep_stop: bool = False, tool_workers: int = TOOL_WORKERS,
-                        budgets: Sequence[int] | None = None) -> tuple[list[list[int]], ToolCalls | None]:
+                        keep_stop: bool = False,
+                        tool_workers: int = TOOL_WORKERS) -> tuple[list[list[int]], ToolCalls | None]:
     """Generate with tool calls run by `run_tool` (None: no tools; a call is then written but never answered).
     Returns each row's new tokens (tool outputs included, the stop token excluded unless `keep_stop`) and the
     state machine (its `forced` masks and `calls`). A token forced as a tool's output never stops a row. Up to
-    `tool_workers` calls run at once (0: each in turn, the batch waiting on it). `budgets`: the most new tokens
-    of each row (`Engine.live_steps`)."""
+    `tool_workers` calls run at once (0: each in turn, the batch waiting on it)."""
     pool = ThreadPoolExecutor(tool_workers, thread_name_prefix="tool") if run_tool and tool_workers else None
     tools = ToolCalls(tokenizer, len(prompts), run_tool, pool=pool) if run_tool is not None else None
     out: list[list[int]] = [[] for _ in prompts]
@@ -527,7 +526,7 @@ def generate_with_tools(engine: Engine, tokenizer, prompts: Sequence[Sequence[in
         return flags
 
     try:
-        for _ in engine.live_steps(prompts, params, choose=tools, stopped=stopped, budgets=budgets):
+        for _ in engine.live_steps(prompts, params, choose=tools, stopped=stopped):
             pass
         if tools is not None:
             tools.settle()

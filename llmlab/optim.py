@@ -54,9 +54,9 @@ class Muon(torch.optim.Optimizer):
 
     The update is scaled by sqrt(max(1, rows / cols)) so that tall and wide matrices move their outputs by
     comparable amounts. Only for 2-D parameters. On a GPU the matrices of one shape are orthogonalised together
-    in bf16 (`newton_schulz_batched`); on the CPU one by one in fp32. Under FSDP2 each rank gathers the whole momentum-corrected
-    gradient and orthogonalises it (the same work on every rank: simple, exact, and small next to the
-    forward and backward at the sizes llmlab trains; nanochat's DistMuon shares it out instead).
+    in bf16 (`newton_schulz_batched`); on the CPU one by one in fp32. Under FSDP2 each rank gathers the whole
+    momentum-corrected gradient and orthogonalises it (the same work on every rank: simple, exact, and small next
+    to the forward and backward at the sizes llmlab trains; nanochat's DistMuon shares it out instead).
     """
 
     def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True, ns_steps: int = 5):

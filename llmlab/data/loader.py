@@ -12,7 +12,9 @@ skips the fed documents without tokenizing them and produces exactly the batches
 from __future__ import annotations
 
 from collections import deque
+from typing import Callable, Sequence
 
+import numpy as np
 import torch
 
 from llmlab.data.sources import Mixture
@@ -65,32 +67,68 @@ class _Stream:
         return self.buf[self.pos:]
 
 
-class PackedLoader:
+def as_batch(rows: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of T+1 tokens -> (inputs, targets), each (rows, T) int64."""
+    batch = torch.as_tensor(np.array(rows, dtype=np.int64))
+    return batch[:, :-1], batch[:, 1:]
+
+
+def val_rows(next_row: Callable[[], Sequence[int] | None], max_rows: int, batch_size: int,
+             seq_len: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The first max_rows rows of a val split, in batches of batch_size."""
+    rows = []
+    while len(rows) < max_rows and (row := next_row()) is not None:
+        rows.append(row)
+    if not rows:
+        raise LLMLabError(f"the val split has fewer than {seq_len + 1} tokens: add validation text or shorten context_len")
+    return [as_batch(rows[i:i + batch_size]) for i in range(0, len(rows), batch_size)]
+
+
+class RowLoader:
+    """What the packing loaders share: each batch takes the whole global batch of rows from the stream (so that
+    the position is global), rank r keeping rows r, r+W, ... (`_next_row` and `_ran_out` are theirs)."""
+
+    B: int
+    rank: int
+    world_size: int
+    rows_emitted: int  # global rows taken from the stream, all ranks counted
+
+    def _next_row(self) -> Sequence[int] | None: ...
+
+    def _ran_out(self) -> str: ...
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, targets), each (B, T) int64, of this rank."""
+        rows = []
+        for _ in range(self.B * self.world_size):
+            row = self._next_row()
+            if row is None:
+                raise LLMLabError(self._ran_out())
+            if self.rows_emitted % self.world_size == self.rank:
+                rows.append(row)
+            self.rows_emitted += 1
+        return as_batch(rows)
+
+
+class PackedLoader(RowLoader):
     def __init__(self, mixture: Mixture, tokenizer: Tokenizer, batch_size: int, seq_len: int, rank: int = 0,
                  world_size: int = 1, split: str = "train"):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
         self.mixture, self.tokenizer = mixture, tokenizer
         self.B, self.T, self.rank, self.world_size, self.split = batch_size, seq_len, rank, world_size, split
-        self.rows_emitted = 0  # global rows taken from the stream, all ranks counted
+        self.rows_emitted = 0
         self.stream = _Stream(mixture, tokenizer, seq_len, split)
         self._val_cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(inputs, targets), each (B, T) int64, of this rank."""
-        rows = []
-        for _ in range(self.B * self.world_size):  # the whole global batch, so that the position is global
-            row = self.stream.next_row()
-            if row is None:
-                per_step = f"{self.world_size} processes x {self.B}" if self.world_size > 1 else f"{self.B}"
-                raise LLMLabError(f"the {self.split} split ran out of documents after {self.rows_emitted} rows "
-                                  f"({per_step} rows per micro-batch): use a larger corpus"
-                                  + (", fewer processes" if self.world_size > 1 else "") + " or a smaller batch_size")
-            if self.rows_emitted % self.world_size == self.rank:
-                rows.append(row)
-            self.rows_emitted += 1
-        batch = torch.tensor(rows, dtype=torch.int64)
-        return batch[:, :-1], batch[:, 1:]
+    def _next_row(self) -> list[int] | None:
+        return self.stream.next_row()
+
+    def _ran_out(self) -> str:
+        per_step = f"{self.world_size} processes x {self.B}" if self.world_size > 1 else f"{self.B}"
+        return (f"the {self.split} split ran out of documents after {self.rows_emitted} rows ({per_step} rows per "
+                f"micro-batch): use a larger corpus" + (", fewer processes" if self.world_size > 1 else "")
+                + " or a smaller batch_size")
 
     def state_dict(self) -> dict:
         return {"docs_fed": self.stream.docs_fed, "tail": self.stream.tail(), "rows_emitted": self.rows_emitted,
@@ -106,14 +144,5 @@ class PackedLoader:
         """The first max_rows rows of the val split in batches of B: the same rows on every call (cached)."""
         if self._val_cache is None:
             stream = _Stream(self.mixture, self.tokenizer, self.T, "val")
-            rows = []
-            while len(rows) < max_rows and (row := stream.next_row()) is not None:
-                rows.append(row)
-            if not rows:
-                raise LLMLabError(f"the val split has fewer than {self.T + 1} tokens: add validation text or shorten context_len")
-            batches = []
-            for i in range(0, len(rows), self.B):
-                t = torch.tensor(rows[i:i + self.B], dtype=torch.int64)
-                batches.append((t[:, :-1], t[:, 1:]))
-            self._val_cache = batches
+            self._val_cache = val_rows(stream.next_row, max_rows, self.B, self.T)
         return self._val_cache

@@ -12,18 +12,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections import deque
-from itertools import islice
+from itertools import count, islice
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 
-from llmlab.data.loader import ENCODE_DOCS
+from llmlab.data.loader import ENCODE_DOCS, RowLoader, val_rows
 from llmlab.data.sources import Mixture
 from llmlab.errors import LLMLabError
+from llmlab.fileio import write_atomic
 from llmlab.tokenizer import Tokenizer
 
 INDEX = "index.json"
@@ -46,15 +46,6 @@ def _dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def write_shards(mixture: Mixture, tokenizer: Tokenizer, out_dir: str | Path, train_tokens: int, seed: int,
                  corpus: str, shard_tokens: int = 1 << 26, progress: Callable[[int], None] | None = None) -> dict:
     """Write (or finish writing) the shards of `mixture` and return the index. Train: whole documents until the
@@ -73,6 +64,9 @@ def write_shards(mixture: Mixture, tokenizer: Tokenizer, out_dir: str | Path, tr
     if same != {k: fresh[k] for k in same}:
         raise LLMLabError(f"{out} holds shards of another corpus, seed, tokenizer or length ({same}): "
                           f"give another --out_dir, or delete it to write these")
+    def save_index() -> None:
+        write_atomic(out / INDEX, (json.dumps(index, indent=1) + "\n").encode())
+
     for split in ("train", "val"):
         state = index["splits"][split]
         if state["done"]:
@@ -85,11 +79,11 @@ def write_shards(mixture: Mixture, tokenizer: Tokenizer, out_dir: str | Path, tr
 
         def close(done: bool) -> None:
             name = f"{split}-{len(state['shards']):05d}.bin"
-            _write_atomic(out / name, np.asarray(buf, dtype=dtype).tobytes())
+            write_atomic(out / name, np.asarray(buf, dtype=dtype).tobytes())
             state["shards"].append({"file": name, "tokens": len(buf)})
             state["tokens"] += len(buf)
             state["done"] = done
-            _write_atomic(out / INDEX, (json.dumps(index, indent=1) + "\n").encode())
+            save_index()
             if progress:
                 progress(len(buf))
 
@@ -115,7 +109,7 @@ def write_shards(mixture: Mixture, tokenizer: Tokenizer, out_dir: str | Path, tr
                 close(True)
             else:
                 state["done"] = True
-                _write_atomic(out / INDEX, (json.dumps(index, indent=1) + "\n").encode())
+                save_index()
     return index
 
 
@@ -144,7 +138,7 @@ class _Tokens:
         return np.concatenate(parts).astype(np.int64)
 
 
-class ShardLoader:
+class ShardLoader(RowLoader):
     """`PackedLoader` over shards written by `write_shards` (the same rows, rank slicing and position)."""
 
     def __init__(self, folder: str | Path, tokenizer: Tokenizer, batch_size: int, seq_len: int, seed: int,
@@ -166,20 +160,12 @@ class ShardLoader:
         start = k * self.T
         return self.tokens.slice(start, start + self.T + 1) if start + self.T + 1 <= self.tokens.total else None
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(inputs, targets), each (B, T) int64, of this rank."""
-        rows = []
-        for _ in range(self.B * self.world_size):
-            row = self._row(self.rows_emitted)
-            if row is None:
-                raise LLMLabError(f"the shards in {self.folder} hold {self.tokens.total:,} {self.split} tokens, "
-                                  f"{self.rows_emitted} rows of {self.T}: this run needs more; tokenize more "
-                                  f"(`llmlab tokenize --train_tokens`)")
-            if self.rows_emitted % self.world_size == self.rank:
-                rows.append(row)
-            self.rows_emitted += 1
-        batch = torch.from_numpy(np.stack(rows))
-        return batch[:, :-1], batch[:, 1:]
+    def _next_row(self) -> np.ndarray | None:
+        return self._row(self.rows_emitted)
+
+    def _ran_out(self) -> str:
+        return (f"the shards in {self.folder} hold {self.tokens.total:,} {self.split} tokens, {self.rows_emitted} rows "
+                f"of {self.T}: this run needs more; tokenize more (`llmlab tokenize --train_tokens`)")
 
     def state_dict(self) -> dict:
         return {"rows_emitted": self.rows_emitted, "seq_len": self.T, "batch_size": self.B,
@@ -196,11 +182,6 @@ class ShardLoader:
     def val_batches(self, max_rows: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The first max_rows rows of the val split in batches of B (cached)."""
         if self._val_cache is None:
-            rows = []
-            while len(rows) < max_rows and (row := self._row(len(rows))) is not None:
-                rows.append(row)
-            if not rows:
-                raise LLMLabError(f"the val split has fewer than {self.T + 1} tokens: add validation text or shorten context_len")
-            self._val_cache = [(t[:, :-1], t[:, 1:]) for t in
-                               (torch.from_numpy(np.stack(rows[i:i + self.B])) for i in range(0, len(rows), self.B))]
+            k = count()
+            self._val_cache = val_rows(lambda: self._row(next(k)), max_rows, self.B, self.T)
         return self._val_cache
