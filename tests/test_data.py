@@ -300,6 +300,14 @@ def test_shards_refuse_what_they_cannot_serve(corpus, tok, tmp_path):
         ShardLoader(tmp_path / "shards", tok, 4, 32, 1)
     with pytest.raises(LLMLabError, match="another corpus, seed, tokenizer or length"):
         _write(corpus, tok, tmp_path / "shards", train_tokens=2000)
+    index = json.loads((tmp_path / "shards" / INDEX).read_text())
+    index["splits"]["val"]["done"] = False  # a write stopped before its end
+    (tmp_path / "shards" / INDEX).write_text(json.dumps(index))
+    with pytest.raises(LLMLabError, match="not finished"):
+        ShardLoader(tmp_path / "shards", tok, 4, 32, 0)
+    (tmp_path / "shards" / INDEX).write_text('{"format": "llmlab token shards v1", "splits": {}}')
+    with pytest.raises(LLMLabError, match="damaged or not a shard index"):
+        ShardLoader(tmp_path / "shards", tok, 4, 32, 0)
 
 
 def test_pretraining_on_shards_is_pretraining_on_the_corpus(tiny_world_dir, tmp_path):

@@ -144,7 +144,18 @@ class ShardLoader(RowLoader):
     def __init__(self, folder: str | Path, tokenizer: Tokenizer, batch_size: int, seq_len: int, seed: int,
                  rank: int = 0, world_size: int = 1, split: str = "train"):
         self.folder = Path(folder)
-        self.index = json.loads((self.folder / INDEX).read_text())
+        try:
+            self.index = json.loads((self.folder / INDEX).read_text())
+            finished = all(self.index["splits"][s]["done"] for s in ("train", "val"))
+            missing = {"tokenizer_sha256", "seed", "dtype"} - set(self.index)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            missing, finished = {repr(e)}, False
+        if missing:
+            raise LLMLabError(f"{self.folder / INDEX} is damaged or not a shard index (missing {sorted(missing)}): "
+                              f"write the shards again with `llmlab tokenize`")
+        if not finished:
+            raise LLMLabError(f"the shards in {folder} are not finished (`llmlab tokenize` was stopped): run it again "
+                              f"with the same flags to finish them")
         if self.index["tokenizer_sha256"] != tokenizer_digest(tokenizer):
             raise LLMLabError(f"the shards in {folder} were written with another tokenizer than this run's: "
                               f"tokenize the corpus again with it")
