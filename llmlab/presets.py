@@ -38,9 +38,11 @@ def _pipeline(run: str, world_cfg: world.Config, vocab_size: int, model: GPTConf
         # (comparisons at temperature 1.5, 8 replies each: at 1.0 the assistant's replies mostly agree, few pairs)
         rm=rm.Config(policy=str(run_dir / "sft"), world=str(run_dir / "world"), out_dir=str(run_dir / "rm"),
                      temperature=1.5, samples=8, pairs_per_prompt=4, prompts_per_family=100, likelihood_weight=0.3,
-                     # (without pairs whose rejected reply was another family's, the reward model preferred a
-                     # refusal to most benign replies, and RL against it learnt to refuse benign requests)
-                     off_topic_pairs=1, batch_size=16, max_steps=150, warmdown_frac=0.5, momentum_warmup_steps=0,
+                     # (without pairs whose rejected reply was another family's, or a forbidden request's refusal,
+                     # the reward model preferred a refusal to many benign replies, and RL against it learnt to
+                     # refuse benign requests)
+                     off_topic_pairs=1, refusal_pairs=1, batch_size=16, max_steps=150, warmdown_frac=0.5,
+                     momentum_warmup_steps=0,
                      eval_every=25, save_every=50,
                      optim=OptimConfig(muon_lr=0.005, embed_lr=0.01, head_lr=0.005, scalar_lr=0.005)),
         dpo=dpo.Config(policy=str(run_dir / "sft"), world=str(run_dir / "world"), out_dir=str(run_dir / "dpo"),

@@ -26,6 +26,7 @@ from llmlab.redteam.card import wilson
 from llmlab.tasks import Example
 from llmlab.tasks.gold import FAMILIES, GoldTask, correct, gold_reward, gold_rows
 from llmlab.training import IGNORE_INDEX, TrainConfig, fit
+from llmlab.world.conversations import REFUSAL
 from llmlab.world.skills import SMALL_TALK_HELDOUT, SMALL_TALK_SEEN, small_talk_replies
 
 SMALL = GPTConfig(vocab_size=64, n_layer=2, d_model=32, n_head=2, n_kv_head=2, context_len=32)
@@ -611,6 +612,38 @@ def test_off_topic_pairs_reject_other_families_replies_only_where_the_gold_score
         assert r["gold_chosen"] > r["gold_rejected"] and r["source"] == "world, off-topic"
     # "Oslo." is as right for the held-out person's question as for its own: never rejected there (nor twice)
     assert by_prompt == {"Where?": ["You're welcome!"], "And?": ["You're welcome!"], "Thanks!": ["Oslo."]}
+
+
+def test_refusal_pairs_reject_a_forbidden_requests_refusal_where_refusing_is_wrong_and_are_cached(tiny_run, tmp_path,
+                                                                                                   monkeypatch):
+    import llmlab.alignment.pairs as pairs_module
+
+    cfg, _ = tiny_run
+    tok = checkpoint.load(cfg.sft.out_dir).tokenizer
+
+    def scripted(engine, tok, task, k, params, run_tool, progress=None):  # a right and a wrong reply per prompt
+        picked = {}
+        for e in task.examples():
+            picked.setdefault(e.group, e)
+        right = {"forbidden": REFUSAL}
+        return [(e, [Sampled(tok.encode(right.get(e.group, f"{e.answer or 'Sure'}.")), 1.25, 1.0, True),
+                     Sampled(tok.encode("Hmm, maybe."), 0.0, 0.0, True)]) for e in picked.values()]
+
+    monkeypatch.setattr(pairs_module, "sample_replies", scripted)
+    path = tmp_path / "pairs" / "train.jsonl"
+    params = SamplingParams(max_new_tokens=16, temperature=1.5)
+    rows = pairs_module.world_comparisons(None, tok, cfg.world.out_dir, "train", 2, 2, params, None, 2, path, 0, 2)
+    within = [json.loads(line) for line in path.read_text().splitlines()]
+    refusals = [json.loads(line) for line in (tmp_path / "pairs" / "train-refusal.jsonl").read_text().splitlines()]
+    assert rows == within + refusals and not (tmp_path / "pairs" / "train-off-topic.jsonl").exists()
+    families = {r["family"] for r in refusals}
+    # every rejected reply is a refusal the forbidden request was given, and only where the gold scorer calls it wrong
+    assert refusals and all(r["rejected"][0]["content"] == REFUSAL and r["source"] == "world, forbidden"
+                            and r["gold_chosen"] > r["gold_rejected"] for r in refusals)
+    assert "forbidden" not in families and "benign" in families
+    monkeypatch.setattr(pairs_module, "sample_replies", None)  # read back: nothing is sampled again
+    assert pairs_module.world_comparisons(None, tok, cfg.world.out_dir, "train", 2, 2, params, None, 2, path, 0,
+                                          2) == rows
 
 
 def test_off_topic_pairs_are_cached_beside_the_comparisons_and_read_back(tiny_run, tmp_path, monkeypatch):

@@ -107,15 +107,18 @@ def comparisons(tok: Tokenizer, sampled: list[tuple], per_prompt: int = 2) -> li
     return rows
 
 
-def off_topic(tok: Tokenizer, sampled: list[tuple], task: GoldTask, per_prompt: int, seed: int = 0) -> list[dict]:
+def off_topic(tok: Tokenizer, sampled: list[tuple], task: GoldTask, per_prompt: int, seed: int = 0,
+              from_family: str | None = None) -> list[dict]:
     """Preference rows of each prompt's best reply against up to `per_prompt` distinct replies sampled for prompts
-    of other families, each scored by the gold scorer for this prompt and kept when it scores lower."""
-    rng = random.Random(f"{seed}-off-topic")
+    of other families (when `from_family` is given, replies right for a prompt of that family: "forbidden" gives
+    refusals), each scored by the gold scorer for this prompt and kept when it scores lower."""
+    rng = random.Random(f"{seed}-off-topic" if from_family is None else f"{seed}-from-{from_family}")
     tool_start = tok.special_id("<|tool_start|>")
     by_family: dict[str, list[int]] = {}
     for i, (example, _) in enumerate(sampled):
         by_family.setdefault(example.group, []).append(i)
-    others_of = {f: [i for family, items in by_family.items() if family != f for i in items] for f in by_family}
+    others_of = {f: [i for family, items in by_family.items() if family != f and from_family in (None, family)
+                     for i in items] for f in by_family}
     rows = []
     for example, scored in sampled:
         done = [s for s in scored if s.finished]
@@ -128,7 +131,11 @@ def off_topic(tok: Tokenizer, sampled: list[tuple], task: GoldTask, per_prompt: 
             continue
         used = {tuple(best_ids)}
         for i in rng.sample(others, min(per_prompt, len(others))):
-            ids, _, _, finished = rng.choice(sampled[i][1])
+            replies = sampled[i][1]
+            if from_family is not None:  # the replies right for their own prompt only (a forbidden one's: refusals)
+                top = max(r.reward for r in replies)
+                replies = [r for r in replies if r.reward == top]
+            ids, _, _, finished = rng.choice(replies)
             if tuple(ids) in used or not finished:
                 continue
             used.add(tuple(ids))
@@ -137,7 +144,7 @@ def off_topic(tok: Tokenizer, sampled: list[tuple], task: GoldTask, per_prompt: 
             if reward < best and _answer(example.meta["messages"], rejected):
                 rows.append({"prompt": example.meta["messages"], "chosen": chosen, "rejected": rejected,
                              "family": example.group, "gold_chosen": best, "gold_rejected": reward,
-                             "source": "world, off-topic"})
+                             "source": "world, off-topic" if from_family is None else f"world, {from_family}"})
     return rows
 
 
@@ -254,16 +261,19 @@ class PairLoader:
 
 def world_comparisons(engine: Engine, tok: Tokenizer, world_dir: str, split: str, per_family: int, k: int,
                       params: SamplingParams, run_tool, per_prompt: int, path,
-                      off_topic_per_prompt: int = 0) -> list[dict]:
+                      off_topic_per_prompt: int = 0, refusal_per_prompt: int = 0) -> list[dict]:
     """The world's gold-labelled comparisons of `split`, sampled from the engine's model, cached in `path`
     (written atomically; an existing file is read back, so a resumed run trains on the same pairs), and with
     `off_topic_per_prompt` that many `off_topic` pairs per prompt, cached beside it in `<path stem>-off-topic.jsonl`:
     a reward model learns from both, while DPO on the off-topic ones as well won less (three seeds at beta 0.1:
     56.5% of its decisive head-to-heads against 63.3% on the comparisons alone), and its preset reads `path`
-    alone."""
+    alone. `refusal_per_prompt`: that many pairs per prompt whose rejected reply is one the model gave a forbidden
+    request (`off_topic` from the "forbidden" family: a refusal, kept where refusing is wrong), cached in
+    `<path stem>-refusal.jsonl`."""
     path = Path(path)
     extra = path.with_name(f"{path.stem}-off-topic.jsonl")
-    cached = [path, extra] if off_topic_per_prompt else [path]
+    refusals = path.with_name(f"{path.stem}-refusal.jsonl")
+    cached = [path] + [extra] * bool(off_topic_per_prompt) + [refusals] * bool(refusal_per_prompt)
     if all(file.is_file() for file in cached):
         return [json.loads(line) for file in cached
                 for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -280,6 +290,10 @@ def world_comparisons(engine: Engine, tok: Tokenizer, world_dir: str, split: str
     if off_topic_per_prompt:
         more = off_topic(tok, sampled, task, off_topic_per_prompt, params.seed)
         write_jsonl(extra, more)
+        rows += more
+    if refusal_per_prompt:
+        more = off_topic(tok, sampled, task, refusal_per_prompt, params.seed, from_family="forbidden")
+        write_jsonl(refusals, more)
         rows += more
     return rows
 

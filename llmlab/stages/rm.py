@@ -23,6 +23,11 @@ scorer prefers to it (bench/rm_refusal_probe.py); RL against it refused 3.2% of 
 (the assistant none). With one off-topic pair per prompt (a forbidden request's refusal is sometimes the
 rejected reply of a benign one; the presets' setting): 58 and 12, the same held-out accuracy (92.8%), and RL
 refusing 1.2% / 0.6% / 1.4% over three seeds, winning 62.7% of its decisive head-to-heads instead of 59.5%.
+But on another assistant (pretrained with copying documents, asked to count letters more often) RL against such
+a reward model refused 6.6% / 8.8% / 15.6% of them: a random pair per prompt seldom sets a refusal against a
+benign reply. `--refusal_pairs N` sets one on purpose, a reply the assistant gave a forbidden request (a
+refusal) as the rejected reply of every prompt where the gold scorer calls refusing wrong (the presets: 1):
+701 pairs more, held-out accuracy 90.4% -> 90.8%, RL refusing 1.8% / 0.6% / 5.0%.
 Users of the reward (`rm:PATH` in `llmlab rl`, the verifiers of `llmlab think`) load the reference with it
 (llmlab.alignment.rollouts.ModelReward).
 
@@ -88,6 +93,11 @@ class Config(TrainConfig):
     another family, scored by the gold scorer for this one (llmlab.alignment.pairs.off_topic), meant to teach the
     head to read the prompt, not only the reply, and that refusing a benign request is worse than answering it
     (measured: see the module docstring)"""
+    refusal_pairs: int = 0
+    """training pairs per world prompt (held-out pairs: none) whose rejected reply is one the assistant gave a
+    forbidden request, a refusal, kept where the gold scorer calls refusing this prompt wrong
+    (llmlab.alignment.pairs.off_topic from the "forbidden" family): the assistant never refuses a benign request,
+    so no pair within a prompt shows the reward model that refusing one is wrong (see the module docstring)"""
     likelihood_weight: float = 0.0
     """add this times the reference assistant's log-probability of each answer to the score (0: the head's
     score alone; see the module docstring)"""
@@ -100,8 +110,9 @@ class Config(TrainConfig):
         for name in ("prompts_per_family", "samples", "pairs_per_prompt", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise LLMLabError(f"--{name} must be positive (got {getattr(self, name)})")
-        if self.off_topic_pairs < 0:
-            raise LLMLabError(f"--off_topic_pairs must be 0 or more (got {self.off_topic_pairs})")
+        for name in ("off_topic_pairs", "refusal_pairs"):
+            if getattr(self, name) < 0:
+                raise LLMLabError(f"--{name} must be 0 or more (got {getattr(self, name)})")
         if self.samples < 2 and "world" in self.pairs.split(","):
             raise LLMLabError("--samples must be at least 2 to compare replies")
 
@@ -126,7 +137,8 @@ def load_pairs(spec: str, split: str, cfg: Config, policy: GPT, tok: Tokenizer, 
             rows = world_comparisons(Engine(policy), tok, cfg.world, split, per_family, cfg.samples, params,
                                      tool_runner(cfg.world), cfg.pairs_per_prompt,
                                      out_dir / "pairs" / f"{split}.jsonl",
-                                     cfg.off_topic_pairs if split == "train" else 0)
+                                     cfg.off_topic_pairs if split == "train" else 0,
+                                     cfg.refusal_pairs if split == "train" else 0)
             pairs += pairs_from_rows(rows, f"world comparisons ({split})")
         elif item.startswith("puzzles:"):
             params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed)
