@@ -614,6 +614,17 @@ def test_off_topic_pairs_reject_other_families_replies_only_where_the_gold_score
     assert by_prompt == {"Where?": ["You're welcome!"], "And?": ["You're welcome!"], "Thanks!": ["Oslo."]}
 
 
+def _scripted_replies(engine, tok, task, k, params, run_tool, progress=None):
+    """sample_replies scripted: one prompt per family, a right reply (a refusal for a forbidden request) and a wrong
+    one."""
+    picked = {}
+    for e in task.examples():
+        picked.setdefault(e.group, e)
+    right = {"forbidden": REFUSAL}
+    return [(e, [Sampled(tok.encode(right.get(e.group, f"{e.answer or 'Sure'}.")), 1.25, 1.0, True),
+                 Sampled(tok.encode("Hmm, maybe."), 0.0, 0.0, True)]) for e in picked.values()]
+
+
 def test_refusal_pairs_reject_a_forbidden_requests_refusal_where_refusing_is_wrong_and_are_cached(tiny_run, tmp_path,
                                                                                                    monkeypatch):
     import llmlab.alignment.pairs as pairs_module
@@ -621,15 +632,7 @@ def test_refusal_pairs_reject_a_forbidden_requests_refusal_where_refusing_is_wro
     cfg, _ = tiny_run
     tok = checkpoint.load(cfg.sft.out_dir).tokenizer
 
-    def scripted(engine, tok, task, k, params, run_tool, progress=None):  # a right and a wrong reply per prompt
-        picked = {}
-        for e in task.examples():
-            picked.setdefault(e.group, e)
-        right = {"forbidden": REFUSAL}
-        return [(e, [Sampled(tok.encode(right.get(e.group, f"{e.answer or 'Sure'}.")), 1.25, 1.0, True),
-                     Sampled(tok.encode("Hmm, maybe."), 0.0, 0.0, True)]) for e in picked.values()]
-
-    monkeypatch.setattr(pairs_module, "sample_replies", scripted)
+    monkeypatch.setattr(pairs_module, "sample_replies", _scripted_replies)
     path = tmp_path / "pairs" / "train.jsonl"
     params = SamplingParams(max_new_tokens=16, temperature=1.5)
     rows = pairs_module.world_comparisons(None, tok, cfg.world.out_dir, "train", 2, 2, params, None, 2, path, 0, 2)
@@ -653,14 +656,7 @@ def test_off_topic_pairs_are_cached_beside_the_comparisons_and_read_back(tiny_ru
     cfg, _ = tiny_run
     tok = checkpoint.load(cfg.sft.out_dir).tokenizer
 
-    def scripted(engine, tok, task, k, params, run_tool, progress=None):  # a right and a wrong reply per prompt
-        picked = {}
-        for e in task.examples():
-            picked.setdefault(e.group, e)
-        return [(e, [Sampled(tok.encode(f"{e.answer or 'Sure'}."), 1.25, 1.0, True),
-                     Sampled(tok.encode("Hmm, maybe."), 0.0, 0.0, True)]) for e in picked.values()]
-
-    monkeypatch.setattr(pairs_module, "sample_replies", scripted)
+    monkeypatch.setattr(pairs_module, "sample_replies", _scripted_replies)
     path = tmp_path / "pairs" / "train.jsonl"
     params = SamplingParams(max_new_tokens=16, temperature=1.5)
     rows = pairs_module.world_comparisons(None, tok, cfg.world.out_dir, "train", 2, 2, params, None, 2, path, 2)
