@@ -271,9 +271,9 @@ def world_comparisons(engine: Engine, tok: Tokenizer, world_dir: str, split: str
     request (`off_topic` from the "forbidden" family: a refusal, kept where refusing is wrong), cached in
     `<path stem>-refusal.jsonl`."""
     path = Path(path)
-    extra = path.with_name(f"{path.stem}-off-topic.jsonl")
-    refusals = path.with_name(f"{path.stem}-refusal.jsonl")
-    cached = [path] + [extra] * bool(off_topic_per_prompt) + [refusals] * bool(refusal_per_prompt)
+    extras = [(path.with_name(f"{path.stem}-{name}.jsonl"), n, family) for name, n, family in
+              (("off-topic", off_topic_per_prompt, None), ("refusal", refusal_per_prompt, "forbidden")) if n]
+    cached = [path] + [file for file, _, _ in extras]
     if all(file.is_file() for file in cached):
         return [json.loads(line) for file in cached
                 for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -287,13 +287,9 @@ def world_comparisons(engine: Engine, tok: Tokenizer, world_dir: str, split: str
     rows = comparisons(tok, sampled, per_prompt)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_jsonl(path, rows)
-    if off_topic_per_prompt:
-        more = off_topic(tok, sampled, task, off_topic_per_prompt, params.seed)
-        write_jsonl(extra, more)
-        rows += more
-    if refusal_per_prompt:
-        more = off_topic(tok, sampled, task, refusal_per_prompt, params.seed, from_family="forbidden")
-        write_jsonl(refusals, more)
+    for file, n, family in extras:
+        more = off_topic(tok, sampled, task, n, params.seed, from_family=family)
+        write_jsonl(file, more)
         rows += more
     return rows
 

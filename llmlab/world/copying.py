@@ -5,9 +5,9 @@ operands, but those are two numbers, and every other document's digits (dates, y
 The python tool's calls copy lists of numbers out of the question (`print(*sorted(( 64, 5, 85)), sep=", ")`), and
 a model pretrained without these documents copied them by the luck of its fine-tuning draw: on the cpu preset,
 sorting was right 57% to 95% of the time (mean 74%) over five draws of the fine-tuning data, miscopying single
-digits ("5" -> "54", a number repeated or dropped); with them, 73.5% to 95.5% (mean 88%) over four. A list drawn afresh cannot be recalled from the weights: the only way to
-predict its second half is to copy the first, digit by digit, which is what induction heads do (Olsson et al.,
-"In-context Learning and Induction Heads", 2022).
+digits ("5" -> "54", a number repeated or dropped); with them, 73.5% to 95.5% (mean 88%) over four. A list
+drawn afresh cannot be recalled from the weights: the only way to predict its second half is to copy the first,
+digit by digit, which is what induction heads do (Olsson et al., "In-context Learning and Induction Heads", 2022).
 
 Lists of words were tried as well and are left out: on the cpu preset a tenth of the corpus of them taught copying
 inside the format but cost the base model its facts (ranking true facts above false 98% -> 69-78%), and the

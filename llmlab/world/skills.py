@@ -192,8 +192,9 @@ more often than the date and arithmetic tasks, whose formats are more regular. A
 of the cpu preset's size writes it into a call only once fine-tuning has shown it that word's call several times
 (it does not copy a word it was never shown: the card's "words new to fine-tuning"): right about 60% of the
 time for words shown 1-3 times, 100% from 8 on. At 2 (the cpu preset: a word shown 4 times on average) 72-83%
-of the counts were right, at 6 (12 times) 95-96%; sorting at 4 instead of 2 was no better (73.5% / 62% against
-90% / 57% on the same two base models: its copies hang on the draw more than on the count)"""
+of the counts were right, at 6 (12 times) 95-96%; sorting at 4 instead of 2 (counting at 6 instead of 4) was no
+better (73.5% / 62% against 90% / 57% on the same two base models: its copies hang on the draw more than on the
+count)"""
 _ASK = {
     "count letters": {"seen": ["How many letters are in the word {w}?", "Count the letters in {w}.",
                                "How many letters does {w} have?", "Use python to count the letters in {w}.",
