@@ -37,6 +37,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=16, help="rows per step")
     p.add_argument("--steps", type=int, default=8, help="timed steps (after 2 warm-up steps)")
     p.add_argument("--repeats", type=int, default=3, help="peak measurements interleaved with the steps")
+    p.add_argument("--parts", type=int, default=0,
+                   help="parts of each batch on threads of their own (0: two per core, llmlab's default; 1: whole)")
     p.add_argument("--json", type=str, default="")
     args = p.parse_args()
     configure_torch()
@@ -57,7 +59,7 @@ def main() -> None:
         return ids[:, :-1], ids[:, 1:]
 
     for _ in range(2):
-        train_step(model, optimizers, [batch()], 1.0, nullcontext())
+        train_step(model, optimizers, [batch()], 1.0, nullcontext(), parts=args.parts)
     step_times, peaks = [], []
     per_round = max(1, args.steps // args.repeats)
     for _ in range(args.repeats):
@@ -65,7 +67,7 @@ def main() -> None:
         for _ in range(per_round):
             b = batch()
             t0 = time.perf_counter()
-            train_step(model, optimizers, [b], 1.0, nullcontext())
+            train_step(model, optimizers, [b], 1.0, nullcontext(), parts=args.parts)
             step_times.append(time.perf_counter() - t0)
     step_s = statistics.median(step_times)
     peak = statistics.median(peaks)

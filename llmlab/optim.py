@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from llmlab import dist
+from llmlab import threads as cpu_threads
 from llmlab.errors import LLMLabError
 
 
@@ -54,9 +55,10 @@ class Muon(torch.optim.Optimizer):
 
     The update is scaled by sqrt(max(1, rows / cols)) so that tall and wide matrices move their outputs by
     comparable amounts. Only for 2-D parameters. On a GPU the matrices of one shape are orthogonalised together
-    in bf16 (`newton_schulz_batched`); on the CPU one by one in fp32. Under FSDP2 each rank gathers the whole
-    momentum-corrected gradient and orthogonalises it (the same work on every rank: simple, exact, and small next
-    to the forward and backward at the sizes llmlab trains; nanochat's DistMuon shares it out instead).
+    in bf16 (`newton_schulz_batched`); on the CPU one by one in fp32, several at once on the threads of a
+    training step's parts (llmlab.threads.pool). Under FSDP2 each rank gathers the whole momentum-corrected
+    gradient and orthogonalises it (the same work on every rank: simple, exact, and small next to the forward
+    and backward at the sizes llmlab trains; nanochat's DistMuon shares it out instead).
     """
 
     def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True, ns_steps: int = 5):
@@ -66,6 +68,7 @@ class Muon(torch.optim.Optimizer):
     def step(self) -> None:
         for group in self.param_groups:
             on_gpu: dict[tuple, list] = {}  # shape -> [(p, g)]: orthogonalised together, in bf16
+            on_cpu: list[tuple] = []  # [(p, g)]: orthogonalised one by one, on threads of their own
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -80,7 +83,13 @@ class Muon(torch.optim.Optimizer):
                 elif g.device.type == "cuda":
                     on_gpu.setdefault(tuple(g.shape), []).append((p, g))
                 else:  # the CPU: matrix by matrix in fp32 (what every CPU figure was measured with)
-                    self._apply(p, newton_schulz(g, group["ns_steps"]), group)
+                    on_cpu.append((p, g))
+            if on_cpu:  # (each matrix on one thread: no barrier for a busy core to stall, as in a training step's
+                # parts, llmlab.threads; the same bits as on the calling thread)
+                steps = group["ns_steps"]
+                pool = cpu_threads.pool(cpu_threads.parts())
+                for (p, _), update in zip(on_cpu, pool.map(lambda g: newton_schulz(g, steps), [g for _, g in on_cpu])):
+                    self._apply(p, update, group)
             for same in on_gpu.values():
                 updates = newton_schulz_batched(torch.stack([g for _, g in same]), group["ns_steps"])
                 for (p, _), update in zip(same, updates):

@@ -18,6 +18,7 @@ run: the schedule is a function of the step, and everything else is in the check
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import re
@@ -76,10 +77,33 @@ class Objective(Protocol):
     def loss_sum(self, model: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """The loss summed over those items (a scalar with a graph)."""
 
+    # Optional: `split(batch, n)`, the batch cut into at most n batches whose loss sums add up to the whole's
+    # (`split_rows`, `split_pairs`). A CPU step then computes the parts on threads of their own
+    # (`step_on_device`); an objective without it (one that compares rows across the batch) runs whole.
+
+
+def split_rows(batch: tuple[torch.Tensor, ...], n: int) -> list[tuple[torch.Tensor, ...]]:
+    """The batch's rows in min(n, rows) consecutive parts of nearly equal size, every tensor cut along dim 0."""
+    rows = batch[0].size(0)
+    n = max(1, min(n, rows))
+    bounds = [rows * i // n for i in range(n + 1)]
+    return [tuple(t[a:b] for t in batch) for a, b in zip(bounds, bounds[1:])]
+
+
+def split_pairs(batch: tuple[torch.Tensor, ...], n: int) -> list[tuple[torch.Tensor, ...]]:
+    """`split_rows` for a batch of P pairs laid out as the P chosen rows, then the P rejected ones: each part
+    keeps that layout, with pair i's two rows together."""
+    pairs = batch[0].size(0) // 2
+    chosen = split_rows(tuple(t[:pairs] for t in batch), n)
+    rejected = split_rows(tuple(t[pairs:] for t in batch), n)
+    return [tuple(torch.cat([c, r]) for c, r in zip(cs, rs)) for cs, rs in zip(chosen, rejected)]
+
 
 class TokenCrossEntropy:
     """Next-token cross-entropy over the targets that are not IGNORE_INDEX: pretraining (every token) and
     fine-tuning (the assistant's tokens) alike. A batch is (inputs, targets), both (B, T)."""
+
+    split = staticmethod(split_rows)
 
     def count(self, batch: tuple[torch.Tensor, ...]) -> int:
         return int((batch[1] != IGNORE_INDEX).sum())
@@ -90,7 +114,7 @@ class TokenCrossEntropy:
 
 
 def train_step(model: nn.Module, optimizers: list[torch.optim.Optimizer], batches: Iterable[tuple[torch.Tensor, ...]],
-               grad_clip: float, autocast, objective: Objective | None = None) -> tuple[float, float]:
+               grad_clip: float, autocast, objective: Objective | None = None, parts: int = 0) -> tuple[float, float]:
     """One optimizer step over the micro-batches (gradient accumulation): mean loss over all counted items.
 
     Each micro-batch's summed loss is divided by the number of items in the whole step, all ranks counted,
@@ -98,15 +122,18 @@ def train_step(model: nn.Module, optimizers: list[torch.optim.Optimizer], batche
     processes (DDP and FSDP2 average gradients over the W ranks, hence the factor W). Gradients are
     synchronised only after the last micro-batch. `model` may be wrapped (llmlab.dist.wrap); the objective
     defaults to token cross-entropy.
+    On CPU, in one process, each micro-batch is cut into `parts` parts (0: two per core; 1: whole) that run on
+    threads of their own when the objective can be split (`_backward_in_parts`).
     Returns (mean loss over the global batch, gradient norm before clipping; nan when clipping is off).
     """
-    loss, grad_norm = step_on_device(model, optimizers, batches, grad_clip, autocast, objective)
+    loss, grad_norm = step_on_device(model, optimizers, batches, grad_clip, autocast, objective, parts=parts)
     return float(loss), float(grad_norm)
 
 
 def step_on_device(model: nn.Module, optimizers: list[torch.optim.Optimizer],
                    batches: Iterable[tuple[torch.Tensor, ...]], grad_clip: float, autocast,
-                   objective: Objective | None = None, n_items: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   objective: Objective | None = None, n_items: int | None = None,
+                   parts: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """`train_step` that leaves its results on the device: (mean loss, gradient norm) as 0-d float64 tensors, so
     that the host never waits for the GPU within a step (`fit` reads them every --log_every steps). `n_items`:
     the micro-batches' item count on this rank when the caller has it (counted on the CPU copies of the
@@ -119,7 +146,12 @@ def step_on_device(model: nn.Module, optimizers: list[torch.optim.Optimizer],
         n_items = sum(objective.count(b) for b in batches)
     (n_items,) = dist.all_reduce_sum([n_items], device)
     total = torch.zeros((), dtype=torch.float64, device=device)
+    split = getattr(objective, "split", None)
+    n_parts = cpu_threads.parts(parts) if split is not None and device.type == "cpu" and world == 1 else 1
     for i, batch in enumerate(batches):
+        if n_parts > 1:
+            total += _backward_in_parts(model, objective, split(batch, n_parts), world / max(n_items, 1), autocast)
+            continue
         with dist.no_sync(model, skip=i < len(batches) - 1):
             with autocast:
                 loss = objective.loss_sum(model, batch) * (world / max(n_items, 1))
@@ -133,6 +165,31 @@ def step_on_device(model: nn.Module, optimizers: list[torch.optim.Optimizer],
         opt.step()
     model.zero_grad(set_to_none=True)
     return total, grad_norm
+
+
+def _backward_in_parts(model: nn.Module, objective: Objective, parts: list[tuple[torch.Tensor, ...]], scale: float,
+                       autocast) -> torch.Tensor:
+    """Backward over a micro-batch's parts at once, each on a CPU thread of its own (llmlab.threads.pool), and
+    the gradients added into the parameters' .grad; returns the parts' summed loss (float64) times `scale`.
+
+    Operations on two threads wait for each other at every step of the model; parts wait once, at the end, so
+    a busy core beside the run costs a share of the machine instead of a wait at every barrier (llmlab.threads).
+    The gradients are added in the parts' order, whichever thread finishes first: the same bits for any number
+    of threads. The caller makes sure of one process on CPU (DDP and FSDP2 synchronise inside backward)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def run(part: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, tuple[torch.Tensor | None, ...]]:
+        with copy.copy(autocast):  # autocast's state is per thread; the object keeps the state it replaced
+            loss = objective.loss_sum(model, part) * scale
+        return loss.detach().double(), torch.autograd.grad(loss, params, allow_unused=True)
+
+    total = torch.zeros((), dtype=torch.float64)
+    for loss, grads in cpu_threads.pool(len(parts)).map(run, parts):
+        total += loss
+        for p, g in zip(params, grads):
+            if g is not None:
+                p.grad = g if p.grad is None else p.grad.add_(g)
+    return total
 
 
 @torch.no_grad()
@@ -280,6 +337,9 @@ class TrainConfig:
     """initialisation and data-order seed"""
     threads: int = 0
     """CPU threads for torch (0 = one per core that other processes leave free, following the load)"""
+    parts: int = 0
+    """on CPU, in one process: parts each micro-batch is cut into, computed on threads of their own (0 = two per
+    core, 1 = whole; it changes the order of a sum, so results are bit-identical only at the same count)"""
     device: str = "auto"
     """cpu, cuda, cuda:N, mps or auto"""
     parallel: str = "ddp"
@@ -297,7 +357,7 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise bad(name, "positive")
         for name in ("warmup_steps", "momentum_warmup_steps", "eval_every", "save_every", "keep_checkpoints",
-                     "threads", "seed"):
+                     "threads", "parts", "seed"):
             if getattr(self, name) < 0:
                 raise bad(name, ">= 0")
         for name in ("warmdown_frac", "final_lr_frac"):
@@ -452,7 +512,8 @@ def fit(cfg: TrainConfig, info: dist.DistInfo, net: GPT, loader: BatchSource, *,
         raw = [loader.next_batch() for _ in range(cfg.grad_accum)]
         n_items = sum(objective.count(b) for b in raw)  # on the loader's (CPU) copies: no wait for the device
         batches = [tuple(to_device(t, info.device) for t in b) for b in raw]
-        loss, grad_norm = step_on_device(model, optimizers, batches, cfg.grad_clip, autocast, objective, n_items)
+        loss, grad_norm = step_on_device(model, optimizers, batches, cfg.grad_clip, autocast, objective, n_items,
+                                         parts=1 if cfg.compile else cfg.parts)
         seconds = time.perf_counter() - t0
         step += 1
         step_tokens = sum(b[0].numel() for b in batches) * info.world_size

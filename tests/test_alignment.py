@@ -145,6 +145,26 @@ def test_dpo_objective_reports_its_implicit_rewards_by_definition():
     assert float(rpo.detach()) == pytest.approx(float(loss.detach() - 0.3 * (pi[:2] / 5).sum()), rel=1e-5)
 
 
+def test_the_alignment_objectives_parts_add_up_to_the_whole_batch():
+    # what lets a CPU step compute a batch's parts on threads of their own (llmlab.training.step_on_device)
+    policy, reference = _random_gpt(seed=0), _random_gpt(seed=1)
+    scorer = _random_gpt(dataclasses.replace(SMALL, num_labels=1))
+    inputs = torch.randint(1, 64, (6, 8))
+    targets = inputs.roll(-1, dims=1)
+    targets[:, :3] = IGNORE_INDEX
+    with torch.no_grad():
+        ref = token_logprobs(reference, inputs, targets)
+    cases = [(PairwiseRewardLoss(), scorer, (inputs, torch.tensor([7, 5, 6, 7, 4, 6]), torch.randn(6))),
+             (DPOLoss(reference, beta=0.5, nll=0.3), policy, (inputs, targets)),
+             (PolicyGradientLoss(beta=0.1), policy, (inputs, targets, torch.randn(6), ref))]
+    for objective, model, batch in cases:
+        whole = float(objective.loss_sum(model, batch).detach())
+        parts = objective.split(batch, 2)
+        assert len(parts) == 2 and sum(objective.count(p) for p in parts) == objective.count(batch)
+        summed = sum(float(objective.loss_sum(model, p).detach()) for p in parts)
+        assert summed == pytest.approx(whole, rel=1e-5), type(objective).__name__
+
+
 def test_rl_targets_exclude_the_prompt_the_padding_and_forced_tool_tokens():
     prompts = [[1, 2, 3], [1, 2, 3, 4, 5]]
     replies = [[10, 11, 12, 13, 14], [20, 21]]

@@ -367,7 +367,7 @@ def test_shutdown_is_bounded_by_its_timeout_even_with_a_tool_call_that_never_ret
     scheduler.shutdown(timeout=5)
     assert time.monotonic() - started < 5 and not scheduler.alive
     assert stuck.wait(1).finish == "cancelled"
-    assert all(t.daemon for t in threading.enumerate() if t.name.startswith("llmlab-"))
+    assert all(t.daemon for t in threading.enumerate() if t.name.startswith(("llmlab-tool", "llmlab-scheduler")))
     never.set()
 
 

@@ -31,6 +31,15 @@ def test_one_thread_per_free_core():
     assert threads.threads_for(0.0, 1) == 1
 
 
+def test_a_dropped_thread_comes_back_only_when_the_core_is_well_free():
+    # beside a busy process, a training step's parts take its turns: it shows less than BUSY, not nothing
+    between = (threads.BACK + threads.BUSY) / 2
+    assert threads.threads_for(between, 2, current=1) == 1
+    assert threads.threads_for(between, 2, current=2) == 2
+    assert threads.threads_for(threads.BACK / 2, 2, current=1) == 2
+    assert threads.threads_for(threads.BUSY + 0.1, 2, current=2) == 1
+
+
 def test_busy_cores_counts_the_other_processes_only(monkeypatch):
     monkeypatch.setattr(threads.os, "sysconf", lambda name: 100)  # jiffies per second
     # over 2 s: all cores together busy for 300 jiffies, 100 of them ours -> others kept one core busy
@@ -71,8 +80,8 @@ def test_a_fixed_count_is_kept_whatever_the_load(restore_threads, monkeypatch):
     assert torch.get_num_threads() == 1
 
 
-def _train_digest(n_threads: int) -> str:
-    torch.set_num_threads(n_threads)
+def _train_digest(n_threads: int, parts: int = 1) -> str:
+    threads.fix(n_threads)  # also the threads that compute a step's parts, and Muon's matrices
     torch.manual_seed(0)
     cfg = GPTConfig(vocab_size=512, n_layer=2, d_model=64, n_head=2, n_kv_head=2, context_len=64, qk_norm=True)
     model = GPT(cfg)
@@ -81,7 +90,7 @@ def _train_digest(n_threads: int) -> str:
     g = torch.Generator().manual_seed(1)
     for _ in range(3):
         ids = torch.randint(0, cfg.vocab_size, (8, cfg.context_len + 1), generator=g)
-        train_step(model, optimizers, [(ids[:, :-1], ids[:, 1:])], 1.0, nullcontext())
+        train_step(model, optimizers, [(ids[:, :-1], ids[:, 1:])], 1.0, nullcontext(), parts=parts)
     h = hashlib.sha256()
     for p in model.parameters():
         h.update(p.detach().numpy().tobytes())
@@ -92,6 +101,13 @@ def _train_digest(n_threads: int) -> str:
 def test_training_gives_the_same_bits_on_one_thread_as_on_all(restore_threads):
     # what makes adapting free: a run that changed its thread count midway ends with the same weights
     assert _train_digest(1) == _train_digest(threads.most())
+
+
+def test_a_step_in_parts_gives_the_same_bits_on_any_number_of_threads(restore_threads):
+    # the parts' gradients are added in their order, whichever thread finishes first
+    digests = {_train_digest(n, parts=4) for n in (1, 2, 4)}
+    assert len(digests) == 1
+    assert digests != {_train_digest(1, parts=1)}  # (the count of parts, not of threads, changes the sums)
 
 
 def test_the_environment_fixes_the_count_or_says_what_is_wrong(restore_threads, monkeypatch):

@@ -12,7 +12,7 @@ from llmlab.errors import LLMLabError
 from llmlab.model import GPT, GPTConfig
 from llmlab.optim import OptimConfig, build_optimizers
 from llmlab.training import (IGNORE_INDEX, MetricsLog, TokenCrossEntropy, TrainConfig, evaluate_bpb, fit,
-                             read_metrics, setup, token_losses, train_step)
+                             read_metrics, setup, split_pairs, split_rows, token_losses, train_step)
 
 CFG = GPTConfig(vocab_size=50, n_layer=2, d_model=32, n_head=2, n_kv_head=2, context_len=16)
 
@@ -36,6 +36,58 @@ def test_accumulated_micro_batches_equal_one_batch():
     assert math.isclose(loss_w, loss_s, rel_tol=1e-5) and math.isclose(norm_w, norm_s, rel_tol=1e-4)
     for (name, a), (_, b) in zip(whole.named_parameters(), split.named_parameters()):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=name)
+
+
+def test_split_rows_cuts_every_tensor_into_consecutive_parts():
+    batch = (torch.arange(14).view(7, 2), torch.arange(7))
+    parts = split_rows(batch, 3)
+    assert [len(p[1]) for p in parts] == [2, 2, 3]
+    for i in range(2):
+        assert torch.equal(torch.cat([p[i] for p in parts]), batch[i])
+    assert len(split_rows(batch, 20)) == 7  # never an empty part
+
+
+def test_split_pairs_keeps_each_chosen_row_with_its_rejected_row():
+    # pair i: chosen row i (value i), rejected row P + i (value 100 + i)
+    ids = torch.tensor([0, 1, 2, 3, 4, 100, 101, 102, 103, 104])
+    parts = split_pairs((ids, ids * 2), 2)
+    assert len(parts) == 2
+    for part_ids, doubled in parts:
+        chosen, rejected = part_ids.chunk(2)
+        assert torch.equal(rejected, chosen + 100) and torch.equal(doubled, part_ids * 2)
+    assert sorted(torch.cat([p[0] for p in parts]).tolist()) == ids.tolist()
+
+
+@pytest.mark.parametrize("n_parts", [2, 3, 8])
+def test_a_step_in_parts_is_the_step_on_the_whole_batch(n_parts):
+    ids = torch.randint(0, 50, (8, 17), generator=torch.Generator().manual_seed(2))
+    targets = ids[:, 1:].clone()
+    targets[1, :9] = IGNORE_INDEX  # parts with unequal token counts: the mean is still over the whole step's
+    whole, cut = _model(), _model()
+    opt_w, opt_p = build_optimizers(whole, OptimConfig()), build_optimizers(cut, OptimConfig())
+    loss_w, norm_w = train_step(whole, opt_w, [(ids[:, :-1], targets)], 1.0, nullcontext(), parts=1)
+    loss_p, norm_p = train_step(cut, opt_p, [(ids[:4, :-1], targets[:4]), (ids[4:, :-1], targets[4:])], 1.0,
+                                nullcontext(), parts=n_parts)
+    assert math.isclose(loss_w, loss_p, rel_tol=1e-5) and math.isclose(norm_w, norm_p, rel_tol=1e-4)
+    for (name, a), (_, b) in zip(whole.named_parameters(), cut.named_parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=name)
+
+
+def test_an_objective_without_split_is_computed_whole():
+    calls = []
+
+    class Whole(TokenCrossEntropy):
+        split = None
+
+        def loss_sum(self, model, batch):
+            calls.append(batch[0].size(0))
+            return super().loss_sum(model, batch)
+
+    m = _model()
+    ids = torch.randint(0, 50, (6, 17))
+    train_step(m, build_optimizers(m, OptimConfig()), [(ids[:, :-1], ids[:, 1:])], 1.0, nullcontext(),
+               objective=Whole(), parts=4)
+    assert calls == [6]
 
 
 def test_gradient_clipping_bounds_the_update():
@@ -98,6 +150,8 @@ class _RandomTokens:
 class _BreaksAt(TokenCrossEntropy):
     """Cross-entropy whose value turns NaN from the n-th call on (what a learning rate far too high does)."""
 
+    split = None  # whole micro-batches: one call per step
+
     def __init__(self, n):
         self.calls, self.n = 0, n
 
@@ -159,7 +213,7 @@ def test_reading_the_loss_every_few_steps_trains_and_logs_the_same(tmp_path):
 @pytest.mark.parametrize("field, value, flag", [
     ("batch_size", 0, "--batch_size"), ("warmdown_frac", float("nan"), "--warmdown_frac"),
     ("grad_clip", -1.0, "--grad_clip"), ("device", "tpu9", "--device"), ("parallel", "zero", "--parallel"),
-    ("keep_checkpoints", -1, "--keep_checkpoints")])
+    ("keep_checkpoints", -1, "--keep_checkpoints"), ("parts", -1, "--parts")])
 def test_train_config_refuses_meaningless_numbers(field, value, flag):
     with pytest.raises(LLMLabError, match=flag):
         TrainConfig(out_dir="x", **{field: value})

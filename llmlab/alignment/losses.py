@@ -15,11 +15,13 @@ never at padding: rows are right-padded, attention is causal, so the score there
 
 from __future__ import annotations
 
+import threading
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from llmlab.training import IGNORE_INDEX, token_losses
+from llmlab.training import IGNORE_INDEX, split_pairs, split_rows, token_losses
 
 
 def token_logprobs(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -70,11 +72,14 @@ class _Stats:
     def __init__(self) -> None:
         self.sums: dict[str, float] = {}
         self.n = 0
+        self.lock = threading.Lock()  # a CPU step computes a batch's parts on several threads
 
     def add(self, n: int, **values: torch.Tensor) -> None:
-        for k, v in values.items():
-            self.sums[k] = self.sums.get(k, 0.0) + float(v.detach().sum())
-        self.n += n
+        sums = {k: float(v.detach().sum()) for k, v in values.items()}
+        with self.lock:
+            for k, v in sums.items():
+                self.sums[k] = self.sums.get(k, 0.0) + v
+            self.n += n
 
     def read(self) -> dict:
         out = {k: v / max(self.n, 1) for k, v in self.sums.items()}
@@ -86,6 +91,8 @@ class PairwiseRewardLoss:
     """Objective of a reward model: a batch is (ids (2P, T), last (2P,), prior (2P,)), the P chosen rows then
     the P rejected ones, and a fixed score added to each row's (llmlab.alignment.pairs.EncodedPair.prior); the
     loss is Bradley-Terry summed over the P pairs. `metrics()` gives the step's accuracy and margin."""
+
+    split = staticmethod(split_pairs)
 
     def __init__(self) -> None:
         self.stats = _Stats()
@@ -109,6 +116,8 @@ class DPOLoss:
     only on the answers' tokens; `reference` is the frozen model the policy started from. With `nll` > 0, plus
     `nll` times the chosen answer's negative log-likelihood per token (RPO, Pang et al. 2024; TRL's
     `rpo_alpha`): DPO alone may lower the chosen answers' likelihood too, moving it to answers in neither set."""
+
+    split = staticmethod(split_pairs)
 
     def __init__(self, reference: nn.Module, beta: float, nll: float = 0.0):
         self.reference, self.beta, self.nll = reference.eval().requires_grad_(False), beta, nll
@@ -143,6 +152,8 @@ class PolicyGradientLoss:
     (each token weighs the same, so long replies are not discounted per token). pi is the distribution the
     replies were sampled from, at the rollouts' `temperature` (ref_logp must be at the same temperature); the
     greedy reply, its argmax, is the same at every temperature."""
+
+    split = staticmethod(split_rows)
 
     def __init__(self, beta: float, temperature: float = 1.0):
         self.beta, self.temperature = beta, temperature

@@ -94,7 +94,8 @@ def index_maker(embedder: str = "") -> Callable[[list[str]], Retriever]:
 
 
 class InfoNCE:
-    """The objective (llmlab.training.Objective) of a bi-encoder: symmetric in-batch InfoNCE at `temperature`."""
+    """The objective (llmlab.training.Objective) of a bi-encoder: symmetric in-batch InfoNCE at `temperature`.
+    Every passage of the batch is a negative for every other question, so a batch is not split into parts."""
 
     def __init__(self, temperature: float = 0.05):
         self.temperature = temperature
